@@ -1,0 +1,79 @@
+// swift-tools-version:6.1
+// The target graph is the architecture: pure cores (ApiaryCore, ApiaryReplication) import
+// no NIO, no SQLite and no networking; shells (ApiaryStorage, ApiaryNode) own I/O.
+import PackageDescription
+
+let package = Package(
+    name: "apiary",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "apiary", targets: ["apiary"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.0"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.0"),
+        .package(url: "https://github.com/apple/swift-asn1.git", from: "1.7.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.0"),
+    ],
+    targets: [
+        // MARK: Pure cores
+        /// Value types shared by every component: records, pages, checksums, byte codecs.
+        .target(name: "ApiaryCore"),
+        /// Primary⇄standby replication protocol: messages and state machines. Events in, actions out.
+        .target(name: "ApiaryReplication", dependencies: ["ApiaryCore"]),
+
+        // MARK: Storage
+        .systemLibrary(
+            name: "CSQLite",
+            pkgConfig: "sqlite3",
+            providers: [.apt(["libsqlite3-dev"])]
+        ),
+        /// Apiary's SQLite VFS: wraps the default unix VFS; the one seam for page capture.
+        .target(name: "CApiaryVFS", dependencies: ["CSQLite"]),
+        /// Append-only per-tenant replication log (segment files, CRC32C-framed records).
+        .target(name: "ApiaryLog", dependencies: ["ApiaryCore"]),
+        /// Tenant databases: group-commit writer, readers, WAL capture, standby apply.
+        .target(name: "ApiaryStorage", dependencies: ["ApiaryCore", "CSQLite", "CApiaryVFS"]),
+
+        // MARK: Shells
+        /// The cluster's CA, certificates and every TLS configuration, in one place.
+        .target(name: "ApiaryTLS", dependencies: [
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "SwiftASN1", package: "swift-asn1"),
+        ]),
+        /// A node process: storage + log + replication over mTLS + the HTTPS client endpoint.
+        .target(name: "ApiaryNode", dependencies: [
+            "ApiaryCore", "ApiaryReplication", "ApiaryLog", "ApiaryStorage", "ApiaryTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "HummingbirdTLS", package: "hummingbird"),
+        ]),
+        .executableTarget(name: "apiary", dependencies: [
+            "ApiaryNode", "ApiaryTLS",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        // MARK: Tests
+        .testTarget(name: "ApiaryCoreTests", dependencies: ["ApiaryCore"]),
+        .testTarget(name: "ApiaryLogTests", dependencies: ["ApiaryLog"]),
+        .testTarget(name: "ApiaryReplicationTests", dependencies: ["ApiaryReplication"]),
+        .testTarget(name: "ApiaryStorageTests", dependencies: ["ApiaryStorage", "CSQLite"]),
+        .testTarget(name: "ApiaryTLSTests", dependencies: [
+            "ApiaryTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOEmbedded", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ]),
+        .testTarget(name: "ApiaryIntegrationTests", dependencies: ["ApiaryNode"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,136 @@
+import ApiaryCore
+import CApiaryVFS
+import CSQLite
+import Foundation
+
+/// A commit captured from the WAL, before any reader can see it.
+public struct CapturedCommit: Sendable {
+    public var pages: [Page]
+    public var dbSizePages: UInt32
+    /// The rolling database checksum after this commit.
+    public var checksum: UInt64
+}
+
+/// Receives each captured commit of a tenant (the replication layer, or a local log).
+public protocol CommitSink: AnyObject, Sendable {
+    /// Makes `commit` durable where the node's mode requires (local log; the standby's log
+    /// in sync mode). It runs on the tenant's writer thread and MAY block, boundedly.
+    /// Throwing fails the SQLite commit: nothing of it becomes visible, and the thrown
+    /// error's description is what the writing clients are told.
+    func commit(tenant: TenantID, _ commit: CapturedCommit) throws
+}
+
+/// Captures one database's commits at the WAL sync (the VFS hook) and hands them to a sink.
+final class WALCapture: @unchecked Sendable {
+    let tenant: TenantID
+    let sink: any CommitSink
+    private(set) var hashes: PageHashes
+    private var scanner: WALScanner
+    /// The error that failed the last commit, reported to its clients instead of SQLite's
+    /// generic "disk I/O error". Only the writer thread touches this object.
+    var lastFailure: (any Error)?
+    /// Commits shipped since open, for tests and metrics.
+    private(set) var commitsCaptured = 0
+
+    init(tenant: TenantID, sink: any CommitSink, hashes: PageHashes, pageSize: Int) {
+        self.tenant = tenant
+        self.sink = sink
+        self.hashes = hashes
+        self.scanner = WALScanner(pageSize: pageSize)
+    }
+
+    /// Called by the VFS before SQLite's WAL fsync. Returns an SQLite result code.
+    func onWALSync(_ file: UnsafeMutablePointer<sqlite3_file>) -> Int32 {
+        var size: sqlite3_int64 = 0
+        guard apiary_file_size(file, &size) == SQLITE_OK else {
+            lastFailure = CaptureError.io("cannot stat WAL")
+            return Int32(APIARY_IOERR_FSTAT)
+        }
+        let commit: WALScanner.Commit
+        do {
+            guard let found = try scanner.scan(fileSize: Int(size), read: { offset, count in
+                var buffer = [UInt8](repeating: 0, count: count)
+                let rc = buffer.withUnsafeMutableBytes { apiary_file_read(file, $0.baseAddress, Int32(count), sqlite3_int64(offset)) }
+                guard rc == SQLITE_OK else { throw CaptureError.io("cannot read WAL at offset \(offset) (code \(rc))") }
+                return buffer
+            }) else { return SQLITE_OK }
+            commit = found
+        } catch {
+            lastFailure = error
+            return Int32(APIARY_IOERR_FSYNC)
+        }
+        let checksum = hashes.checksum(afterApplying: commit.pages, dbSizePages: commit.dbSizePages)
+        do {
+            try sink.commit(tenant: tenant, CapturedCommit(pages: commit.pages, dbSizePages: commit.dbSizePages, checksum: checksum))
+        } catch {
+            lastFailure = error
+            invalidate(commit, in: file)
+            return Int32(APIARY_IOERR_FSYNC)
+        }
+        hashes.apply(pages: commit.pages, dbSizePages: commit.dbSizePages)
+        precondition(hashes.checksum == checksum, "page hashes diverged from the shipped checksum")
+        scanner.accept(commit)
+        commitsCaptured += 1
+        lastFailure = nil
+        return SQLITE_OK
+    }
+
+    /// Makes a failed commit's frames invalid on disk. SQLite does not publish them (the sync
+    /// failed, so wal.c never appends them to the wal-index), but WAL recovery after a crash
+    /// would replay any frame chain with valid salts and checksums up to a commit frame.
+    /// Zeroing the first frame's header (its salts) ends the valid chain before the commit.
+    private func invalidate(_ commit: WALScanner.Commit, in file: UnsafeMutablePointer<sqlite3_file>) {
+        let zeros = [UInt8](repeating: 0, count: WALScanner.frameHeaderBytes)
+        let written = zeros.withUnsafeBytes { apiary_file_write(file, $0.baseAddress, Int32(zeros.count), sqlite3_int64(commit.firstFrameOffset)) }
+        let synced = apiary_file_sync(file)
+        precondition(written == SQLITE_OK && synced == SQLITE_OK,
+                     "cannot invalidate the frames of a failed commit at WAL offset \(commit.firstFrameOffset): a restart could replay them")
+    }
+
+    func resetPosition() { scanner.reset() }
+}
+
+// MARK: - The VFS hook
+
+/// Maps WAL paths (as SQLite names them) to their capture. The hook runs on writer threads.
+enum StorageVFS {
+    private static let lock = NSLock()
+    private static var captures: [String: WALCapture] = [:]
+    private static var registered = false
+
+    static func registerOnce() throws {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !registered else { return }
+        let rc = apiary_vfs_register { file, walPath in
+            guard let file, let walPath else { return SQLITE_MISUSE }
+            let path = String(cString: walPath)
+            guard let capture = StorageVFS.capture(forWAL: path) else {
+                // Only writer connections of tenant databases write WAL frames, and they register
+                // before their first write; anything else syncing a WAL has nothing to ship.
+                return SQLITE_OK
+            }
+            return capture.onWALSync(file)
+        }
+        guard rc == SQLITE_OK else { throw SQLiteError(code: rc, message: "cannot register the apiary VFS") }
+        registered = true
+    }
+
+    static func register(_ capture: WALCapture, databasePath: String) {
+        lock.lock()
+        defer { lock.unlock() }
+        captures[databasePath + "-wal"] = capture
+    }
+
+    static func unregister(databasePath: String) {
+        lock.lock()
+        defer { lock.unlock() }
+        captures[databasePath + "-wal"] = nil
+    }
+
+    static func capture(forWAL path: String) -> WALCapture? {
+        lock.lock()
+        defer { lock.unlock() }
+        return captures[path]
+    }
+}

@@ -1,0 +1,88 @@
+import ApiaryCore
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Direct page I/O on a database file that no SQLite connection has open: the standby's
+/// apply, a primary's redo of its last logged commit at startup, snapshots.
+public enum DatabaseFile {
+    /// Apiary's fixed page size (DESIGN §4). Set when a database is created, never changed.
+    public static let pageSize = 4096
+    /// Bytes reserved at the end of every page for the at-rest cipher's nonce and tag.
+    public static let reservedBytesPerPage = 32
+
+    /// Writes page images and cuts the file to `dbSizePages`, then fsyncs.
+    /// Idempotent: writing the same record twice leaves the same file.
+    public static func writePages(_ pages: [Page], dbSizePages: UInt32, to path: String) throws {
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw StorageError.io("open", path: path, errno: errno) }
+        defer { close(fd) }
+        for page in pages where page.number <= dbSizePages {
+            guard page.bytes.count == pageSize else {
+                throw StorageError(.corrupt, "page \(page.number) has \(page.bytes.count) bytes, expected \(pageSize)")
+            }
+            let offset = off_t(Int(page.number) - 1) * off_t(pageSize)
+            let written = page.bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, pageSize, offset) }
+            guard written == pageSize else { throw StorageError.io("write", path: path, errno: written < 0 ? errno : ENOSPC) }
+        }
+        guard ftruncate(fd, off_t(dbSizePages) * off_t(pageSize)) == 0 else { throw StorageError.io("truncate", path: path, errno: errno) }
+        guard fsync(fd) == 0 else { throw StorageError.io("fsync", path: path, errno: errno) }
+    }
+
+    /// Reads every page of the file (a file whose size is not a whole number of pages is corrupt).
+    public static func forEachPage(of path: String, _ body: (UInt32, UnsafeRawBufferPointer) throws -> Void) throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        if fd < 0 && errno == ENOENT { return }
+        guard fd >= 0 else { throw StorageError.io("open", path: path, errno: errno) }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw StorageError.io("stat", path: path, errno: errno) }
+        guard Int(st.st_size) % pageSize == 0 else {
+            throw StorageError(.corrupt, "\(path): size \(st.st_size) is not a multiple of the page size \(pageSize)")
+        }
+        let count = Int(st.st_size) / pageSize
+        var buffer = [UInt8](repeating: 0, count: pageSize)
+        for i in 0..<count {
+            let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, pageSize, off_t(i) * off_t(pageSize)) }
+            guard got == pageSize else { throw StorageError.io("read", path: path, errno: got < 0 ? errno : EIO) }
+            try buffer.withUnsafeBytes { try body(UInt32(i + 1), $0) }
+        }
+    }
+
+    /// The rolling checksum state of a file's pages.
+    public static func pageHashes(of path: String) throws -> PageHashes {
+        var hashes = PageHashes()
+        try forEachPage(of: path) { number, image in hashes.set(page: number, image: image) }
+        return hashes
+    }
+
+    /// All pages of a file, for a bootstrap record or a snapshot.
+    public static func allPages(of path: String) throws -> [Page] {
+        var pages: [Page] = []
+        try forEachPage(of: path) { number, image in pages.append(Page(number: number, bytes: Array(image))) }
+        return pages
+    }
+}
+
+/// An operational storage error with a code the caller can act on.
+public struct StorageError: Error, CustomStringConvertible, Equatable {
+    public enum Code: Equatable, Sendable {
+        case io, diskFull, corrupt, queueFull, commitFailed, closed, badRequest, wrongFormat
+    }
+    public let code: Code
+    public let message: String
+
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    static func io(_ operation: String, path: String, errno code: Int32) -> StorageError {
+        let reason = String(cString: strerror(code))
+        return StorageError(code == ENOSPC ? .diskFull : .io, "\(operation) \(path): \(reason)")
+    }
+
+    public var description: String { message }
+}

@@ -1,0 +1,150 @@
+import CApiaryVFS
+import CSQLite
+
+/// A value in or out of SQLite, with SQLite's five storage classes.
+public enum SQLValue: Hashable, Sendable {
+    case null
+    case integer(Int64)
+    case real(Double)
+    case text(String)
+    case blob([UInt8])
+}
+
+/// An SQLite error as the caller sees it: the result code and SQLite's message.
+public struct SQLiteError: Error, CustomStringConvertible, Equatable {
+    public let code: Int32
+    public let message: String
+    public init(code: Int32, message: String) {
+        self.code = code
+        self.message = message
+    }
+    public var description: String { message }
+}
+
+/// One SQLite connection. Not thread-safe: exactly one thread uses it at a time
+/// (a tenant's writer thread, or a reader checked out of the pool).
+final class SQLiteConnection {
+    let handle: OpaquePointer
+    let path: String
+    /// Decides what tenant SQL may do on this connection.
+    let authorizer = Authorizer()
+
+    /// Opens `path` through Apiary's VFS.
+    init(path: String, readOnly: Bool) throws {
+        try StorageVFS.registerOnce()
+        var db: OpaquePointer?
+        let flags = readOnly
+            ? SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX
+            : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX
+        let rc = sqlite3_open_v2(path, &db, flags, APIARY_VFS_NAME)
+        guard rc == SQLITE_OK, let db else {
+            let message = db.map { String(cString: sqlite3_errmsg($0)) } ?? "out of memory"
+            if let db { sqlite3_close_v2(db) }
+            throw SQLiteError(code: rc, message: "cannot open database: \(message)")
+        }
+        handle = db
+        self.path = path
+        sqlite3_extended_result_codes(db, 1)
+        authorizer.install(on: db)
+    }
+
+    deinit { sqlite3_close_v2(handle) }
+
+    var lastError: SQLiteError {
+        SQLiteError(code: sqlite3_extended_errcode(handle), message: String(cString: sqlite3_errmsg(handle)))
+    }
+
+    /// Runs SQL that returns no rows we need (pragmas, transaction control).
+    func exec(_ sql: String) throws {
+        let rc = sqlite3_exec(handle, sql, nil, nil, nil)
+        guard rc == SQLITE_OK else { throw lastError }
+    }
+
+    /// Runs one statement with positional parameters; returns its rows (bounded) and effects.
+    func run(_ sql: String, _ parameters: [SQLValue] = [], rowsMax: Int = .max) throws -> StatementOutcome {
+        var statement: OpaquePointer?
+        var tail: UnsafePointer<CChar>?
+        let rc = sqlite3_prepare_v2(handle, sql, -1, &statement, &tail)
+        guard rc == SQLITE_OK else { throw lastError }
+        guard let statement else { return StatementOutcome() } // empty SQL or only a comment
+        defer { sqlite3_finalize(statement) }
+        if let tail, tail.pointee != 0, !String(cString: tail).allSatisfy({ $0.isWhitespace || $0 == ";" }) {
+            throw SQLiteError(code: SQLITE_ERROR, message: "one statement per entry: found more SQL after the first statement")
+        }
+        let expected = Int(sqlite3_bind_parameter_count(statement))
+        guard expected == parameters.count else {
+            throw SQLiteError(code: SQLITE_RANGE, message: "statement has \(expected) parameters, \(parameters.count) given")
+        }
+        for (i, value) in parameters.enumerated() { try bind(value, at: Int32(i + 1), in: statement) }
+
+        var outcome = StatementOutcome()
+        let columns = Int(sqlite3_column_count(statement))
+        outcome.columns = (0..<columns).map { String(cString: sqlite3_column_name(statement, Int32($0))) }
+        outcome.declaredTypes = (0..<columns).map { sqlite3_column_decltype(statement, Int32($0)).map { String(cString: $0).lowercased() } ?? "" }
+        while true {
+            let step = sqlite3_step(statement)
+            if step == SQLITE_DONE { break }
+            guard step == SQLITE_ROW else { throw lastError }
+            guard outcome.rows.count < rowsMax else {
+                throw SQLiteError(code: SQLITE_TOOBIG, message: "result has more than \(rowsMax) rows")
+            }
+            outcome.rows.append((0..<columns).map { column(Int32($0), of: statement) })
+        }
+        outcome.rowsAffected = Int(sqlite3_changes64(handle))
+        outcome.lastInsertID = sqlite3_last_insert_rowid(handle)
+        outcome.isReadOnly = sqlite3_stmt_readonly(statement) != 0
+        return outcome
+    }
+
+    private func bind(_ value: SQLValue, at index: Int32, in statement: OpaquePointer) throws {
+        let rc: Int32
+        switch value {
+        case .null: rc = sqlite3_bind_null(statement, index)
+        case .integer(let v): rc = sqlite3_bind_int64(statement, index, v)
+        case .real(let v): rc = sqlite3_bind_double(statement, index, v)
+        case .text(let s):
+            let count = Int32(s.utf8.count)
+            rc = s.withCString { apiary_bind_text(statement, index, $0, count) }
+        case .blob(let bytes):
+            rc = bytes.withUnsafeBytes { apiary_bind_blob(statement, index, $0.baseAddress ?? UnsafeRawPointer(bitPattern: 1), Int32(bytes.count)) }
+        }
+        guard rc == SQLITE_OK else { throw lastError }
+    }
+
+    private func column(_ i: Int32, of statement: OpaquePointer) -> SQLValue {
+        switch sqlite3_column_type(statement, i) {
+        case SQLITE_INTEGER: return .integer(sqlite3_column_int64(statement, i))
+        case SQLITE_FLOAT: return .real(sqlite3_column_double(statement, i))
+        case SQLITE_TEXT:
+            let count = Int(sqlite3_column_bytes(statement, i))
+            guard let p = sqlite3_column_text(statement, i) else { return .text("") }
+            return .text(String(decoding: UnsafeBufferPointer(start: p, count: count), as: UTF8.self))
+        case SQLITE_BLOB:
+            let count = Int(sqlite3_column_bytes(statement, i))
+            guard count > 0, let p = sqlite3_column_blob(statement, i) else { return .blob([]) }
+            return .blob(Array(UnsafeRawBufferPointer(start: p, count: count)))
+        default: return .null
+        }
+    }
+
+    /// A single integer from a pragma or query.
+    func scalar(_ sql: String) throws -> Int64 {
+        let outcome = try run(sql)
+        guard let first = outcome.rows.first?.first, case .integer(let v) = first else {
+            throw SQLiteError(code: SQLITE_ERROR, message: "expected an integer from \(sql)")
+        }
+        return v
+    }
+}
+
+/// What one statement did.
+public struct StatementOutcome: Sendable, Equatable {
+    public var columns: [String] = []
+    /// Declared column types, lower-cased ("" for expressions), as rqlite reports `types`.
+    public var declaredTypes: [String] = []
+    public var rows: [[SQLValue]] = []
+    public var rowsAffected = 0
+    public var lastInsertID: Int64 = 0
+    public var isReadOnly = true
+    public init() {}
+}

@@ -1,0 +1,411 @@
+import ApiaryCore
+import CApiaryVFS
+import CSQLite
+import Foundation
+
+/// One SQL statement with positional parameters, as a client sent it.
+public struct SQLStatement: Sendable, Equatable {
+    public var sql: String
+    public var parameters: [SQLValue]
+    public init(_ sql: String, _ parameters: [SQLValue] = []) {
+        self.sql = sql
+        self.parameters = parameters
+    }
+    var byteCount: Int {
+        sql.utf8.count + parameters.reduce(0) { total, value in
+            switch value {
+            case .text(let s): return total + s.utf8.count
+            case .blob(let b): return total + b.count
+            default: return total + 8
+            }
+        }
+    }
+}
+
+/// The outcome of one statement: rqlite reports these side by side in `results`.
+public enum StatementResult: Sendable, Equatable {
+    case success(StatementOutcome)
+    case failure(String)
+}
+
+/// A tenant's SQLite database on the primary: one writer thread doing group commit, and a
+/// pool of read-only connections.
+///
+/// Every commit passes through the capture hook before it is visible, so a reader never sees
+/// a write that the sink did not make durable (DESIGN §9.4).
+public final class TenantDatabase: @unchecked Sendable {
+    public struct Options: Sendable {
+        /// Requests folded into one transaction at most.
+        public var batchRequestsMax = 256
+        /// SQL and parameter bytes folded into one transaction at most.
+        public var batchBytesMax = 4 << 20
+        /// Requests waiting for the writer at most; past it callers get `queueFull`.
+        public var queueRequestsMax = 8192
+        /// Bytes of one statement at most.
+        public var statementBytesMax = 1 << 20
+        /// Rows one statement may return at most.
+        public var rowsMax = 100_000
+        /// Read-only connections at most.
+        public var readersMax = 4
+        public init() {}
+    }
+
+    public let tenant: TenantID
+    public let path: String
+    public let options: Options
+    private let writer: WriterThread
+    private let readers: ReaderPool
+
+    /// Opens (creating if needed) the tenant's database at `path`.
+    ///
+    /// A new database is created with Apiary's page size and reserved bytes, in WAL mode; its
+    /// initial pages (written by SQLite outside the WAL when it switches to WAL mode) are
+    /// handed to the sink as the first commit, so a replica built from the records alone is
+    /// byte-identical. An existing database is checkpointed so that the file alone holds it.
+    /// - Parameter initialHashes: called with the page hashes of the file before the first
+    ///   commit, for the caller to check against its log (and redo the last commit) —
+    ///   the file is closed while it runs.
+    public init(
+        tenant: TenantID,
+        path: String,
+        sink: any CommitSink,
+        options: Options = Options(),
+        beforeOpen: ((PageHashes) throws -> Void)? = nil
+    ) throws {
+        self.tenant = tenant
+        self.path = path
+        self.options = options
+        let isNew = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int).flatMap { $0 } ?? 0 == 0
+        if isNew {
+            try Self.create(path: path)
+        } else {
+            try Self.checkpointAndCheckFormat(path: path)
+        }
+        try beforeOpen?(try DatabaseFile.pageHashes(of: path))
+
+        let connection = try SQLiteConnection(path: path, readOnly: false)
+        try connection.exec("PRAGMA synchronous=FULL")
+        let hashes = try DatabaseFile.pageHashes(of: path)
+        let capture = WALCapture(tenant: tenant, sink: sink, hashes: hashes, pageSize: DatabaseFile.pageSize)
+        let sqlitePath = String(cString: sqlite3_db_filename(connection.handle, "main"))
+        StorageVFS.register(capture, databasePath: sqlitePath)
+        if isNew {
+            // The bootstrap commit: the file as SQLite created it.
+            let pages = try DatabaseFile.allPages(of: path)
+            try sink.commit(tenant: tenant, CapturedCommit(pages: pages, dbSizePages: UInt32(pages.count), checksum: hashes.checksum))
+        }
+        writer = WriterThread(connection: connection, capture: capture, sqlitePath: sqlitePath, options: options)
+        readers = ReaderPool(path: path, options: options)
+    }
+
+    private static func create(path: String) throws {
+        let c = try SQLiteConnection(path: path, readOnly: false)
+        var reserve = Int32(DatabaseFile.reservedBytesPerPage)
+        let rc = sqlite3_file_control(c.handle, "main", SQLITE_FCNTL_RESERVE_BYTES, &reserve)
+        guard rc == SQLITE_OK else { throw c.lastError }
+        try c.exec("PRAGMA page_size=\(DatabaseFile.pageSize)")
+        try c.exec("PRAGMA journal_mode=WAL")
+        try checkFormat(c)
+    }
+
+    private static func checkpointAndCheckFormat(path: String) throws {
+        let c = try SQLiteConnection(path: path, readOnly: false)
+        try checkFormat(c)
+        // Folds the WAL into the file (SQLite recovers committed frames on open) and empties it.
+        try c.exec("PRAGMA wal_checkpoint(TRUNCATE)")
+    }
+
+    private static func checkFormat(_ c: SQLiteConnection) throws {
+        let pageSize = try c.scalar("PRAGMA page_size")
+        guard pageSize == DatabaseFile.pageSize else {
+            throw StorageError(.wrongFormat, "\(c.path): page size \(pageSize), Apiary uses \(DatabaseFile.pageSize)")
+        }
+        let mode = try c.run("PRAGMA journal_mode").rows.first?.first
+        guard mode == .text("wal") else { throw StorageError(.wrongFormat, "\(c.path): not in WAL mode") }
+        // Byte 20 of the database header: "reserved space at the end of each page".
+        var reserve: Int32 = -1
+        sqlite3_file_control(c.handle, "main", SQLITE_FCNTL_RESERVE_BYTES, &reserve)
+        guard reserve == Int32(DatabaseFile.reservedBytesPerPage) else {
+            throw StorageError(.wrongFormat, "\(c.path): \(reserve) reserved bytes per page, Apiary needs \(DatabaseFile.reservedBytesPerPage)")
+        }
+    }
+
+    // MARK: - Writes and reads
+
+    /// Runs `statements` in the tenant's next group commit.
+    ///
+    /// Without `transaction` each statement stands alone (a failing one does not undo the
+    /// others); with it, the first failure undoes the request's earlier statements and skips
+    /// the rest. Either way the request never affects another request in the same batch.
+    /// - Throws: `StorageError` when the whole request failed: the queue is full, the commit
+    ///   failed (the message says whether its outcome is unknown), the database is closed.
+    public func execute(_ statements: [SQLStatement], transaction: Bool = false) async throws -> [StatementResult] {
+        for s in statements where s.byteCount > options.statementBytesMax {
+            throw StorageError(.badRequest, "statement of \(s.byteCount) bytes exceeds the limit of \(options.statementBytesMax)")
+        }
+        return try await withCheckedThrowingContinuation { continuation in
+            writer.submit(WriteJob(statements: statements, transaction: transaction, continuation: continuation))
+        }
+    }
+
+    /// Runs read-only statements on a reader connection (sees only committed, durable data).
+    public func query(_ statements: [SQLStatement]) async throws -> [StatementResult] {
+        try await readers.run { connection in
+            statements.map { s in
+                do {
+                    connection.authorizer.tenantSQL = true
+                    defer { connection.authorizer.tenantSQL = false }
+                    let outcome = try connection.run(s.sql, s.parameters, rowsMax: self.options.rowsMax)
+                    return .success(outcome)
+                } catch {
+                    return .failure(String(describing: error))
+                }
+            }
+        }
+    }
+
+    /// Runs `body` on the writer thread, between batches (admin work: VACUUM, checkpoints).
+    public func withWriter<T: Sendable>(_ body: @escaping @Sendable (WriterAccess) throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            writer.submitAdmin { access in
+                do { continuation.resume(returning: try body(access)) } catch { continuation.resume(throwing: error) }
+            }
+        }
+    }
+
+    /// Stops the writer (after the queued work) and closes every connection.
+    public func close() {
+        writer.stop()
+        readers.close()
+    }
+
+    deinit { close() }
+}
+
+/// The writer connection, lent to admin work on the writer thread.
+public struct WriterAccess {
+    let connection: SQLiteConnection
+    let capture: WALCapture
+    public func exec(_ sql: String) throws {
+        do { try connection.exec(sql) } catch { throw capture.lastFailure.map { StorageError(.commitFailed, String(describing: $0)) } ?? error }
+    }
+    public var checksum: UInt64 { capture.hashes.checksum }
+    public var commitsCaptured: Int { capture.commitsCaptured }
+}
+
+// MARK: - Writer
+
+struct WriteJob {
+    var statements: [SQLStatement]
+    var transaction: Bool
+    var continuation: CheckedContinuation<[StatementResult], any Error>
+    var byteCount: Int { statements.reduce(0) { $0 + $1.byteCount } }
+}
+
+/// The tenant's one writer: a dedicated thread (SQLite and the capture wait block; they
+/// must never run on NIO event loops or Swift's cooperative pool).
+final class WriterThread: @unchecked Sendable {
+    private let connection: SQLiteConnection
+    private let capture: WALCapture
+    private let sqlitePath: String
+    private let options: TenantDatabase.Options
+    private let condition = NSCondition()
+    private var jobs: [WriteJob] = []
+    private var admin: [(WriterAccess) -> Void] = []
+    private var stopping = false
+    private var stopped = false
+    private var thread: Thread?
+
+    init(connection: SQLiteConnection, capture: WALCapture, sqlitePath: String, options: TenantDatabase.Options) {
+        self.connection = connection
+        self.capture = capture
+        self.sqlitePath = sqlitePath
+        self.options = options
+        let thread = Thread { [unowned self] in self.loop() }
+        thread.name = "apiary-writer-\(capture.tenant)"
+        self.thread = thread
+        thread.start()
+    }
+
+    func submit(_ job: WriteJob) {
+        condition.lock()
+        defer { condition.unlock() }
+        guard !stopping else {
+            job.continuation.resume(throwing: StorageError(.closed, "tenant database is closed"))
+            return
+        }
+        guard jobs.count < options.queueRequestsMax else {
+            job.continuation.resume(throwing: StorageError(.queueFull, "write queue full (\(options.queueRequestsMax) requests waiting); retry later"))
+            return
+        }
+        jobs.append(job)
+        condition.signal()
+    }
+
+    func submitAdmin(_ work: @escaping (WriterAccess) -> Void) {
+        condition.lock()
+        defer { condition.unlock() }
+        admin.append(work)
+        condition.signal()
+    }
+
+    func stop() {
+        condition.lock()
+        stopping = true
+        condition.broadcast()
+        while !stopped { condition.wait() }
+        condition.unlock()
+    }
+
+    private func loop() {
+        while true {
+            condition.lock()
+            while jobs.isEmpty && admin.isEmpty && !stopping { condition.wait() }
+            if jobs.isEmpty && admin.isEmpty && stopping {
+                StorageVFS.unregister(databasePath: sqlitePath)
+                stopped = true
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            let adminWork = admin
+            admin.removeAll()
+            var batch: [WriteJob] = []
+            var bytes = 0
+            while let next = jobs.first, batch.count < options.batchRequestsMax,
+                  batch.isEmpty || bytes + next.byteCount <= options.batchBytesMax {
+                bytes += next.byteCount
+                batch.append(jobs.removeFirst())
+            }
+            condition.unlock()
+
+            for work in adminWork { work(WriterAccess(connection: connection, capture: capture)) }
+            if !batch.isEmpty { commit(batch) }
+        }
+    }
+
+    /// One group commit: each request in its own savepoint, all in one transaction.
+    private func commit(_ batch: [WriteJob]) {
+        var results: [[StatementResult]] = []
+        do {
+            try connection.exec("BEGIN IMMEDIATE")
+        } catch {
+            for job in batch { job.continuation.resume(throwing: StorageError(.io, "cannot begin a transaction: \(error)")) }
+            return
+        }
+        for job in batch { results.append(run(job)) }
+        do {
+            try connection.exec("COMMIT")
+        } catch {
+            // The commit failed (capture refused it or I/O): nothing of the batch is visible.
+            try? connection.exec("ROLLBACK")
+            let reason = capture.lastFailure.map { String(describing: $0) } ?? "commit failed: \(error)"
+            capture.lastFailure = nil
+            for job in batch { job.continuation.resume(throwing: StorageError(.commitFailed, reason)) }
+            return
+        }
+        for (job, result) in zip(batch, results) { job.continuation.resume(returning: result) }
+    }
+
+    private func run(_ job: WriteJob) -> [StatementResult] {
+        var results: [StatementResult] = []
+        do { try connection.exec("SAVEPOINT request") } catch {
+            return job.statements.map { _ in .failure("cannot start request: \(error)") }
+        }
+        for statement in job.statements {
+            if !job.transaction { try? connection.exec("SAVEPOINT statement") }
+            do {
+                connection.authorizer.tenantSQL = true
+                defer { connection.authorizer.tenantSQL = false }
+                let outcome = try connection.run(statement.sql, statement.parameters, rowsMax: options.rowsMax)
+                results.append(.success(outcome))
+                if !job.transaction { try? connection.exec("RELEASE statement") }
+            } catch {
+                results.append(.failure(String(describing: error)))
+                if job.transaction {
+                    try? connection.exec("ROLLBACK TO request")
+                    break
+                }
+                try? connection.exec("ROLLBACK TO statement")
+                try? connection.exec("RELEASE statement")
+            }
+        }
+        try? connection.exec("RELEASE request")
+        return results
+    }
+}
+
+// MARK: - Readers
+
+/// Read-only connections on threads of their own (reads block in SQLite): `readersMax`
+/// threads, each owning one connection, fed from a bounded queue.
+final class ReaderPool: @unchecked Sendable {
+    private let path: String
+    private let options: TenantDatabase.Options
+    private let condition = NSCondition()
+    private var work: [(SQLiteConnection?, (any Error)?) -> Void] = []
+    private var closed = false
+    private var threadsStarted = 0
+    /// Queries waiting for a reader at most; past it callers get `queueFull`.
+    private var queueMax: Int { options.queueRequestsMax }
+
+    init(path: String, options: TenantDatabase.Options) {
+        self.path = path
+        self.options = options
+    }
+
+    func run<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
+            condition.lock()
+            defer { condition.unlock() }
+            guard !closed else {
+                continuation.resume(throwing: StorageError(.closed, "tenant database is closed"))
+                return
+            }
+            guard work.count < queueMax else {
+                continuation.resume(throwing: StorageError(.queueFull, "read queue full (\(queueMax) queries waiting); retry later"))
+                return
+            }
+            work.append { connection, openError in
+                guard let connection else { return continuation.resume(throwing: openError ?? StorageError(.closed, "tenant database is closed")) }
+                do { continuation.resume(returning: try body(connection)) } catch { continuation.resume(throwing: error) }
+            }
+            if threadsStarted < options.readersMax && work.count > 0 {
+                threadsStarted += 1
+                let thread = Thread { [self] in loop() }
+                thread.name = "apiary-reader"
+                thread.start()
+            }
+            condition.signal()
+        }
+    }
+
+    private func loop() {
+        var connection: SQLiteConnection?
+        var openError: (any Error)?
+        while true {
+            condition.lock()
+            while work.isEmpty && !closed { condition.wait() }
+            if work.isEmpty && closed {
+                condition.unlock()
+                return
+            }
+            let next = work.removeFirst()
+            condition.unlock()
+            if connection == nil {
+                do {
+                    connection = try SQLiteConnection(path: path, readOnly: true)
+                    openError = nil
+                } catch { openError = error }
+            }
+            next(connection, openError)
+        }
+    }
+
+    func close() {
+        condition.lock()
+        closed = true
+        condition.broadcast()
+        condition.unlock()
+    }
+}

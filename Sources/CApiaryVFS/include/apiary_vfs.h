@@ -1,0 +1,35 @@
+#ifndef APIARY_VFS_H
+#define APIARY_VFS_H
+
+#include <sqlite3.h>
+
+/// Name under which the VFS is registered; pass it to sqlite3_open_v2.
+#define APIARY_VFS_NAME "apiary"
+
+/// Called when SQLite asks to sync a WAL file, BEFORE the real fsync.
+///
+/// SQLite has written every frame of the transaction by then but has not yet published the
+/// commit in the wal-index (wal.c, sqlite3WalFrames: the wal-index is appended and its header
+/// written only after the sync returned SQLITE_OK). A non-OK return fails the commit.
+/// `real` is the underlying unix file: read it with apiary_file_read.
+typedef int (*apiary_wal_sync_hook)(sqlite3_file *real, const char *walPath);
+
+/// Registers the VFS (idempotent). Returns an SQLite result code.
+int apiary_vfs_register(apiary_wal_sync_hook hook);
+
+int apiary_file_read(sqlite3_file *f, void *buffer, int amount, sqlite3_int64 offset);
+int apiary_file_write(sqlite3_file *f, const void *buffer, int amount, sqlite3_int64 offset);
+int apiary_file_size(sqlite3_file *f, sqlite3_int64 *size);
+int apiary_file_sync(sqlite3_file *f);
+
+/// Binds a value from Swift without macros Swift cannot import (SQLITE_TRANSIENT).
+int apiary_bind_text(sqlite3_stmt *stmt, int index, const char *text, int bytes);
+int apiary_bind_blob(sqlite3_stmt *stmt, int index, const void *blob, int bytes);
+
+/// Extended result codes are macros Swift cannot import.
+enum {
+    APIARY_IOERR_FSYNC = SQLITE_IOERR_FSYNC,
+    APIARY_IOERR_FSTAT = SQLITE_IOERR_FSTAT,
+};
+
+#endif
