@@ -71,6 +71,7 @@ let package = Package(
             "ApiaryTLS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),
+            .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ]),
         .testTarget(name: "ApiaryIntegrationTests", dependencies: ["ApiaryNode"]),

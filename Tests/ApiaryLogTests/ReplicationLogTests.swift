@@ -1,0 +1,266 @@
+import ApiaryCore
+@testable import ApiaryLog
+import Foundation
+import XCTest
+
+/// The log's API on a healthy disk: append, sync, reopen, read, roll, truncate, reset, retention.
+final class ReplicationLogTests: XCTestCase {
+    // MARK: Opening and appending
+
+    func testNewLogIsEmptyAtZeroBase() throws {
+        let dir = try makeTemporaryDirectory(self) + "/tenant"
+        let log = try ReplicationLog(directory: dir)
+        XCTAssertEqual(log.last, .zero)
+        XCTAssertNil(log.firstRetainedLSN)
+        XCTAssertNil(try log.record(at: 1))
+        XCTAssertEqual(try log.records(from: 1, countMax: 10, bytesMax: 1 << 20), [])
+        XCTAssertEqual(try segmentFiles(dir), ["00000000000000000001.log"])
+        XCTAssertEqual(log.recoveredTornTailBytes, 0)
+    }
+
+    func testAppendSyncReopenRoundTrip() throws {
+        let dir = try makeTemporaryDirectory(self)
+        do {
+            let log = try ReplicationLog(directory: dir)
+            try appendRecords(log, 1...10)
+            try log.append(makeRecord(lsn: 11, epoch: 2, pageCount: 0))
+            try log.append(makeRecord(lsn: 12, epoch: 2, pageCount: 5, pageBytes: 4096))
+            XCTAssertEqual(log.last, LogPosition(makeRecord(lsn: 12, epoch: 2)))
+            XCTAssertEqual(log.lastDurable.lsn, 10)
+            try log.sync()
+            XCTAssertEqual(log.lastDurable.lsn, 12)
+            log.close()
+        }
+        let log = try ReplicationLog(directory: dir)
+        XCTAssertEqual(log.recoveredTornTailBytes, 0)
+        XCTAssertEqual(log.last, LogPosition(epoch: Epoch(2), lsn: 12, checksum: makeRecord(lsn: 12).checksum))
+        XCTAssertEqual(log.firstRetainedLSN, 1)
+        for lsn in LSN(1)...10 { XCTAssertEqual(try log.record(at: lsn), makeRecord(lsn: lsn)) }
+        XCTAssertEqual(try log.record(at: 11), makeRecord(lsn: 11, epoch: 2, pageCount: 0))
+        XCTAssertEqual(try log.record(at: 12), makeRecord(lsn: 12, epoch: 2, pageCount: 5, pageBytes: 4096))
+        XCTAssertNil(try log.record(at: 13))
+        XCTAssertNil(try log.record(at: 0))
+        // And it keeps going where it left off.
+        try log.append(makeRecord(lsn: 13, epoch: 2))
+        XCTAssertEqual(try log.record(at: 13), makeRecord(lsn: 13, epoch: 2))
+    }
+
+    func testOutOfOrderAppendRefused() throws {
+        let log = try ReplicationLog(directory: try makeTemporaryDirectory(self))
+        try appendRecords(log, 1...3, epoch: 5)
+        assertLogError(.outOfOrder) { try log.append(makeRecord(lsn: 5, epoch: 5)) } // gap
+        assertLogError(.outOfOrder) { try log.append(makeRecord(lsn: 3, epoch: 5)) } // repeat
+        assertLogError(.outOfOrder) { try log.append(makeRecord(lsn: 1, epoch: 5)) } // back
+        assertLogError(.outOfOrder) { try log.append(makeRecord(lsn: 4, epoch: 4)) } // older epoch
+        XCTAssertEqual(log.last.lsn, 3)
+        try log.append(makeRecord(lsn: 4, epoch: 6)) // a newer epoch is fine
+        XCTAssertEqual(log.last.epoch, Epoch(6))
+    }
+
+    func testTooLargeRecordRefused() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let log = try ReplicationLog(directory: dir, options: .init(recordBytesMax: 10_000))
+        assertLogError(.tooLarge) { try log.append(makeRecord(lsn: 1, pageCount: 3, pageBytes: 4096)) }
+        assertLogError(.tooLarge) {
+            try log.append(Record(epoch: .zero, lsn: 1, dbSizePages: 1, checksum: 0,
+                                  pages: [Page(number: 1, bytes: [UInt8](repeating: 0, count: Record.pageSizeMax + 1))]))
+        }
+        XCTAssertEqual(log.last, .zero)
+        try log.append(makeRecord(lsn: 1, pageCount: 2, pageBytes: 4096))
+        try log.sync()
+        XCTAssertEqual(try fileSize(dir + "/00000000000000000001.log"), 40 + frameBytes(pageCount: 2, pageBytes: 4096))
+    }
+
+    func testSecondOpenIsLockedAndClosedLogRefuses() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let log = try ReplicationLog(directory: dir)
+        assertLogError(.locked) { try ReplicationLog(directory: dir) }
+        log.close()
+        assertLogError(.unusable) { try log.append(makeRecord(lsn: 1)) }
+        _ = try ReplicationLog(directory: dir) // the lock went with close
+    }
+
+    // MARK: Segments
+
+    func testSegmentRollAndReadsAcrossSegments() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let frame = frameBytes()
+        // Room for three frames per segment.
+        let options = ReplicationLog.Options(segmentBytesMax: 40 + 3 * frame)
+        do {
+            let log = try ReplicationLog(directory: dir, options: options)
+            try appendRecords(log, 1...10)
+            XCTAssertEqual(log.segmentCount, 4)
+            XCTAssertEqual(try segmentFiles(dir), ["00000000000000000001.log", "00000000000000000004.log",
+                                                  "00000000000000000007.log", "00000000000000000010.log"])
+            XCTAssertEqual(try fileSize(dir + "/00000000000000000004.log"), 40 + 3 * frame)
+            XCTAssertEqual(log.sizeBytes, 4 * 40 + 10 * frame)
+            XCTAssertEqual(try log.records(from: 2, countMax: 100, bytesMax: 1 << 20), (2...10).map { makeRecord(lsn: $0) })
+        }
+        let log = try ReplicationLog(directory: dir, options: options)
+        XCTAssertEqual(log.segmentCount, 4)
+        XCTAssertEqual(log.last.lsn, 10)
+        for lsn in LSN(1)...10 { XCTAssertEqual(try log.record(at: lsn), makeRecord(lsn: lsn)) }
+        // Reads hop between segments in any order (the read descriptor cache follows).
+        for lsn: LSN in [9, 1, 5, 2, 10, 4] { XCTAssertEqual(try log.record(at: lsn), makeRecord(lsn: lsn)) }
+        XCTAssertEqual(try log.records(from: 1, countMax: 100, bytesMax: 1 << 20), (1...10).map { makeRecord(lsn: $0) })
+        try appendRecords(log, 11...13)
+        XCTAssertEqual(log.segmentCount, 5)
+    }
+
+    func testRecordBiggerThanSegmentGetsItsOwnSegment() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let log = try ReplicationLog(directory: dir, options: .init(segmentBytesMax: 1000))
+        try appendRecords(log, 1...1)
+        try appendRecords(log, 2...2, pageCount: 1, pageBytes: 5000)
+        try appendRecords(log, 3...3)
+        XCTAssertEqual(try segmentFiles(dir), ["00000000000000000001.log", "00000000000000000002.log", "00000000000000000003.log"])
+        XCTAssertEqual(try log.record(at: 2), makeRecord(lsn: 2, pageCount: 1, pageBytes: 5000))
+    }
+
+    // MARK: Bounded reads
+
+    func testBoundedReads() throws {
+        let log = try ReplicationLog(directory: try makeTemporaryDirectory(self), options: .init(segmentBytesMax: 2000))
+        try appendRecords(log, 1...20)
+        let payload = frameBytes() - 8
+        XCTAssertEqual(try log.records(from: 3, countMax: 4, bytesMax: 1 << 20).map(\.lsn), [3, 4, 5, 6])
+        XCTAssertEqual(try log.records(from: 3, countMax: 100, bytesMax: 3 * payload).map(\.lsn), [3, 4, 5])
+        XCTAssertEqual(try log.records(from: 3, countMax: 100, bytesMax: 3 * payload - 1).map(\.lsn), [3, 4])
+        // The first record comes back even when it alone exceeds bytesMax: readers always progress.
+        XCTAssertEqual(try log.records(from: 7, countMax: 100, bytesMax: 1).map(\.lsn), [7])
+        XCTAssertEqual(try log.records(from: 18, countMax: 100, bytesMax: 1 << 20).map(\.lsn), [18, 19, 20])
+        XCTAssertEqual(try log.records(from: 21, countMax: 100, bytesMax: 1 << 20), [])
+        XCTAssertEqual(try log.records(from: 0, countMax: 2, bytesMax: 1 << 20).map(\.lsn), [1, 2])
+    }
+
+    // MARK: Truncate
+
+    func testTruncateAfterThenReopen() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let options = ReplicationLog.Options(segmentBytesMax: 40 + 3 * frameBytes())
+        do {
+            let log = try ReplicationLog(directory: dir, options: options)
+            try appendRecords(log, 1...10) // segments 1-3, 4-6, 7-9, 10
+            try log.truncate(after: 8) // cuts inside a segment, removes the newest
+            XCTAssertEqual(log.last, LogPosition(makeRecord(lsn: 8)))
+            XCTAssertEqual(log.lastDurable, log.last)
+            XCTAssertEqual(try segmentFiles(dir), ["00000000000000000001.log", "00000000000000000004.log", "00000000000000000007.log"])
+            XCTAssertNil(try log.record(at: 9))
+            // Appending continues after the cut, with a new history.
+            try log.append(makeRecord(lsn: 9, epoch: 2))
+            try log.sync()
+            try log.truncate(after: 6) // ends exactly at a segment boundary: the next one stays, empty
+            XCTAssertEqual(log.last, LogPosition(makeRecord(lsn: 6)))
+            XCTAssertEqual(try segmentFiles(dir), ["00000000000000000001.log", "00000000000000000004.log", "00000000000000000007.log"])
+            XCTAssertEqual(try fileSize(dir + "/00000000000000000007.log"), 40)
+            try log.append(makeRecord(lsn: 7, epoch: 3)) // unsynced, then discarded
+            try log.truncate(after: 2)
+            XCTAssertEqual(log.last.lsn, 2)
+            XCTAssertEqual(try segmentFiles(dir), ["00000000000000000001.log"])
+            try log.truncate(after: 100) // nothing after 100: no-op
+            XCTAssertEqual(log.last.lsn, 2)
+            try appendRecords(log, 3...4, epoch: 4)
+        }
+        let log = try ReplicationLog(directory: dir, options: options)
+        XCTAssertEqual(log.recoveredTornTailBytes, 0)
+        XCTAssertEqual(log.last, LogPosition(makeRecord(lsn: 4, epoch: 4)))
+        XCTAssertEqual(try log.records(from: 1, countMax: 10, bytesMax: 1 << 20),
+                       [makeRecord(lsn: 1), makeRecord(lsn: 2), makeRecord(lsn: 3, epoch: 4), makeRecord(lsn: 4, epoch: 4)])
+        try log.truncate(after: 0) // down to the base
+        XCTAssertEqual(log.last, .zero)
+        XCTAssertNil(log.firstRetainedLSN)
+    }
+
+    func testTruncateBelowFirstRetainedIsRefused() throws {
+        let log = try ReplicationLog(directory: try makeTemporaryDirectory(self))
+        try log.reset(base: Epoch(2), lsn: 50, checksum: 7)
+        try appendRecords(log, 51...55, epoch: 2)
+        assertLogError(.notRetained) { try log.truncate(after: 49) }
+        try log.truncate(after: 50)
+        XCTAssertEqual(log.last, LogPosition(epoch: Epoch(2), lsn: 50, checksum: 7))
+    }
+
+    // MARK: Reset
+
+    func testResetThenReopenKnowsBase() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let options = ReplicationLog.Options(segmentBytesMax: 40 + 3 * frameBytes())
+        let base = LogPosition(epoch: Epoch(9), lsn: 1000, checksum: 0xABCD)
+        do {
+            let log = try ReplicationLog(directory: dir, options: options)
+            try appendRecords(log, 1...8)
+            try log.reset(base: base.epoch, lsn: base.lsn, checksum: base.checksum)
+            XCTAssertEqual(log.last, base)
+            XCTAssertNil(log.firstRetainedLSN)
+            XCTAssertEqual(log.segmentCount, 1)
+            XCTAssertNil(try log.record(at: 5))
+            assertLogError(.notRetained) { try log.records(from: 5, countMax: 1, bytesMax: 1) }
+            assertLogError(.outOfOrder) { try log.append(makeRecord(lsn: 9, epoch: 9)) }
+        }
+        XCTAssertEqual(try segmentFiles(dir), ["00000000000000001001.log"])
+        do {
+            let log = try ReplicationLog(directory: dir, options: options)
+            XCTAssertEqual(log.last, base)
+            XCTAssertNil(log.firstRetainedLSN)
+            try appendRecords(log, 1001...1002, epoch: 9)
+        }
+        let log = try ReplicationLog(directory: dir, options: options)
+        XCTAssertEqual(log.firstRetainedLSN, 1001)
+        XCTAssertEqual(log.last, LogPosition(makeRecord(lsn: 1002, epoch: 9)))
+        // A reset to a lower lsn (a diverged history replaced by a snapshot) works the same.
+        try log.reset(base: Epoch(10), lsn: 3, checksum: 1)
+        XCTAssertEqual(try segmentFiles(dir), ["00000000000000000004.log"])
+        XCTAssertEqual(log.last, LogPosition(epoch: Epoch(10), lsn: 3, checksum: 1))
+        // Again at the same base: the new segment takes the name of the one it replaces.
+        try appendRecords(log, 4...5, epoch: 10)
+        try log.reset(base: Epoch(11), lsn: 3, checksum: 2)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), ["00000000000000000004.log"])
+        XCTAssertNil(try log.record(at: 4))
+        log.close()
+        let reopened = try ReplicationLog(directory: dir, options: options)
+        XCTAssertEqual(reopened.last, LogPosition(epoch: Epoch(11), lsn: 3, checksum: 2))
+        XCTAssertNil(reopened.firstRetainedLSN)
+    }
+
+    // MARK: Retention
+
+    func testRetentionRemovesOldSegmentsButKeepsWhatIsAsked() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let frame = frameBytes()
+        let segmentBytes = 40 + 3 * frame
+        let options = ReplicationLog.Options(segmentBytesMax: segmentBytes, retainedBytesMax: 2 * segmentBytes)
+        let log = try ReplicationLog(directory: dir, options: options)
+        try appendRecords(log, 1...14) // segments 1-3, 4-6, 7-9, 10-12, 13-14
+
+        // Floor 8: segments 1 and 4 lie below it; removing the oldest brings the log down
+        // towards retainedBytesMax, but never a record at or above the floor.
+        try log.applyRetention(keepingFrom: 8)
+        XCTAssertEqual(try segmentFiles(dir), ["00000000000000000007.log", "00000000000000000010.log", "00000000000000000013.log"])
+        XCTAssertEqual(log.firstRetainedLSN, 7)
+        XCTAssertNil(try log.record(at: 6))
+        XCTAssertEqual(try log.record(at: 7), makeRecord(lsn: 7))
+        assertLogError(.notRetained) { try log.records(from: 6, countMax: 1, bytesMax: 1) }
+
+        // Within retainedBytesMax nothing more goes, even below the floor.
+        let small = try ReplicationLog(directory: try makeTemporaryDirectory(self), options: options)
+        try appendRecords(small, 1...5)
+        try small.applyRetention(keepingFrom: 100)
+        XCTAssertEqual(small.segmentCount, 2)
+
+        // With no history wanted, everything below the floor goes, but never the active segment.
+        log.close()
+        let strict = try ReplicationLog(directory: dir, options: .init(segmentBytesMax: segmentBytes, retainedBytesMax: 0))
+        try strict.applyRetention(keepingFrom: 12)
+        XCTAssertEqual(try segmentFiles(dir), ["00000000000000000010.log", "00000000000000000013.log"])
+        try strict.applyRetention(keepingFrom: 1000)
+        XCTAssertEqual(try segmentFiles(dir), ["00000000000000000013.log"])
+        XCTAssertEqual(strict.firstRetainedLSN, 13)
+        XCTAssertEqual(strict.last.lsn, 14)
+        strict.close()
+
+        let reopened = try ReplicationLog(directory: dir, options: options)
+        XCTAssertEqual(reopened.firstRetainedLSN, 13)
+        XCTAssertEqual(try reopened.records(from: 13, countMax: 10, bytesMax: 1 << 20).map(\.lsn), [13, 14])
+    }
+}
