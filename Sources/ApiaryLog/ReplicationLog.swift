@@ -133,6 +133,9 @@ public final class ReplicationLog {
     /// The last position known durable: ``last`` after a successful ``sync()``.
     public var lastDurable: LogPosition { durableLast }
 
+    /// The state before the first retained record: what a snapshot or retention left behind.
+    public var base: LogPosition { segments[0].base }
+
     /// The lowest lsn still readable, or nil if the log holds no record.
     public var firstRetainedLSN: LSN? {
         let first = segments[0].firstLSN

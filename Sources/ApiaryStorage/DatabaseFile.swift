@@ -31,6 +31,22 @@ public enum DatabaseFile {
         guard fsync(fd) == 0 else { throw StorageError.io("fsync", path: path, errno: errno) }
     }
 
+    /// Writes page images without changing the file's size otherwise (snapshot chunks). No fsync:
+    /// the snapshot's install cuts the file to size and fsyncs it once.
+    public static func writePagesKeepingSize(_ pages: [Page], to path: String) throws {
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw StorageError.io("open", path: path, errno: errno) }
+        defer { close(fd) }
+        for page in pages {
+            guard page.bytes.count == pageSize else {
+                throw StorageError(.corrupt, "page \(page.number) has \(page.bytes.count) bytes, expected \(pageSize)")
+            }
+            let offset = off_t(Int(page.number) - 1) * off_t(pageSize)
+            let written = page.bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, pageSize, offset) }
+            guard written == pageSize else { throw StorageError.io("write", path: path, errno: written < 0 ? errno : ENOSPC) }
+        }
+    }
+
     /// Reads every page of the file (a file whose size is not a whole number of pages is corrupt).
     public static func forEachPage(of path: String, _ body: (UInt32, UnsafeRawBufferPointer) throws -> Void) throws {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -73,11 +89,16 @@ public struct StorageError: Error, CustomStringConvertible, Equatable {
     }
     public let code: Code
     public let message: String
+    /// What failed a commit (the sink's error), for callers that map it to an answer.
+    public let cause: (any Error)?
 
-    public init(_ code: Code, _ message: String) {
+    public init(_ code: Code, _ message: String, cause: (any Error)? = nil) {
         self.code = code
         self.message = message
+        self.cause = cause
     }
+
+    public static func == (a: StorageError, b: StorageError) -> Bool { a.code == b.code && a.message == b.message }
 
     static func io(_ operation: String, path: String, errno code: Int32) -> StorageError {
         let reason = String(cString: strerror(code))

@@ -85,6 +85,7 @@ public final class TenantDatabase: @unchecked Sendable {
 
         let connection = try SQLiteConnection(path: path, readOnly: false)
         try connection.exec("PRAGMA synchronous=FULL")
+        try connection.exec("PRAGMA busy_timeout=5000")
         let hashes = try DatabaseFile.pageHashes(of: path)
         let capture = WALCapture(tenant: tenant, sink: sink, hashes: hashes, pageSize: DatabaseFile.pageSize)
         let sqlitePath = String(cString: sqlite3_db_filename(connection.handle, "main"))
@@ -170,6 +171,29 @@ public final class TenantDatabase: @unchecked Sendable {
             writer.submitAdmin { access in
                 do { continuation.resume(returning: try body(access)) } catch { continuation.resume(throwing: error) }
             }
+        }
+    }
+
+    /// Copies the database as of its last commit into `path` (a plain file of pages), with
+    /// writes paused meanwhile: the copy is consistent with ``WriterAccess/checksum``.
+    /// - Returns: the copy's size in pages and checksum.
+    /// - Parameter whilePaused: runs while writes are paused (to read the matching log position).
+    public func copyForSnapshot<T: Sendable>(to path: String, whilePaused: @escaping @Sendable () -> T) async throws -> (dbSizePages: UInt32, checksum: UInt64, paused: T) {
+        let source = self.path
+        return try await withWriter { access in
+            // A FULL checkpoint copies every committed frame into the file (waiting for readers).
+            let result = try access.connection.run("PRAGMA wal_checkpoint(FULL)").rows.first ?? []
+            guard result.count == 3, result[0] == .integer(0), result[1] == result[2] else {
+                throw StorageError(.io, "checkpoint for a snapshot did not complete: \(result)")
+            }
+            let pages = try DatabaseFile.allPages(of: source)
+            try? FileManager.default.removeItem(atPath: path)
+            try DatabaseFile.writePages(pages, dbSizePages: UInt32(pages.count), to: path)
+            let copied = try DatabaseFile.pageHashes(of: path).checksum
+            guard copied == access.checksum else {
+                throw StorageError(.corrupt, "snapshot copy checksum \(copied) differs from the database's \(access.checksum)")
+            }
+            return (UInt32(pages.count), copied, whilePaused())
         }
     }
 
@@ -299,9 +323,10 @@ final class WriterThread: @unchecked Sendable {
         } catch {
             // The commit failed (capture refused it or I/O): nothing of the batch is visible.
             try? connection.exec("ROLLBACK")
-            let reason = capture.lastFailure.map { String(describing: $0) } ?? "commit failed: \(error)"
+            let cause = capture.lastFailure
+            let reason = cause.map { String(describing: $0) } ?? "commit failed: \(error)"
             capture.lastFailure = nil
-            for job in batch { job.continuation.resume(throwing: StorageError(.commitFailed, reason)) }
+            for job in batch { job.continuation.resume(throwing: StorageError(.commitFailed, reason, cause: cause)) }
             return
         }
         for (job, result) in zip(batch, results) { job.continuation.resume(returning: result) }

@@ -1,0 +1,112 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+
+/// A minimal HTTPS/1.1 client connection with keep-alive, for `apiary ctl`, `apiary bench`
+/// and tests. Requests on one connection go one at a time. Hand-written on NIOHTTP1 rather
+/// than adding AsyncHTTPClient: three call sites do not justify its build cost on 2 cores.
+public final class HTTPSConnection: @unchecked Sendable {
+    public struct Response: Sendable {
+        public var status: Int
+        public var headers: [(String, String)]
+        public var body: [UInt8]
+        public func header(_ name: String) -> String? { headers.first { $0.0.lowercased() == name.lowercased() }?.1 }
+        public var text: String { String(decoding: body, as: UTF8.self) }
+    }
+
+    let channel: any Channel
+    let host: String
+    private let handler: ResponseCollector
+
+    private init(channel: any Channel, host: String, handler: ResponseCollector) {
+        self.channel = channel
+        self.host = host
+        self.handler = handler
+    }
+
+    /// Connects and completes the TLS handshake. `tls` decides trust and client certificates.
+    public static func connect(host: String, port: Int, tls: TLSConfiguration, group: any EventLoopGroup, timeoutMs: Int64 = 5000) async throws -> HTTPSConnection {
+        let context = try NIOSSLContext(configuration: tls)
+        let collector = ResponseCollector()
+        let channel = try await ClientBootstrap(group: group)
+            .connectTimeout(.milliseconds(timeoutMs))
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let sni = ClusterTransport.hostnameForSNI(host)
+                    try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: sni))
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                    try channel.pipeline.syncOperations.addHandler(collector)
+                }
+            }
+            .connect(host: host, port: port).get()
+        return HTTPSConnection(channel: channel, host: host, handler: collector)
+    }
+
+    public func request(_ method: HTTPMethod, _ path: String, headers: [(String, String)] = [], body: [UInt8]? = nil) async throws -> Response {
+        var head = HTTPRequestHead(version: .http1_1, method: method, uri: path)
+        head.headers.add(name: "Host", value: host)
+        for (name, value) in headers { head.headers.add(name: name, value: value) }
+        if let body {
+            head.headers.add(name: "Content-Length", value: String(body.count))
+            if !headers.contains(where: { $0.0.lowercased() == "content-type" }) { head.headers.add(name: "Content-Type", value: "application/json") }
+        }
+        let promise = channel.eventLoop.makePromise(of: Response.self)
+        let channel = self.channel
+        channel.eventLoop.execute {
+            self.handler.waiting.append(promise)
+            channel.write(HTTPClientRequestPart.head(head), promise: nil)
+            if let body { channel.write(HTTPClientRequestPart.body(.byteBuffer(channel.allocator.buffer(bytes: body))), promise: nil) }
+            channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+        }
+        return try await promise.futureResult.get()
+    }
+
+    public func close() async {
+        try? await channel.close()
+    }
+}
+
+/// Matches responses to requests in order; fails every waiting request when the connection dies.
+final class ResponseCollector: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = HTTPClientResponsePart
+    var waiting: [EventLoopPromise<HTTPSConnection.Response>] = []
+    private var current: HTTPSConnection.Response?
+    /// Responses larger than this fail the request (bounded buffers, invariant 8).
+    let bodyBytesMax = 64 << 20
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            current = .init(status: Int(head.status.code), headers: head.headers.map { ($0.name, $0.value) }, body: [])
+        case .body(var buffer):
+            if (current?.body.count ?? 0) + buffer.readableBytes > bodyBytesMax {
+                context.close(promise: nil)
+                return
+            }
+            current?.body.append(contentsOf: buffer.readBytes(length: buffer.readableBytes) ?? [])
+        case .end:
+            if let response = current, !waiting.isEmpty { waiting.removeFirst().succeed(response) }
+            current = nil
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        let error = HTTPSConnectionClosed()
+        for promise in waiting { promise.fail(error) }
+        waiting.removeAll()
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        for promise in waiting { promise.fail(error) }
+        waiting.removeAll()
+        context.close(promise: nil)
+    }
+}
+
+public struct HTTPSConnectionClosed: Error, CustomStringConvertible {
+    public var description: String { "connection closed before the response arrived" }
+}

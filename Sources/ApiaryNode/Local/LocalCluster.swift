@@ -1,0 +1,121 @@
+import ApiaryTLS
+import Foundation
+
+/// A primary and a standby as real `apiary node` processes on loopback: for `apiary up`,
+/// the integration tests and the benchmark.
+public final class LocalCluster: @unchecked Sendable {
+    public struct NodeSpec: Sendable {
+        public var name: String
+        public var role: String
+        public var apiPort: Int
+        public var replicationPort: Int
+        public var extraArguments: [String] = []
+    }
+
+    public let directory: String
+    public let executable: String
+    public var certificates: String { directory + "/certs" }
+    public let primary: NodeSpec
+    public let standby: NodeSpec
+    private var processes: [String: Process] = [:]
+    private let lock = NSLock()
+
+    /// - Parameters:
+    ///   - directory: holds `certs/`, each node's data and `logs/`.
+    ///   - executable: the `apiary` binary.
+    ///   - basePort: the primary's API port; the others follow it.
+    public init(directory: String, executable: String, basePort: Int, primaryArguments: [String] = [], standbyArguments: [String] = []) {
+        self.directory = directory
+        self.executable = executable
+        primary = NodeSpec(name: "node-a", role: "primary", apiPort: basePort, replicationPort: basePort + 1, extraArguments: primaryArguments)
+        standby = NodeSpec(name: "node-b", role: "standby", apiPort: basePort + 10, replicationPort: basePort + 11, extraArguments: standbyArguments)
+    }
+
+    /// Makes the CA and the certificates of both nodes and an operator, once.
+    public func prepareCertificates() throws {
+        try FileManager.default.createDirectory(atPath: directory + "/logs", withIntermediateDirectories: true)
+        guard !FileManager.default.fileExists(atPath: certificates + "/ca.key") else { return }
+        let ca = try CertificateAuthority.create(in: certificates)
+        for identity in [PeerIdentity(role: .node, name: primary.name), PeerIdentity(role: .node, name: standby.name),
+                         PeerIdentity(role: .operator, name: "operator"), PeerIdentity(role: .gateway, name: "gateway")] {
+            try ca.issue(identity, into: certificates)
+        }
+    }
+
+    func arguments(_ spec: NodeSpec) -> [String] {
+        var args = ["node", "--name", spec.name, "--role", spec.role, "--data", directory + "/" + spec.name,
+                    "--certs", certificates, "--api", "127.0.0.1:\(spec.apiPort)"]
+        if spec.role == "primary" {
+            args += ["--replication", "127.0.0.1:\(spec.replicationPort)", "--standby", standby.name]
+        } else {
+            args += ["--primary", "127.0.0.1:\(primary.replicationPort)"]
+        }
+        return args + spec.extraArguments
+    }
+
+    /// Starts a node and waits (bounded) until it prints its ready line.
+    public func start(_ spec: NodeSpec, timeoutSeconds: Double = 30) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments(spec)
+        let logPath = directory + "/logs/\(spec.name).log"
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
+        log.seekToEndOfFile()
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = log
+        let ready = DispatchSemaphore(value: 0)
+        let readyLine = "apiary node \(spec.name) ready"
+        let seen = LockedFlag()
+        pipe.fileHandleForReading.readabilityHandler = { handle in
+            let data = handle.availableData
+            if data.isEmpty { handle.readabilityHandler = nil; return }
+            log.write(data)
+            if String(decoding: data, as: UTF8.self).contains(readyLine), seen.setOnce() { ready.signal() }
+        }
+        try process.run()
+        lock.withLock { processes[spec.name] = process }
+        if ready.wait(timeout: .now() + timeoutSeconds) == .timedOut {
+            kill(spec, signal: SIGKILL)
+            throw NodeError("\(spec.name) did not become ready within \(timeoutSeconds)s; see \(logPath)")
+        }
+    }
+
+    public func startBoth() throws {
+        try prepareCertificates()
+        try start(primary)
+        try start(standby)
+    }
+
+    /// Sends `signal` (SIGKILL for a crash) and waits for the process to exit.
+    public func kill(_ spec: NodeSpec, signal: Int32 = SIGKILL) {
+        guard let process = lock.withLock({ processes.removeValue(forKey: spec.name) }) else { return }
+        if process.isRunning { Glibc.kill(process.processIdentifier, signal) }
+        process.waitUntilExit()
+    }
+
+    public func isRunning(_ spec: NodeSpec) -> Bool { lock.withLock { processes[spec.name]?.isRunning ?? false } }
+
+    /// Stops every node (SIGTERM, then SIGKILL after a grace period).
+    public func stopAll() {
+        let all = lock.withLock { Array(processes.values) }
+        for p in all where p.isRunning { Glibc.kill(p.processIdentifier, SIGTERM) }
+        let deadline = Date().addingTimeInterval(5)
+        for p in all {
+            while p.isRunning && Date() < deadline { usleep(20_000) }
+            if p.isRunning { Glibc.kill(p.processIdentifier, SIGKILL) }
+            p.waitUntilExit()
+        }
+        lock.withLock { processes.removeAll() }
+    }
+
+    deinit { stopAll() }
+}
+
+final class LockedFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var set = false
+    /// True the first time only.
+    func setOnce() -> Bool { lock.withLock { defer { set = true }; return !set } }
+}

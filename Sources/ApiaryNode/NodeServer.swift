@@ -1,0 +1,190 @@
+import ApiaryCore
+import ApiaryReplication
+import ApiaryStorage
+import ApiaryTLS
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+import NIOPosix
+
+/// Everything `apiary node` needs to run.
+public struct NodeConfiguration: Sendable {
+    public enum Role: String, Sendable { case primary, standby }
+
+    public var name: String
+    public var role: Role
+    public var dataDirectory: String
+    public var certificatesDirectory: String
+    public var apiHost = "127.0.0.1"
+    public var apiPort = 4001
+    /// Primary: where standbys connect. Standby: unused.
+    public var replicationHost = "127.0.0.1"
+    public var replicationPort = 4002
+    /// Standby: the primary's replication address.
+    public var primaryHost = "127.0.0.1"
+    public var primaryPort = 4002
+    /// Primary: `sync` waits for the standby on every commit; `single` commits alone.
+    public var mode: ReplicationMode = .sync
+    /// Primary: the only node allowed to connect as standby (nil: any node certificate).
+    public var standbyName: String?
+    /// The epoch a node starts in when its data directory has none yet.
+    public var initialEpoch = Epoch(1)
+    public var replication = ReplicationConfig()
+
+    public init(name: String, role: Role, dataDirectory: String, certificatesDirectory: String) {
+        self.name = name
+        self.role = role
+        self.dataDirectory = dataDirectory
+        self.certificatesDirectory = certificatesDirectory
+    }
+}
+
+/// Runs one node until SIGTERM/SIGINT: storage, replication and the HTTPS API.
+public enum NodeServer {
+    public static func run(_ config: NodeConfiguration, logger: Logger) async throws {
+        let credentials = try ClusterCredentials(directory: config.certificatesDirectory, name: config.name)
+        guard credentials.identity.role == .node else {
+            throw NodeError("\(config.name)'s certificate is for role \(credentials.identity.role.rawValue); a node needs a node certificate")
+        }
+        let layout = DataLayout(root: config.dataDirectory)
+        try FileManager.default.createDirectory(atPath: layout.tenantsDirectory, withIntermediateDirectories: true)
+        let stateFile = NodeStateFile(path: layout.nodeState)
+        let epoch = try stateFile.readEpoch() ?? config.initialEpoch
+        try stateFile.write(epoch: epoch)
+
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(2, System.coreCount))
+        let driverLoop = group.next()
+        let ids = ConnectionIDs()
+        let service: any SQLService
+        var replicationChannel: (any Channel)?
+        let ticker: RepeatedTask
+
+        switch config.role {
+        case .primary:
+            let primary = try PrimaryNode(name: config.name, epoch: epoch, mode: config.mode, config: config.replication,
+                                          standby: config.standbyName, layout: layout, loop: driverLoop, logger: logger)
+            let channel = try await ClusterTransport.listen(host: config.replicationHost, port: config.replicationPort, group: group,
+                                                            credentials: credentials, ids: ids, events: primary, driverLoop: driverLoop)
+            replicationChannel = channel
+            ticker = driverLoop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(tickMs(config))) { _ in primary.tick() }
+            service = PrimarySQLService(node: primary, epoch: epoch)
+            logger.notice("replication listening", metadata: ["address": "\(channel.localAddress.map { "\($0)" } ?? "?")"])
+        case .standby:
+            let standby = try StandbyNode(name: config.name, epoch: epoch, config: config.replication, layout: layout,
+                                          primaryHost: config.primaryHost, primaryPort: config.primaryPort, group: group,
+                                          loop: driverLoop, credentials: credentials, ids: ids, logger: logger)
+            ticker = driverLoop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(tickMs(config))) { _ in standby.tick() }
+            service = StandbySQLService(node: standby)
+        }
+
+        let app = try APIServer.application(service: service, credentials: credentials, host: config.apiHost, port: config.apiPort,
+                                            group: group, logger: logger) { port in
+            // Scripts and tests wait for this line.
+            print("apiary node \(config.name) ready: role=\(config.role.rawValue) api=https://\(config.apiHost):\(port)")
+            fflush(stdout)
+        }
+        do {
+            try await app.runService()
+        } catch {
+            ticker.cancel()
+            try? await replicationChannel?.close()
+            throw error
+        }
+        ticker.cancel()
+        try? await replicationChannel?.close()
+        try? await group.shutdownGracefully()
+    }
+
+    /// The cores want a tick at least every heartbeatIntervalMs / 2.
+    static func tickMs(_ config: NodeConfiguration) -> Int64 { max(5, config.replication.heartbeatIntervalMs / 4) }
+}
+
+/// The API on the primary: writes go through the tenant's group commit and replication.
+struct PrimarySQLService: SQLService {
+    let node: PrimaryNode
+    let epoch: Epoch
+
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult] {
+        guard let t = try await openTenant(tenant, create: true) else { throw APIError(.notFound, "no such tenant") }
+        do {
+            return try await t.database.execute(statements, transaction: transaction)
+        } catch let error as StorageError {
+            throw Self.apiError(error)
+        }
+    }
+
+    func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] {
+        guard let t = try await openTenant(tenant, create: false) else { throw APIError(.notFound, "no such tenant") }
+        switch level {
+        case .none, .weak:
+            break
+        case .strong, .linearizable:
+            guard await node.holdsLease else {
+                throw APIError(.notExecuted, "not serving \(level.rawValue) reads: no valid lease from the standby (retry later)")
+            }
+        }
+        do {
+            return try await t.database.query(statements)
+        } catch let error as StorageError {
+            throw Self.apiError(error)
+        }
+    }
+
+    func statusJSON() async -> [UInt8] {
+        let status = NodeStatus(node: node.name, role: "primary", epoch: epoch.rawValue, tenants: await node.status().sorted { $0.tenant < $1.tenant })
+        return (try? JSONEncoder().encode(status)).map(Array.init) ?? []
+    }
+
+    private func openTenant(_ tenant: TenantID, create: Bool) async throws -> PrimaryTenant? {
+        do {
+            return try await node.tenant(tenant, create: create)
+        } catch let error as StorageError {
+            throw Self.apiError(error)
+        } catch {
+            throw APIError(.notExecuted, "tenant unavailable: \(error)")
+        }
+    }
+
+    static func apiError(_ error: StorageError) -> APIError {
+        switch error.code {
+        case .badRequest: return APIError(.badRequest, error.message)
+        case .queueFull, .closed, .io, .diskFull, .corrupt, .wrongFormat: return APIError(.notExecuted, error.message)
+        case .commitFailed:
+            guard let rejected = error.cause as? CommitRejected else { return APIError(.notExecuted, error.message) }
+            switch rejected.failure {
+            case .outcomeUnknown?: return APIError(.outcomeUnknown, rejected.message)
+            case .recordTooLarge?: return APIError(.badRequest, rejected.message)
+            case .standbyUnavailable?, .overloaded?, .steppedDown?, nil: return APIError(.notExecuted, rejected.message)
+            }
+        }
+    }
+}
+
+/// The API on a standby: it serves no reads or writes (DESIGN §3), only status.
+struct StandbySQLService: SQLService {
+    let node: StandbyNode
+
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult] {
+        throw APIError(.notExecuted, "not primary: this node is a standby; send writes to the primary")
+    }
+
+    func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] {
+        throw APIError(.notExecuted, "not primary: this node is a standby and serves no reads")
+    }
+
+    func statusJSON() async -> [UInt8] {
+        let status = NodeStatus(node: node.name, role: "standby", epoch: 0, tenants: await node.status().sorted { $0.tenant < $1.tenant },
+                                error: await node.fatalError?.description)
+        return (try? JSONEncoder().encode(status)).map(Array.init) ?? []
+    }
+}
+
+/// `/status`, for operators and `apiary ctl verify`.
+public struct NodeStatus: Codable, Sendable {
+    public var node: String
+    public var role: String
+    public var epoch: UInt64
+    public var tenants: [TenantStatus]
+    public var error: String?
+}

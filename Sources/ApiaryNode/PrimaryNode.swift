@@ -1,0 +1,412 @@
+import ApiaryCore
+import ApiaryLog
+import ApiaryReplication
+import ApiaryStorage
+import ApiaryTLS
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+
+/// One tenant on the primary: its log (guarded: the writer thread appends, replication reads)
+/// and its database.
+final class PrimaryTenant: @unchecked Sendable {
+    let id: TenantID
+    private let lock = NSLock()
+    private let log: ReplicationLog
+    var database: TenantDatabase!
+    /// Replication's log reads and snapshots run here, off the event loops.
+    let ioQueue: DispatchQueue
+
+    init(id: TenantID, log: ReplicationLog) {
+        self.id = id
+        self.log = log
+        ioQueue = DispatchQueue(label: "apiary.primary.\(id)")
+    }
+
+    func withLog<T>(_ body: (ReplicationLog) throws -> T) rethrows -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body(log)
+    }
+}
+
+/// The primary's replication: the pure core on one event loop, and the sink that each
+/// tenant's writer thread calls at commit.
+final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
+    let name: String
+    let epoch: Epoch
+    let layout: DataLayout
+    let loop: any EventLoop
+    let logger: Logger
+    let config: ReplicationConfig
+
+    // Event-loop-only state.
+    private var core: PrimaryReplication
+    private var channels: [ConnectionID: any Channel] = [:]
+    private var waiters: [TenantLSN: CommitWaiter] = [:]
+
+    // Guarded by `tenantsLock`.
+    private let tenantsLock = NSLock()
+    private var tenants: [TenantID: PrimaryTenant] = [:]
+    private var opening: [TenantID: Task<PrimaryTenant, any Error>] = [:]
+
+    struct TenantLSN: Hashable { var tenant: TenantID; var lsn: LSN }
+
+    init(name: String, epoch: Epoch, mode: ReplicationMode, config: ReplicationConfig, standby: String?, layout: DataLayout, loop: any EventLoop, logger: Logger) throws {
+        self.name = name
+        self.epoch = epoch
+        self.layout = layout
+        self.loop = loop
+        self.logger = logger
+        self.config = config
+        var logs: [TenantID: PrimaryTenantLog] = [:]
+        var opened: [TenantID: PrimaryTenant] = [:]
+        for id in try layout.existingTenants() {
+            let tenant = try Self.openTenantLog(id, layout: layout)
+            let position = tenant.withLog { $0.last }
+            let base = tenant.withLog { $0.base }
+            logs[id] = PrimaryTenantLog(last: RecordSummary(lsn: position.lsn, epoch: position.epoch, checksum: position.checksum),
+                                        firstLSN: base.lsn + 1, baseChecksum: base.checksum)
+            opened[id] = tenant
+        }
+        core = PrimaryReplication(nodeID: name, epoch: epoch, mode: mode, config: config, standbyNodeID: standby, tenants: logs)
+        tenants = opened
+        // Open databases after the core knows the tenants: opening may redo the last record.
+        for (_, tenant) in opened { try openDatabase(tenant) }
+    }
+
+    private static func openTenantLog(_ id: TenantID, layout: DataLayout) throws -> PrimaryTenant {
+        try layout.createTenantDirectory(id)
+        return PrimaryTenant(id: id, log: try ReplicationLog(directory: layout.log(id)))
+    }
+
+    /// Opens the tenant's database, first making it agree with its log: the log is the
+    /// truth, and the last logged commit may be missing from the database if the node died
+    /// between the log's fsync and SQLite's (pages are whole images, so redoing is safe).
+    private func openDatabase(_ tenant: PrimaryTenant) throws {
+        let path = layout.database(tenant.id)
+        let isNew = !FileManager.default.fileExists(atPath: path)
+        let last = tenant.withLog { $0.last }
+        if isNew && last.lsn > 0 {
+            throw NodeError("tenant \(tenant.id): the log reaches lsn \(last.lsn) but the database file is missing")
+        }
+        tenant.database = try TenantDatabase(tenant: tenant.id, path: path, sink: self) { hashes in
+            guard !isNew, hashes.checksum != last.checksum else { return }
+            guard let record = try tenant.withLog({ try $0.record(at: last.lsn) }) else {
+                throw NodeError("tenant \(tenant.id): database checksum differs from the log at lsn \(last.lsn), and the log cannot redo it")
+            }
+            try DatabaseFile.writePages(record.pages, dbSizePages: record.dbSizePages, to: path)
+            let redone = try DatabaseFile.pageHashes(of: path).checksum
+            guard redone == last.checksum else {
+                throw NodeError("tenant \(tenant.id): database and log disagree at lsn \(last.lsn) even after redoing it; restore from the standby or a backup")
+            }
+            self.logger.notice("redid the last logged commit", metadata: ["tenant": "\(tenant.id)", "lsn": "\(last.lsn)"])
+        }
+    }
+
+    /// The tenant, created on first use (its bootstrap commit replicates like any other).
+    func tenant(_ id: TenantID, create: Bool) async throws -> PrimaryTenant? {
+        enum Found { case ready(PrimaryTenant), wait(Task<PrimaryTenant, any Error>), absent }
+        let found: Found = tenantsLock.withLock {
+            if let t = tenants[id], opening[id] == nil { return .ready(t) }
+            if let task = opening[id] { return .wait(task) }
+            guard create else { return .absent }
+            let task = Task {
+                try await Self.onBlockingThread {
+                    let tenant = try Self.openTenantLog(id, layout: self.layout)
+                    // Known before its database opens: the bootstrap commit looks it up.
+                    self.tenantsLock.withLock { self.tenants[id] = tenant }
+                    do {
+                        try self.openDatabase(tenant)
+                    } catch {
+                        self.tenantsLock.withLock { self.tenants[id] = nil }
+                        throw error
+                    }
+                    return tenant
+                }
+            }
+            opening[id] = task
+            return .wait(task)
+        }
+        switch found {
+        case .ready(let t): return t
+        case .absent: return nil
+        case .wait(let task):
+            defer { tenantsLock.withLock { opening[id] = nil } }
+            return try await task.value
+        }
+    }
+
+    var allTenants: [PrimaryTenant] {
+        tenantsLock.withLock { tenants.values.filter { opening[$0.id] == nil } }
+    }
+
+    static func onBlockingThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            Thread { continuation.resume(with: Result { try body() }) }.start()
+        }
+    }
+
+    // MARK: - The commit path (a tenant's writer thread)
+
+    /// Logs the commit locally (fsync), hands it to the core and blocks until the core says
+    /// it is durable where the mode requires, or failed. On failure the record is removed from
+    /// the log again before returning, so that the next commit reuses its lsn (the core's rule).
+    func commit(tenant id: TenantID, _ commit: CapturedCommit) throws {
+        guard let tenant = tenantsLock.withLock({ tenants[id] }) else {
+            preconditionFailure("commit for tenant \(id) that this node does not know")
+        }
+        let record = try tenant.withLog { log -> Record in
+            let record = Record(epoch: epoch, lsn: log.last.lsn + 1, dbSizePages: commit.dbSizePages, checksum: commit.checksum, pages: commit.pages)
+            do {
+                try log.append(record)
+                try log.sync()
+            } catch {
+                throw CommitRejected(failure: nil, message: "write not applied: the local replication log failed: \(error)")
+            }
+            return record
+        }
+        let waiter = CommitWaiter()
+        let key = TenantLSN(tenant: id, lsn: record.lsn)
+        loop.execute {
+            self.waiters[key] = waiter
+            self.interpret(self.core.onLocalRecord(id, record, now: monotonicNowMs()))
+        }
+        // The core answers within standbyWaitMs; the margin only guards against a stuck loop.
+        let outcome = waiter.wait(timeoutMs: Int(config.standbyWaitMs) + 30_000)
+        switch outcome {
+        case .durable:
+            return
+        case .failed(let failure):
+            tenant.withLog { log in
+                do { try log.truncate(after: record.lsn - 1) } catch {
+                    preconditionFailure("tenant \(id): cannot remove failed record \(record.lsn) from the log: \(error)")
+                }
+            }
+            throw CommitRejected(failure: failure, message: Self.clientMessage(failure))
+        case nil:
+            preconditionFailure("tenant \(id): replication core did not answer commit \(record.lsn)")
+        }
+    }
+
+    static func clientMessage(_ failure: CommitFailure) -> String {
+        switch failure {
+        case .standbyUnavailable: return "standby unavailable: the write was not applied (retry later)"
+        case .outcomeUnknown: return "outcome unknown: the standby did not confirm in time; the write may or may not be applied"
+        case .overloaded: return "overloaded: too many commits waiting for the standby; the write was not applied"
+        case .recordTooLarge: return "transaction too large to replicate; the write was not applied"
+        case .steppedDown: return "not primary: this node stepped down; the write was not applied"
+        }
+    }
+
+    // MARK: - Connection events (event loop)
+
+    func connected(_ id: ConnectionID, channel: any Channel, peer: ApiaryReplication.PeerIdentity) {
+        channels[id] = channel
+        logger.info("replication peer connected", metadata: ["peer": "\(peer.nodeID)", "connection": "\(id)"])
+        interpret(core.onConnected(id, peer: peer, now: monotonicNowMs()))
+    }
+
+    func received(_ id: ConnectionID, _ message: Result<Message, DecodeError>) {
+        guard channels[id] != nil else { return }
+        switch message {
+        case .success(let m): interpret(core.onMessage(m, from: id, now: monotonicNowMs()))
+        case .failure(let e): interpret(core.onDecodeError(id, e, now: monotonicNowMs()))
+        }
+    }
+
+    func disconnected(_ id: ConnectionID) {
+        guard channels.removeValue(forKey: id) != nil else { return }
+        interpret(core.onDisconnected(id, now: monotonicNowMs()))
+    }
+
+    func tick() {
+        interpret(core.onTick(now: monotonicNowMs()))
+    }
+
+    // MARK: - Interpreting actions (event loop)
+
+    private func interpret(_ actions: [PrimaryAction]) {
+        loop.preconditionInEventLoop()
+        for action in actions {
+            switch action {
+            case .send(let id, let message):
+                guard let channel = channels[id] else {
+                    interpret(core.onDisconnected(id, now: monotonicNowMs()))
+                    continue
+                }
+                channel.writeAndFlush(message, promise: nil)
+            case .closeConnection(let id, let reason):
+                if let channel = channels.removeValue(forKey: id) {
+                    logger.info("closing replication connection", metadata: ["connection": "\(id)", "reason": "\(reason)"])
+                    channel.close(promise: nil)
+                }
+            case .readLog(let id, let request):
+                readLog(id, request)
+            case .readLogSummaries(let id, let request):
+                readSummaries(id, request)
+            case .sendSnapshot(let id, let request):
+                sendSnapshot(id, request)
+            case .commitDurable(let tenant, let lsn):
+                waiters.removeValue(forKey: TenantLSN(tenant: tenant, lsn: lsn))?.resolve(.durable)
+            case .commitFailed(let tenant, let lsn, let failure):
+                waiters.removeValue(forKey: TenantLSN(tenant: tenant, lsn: lsn))?.resolve(.failed(failure))
+            case .stepDown(let newer):
+                logger.warning("stepping down: a newer epoch exists", metadata: ["epoch": "\(newer)"])
+            }
+        }
+    }
+
+    private func readLog(_ id: ConnectionID, _ request: LogReadRequest) {
+        guard let tenant = tenantsLock.withLock({ tenants[request.tenant] }) else { return closeForReadFailure(id) }
+        tenant.ioQueue.async {
+            let result = Result { () throws -> [Record] in
+                let count = Int(request.throughLSN - request.fromLSN + 1)
+                let records = try tenant.withLog { try $0.records(from: request.fromLSN, countMax: count, bytesMax: request.bytesMax) }
+                var fitting: [Record] = []
+                var bytes = 0
+                for r in records where r.lsn <= request.throughLSN {
+                    if bytes + r.byteCount > request.bytesMax && !(fitting.isEmpty && request.firstRecordMayExceed) { break }
+                    bytes += r.byteCount
+                    fitting.append(r)
+                }
+                return fitting
+            }
+            self.loop.execute {
+                switch result {
+                case .success(let records): self.interpret(self.core.onLogRead(id, request: request, records: records, now: monotonicNowMs()))
+                case .failure: self.closeForReadFailure(id)
+                }
+            }
+        }
+    }
+
+    private func readSummaries(_ id: ConnectionID, _ request: SummaryReadRequest) {
+        guard let tenant = tenantsLock.withLock({ tenants[request.tenant] }) else { return closeForReadFailure(id) }
+        tenant.ioQueue.async {
+            let result = Result { () throws -> [RecordSummary] in
+                var summaries: [RecordSummary] = []
+                guard request.fromLSN <= request.throughLSN else { return [] }
+                for lsn in request.fromLSN...request.throughLSN {
+                    if let r = try tenant.withLog({ try $0.record(at: lsn) }) { summaries.append(RecordSummary(r)) }
+                }
+                return summaries
+            }
+            self.loop.execute {
+                switch result {
+                case .success(let s): self.interpret(self.core.onLogSummaries(id, request: request, summaries: s, now: monotonicNowMs()))
+                case .failure: self.closeForReadFailure(id)
+                }
+            }
+        }
+    }
+
+    private func sendSnapshot(_ id: ConnectionID, _ request: SnapshotRequest) {
+        guard let tenant = tenantsLock.withLock({ tenants[request.tenant] }), let channel = channels[id] else {
+            return interpret(core.onSnapshotFailed(id, request: request, now: monotonicNowMs()))
+        }
+        let scratch = layout.snapshotScratch(request.tenant)
+        Task {
+            do {
+                // Writes pause while the copy is made, so the copy is exactly the last commit's.
+                let copy = try await tenant.database.copyForSnapshot(to: scratch) { tenant.withLog { $0.last.lsn } }
+                let lsn = copy.paused
+                defer { try? FileManager.default.removeItem(atPath: scratch) }
+                channel.write(Message.snapshotBegin(SnapshotBegin(epoch: request.epoch, tenant: request.tenant, lsn: lsn, dbSizePages: copy.dbSizePages)), promise: nil)
+                var chunk: [Page] = []
+                let chunkPages = (1 << 20) / DatabaseFile.pageSize
+                try DatabaseFile.forEachPage(of: scratch) { number, image in
+                    chunk.append(Page(number: number, bytes: Array(image)))
+                    if chunk.count == chunkPages {
+                        channel.write(Message.snapshotPages(SnapshotPages(epoch: request.epoch, tenant: request.tenant, pages: chunk)), promise: nil)
+                        chunk.removeAll(keepingCapacity: true)
+                    }
+                }
+                if !chunk.isEmpty {
+                    channel.write(Message.snapshotPages(SnapshotPages(epoch: request.epoch, tenant: request.tenant, pages: chunk)), promise: nil)
+                }
+                try await channel.writeAndFlush(Message.snapshotEnd(SnapshotEnd(epoch: request.epoch, tenant: request.tenant, lsn: lsn, checksum: copy.checksum)))
+                loop.execute { self.interpret(self.core.onSnapshotSent(id, request: request, lsn: lsn, now: monotonicNowMs())) }
+            } catch {
+                logger.error("snapshot failed", metadata: ["tenant": "\(request.tenant)", "error": "\(error)"])
+                loop.execute { self.interpret(self.core.onSnapshotFailed(id, request: request, now: monotonicNowMs())) }
+            }
+        }
+    }
+
+    private func closeForReadFailure(_ id: ConnectionID) {
+        if let channel = channels.removeValue(forKey: id) { channel.close(promise: nil) }
+        interpret(core.onDisconnected(id, now: monotonicNowMs()))
+    }
+
+    // MARK: - Status
+
+    func status() async -> [TenantStatus] {
+        let tenants = allTenants
+        return (try? await loop.submit {
+            tenants.map { t in
+                let s = self.core.status(of: t.id)
+                let last = t.withLog { $0.last }
+                return TenantStatus(tenant: t.id.rawValue, epoch: last.epoch.rawValue, lsn: last.lsn, checksum: last.checksum,
+                                    appliedLSN: s?.committedLSN ?? last.lsn, standbyAckedLSN: s?.standbyAckedLSN)
+            }
+        }.get()) ?? []
+    }
+
+    /// Strong reads need the standby's lease (sync mode); a primary configured alone holds the
+    /// only copy and needs none.
+    var holdsLease: Bool {
+        get async {
+            (try? await loop.submit {
+                guard self.core.mode.waitsForStandby else { return true }
+                return (self.core.leaseGrantedUntil ?? .min) > monotonicNowMs()
+            }.get()) ?? false
+        }
+    }
+
+    var standbyConnected: Bool {
+        get async { (try? await loop.submit { self.core.standbyConnection != nil }.get()) ?? false }
+    }
+}
+
+/// A commit refused by replication; `message` is what its clients are told.
+struct CommitRejected: Error, CustomStringConvertible {
+    let failure: CommitFailure?
+    let message: String
+    var description: String { message }
+}
+
+/// One writer thread waiting for the core's verdict on its commit.
+final class CommitWaiter: @unchecked Sendable {
+    enum Outcome { case durable, failed(CommitFailure) }
+    private let condition = NSCondition()
+    private var outcome: Outcome?
+
+    func resolve(_ o: Outcome) {
+        condition.lock()
+        outcome = o
+        condition.signal()
+        condition.unlock()
+    }
+
+    func wait(timeoutMs: Int) -> Outcome? {
+        let deadline = Date().addingTimeInterval(Double(timeoutMs) / 1000)
+        condition.lock()
+        defer { condition.unlock() }
+        while outcome == nil {
+            if !condition.wait(until: deadline) { break }
+        }
+        return outcome
+    }
+}
+
+/// One tenant's position, as `/status` and `apiary ctl verify` show it.
+public struct TenantStatus: Codable, Sendable, Equatable {
+    public var tenant: String
+    public var epoch: UInt64
+    public var lsn: UInt64
+    public var checksum: UInt64
+    public var appliedLSN: UInt64
+    public var standbyAckedLSN: UInt64?
+}

@@ -1,0 +1,128 @@
+import ApiaryCore
+import ApiaryReplication
+import ApiaryTLS
+import Foundation
+import NIOCore
+import NIOPosix
+import NIOSSL
+import NIOTLS
+
+/// Monotonic milliseconds for the cores (never the wall clock: it jumps).
+func monotonicNowMs() -> Milliseconds {
+    Milliseconds(DispatchTime.now().uptimeNanoseconds / 1_000_000)
+}
+
+/// Events a replication connection reports to its driver, all on the driver's event loop.
+protocol ConnectionEvents: AnyObject, Sendable {
+    /// TLS is up and the peer's identity was read from its certificate.
+    func connected(_ id: ConnectionID, channel: any Channel, peer: ApiaryReplication.PeerIdentity)
+    func received(_ id: ConnectionID, _ message: Result<Message, DecodeError>)
+    func disconnected(_ id: ConnectionID)
+}
+
+/// Gives every connection a fresh id for the process's lifetime (the cores require it).
+final class ConnectionIDs: @unchecked Sendable {
+    private let lock = NSLock()
+    private var next: UInt64 = 1
+    func make() -> ConnectionID {
+        lock.lock()
+        defer { lock.unlock() }
+        defer { next += 1 }
+        return ConnectionID(next)
+    }
+}
+
+/// Waits for the TLS handshake, reads the peer's identity from its certificate, and only
+/// then reports the connection. A peer without a valid apiary identity is dropped.
+final class PeerIdentityHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = Any
+    let id: ConnectionID
+    let events: any ConnectionEvents
+    let driverLoop: any EventLoop
+
+    init(id: ConnectionID, events: any ConnectionEvents, driverLoop: any EventLoop) {
+        self.id = id
+        self.events = events
+        self.driverLoop = driverLoop
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event {
+            let channel = context.channel
+            let certificate = try? channel.pipeline.syncOperations.handler(type: NIOSSLHandler.self).peerCertificate
+            guard let certificate, let identity = ClusterCredentials.identity(of: certificate) else {
+                context.close(promise: nil)
+                return
+            }
+            let role: PeerRole = identity.role == .node ? .node : .other(identity.role.rawValue)
+            let peer = ApiaryReplication.PeerIdentity(nodeID: identity.name, role: role)
+            let id = self.id, events = self.events
+            driverLoop.execute { events.connected(id, channel: channel, peer: peer) }
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+}
+
+enum ClusterTransport {
+    /// The pipeline every replication connection has, client or server side.
+    static func configure(
+        _ channel: any Channel, tls: NIOSSLHandler, id: ConnectionID, events: any ConnectionEvents, driverLoop: any EventLoop
+    ) throws {
+        let ops = channel.pipeline.syncOperations
+        try ops.addHandler(tls)
+        try ops.addHandler(PeerIdentityHandler(id: id, events: events, driverLoop: driverLoop))
+        try ops.addHandler(ByteToMessageHandler(MessageDecoder(), maximumBufferSize: WireCodec.frameBodyBytesMax + 64))
+        try ops.addHandler(MessageEncoder())
+        try ops.addHandler(ConnectionHandler(
+            onMessage: { message in driverLoop.execute { events.received(id, message) } },
+            onClose: { driverLoop.execute { events.disconnected(id) } }
+        ))
+    }
+
+    /// Listens for replication connections (the primary side).
+    static func listen(
+        host: String, port: Int, group: any EventLoopGroup, credentials: ClusterCredentials,
+        ids: ConnectionIDs, events: any ConnectionEvents, driverLoop: any EventLoop
+    ) async throws -> any Channel {
+        let context = try NIOSSLContext(configuration: credentials.clusterServer())
+        return try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 64)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try configure(channel, tls: NIOSSLServerHandler(context: context), id: ids.make(), events: events, driverLoop: driverLoop)
+                }
+            }
+            .bind(host: host, port: port).get()
+    }
+
+    /// Connects to the primary (the standby side). Bounded by `timeoutMs`.
+    static func connect(
+        host: String, port: Int, group: any EventLoopGroup, credentials: ClusterCredentials,
+        id: ConnectionID, events: any ConnectionEvents, driverLoop: any EventLoop, timeoutMs: Int64
+    ) -> EventLoopFuture<any Channel> {
+        let context: NIOSSLContext
+        do { context = try NIOSSLContext(configuration: credentials.clusterClient()) } catch {
+            return driverLoop.makeFailedFuture(error)
+        }
+        return ClientBootstrap(group: group)
+            .connectTimeout(.milliseconds(timeoutMs))
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    // Hostname checks use the address we dial: it is in the node's SAN.
+                    let tls = try NIOSSLClientHandler(context: context, serverHostname: hostnameForSNI(host))
+                    try configure(channel, tls: tls, id: id, events: events, driverLoop: driverLoop)
+                }
+            }
+            .connect(host: host, port: port)
+    }
+
+    /// SNI must be a DNS name, not an IP; an IP address is checked against IP SANs instead.
+    static func hostnameForSNI(_ host: String) -> String? {
+        var v4 = in_addr(), v6 = in6_addr()
+        if inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1 { return nil }
+        return host
+    }
+}

@@ -1,0 +1,321 @@
+import ApiaryCore
+import ApiaryLog
+import ApiaryReplication
+import ApiaryStorage
+import ApiaryTLS
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+
+/// One tenant on the standby: its log and its database file, touched only on `ioQueue`
+/// (the core's storage actions of a tenant must run in order: one serial queue each).
+final class StandbyTenant: @unchecked Sendable {
+    let id: TenantID
+    let log: ReplicationLog
+    let databasePath: String
+    let appliedPath: String
+    var hashes: PageHashes
+    var applied: AppliedState
+    let ioQueue: DispatchQueue
+
+    init(id: TenantID, layout: DataLayout) throws {
+        self.id = id
+        try layout.createTenantDirectory(id)
+        log = try ReplicationLog(directory: layout.log(id))
+        databasePath = layout.database(id)
+        appliedPath = layout.applied(id)
+        applied = try AppliedState.read(from: appliedPath)
+        hashes = try DatabaseFile.pageHashes(of: databasePath)
+        ioQueue = DispatchQueue(label: "apiary.standby.\(id)")
+        try recover()
+    }
+
+    /// After a crash in the middle of applying, redo the interrupted range from the log (page
+    /// images are whole, so applying them again is idempotent), then check the database.
+    private func recover() throws {
+        if applied.applyingThroughLSN > applied.lsn {
+            try applyRecords(through: applied.applyingThroughLSN)
+        }
+        guard hashes.checksum == applied.checksum else {
+            throw NodeError("tenant \(id): database checksum \(hashes.checksum) differs from the applied state \(applied.checksum) at lsn \(applied.lsn); resync this standby")
+        }
+    }
+
+    /// Applies the log's records after the applied lsn, through `lsn`, to the database file.
+    /// - Returns: the database checksum afterwards.
+    @discardableResult
+    func applyRecords(through lsn: LSN) throws -> UInt64 {
+        guard lsn > applied.lsn else { return applied.checksum }
+        // Intent first: a crash part-way leaves a mix of pages that only a redo repairs.
+        var intent = applied
+        intent.applyingThroughLSN = lsn
+        try intent.write(to: appliedPath)
+        var next = applied.lsn + 1
+        var last = applied
+        while next <= lsn {
+            let records = try log.records(from: next, countMax: 256, bytesMax: 32 << 20)
+            guard !records.isEmpty else { throw NodeError("tenant \(id): log has no record \(next) to apply") }
+            for record in records where record.lsn <= lsn {
+                try DatabaseFile.writePages(record.pages, dbSizePages: record.dbSizePages, to: databasePath)
+                hashes.apply(pages: record.pages, dbSizePages: record.dbSizePages)
+                guard hashes.checksum == record.checksum else {
+                    throw NodeError("tenant \(id): after applying lsn \(record.lsn) the database checksum is \(hashes.checksum), the primary's was \(record.checksum): replicas diverged")
+                }
+                last = AppliedState(lsn: record.lsn, checksum: record.checksum, applyingThroughLSN: record.lsn)
+                next = record.lsn + 1
+            }
+        }
+        try last.write(to: appliedPath)
+        applied = last
+        return last.checksum
+    }
+}
+
+/// `lsn checksum applyingThroughLSN` of a standby tenant, durable.
+struct AppliedState: Equatable {
+    var lsn: LSN = 0
+    var checksum: UInt64 = 0
+    var applyingThroughLSN: LSN = 0
+
+    static func read(from path: String) throws -> AppliedState {
+        guard let data = FileManager.default.contents(atPath: path) else { return AppliedState() }
+        let parts = String(decoding: data, as: UTF8.self).split(whereSeparator: \.isWhitespace).compactMap { UInt64($0) }
+        guard parts.count == 3 else { throw NodeError("\(path) is damaged: expected 'lsn checksum applyingThrough'") }
+        return AppliedState(lsn: parts[0], checksum: parts[1], applyingThroughLSN: parts[2])
+    }
+
+    func write(to path: String) throws {
+        try DurableFile.replace(path, with: Array("\(lsn) \(checksum) \(applyingThroughLSN)\n".utf8))
+    }
+}
+
+/// The standby's replication: the pure core on one event loop; storage actions on each
+/// tenant's serial queue.
+final class StandbyNode: @unchecked Sendable, ConnectionEvents {
+    let name: String
+    let layout: DataLayout
+    let loop: any EventLoop
+    let group: any EventLoopGroup
+    let credentials: ClusterCredentials
+    let primaryHost: String
+    let primaryPort: Int
+    let logger: Logger
+    let stateFile: NodeStateFile
+    let ids: ConnectionIDs
+
+    // Event-loop-only state.
+    private var core: StandbyReplication
+    private var channels: [ConnectionID: any Channel] = [:]
+    private var tenants: [TenantID: StandbyTenant] = [:]
+    /// Set when storage failed in a way that breaks an invariant: the node stops replicating.
+    private(set) var fatal: NodeError?
+
+    init(name: String, epoch: Epoch, config: ReplicationConfig, layout: DataLayout, primaryHost: String, primaryPort: Int,
+         group: any EventLoopGroup, loop: any EventLoop, credentials: ClusterCredentials, ids: ConnectionIDs, logger: Logger) throws {
+        self.name = name
+        self.layout = layout
+        self.loop = loop
+        self.group = group
+        self.credentials = credentials
+        self.primaryHost = primaryHost
+        self.primaryPort = primaryPort
+        self.logger = logger
+        self.ids = ids
+        stateFile = NodeStateFile(path: layout.nodeState)
+        var logs: [TenantID: StandbyTenantLog] = [:]
+        for id in try layout.existingTenants() {
+            let tenant = try StandbyTenant(id: id, layout: layout)
+            tenants[id] = tenant
+            var tail: [RecordSummary] = []
+            if tenant.log.last.lsn > tenant.applied.lsn {
+                for r in try tenant.log.records(from: tenant.applied.lsn + 1, countMax: Int(tenant.log.last.lsn - tenant.applied.lsn), bytesMax: .max) {
+                    tail.append(RecordSummary(r))
+                }
+            }
+            logs[id] = StandbyTenantLog(appliedLSN: tenant.applied.lsn, appliedChecksum: tenant.applied.checksum, tail: tail)
+        }
+        core = StandbyReplication(nodeID: name, epoch: epoch, config: config, tenants: logs)
+    }
+
+    // MARK: - Events (event loop)
+
+    func tick() {
+        guard fatal == nil else { return }
+        interpret(core.onTick(now: monotonicNowMs()))
+    }
+
+    func connected(_ id: ConnectionID, channel: any Channel, peer: ApiaryReplication.PeerIdentity) {
+        guard fatal == nil else { channel.close(promise: nil); return }
+        channels[id] = channel
+        logger.info("connected to primary", metadata: ["primary": "\(peer.nodeID)", "connection": "\(id)"])
+        interpret(core.onConnected(id, peer: peer, now: monotonicNowMs()))
+    }
+
+    func received(_ id: ConnectionID, _ message: Result<Message, DecodeError>) {
+        guard channels[id] != nil, fatal == nil else { return }
+        switch message {
+        case .success(let m): interpret(core.onMessage(m, from: id, now: monotonicNowMs()))
+        case .failure(let e): interpret(core.onDecodeError(id, e, now: monotonicNowMs()))
+        }
+    }
+
+    func disconnected(_ id: ConnectionID) {
+        guard channels.removeValue(forKey: id) != nil else { return }
+        interpret(core.onDisconnected(id, now: monotonicNowMs()))
+    }
+
+    // MARK: - Actions (event loop)
+
+    private func interpret(_ actions: [StandbyAction]) {
+        loop.preconditionInEventLoop()
+        for action in actions {
+            switch action {
+            case .connect:
+                connect()
+            case .send(let id, let message):
+                guard let channel = channels[id] else {
+                    interpret(core.onDisconnected(id, now: monotonicNowMs()))
+                    continue
+                }
+                channel.writeAndFlush(message, promise: nil)
+            case .closeConnection(let id, let reason):
+                if let channel = channels.removeValue(forKey: id) {
+                    logger.info("closing replication connection", metadata: ["connection": "\(id)", "reason": "\(reason)"])
+                    channel.close(promise: nil)
+                }
+            case .persist(let tenantID, let record):
+                storage(tenantID) { tenant in
+                    try tenant.log.append(record)
+                    try tenant.log.sync()
+                } then: { self.interpret(self.core.onPersisted(tenantID, throughLSN: record.lsn, now: monotonicNowMs())) }
+            case .truncateLog(let tenantID, let afterLSN):
+                storage(tenantID) { tenant in try tenant.log.truncate(after: afterLSN) } then: {}
+            case .apply(let tenantID, let throughLSN, let checksum):
+                storage(tenantID) { tenant in
+                    let after = try tenant.applyRecords(through: throughLSN)
+                    guard after == checksum else {
+                        throw NodeError("tenant \(tenantID): checksum \(after) after applying lsn \(throughLSN), primary says \(checksum): replicas diverged")
+                    }
+                } then: {}
+            case .beginSnapshot(let tenantID, _, _):
+                storage(tenantID) { tenant in
+                    let scratch = self.layout.snapshotScratch(tenantID)
+                    try? FileManager.default.removeItem(atPath: scratch)
+                    guard FileManager.default.createFile(atPath: scratch, contents: nil) else { throw NodeError("cannot create \(scratch)") }
+                } then: {}
+            case .writeSnapshotPages(let tenantID, let pages):
+                storage(tenantID) { _ in try DatabaseFile.writePagesKeepingSize(pages, to: self.layout.snapshotScratch(tenantID)) } then: {}
+            case .installSnapshot(let tenantID, let lsn, let dbSizePages, let checksum):
+                installSnapshot(tenantID, lsn: lsn, dbSizePages: dbSizePages, checksum: checksum)
+            case .abandonSnapshot(let tenantID):
+                storage(tenantID) { _ in try? FileManager.default.removeItem(atPath: self.layout.snapshotScratch(tenantID)) } then: {}
+            case .epochStale(let newer):
+                // Until the monitor exists (next issue), a newer epoch announced by the primary
+                // we were configured to follow is taken as confirmed, durably first.
+                do {
+                    try stateFile.write(epoch: newer)
+                    interpret(core.onEpochChanged(newer, now: monotonicNowMs()))
+                } catch {
+                    stop(NodeError("cannot record epoch \(newer): \(error)"))
+                }
+            }
+        }
+    }
+
+    private func connect() {
+        let id = ids.make()
+        ClusterTransport.connect(host: primaryHost, port: primaryPort, group: group, credentials: credentials, id: id,
+                                 events: self, driverLoop: loop, timeoutMs: core.config.peerTimeoutMs)
+            .whenComplete { result in
+                self.loop.execute {
+                    if case .failure = result { self.interpret(self.core.onConnectFailed(now: monotonicNowMs())) }
+                }
+            }
+    }
+
+    private func installSnapshot(_ tenantID: TenantID, lsn: LSN, dbSizePages: UInt32, checksum: UInt64) {
+        guard let tenant = tenantOrCreate(tenantID) else { return }
+        let epoch = core.epoch
+        tenant.ioQueue.async {
+            let scratch = self.layout.snapshotScratch(tenantID)
+            do {
+                try DatabaseFile.writePages([], dbSizePages: dbSizePages, to: scratch) // cut to size, fsync
+                let hashes = try DatabaseFile.pageHashes(of: scratch)
+                guard hashes.checksum == checksum else {
+                    try? FileManager.default.removeItem(atPath: scratch)
+                    self.loop.execute { self.interpret(self.core.onSnapshotFailed(tenantID, now: monotonicNowMs())) }
+                    return
+                }
+                let state = AppliedState(lsn: lsn, checksum: checksum, applyingThroughLSN: lsn)
+                try DurableFile.rename(scratch, to: tenant.databasePath)
+                try tenant.log.reset(base: epoch, lsn: lsn, checksum: checksum)
+                try state.write(to: tenant.appliedPath)
+                tenant.hashes = hashes
+                tenant.applied = state
+                self.loop.execute { self.interpret(self.core.onSnapshotInstalled(tenantID, lsn: lsn, now: monotonicNowMs())) }
+            } catch {
+                self.loop.execute { self.stop(NodeError("tenant \(tenantID): installing a snapshot failed: \(error)")) }
+            }
+        }
+    }
+
+    /// Runs a storage action on the tenant's queue, then `then` on the event loop. A storage
+    /// failure stops replication: acking or applying past it could break invariants 1 or 6.
+    private func storage(_ tenantID: TenantID, _ work: @escaping (StandbyTenant) throws -> Void, then: @escaping () -> Void) {
+        guard let tenant = tenantOrCreate(tenantID) else { return }
+        tenant.ioQueue.async {
+            do {
+                try work(tenant)
+                self.loop.execute { if self.fatal == nil { then() } }
+            } catch {
+                self.loop.execute { self.stop(NodeError("tenant \(tenantID): \(error)")) }
+            }
+        }
+    }
+
+    private func tenantOrCreate(_ id: TenantID) -> StandbyTenant? {
+        if let t = tenants[id] { return t }
+        do {
+            let t = try StandbyTenant(id: id, layout: layout)
+            tenants[id] = t
+            return t
+        } catch {
+            stop(NodeError("tenant \(id): cannot create its storage: \(error)"))
+            return nil
+        }
+    }
+
+    private func stop(_ error: NodeError) {
+        guard fatal == nil else { return }
+        fatal = error
+        logger.critical("standby stopped replicating", metadata: ["error": "\(error)"])
+        for (_, channel) in channels { channel.close(promise: nil) }
+        channels.removeAll()
+    }
+
+    // MARK: - Status
+
+    func status() async -> [TenantStatus] {
+        (try? await loop.submit {
+            self.tenants.values.map { t in
+                let s = self.core.status(of: t.id)
+                return TenantStatus(tenant: t.id.rawValue, epoch: self.core.epoch.rawValue, lsn: s?.persistedLSN ?? 0,
+                                    checksum: s?.appliedChecksum ?? 0, appliedLSN: s?.appliedLSN ?? 0, standbyAckedLSN: nil)
+            }
+        }.get()) ?? []
+    }
+
+    var fatalError: NodeError? { get async { try? await loop.submit { self.fatal }.get() ?? nil } }
+}
+
+extension DurableFile {
+    static func rename(_ from: String, to: String) throws {
+        guard Glibc.rename(from, to) == 0 else { throw NodeError("cannot rename \(from) to \(to): \(String(cString: strerror(errno)))") }
+        let dir = open((to as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dir >= 0 {
+            fsync(dir)
+            close(dir)
+        }
+    }
+}

@@ -1,0 +1,71 @@
+import ApiaryCore
+import Foundation
+
+/// Where a node keeps things: `<data>/tenants/<tenant>/{db.sqlite,log/,applied}` and
+/// `<data>/node-state` (the node's durable epoch).
+struct DataLayout {
+    let root: String
+
+    var tenantsDirectory: String { root + "/tenants" }
+    func tenantDirectory(_ t: TenantID) -> String { tenantsDirectory + "/" + t.rawValue }
+    func database(_ t: TenantID) -> String { tenantDirectory(t) + "/db.sqlite" }
+    func log(_ t: TenantID) -> String { tenantDirectory(t) + "/log" }
+    func applied(_ t: TenantID) -> String { tenantDirectory(t) + "/applied" }
+    func snapshotScratch(_ t: TenantID) -> String { tenantDirectory(t) + "/snapshot.tmp" }
+    var nodeState: String { root + "/node-state" }
+
+    /// Tenants that exist on disk (directories with a valid tenant name).
+    func existingTenants() throws -> [TenantID] {
+        guard FileManager.default.fileExists(atPath: tenantsDirectory) else { return [] }
+        return try FileManager.default.contentsOfDirectory(atPath: tenantsDirectory)
+            .compactMap { try? TenantID($0) }.sorted()
+    }
+
+    func createTenantDirectory(_ t: TenantID) throws {
+        try FileManager.default.createDirectory(atPath: log(t), withIntermediateDirectories: true)
+    }
+}
+
+/// The node's epoch, kept durably (write to a temp file, fsync, rename, fsync the directory):
+/// a node must never go back to an older epoch after a restart (invariant 3).
+struct NodeStateFile {
+    let path: String
+
+    func readEpoch() throws -> Epoch? {
+        guard let data = FileManager.default.contents(atPath: path) else { return nil }
+        let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard text.hasPrefix("epoch="), let value = UInt64(text.dropFirst(6)) else {
+            throw NodeError("\(path) is damaged: expected 'epoch=N'")
+        }
+        return Epoch(value)
+    }
+
+    func write(epoch: Epoch) throws {
+        try DurableFile.replace(path, with: Array("epoch=\(epoch.rawValue)\n".utf8))
+    }
+}
+
+enum DurableFile {
+    /// Atomically and durably replaces `path` with `bytes`.
+    static func replace(_ path: String, with bytes: [UInt8]) throws {
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw NodeError("cannot write \(tmp): \(String(cString: strerror(errno)))") }
+        let written = write(fd, bytes, bytes.count)
+        let synced = fsync(fd)
+        close(fd)
+        guard written == bytes.count, synced == 0 else { throw NodeError("cannot write \(tmp): \(String(cString: strerror(errno)))") }
+        guard Glibc.rename(tmp, path) == 0 else { throw NodeError("cannot rename \(tmp): \(String(cString: strerror(errno)))") }
+        let dir = open((path as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dir >= 0 {
+            fsync(dir)
+            close(dir)
+        }
+    }
+}
+
+/// A node-level operational error (bad configuration, damaged state): stops the node with a clear message.
+public struct NodeError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}

@@ -1,0 +1,11 @@
+import ArgumentParser
+
+/// One binary for every role; each subcommand is a thin layer over a library target.
+@main
+struct Apiary: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "apiary",
+        abstract: "A multi-zone replicated SQL database.",
+        subcommands: [Certs.self, Node.self, Up.self, Ctl.self, Bench.self]
+    )
+}

@@ -1,0 +1,59 @@
+import ApiaryNode
+import ArgumentParser
+import Foundation
+
+struct Up: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start a local demo cluster (a primary and a standby on loopback) and print how to connect."
+    )
+
+    @Option(help: "Directory for certificates, data and logs (kept between runs).") var dir = "apiary-demo"
+    @Option(help: "The primary's API port; the standby's is 10 higher, replication 1 higher each.") var basePort = 4001
+
+    func run() async throws {
+        let directory = URL(fileURLWithPath: dir).standardizedFileURL.path
+        let cluster = LocalCluster(directory: directory, executable: "/proc/self/exe".resolvedLink, basePort: basePort)
+        try cluster.startBoth()
+        let ca = cluster.certificates + "/ca.pem"
+        let p = cluster.primary.apiPort, s = cluster.standby.apiPort
+        print("""
+
+        Apiary demo cluster is up (data, certificates and logs in \(directory)):
+          primary node-a  https://127.0.0.1:\(p)   (zone A)
+          standby node-b  https://127.0.0.1:\(s)  (zone B, synchronous replica)
+
+        Write and read (tenant "demo"):
+          curl --cacert \(ca) -H 'X-Apiary-Tenant: demo' -H 'Content-Type: application/json' \\
+               https://localhost:\(p)/db/execute -d '["CREATE TABLE IF NOT EXISTS hello (id INTEGER PRIMARY KEY, msg TEXT)", ["INSERT INTO hello(msg) VALUES(?)", "hi from zone A"]]'
+          curl --cacert \(ca) -H 'X-Apiary-Tenant: demo' -G https://localhost:\(p)/db/query --data-urlencode 'q=SELECT * FROM hello'
+
+        Prove both replicas are identical:
+          \(CommandLine.arguments[0]) ctl verify --certs \(cluster.certificates) --primary 127.0.0.1:\(p) --standby 127.0.0.1:\(s)
+
+        Press Ctrl-C to stop the cluster.
+        """)
+        fflush(stdout)
+        let stop = DispatchSemaphore(value: 0)
+        signal(SIGINT, SIG_IGN)
+        signal(SIGTERM, SIG_IGN)
+        let sources = [SIGINT, SIGTERM].map { sig -> any DispatchSourceSignal in
+            let source = DispatchSource.makeSignalSource(signal: sig)
+            source.setEventHandler { stop.signal() }
+            source.resume()
+            return source
+        }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            DispatchQueue.global().async {
+                stop.wait()
+                c.resume()
+            }
+        }
+        _ = sources
+        print("stopping the cluster…")
+        cluster.stopAll()
+    }
+}
+
+extension String {
+    var resolvedLink: String { (try? FileManager.default.destinationOfSymbolicLink(atPath: self)) ?? CommandLine.arguments[0] }
+}

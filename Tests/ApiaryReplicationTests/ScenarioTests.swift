@@ -1,0 +1,419 @@
+import ApiaryCore
+import ApiaryReplication
+import Foundation
+import XCTest
+
+// Short scenarios for the known edges, driving one core at a time by hand (the simulator
+// covers them in combination). Records carry made-up checksums: the cores compare them but
+// never compute them.
+
+private let tenant = try! TenantID("acme")
+private let standbyPeer = PeerIdentity(nodeID: "node-b", role: .node)
+private let primaryPeer = PeerIdentity(nodeID: "node-a", role: .node)
+private let conn1 = ConnectionID(1)
+private let conn2 = ConnectionID(2)
+
+private func record(_ lsn: LSN, epoch: Epoch = Epoch(1), variant: UInt64 = 0) -> Record {
+    Record(epoch: epoch, lsn: lsn, dbSizePages: 1, checksum: lsn &* 1_000 &+ variant, pages: [Page(number: 1, bytes: [UInt8(truncatingIfNeeded: lsn)])])
+}
+
+private func summary(_ lsn: LSN, epoch: Epoch = Epoch(1), variant: UInt64 = 0) -> RecordSummary {
+    RecordSummary(record(lsn, epoch: epoch, variant: variant))
+}
+
+private func testConfig() -> ReplicationConfig {
+    var c = ReplicationConfig()
+    c.standbyWaitMs = 500
+    c.peerTimeoutMs = 1_000
+    c.heartbeatIntervalMs = 100
+    c.leaseMs = 1_000
+    return c
+}
+
+/// `actions` without the periodic heartbeats.
+private func withoutHeartbeats(_ actions: [PrimaryAction]) -> [PrimaryAction] {
+    actions.filter { if case .send(_, .primaryHeartbeat) = $0 { return false } else { return true } }
+}
+
+/// The messages sent, in order, among `actions`.
+private func sent(_ actions: [PrimaryAction]) -> [Message] {
+    actions.compactMap { if case .send(_, let m) = $0 { return m } else { return nil } }
+}
+
+private func sent(_ actions: [StandbyAction]) -> [Message] {
+    actions.compactMap { if case .send(_, let m) = $0 { return m } else { return nil } }
+}
+
+private func hello(epoch: Epoch = Epoch(1), _ positions: [TenantPosition]) -> Message {
+    .hello(Hello(nodeID: "node-b", epoch: epoch, tenants: positions))
+}
+
+/// A primary of epoch 1 whose log holds `lastLSN` records of `tenant`, with the standby
+/// connected on `conn1` and its hello processed; returns the hello's actions.
+private func primary(
+    lastLSN: LSN = 0, firstLSN: LSN = 1, mode: ReplicationMode = .sync,
+    standby position: TenantPosition? = nil
+) -> (PrimaryReplication, [PrimaryAction]) {
+    let logs: [TenantID: PrimaryTenantLog] = lastLSN == 0 ? [:] : [
+        tenant: PrimaryTenantLog(last: summary(lastLSN), firstLSN: firstLSN, baseChecksum: (firstLSN - 1) * 1_000),
+    ]
+    var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: mode, config: testConfig(), standbyNodeID: "node-b", tenants: logs)
+    XCTAssertEqual(p.onConnected(conn1, peer: standbyPeer, now: 0), [])
+    let actions = p.onMessage(hello(position.map { [$0] } ?? []), from: conn1, now: 0)
+    return (p, actions)
+}
+
+final class PrimaryScenarioTests: XCTestCase {
+    func testSyncCommitCompletesOnlyAfterTheStandbysAck() {
+        var (p, actions) = primary()
+        XCTAssertEqual(actions, [.send(conn1, .welcome(Welcome(epoch: Epoch(1), nodeID: "node-a")))])
+        let r = record(1)
+        XCTAssertEqual(p.onLocalRecord(tenant, r, now: 10),
+                       [.send(conn1, .record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 0, record: r)))])
+        XCTAssertEqual(p.status(of: tenant)?.committedLSN, 0)
+        XCTAssertEqual(p.onMessage(.ack(Ack(epoch: Epoch(1), tenant: tenant, lsn: 1, leaseMs: 1_000)), from: conn1, now: 30),
+                       [.commitDurable(tenant, 1)])
+        // The lease counts from when the record was sent, not from when the ack arrived.
+        XCTAssertEqual(p.leaseGrantedUntil, 1_010)
+    }
+
+    func testLocalModesCommitAtOnceAndStillStream() {
+        var (p, _) = primary(mode: .waitPrimary)
+        let r = record(1)
+        XCTAssertEqual(p.onLocalRecord(tenant, r, now: 10), [
+            .commitDurable(tenant, 1),
+            .send(conn1, .record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 1, record: r))),
+        ])
+    }
+
+    func testStandbyBehindCatchesUpFromTheLog() {
+        // The standby applied lsn 2 of a log that now ends at 5.
+        var (p, actions) = primary(lastLSN: 5, standby: TenantPosition(tenant: tenant, appliedLSN: 2, appliedChecksum: summary(2).checksum, lastLSN: 2, tail: []))
+        guard case .readLogSummaries(conn1, let request)? = actions.last else { return XCTFail("\(actions)") }
+        XCTAssertEqual([request.fromLSN, request.throughLSN], [2, 2], "only the applied point needs checking")
+        actions = p.onLogSummaries(conn1, request: request, summaries: [summary(2)], now: 1)
+        guard case .readLog(conn1, let read)? = actions.last else { return XCTFail("\(actions)") }
+        XCTAssertEqual([read.fromLSN, read.throughLSN], [3, 5])
+        actions = p.onLogRead(conn1, request: read, records: [record(3), record(4), record(5)], now: 2)
+        XCTAssertEqual(sent(actions).map(\.kind), ["record", "record", "record"])
+        XCTAssertEqual(p.status(of: tenant)?.inFlightRecords, 3)
+    }
+
+    func testDivergedUnappliedTailIsRewound() {
+        // The standby's lsn 5 is a record the primary rolled back (another checksum).
+        let position = TenantPosition(tenant: tenant, appliedLSN: 3, appliedChecksum: summary(3).checksum, lastLSN: 5,
+                                      tail: [summary(4), summary(5, variant: 7)])
+        var (p, actions) = primary(lastLSN: 6, standby: position)
+        guard case .readLogSummaries(conn1, let request)? = actions.last else { return XCTFail("\(actions)") }
+        actions = p.onLogSummaries(conn1, request: request, summaries: (request.fromLSN...request.throughLSN).map { summary($0) }, now: 1)
+        XCTAssertEqual(sent(actions), [.rewind(Rewind(epoch: Epoch(1), tenant: tenant, toLSN: 4))])
+        guard case .readLog(_, let read)? = actions.last else { return XCTFail("\(actions)") }
+        XCTAssertEqual([read.fromLSN, read.throughLSN], [5, 6])
+
+        // The standby side of the same rewind.
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), tenants: [
+            tenant: StandbyTenantLog(appliedLSN: 3, appliedChecksum: summary(3).checksum, tail: [summary(4), summary(5, variant: 7)]),
+        ])
+        let welcomed = welcomedStandby(&s)
+        XCTAssertEqual(welcomed, hello([position]))
+        XCTAssertEqual(s.onMessage(.rewind(Rewind(epoch: Epoch(1), tenant: tenant, toLSN: 4)), from: conn1, now: 2),
+                       [.truncateLog(tenant, afterLSN: 4)])
+        XCTAssertEqual(s.status(of: tenant)?.lastLSN, 4)
+    }
+
+    func testLogNoLongerReachingBackSendsASnapshotThenStreams() {
+        var (p, actions) = primary(lastLSN: 12, firstLSN: 10, standby: TenantPosition(tenant: tenant, appliedLSN: 3, appliedChecksum: summary(3).checksum, lastLSN: 3, tail: []))
+        guard case .sendSnapshot(conn1, let request)? = actions.last else { return XCTFail("\(actions)") }
+        XCTAssertEqual(request.epoch, Epoch(1))
+        XCTAssertEqual(p.onSnapshotSent(conn1, request: request, lsn: 12, now: 5), [])
+        XCTAssertEqual(p.onLocalRecord(tenant, record(13), now: 6), [], "records wait for the snapshot's ack")
+        actions = p.onMessage(.ack(Ack(epoch: Epoch(1), tenant: tenant, lsn: 12, leaseMs: 1_000)), from: conn1, now: 20)
+        guard case .readLog(_, let read)? = actions.last else { return XCTFail("\(actions)") }
+        XCTAssertEqual([read.fromLSN, read.throughLSN], [13, 13])
+        XCTAssertEqual(p.leaseGrantedUntil, 1_000, "the snapshot's lease counts from when it was asked for")
+
+        // The standby side: scratch file, install, ack.
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        _ = welcomedStandby(&s)
+        let page = Page(number: 1, bytes: [1])
+        XCTAssertEqual(s.onMessage(.snapshotBegin(SnapshotBegin(epoch: Epoch(1), tenant: tenant, lsn: 12, dbSizePages: 1)), from: conn1, now: 1),
+                       [.beginSnapshot(tenant, lsn: 12, dbSizePages: 1)])
+        XCTAssertEqual(s.onMessage(.snapshotPages(SnapshotPages(epoch: Epoch(1), tenant: tenant, pages: [page])), from: conn1, now: 1),
+                       [.writeSnapshotPages(tenant, [page])])
+        XCTAssertEqual(s.onMessage(.snapshotEnd(SnapshotEnd(epoch: Epoch(1), tenant: tenant, lsn: 12, checksum: 99)), from: conn1, now: 1),
+                       [.installSnapshot(tenant, lsn: 12, dbSizePages: 1, checksum: 99)])
+        XCTAssertEqual(sent(s.onSnapshotInstalled(tenant, lsn: 12, now: 3)), [.ack(Ack(epoch: Epoch(1), tenant: tenant, lsn: 12, leaseMs: 1_000))])
+        XCTAssertEqual(s.status(of: tenant)?.appliedLSN, 12)
+    }
+
+    func testNoStandbyInSyncModeFailsAfterStandbyWaitAsUnavailable() {
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig())
+        XCTAssertEqual(p.onLocalRecord(tenant, record(1), now: 0), [])
+        XCTAssertEqual(p.onTick(now: 499), [], "a commit never fails before standbyWaitMs")
+        XCTAssertEqual(p.onTick(now: 500), [.commitFailed(tenant, 1, .standbyUnavailable)])
+        XCTAssertEqual(p.status(of: tenant)?.lastLSN, 0, "the lsn is free for the next commit")
+        XCTAssertEqual(p.onLocalRecord(tenant, record(1, variant: 1), now: 600), [])
+    }
+
+    func testSentButUnackedFailsAsOutcomeUnknownAndIsRewoundOnceItsAcksAreIn() {
+        var (p, _) = primary()
+        _ = p.onLocalRecord(tenant, record(1), now: 0)
+        XCTAssertEqual(withoutHeartbeats(p.onTick(now: 500)), [.commitFailed(tenant, 1, .outcomeUnknown)])
+        // The next commit reuses lsn 1 but is not sent while the old record's ack may be under way.
+        XCTAssertEqual(p.onLocalRecord(tenant, record(1, variant: 1), now: 510), [])
+        let actions = p.onMessage(.ack(Ack(epoch: Epoch(1), tenant: tenant, lsn: 1, leaseMs: 1_000)), from: conn1, now: 520)
+        XCTAssertFalse(actions.contains(.commitDurable(tenant, 1)), "an ack of the rolled-back record commits nothing")
+        XCTAssertEqual(sent(actions), [.rewind(Rewind(epoch: Epoch(1), tenant: tenant, toLSN: 0))])
+        guard case .readLog(_, let read)? = actions.last else { return XCTFail("\(actions)") }
+        XCTAssertEqual([read.fromLSN, read.throughLSN], [1, 1])
+    }
+
+    func testAReconnectingStandbysHelloCompletesWhatItHolds() {
+        var (p, _) = primary()
+        _ = p.onLocalRecord(tenant, record(1), now: 0)
+        XCTAssertEqual(p.onDisconnected(conn1, now: 10), [])
+        XCTAssertEqual(p.onConnected(conn2, peer: standbyPeer, now: 20), [])
+        let actions = p.onMessage(hello([TenantPosition(tenant: tenant, appliedLSN: 0, appliedChecksum: 0, lastLSN: 1, tail: [summary(1)])]), from: conn2, now: 30)
+        XCTAssertTrue(actions.contains(.commitDurable(tenant, 1)), "\(actions)")
+    }
+
+    func testAStandbyThatProvablyLacksARecordMakesItsTimeoutUnavailableNotUnknown() {
+        var (p, _) = primary()
+        _ = p.onLocalRecord(tenant, record(1), now: 0)
+        _ = p.onDisconnected(conn1, now: 10)
+        _ = p.onConnected(conn2, peer: standbyPeer, now: 20)
+        // The standby's lsn 1 is another record: ours never arrived.
+        _ = p.onMessage(hello([TenantPosition(tenant: tenant, appliedLSN: 0, appliedChecksum: 0, lastLSN: 1, tail: [summary(1, variant: 5)])]), from: conn2, now: 30)
+        _ = p.onDisconnected(conn2, now: 40)
+        XCTAssertEqual(p.onTick(now: 500), [.commitFailed(tenant, 1, .standbyUnavailable)])
+    }
+
+    func testOlderEpochMessageIsRejected() {
+        var (p, _) = primary()
+        _ = p.onLocalRecord(tenant, record(1), now: 0)
+        let actions = p.onMessage(.ack(Ack(epoch: Epoch(0), tenant: tenant, lsn: 1, leaseMs: 1_000)), from: conn1, now: 5)
+        guard case .send(conn1, .reject(let r))? = actions.first else { return XCTFail("\(actions)") }
+        XCTAssertEqual(r.code, .staleEpoch)
+        XCTAssertEqual(actions.last, .closeConnection(conn1, .rejectedPeer(.staleEpoch)))
+        XCTAssertNil(p.leaseGrantedUntil)
+        XCTAssertEqual(p.status(of: tenant)?.committedLSN, 0)
+
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(5), config: testConfig())
+        _ = welcomedStandby(&s, epoch: Epoch(5))
+        let standbyActions = s.onMessage(.record(RecordMessage(epoch: Epoch(4), tenant: tenant, committedLSN: 1, record: record(1))), from: conn1, now: 1)
+        XCTAssertEqual(standbyActions.count, 2)
+        guard case .send(conn1, .reject(let sr))? = standbyActions.first else { return XCTFail("\(standbyActions)") }
+        XCTAssertEqual(sr.code, .staleEpoch)
+        XCTAssertEqual(standbyActions.last, .closeConnection(conn1, .rejectedPeer(.staleEpoch)))
+        XCTAssertNil(s.status(of: tenant), "nothing of the stale message was kept")
+    }
+
+    func testNewerEpochMakesThePrimaryStepDown() {
+        var (p, _) = primary()
+        _ = p.onLocalRecord(tenant, record(1), now: 0)
+        _ = p.onLocalRecord(tenant, record(2), now: 0)
+        _ = p.onConnected(conn2, peer: standbyPeer, now: 1)
+        XCTAssertEqual(p.onMessage(hello(epoch: Epoch(2), []), from: conn2, now: 2), [
+            .stepDown(newerEpoch: Epoch(2)),
+            .commitFailed(tenant, 1, .outcomeUnknown),
+            .commitFailed(tenant, 2, .outcomeUnknown),
+            .closeConnection(conn2, .newerEpoch(Epoch(2))),
+            .closeConnection(conn1, .newerEpoch(Epoch(2))),
+        ])
+        XCTAssertEqual(p.steppedDownTo, Epoch(2))
+        XCTAssertEqual(p.onLocalRecord(tenant, record(1), now: 3), [.commitFailed(tenant, 1, .steppedDown)])
+
+        // A standby that hears of a newer epoch reports it and drops the connection.
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        _ = welcomedStandby(&s)
+        let actions = s.onMessage(.primaryHeartbeat(PrimaryHeartbeat(epoch: Epoch(3), sentAtMs: 0, committed: [])), from: conn1, now: 5)
+        XCTAssertEqual(actions, [.epochStale(newerEpoch: Epoch(3)), .closeConnection(conn1, .newerEpoch(Epoch(3)))])
+    }
+
+    func testUnknownProtocolVersionIsRejectedClearly() throws {
+        var w = ByteWriter()
+        w.write(UInt8(1))
+        w.write(UInt32(0x4150_5250))
+        w.write(UInt16(2))
+        w.write([1, 2, 3])
+        let message = try WireCodec.decode(body: w.bytes)
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig())
+        _ = p.onConnected(conn1, peer: standbyPeer, now: 0)
+        let actions = p.onMessage(message, from: conn1, now: 1)
+        guard case .send(conn1, .reject(let r))? = actions.first else { return XCTFail("\(actions)") }
+        XCTAssertEqual(r.code, .unsupportedVersion)
+        XCTAssertTrue(r.reason.contains("version 2") && r.reason.contains("version 1"), r.reason)
+        XCTAssertEqual(actions.last, .closeConnection(conn1, .rejectedPeer(.unsupportedVersion)))
+    }
+
+    func testPeersOtherThanTheStandbyNodeAreRejected() {
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig(), standbyNodeID: "node-b")
+        XCTAssertEqual(sent(p.onConnected(conn1, peer: PeerIdentity(nodeID: "gw", role: .other("gateway")), now: 0)).map(\.kind), ["reject"])
+        _ = p.onConnected(conn2, peer: PeerIdentity(nodeID: "node-c", role: .node), now: 0)
+        let actions = p.onMessage(.hello(Hello(nodeID: "node-c", epoch: Epoch(1), tenants: [])), from: conn2, now: 1)
+        XCTAssertEqual(actions.last, .closeConnection(conn2, .rejectedPeer(.unexpectedPeer)))
+    }
+
+    func testSilentStandbyIsClosedAfterPeerTimeout() {
+        var (p, _) = primary()
+        XCTAssertEqual(p.onTick(now: 999).filter { if case .closeConnection = $0 { return true } else { return false } }, [])
+        XCTAssertTrue(p.onTick(now: 1_000).contains(.closeConnection(conn1, .peerTimeout)))
+        XCTAssertNil(p.standbyConnection)
+    }
+
+    func testCommitLimits() {
+        var c = testConfig()
+        c.pendingCommitsMax = 1
+        c.recordBytesMax = 40
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: c)
+        let big = Record(epoch: Epoch(1), lsn: 1, dbSizePages: 1, checksum: 1, pages: [Page(number: 1, bytes: Array(repeating: 0, count: 64))])
+        XCTAssertEqual(p.onLocalRecord(tenant, big, now: 0), [.commitFailed(tenant, 1, .recordTooLarge)])
+        XCTAssertEqual(p.onLocalRecord(tenant, record(1), now: 0), [])
+        XCTAssertEqual(p.onLocalRecord(tenant, record(2), now: 0), [.commitFailed(tenant, 2, .overloaded)])
+    }
+
+    func testLeavingSyncModeCompletesWaitingCommits() {
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig())
+        _ = p.onLocalRecord(tenant, record(1), now: 0)
+        _ = p.onLocalRecord(tenant, record(2), now: 0)
+        XCTAssertEqual(p.onModeChanged(.waitPrimary, now: 1), [.commitDurable(tenant, 1), .commitDurable(tenant, 2)])
+    }
+}
+
+/// Connects `s` on `conn1` and lets the primary welcome it; returns the hello it sent.
+@discardableResult
+private func welcomedStandby(_ s: inout StandbyReplication, epoch: Epoch = Epoch(1)) -> Message? {
+    XCTAssertEqual(s.onTick(now: 0), [.connect])
+    let hello = sent(s.onConnected(conn1, peer: primaryPeer, now: 0)).first
+    XCTAssertEqual(s.onMessage(.welcome(Welcome(epoch: epoch, nodeID: "node-a")), from: conn1, now: 0), [])
+    XCTAssertEqual(s.streamingConnection, conn1)
+    return hello
+}
+
+final class StandbyScenarioTests: XCTestCase {
+    func testPersistThenAckThenApplyOnlyWhatIsCommitted() {
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        welcomedStandby(&s)
+        XCTAssertEqual(s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 0, record: record(1))), from: conn1, now: 1),
+                       [.persist(tenant, record(1))])
+        // Fsynced: ack at once, but lsn 1 is not committed yet, so nothing is applied.
+        XCTAssertEqual(s.onPersisted(tenant, throughLSN: 1, now: 2), [.send(conn1, .ack(Ack(epoch: Epoch(1), tenant: tenant, lsn: 1, leaseMs: 1_000)))])
+        XCTAssertEqual(s.leasePromisedUntil, 1_002)
+        let actions = s.onMessage(.primaryHeartbeat(PrimaryHeartbeat(epoch: Epoch(1), sentAtMs: 50, committed: [TenantCommitted(tenant: tenant, committedLSN: 1)])), from: conn1, now: 3)
+        XCTAssertEqual(actions, [
+            .send(conn1, .standbyHeartbeat(StandbyHeartbeat(epoch: Epoch(1), echoSentAtMs: 50, leaseMs: 1_000))),
+            .apply(tenant, throughLSN: 1, checksum: record(1).checksum),
+        ])
+    }
+
+    func testCommittedButNotYetPersistedWaitsForTheFsync() {
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        welcomedStandby(&s)
+        XCTAssertEqual(s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 1, record: record(1))), from: conn1, now: 1),
+                       [.persist(tenant, record(1))])
+        XCTAssertEqual(s.onPersisted(tenant, throughLSN: 1, now: 2).last, .apply(tenant, throughLSN: 1, checksum: record(1).checksum))
+    }
+
+    func testHelloWaitsForOutstandingPersists() {
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        welcomedStandby(&s)
+        _ = s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 0, record: record(1))), from: conn1, now: 1)
+        XCTAssertEqual(s.onDisconnected(conn1, now: 2), [])
+        XCTAssertEqual(s.onTick(now: 2 + testConfig().reconnectDelayMs), [.connect])
+        XCTAssertEqual(s.onConnected(conn2, peer: primaryPeer, now: 300), [], "no hello while lsn 1 is being fsynced")
+        XCTAssertEqual(s.onPersisted(tenant, throughLSN: 1, now: 301), [
+            .send(conn2, hello([TenantPosition(tenant: tenant, appliedLSN: 0, appliedChecksum: 0, lastLSN: 1, tail: [summary(1)])])),
+        ], "the fsync is not acked on the new connection: the hello reports it")
+    }
+
+    func testOutOfOrderRecordIsAProtocolViolation() {
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        welcomedStandby(&s)
+        let actions = s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 0, record: record(2))), from: conn1, now: 1)
+        XCTAssertEqual(sent(actions).map(\.kind), ["reject"])
+        XCTAssertNil(s.streamingConnection)
+    }
+
+    func testSilentPrimaryIsClosedAndReconnected() {
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        welcomedStandby(&s)
+        XCTAssertEqual(s.onTick(now: 1_000), [.closeConnection(conn1, .peerTimeout)])
+        XCTAssertEqual(s.onTick(now: 1_000 + testConfig().reconnectDelayMs), [.connect])
+    }
+}
+
+// MARK: - Scenarios in the simulator
+
+/// Known edges played end to end in the simulator, with no random faults: only the ones the
+/// scenario names.
+final class SimulatedScenarioTests: XCTestCase {
+    private func cluster(mode: ReplicationMode = .sync, tenants: Int = 1, seed: UInt64 = 1) -> Simulation {
+        var params = SimParameters()
+        params.tenantCount = tenants
+        params.mode = mode
+        params.config.standbyWaitMs = 300
+        params.config.peerTimeoutMs = 200
+        params.config.heartbeatIntervalMs = 30
+        params.config.reconnectDelayMs = 20
+        params.faults = .none
+        return Simulation(seed: seed, params: params, tracing: ProcessInfo.processInfo.environment["APIARY_SIM_TRACE"] != nil)
+    }
+
+    private func writeEvery(_ cluster: Simulation, ms: Int64, for duration: Int64) throws {
+        let end = cluster.now + duration
+        while cluster.now < end {
+            for i in cluster.tenantIDs.indices { cluster.write(tenant: i) }
+            try cluster.run(until: cluster.now + ms)
+        }
+    }
+
+    private func settle(_ cluster: Simulation) throws {
+        try cluster.run(until: cluster.now + 2_000)
+        XCTAssertNil(cluster.convergenceProblem())
+        if cluster.tracing { cluster.trace.suffix(300).forEach { print($0) } }
+    }
+
+    func testStandbyBehindAfterAPartitionCatchesUpFromTheLog() throws {
+        let c = cluster(mode: .waitPrimary)
+        try writeEvery(c, ms: 10, for: 200)
+        c.partition(for: 800)
+        try writeEvery(c, ms: 10, for: 800)
+        try settle(c)
+        XCTAssertGreaterThan(c.stats["readLog"] ?? 0, 0)
+        XCTAssertEqual(c.stats["snapshot"] ?? 0, 0, "the log still reached back")
+    }
+
+    func testCompactedLogSendsASnapshot() throws {
+        let c = cluster(mode: .waitPrimary)
+        try writeEvery(c, ms: 10, for: 200)
+        c.crashStandby(restartAfter: 600)
+        try writeEvery(c, ms: 10, for: 300)
+        for _ in 0..<20 { c.compactPrimaryLog() }
+        try writeEvery(c, ms: 10, for: 300)
+        try settle(c)
+        XCTAssertGreaterThan(c.stats["snapshot.installed"] ?? 0, 0)
+    }
+
+    func testSyncWritesSurviveStandbyCrashes() throws {
+        let c = cluster(tenants: 3)
+        for downMs: Int64 in [50, 100, 400, 50, 600] {
+            try writeEvery(c, ms: 7, for: 150)
+            c.crashStandby(restartAfter: downMs)
+        }
+        try writeEvery(c, ms: 7, for: 300)
+        try settle(c)
+        XCTAssertGreaterThan(c.stats["acked"] ?? 0, 50)
+        XCTAssertGreaterThan(c.stats["failed.standby unavailable"] ?? 0, 0)
+    }
+
+    func testPrimaryRestartInANewEpoch() throws {
+        let c = cluster(tenants: 2)
+        try writeEvery(c, ms: 7, for: 200)
+        c.bumpEpoch()
+        try writeEvery(c, ms: 7, for: 300)
+        c.crashPrimary(restartAfter: 50)
+        try writeEvery(c, ms: 7, for: 400)
+        try settle(c)
+        XCTAssertGreaterThan(c.stats["acked"] ?? 0, 50)
+    }
+}
