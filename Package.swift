@@ -78,7 +78,13 @@ let package = Package(
             .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ]),
-        .testTarget(name: "ApiaryIntegrationTests", dependencies: ["ApiaryNode"]),
+        .testTarget(name: "ApiaryIntegrationTests", dependencies: [
+            "ApiaryNode", "ApiaryStorage", "ApiaryTLS", "ApiaryReplication",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOTLS", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -86,8 +86,13 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     /// between the log's fsync and SQLite's (pages are whole images, so redoing is safe).
     private func openDatabase(_ tenant: PrimaryTenant) throws {
         let path = layout.database(tenant.id)
-        let isNew = !FileManager.default.fileExists(atPath: path)
         let last = tenant.withLog { $0.last }
+        if last.lsn == 0 {
+            // Nothing was ever committed: a file here is a creation whose bootstrap commit
+            // failed (or crashed). Start the tenant over.
+            for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: path + suffix) }
+        }
+        let isNew = !FileManager.default.fileExists(atPath: path)
         if isNew && last.lsn > 0 {
             throw NodeError("tenant \(tenant.id): the log reaches lsn \(last.lsn) but the database file is missing")
         }

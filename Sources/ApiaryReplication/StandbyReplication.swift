@@ -257,7 +257,7 @@ public struct StandbyReplication: Sendable {
         case .idle, .connecting:
             preconditionFailure("message on \(connection) while \(link)")
         }
-        if message.epoch < epoch && false {
+        if message.epoch < epoch {
             // Invariant 3: nothing from an older epoch is accepted.
             if case .reject = message { return close(connection, .rejectedPeer(.staleEpoch), now: now) }
             return reject(connection, .staleEpoch, "message of epoch \(message.epoch); this node's epoch is \(epoch)", now: now)

@@ -107,3 +107,18 @@ public struct StorageError: Error, CustomStringConvertible, Equatable {
 
     public var description: String { message }
 }
+
+extension DatabaseFile {
+    /// Runs a query on a private copy of a database file (for operators' and tests'
+    /// inspection of a standby's file, which must not be opened in place while it replicates).
+    public static func query(copyOf path: String, _ sql: String) throws -> [[SQLValue]] {
+        let copy = path + ".inspect-\(getpid())"
+        defer { for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: copy + suffix) } }
+        for suffix in ["", "-wal"] where FileManager.default.fileExists(atPath: path + suffix) {
+            try? FileManager.default.removeItem(atPath: copy + suffix)
+            try FileManager.default.copyItem(atPath: path + suffix, toPath: copy + suffix)
+        }
+        let connection = try SQLiteConnection(path: copy, readOnly: false)
+        return try connection.run(sql).rows
+    }
+}

@@ -25,6 +25,8 @@ struct FaultPlan: CustomStringConvertible {
     var staleEpochMessageMs: Int64?
     var corruptFrameMs: Int64?
     var lateMessageMs: Int64?
+    /// The standby's disk is replaced by another history (an old primary rejoining).
+    var foreignStandbyMs: Int64?
     var snapshotFailChance: Double
 
     static let none = FaultPlan(snapshotFailChance: 0)
@@ -34,7 +36,7 @@ struct FaultPlan: CustomStringConvertible {
             ("reset", resetMs), ("partition", partitionMs), ("crashStandby", crashStandbyMs),
             ("crashPrimary", crashPrimaryMs), ("epochBump", epochBumpMs), ("modeSwitch", modeSwitchMs),
             ("compaction", compactionMs), ("staleEpoch", staleEpochMessageMs), ("corrupt", corruptFrameMs),
-            ("late", lateMessageMs),
+            ("late", lateMessageMs), ("foreignStandby", foreignStandbyMs),
         ]
         let on = kinds.compactMap { name, ms in ms.map { "\(name)~\($0)ms" } }
         return (on.isEmpty ? "no faults" : on.joined(separator: " ")) + " snapshotFail=\(snapshotFailChance)"
@@ -112,6 +114,7 @@ struct SimParameters: CustomStringConvertible {
         f.staleEpochMessageMs = maybe(100...1_000)
         f.corruptFrameMs = maybe(300...2_000)
         f.lateMessageMs = maybe(100...800)
+        f.foreignStandbyMs = rng.chance(0.3) ? rng.int64(500...3_000) : nil
         f.snapshotFailChance = rng.pick([0, 0, 0.2])
         p.faults = f
         return p
@@ -847,7 +850,7 @@ final class Simulation {
                 if lsn > 0, committed[i][lsn]?.checksum != checksum {
                     fail("snapshot of \(tenant) at \(lsn) does not match the committed record \(String(describing: committed[i][lsn]))")
                 }
-                if let lost = syncAcked[i].first(where: { $0 > lsn && disk.durableRecord($0) != nil }) {
+                if let lost = syncAcked[i].first(where: { $0 > lsn && disk.durableRecord($0).map(RecordSummary.init) == committed[i][$0] }) {
                     fail("snapshot at \(lsn) replaced \(tenant) lsn \(lost), acked in sync mode")
                 }
                 disk.db = db
@@ -1026,6 +1029,7 @@ final class Simulation {
             (f.staleEpochMessageMs, { [unowned self] in injectStaleEpochMessage() }),
             (f.corruptFrameMs, { [unowned self] in injectDecodeError() }),
             (f.lateMessageMs, { [unowned self] in replayLateMessage() }),
+            (f.foreignStandbyMs, { [unowned self] in replaceStandbyWithForeignHistory() }),
         ]
         for (mean, fault) in kinds {
             guard let mean else { continue }
@@ -1240,6 +1244,36 @@ final class Simulation {
             if let after = primary.core?.leaseGrantedUntil, after != leaseBefore {
                 fail("invariant 3: a stale-epoch \(message.kind) extended the primary's lease")
             }
+        }
+    }
+
+    /// The standby comes back with another history in its database and log, as an old
+    /// primary does after a forced failover: its applied state is not on the primary's history
+    /// (so its checksum differs), and the primary must resend everything from a snapshot.
+    func replaceStandbyWithForeignHistory() {
+        guard standby.up else { return }
+        count("fault.foreignStandby")
+        // Another machine's state: what this standby acked is gone, acks under way included.
+        for id in connections.keys.sorted() { connections[id]!.toPrimary = [] }
+        crashStandby(restartAfter: random(0...300))
+        for tenant in tenantIDs where rng.chance(0.7) {
+            let disk = StandbyDisk()
+            let applied = rng.int(0...8)
+            let length = applied + rng.int(0...min(4, params.config.unappliedRecordsMax))
+            guard length > 0 else { continue }
+            var db = SimDatabase()
+            for lsn in 1...LSN(length) {
+                var next = db
+                let page = Page(number: 1, bytes: rng.bytes(params.pageSizeBytes))
+                next.apply(Record(epoch: Epoch(2), lsn: lsn, dbSizePages: 1, checksum: 0, pages: [page]))
+                let record = Record(epoch: Epoch(2), lsn: lsn, dbSizePages: 1, checksum: next.checksum, pages: [page])
+                disk.current.append(record)
+                if lsn <= LSN(applied) { db = next }
+            }
+            disk.fsync()
+            disk.db = db
+            disk.appliedLSN = LSN(applied)
+            standby.disks[tenant] = disk
         }
     }
 

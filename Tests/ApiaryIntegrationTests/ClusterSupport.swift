@@ -1,0 +1,98 @@
+import ApiaryNode
+import ApiaryTLS
+import Foundation
+import NIOCore
+import NIOPosix
+import NIOSSL
+import NIOTLS
+import XCTest
+
+/// The `apiary` binary next to the test bundle (`swift build --build-tests` builds both).
+func apiaryExecutable() throws -> String {
+    let testBinary = URL(fileURLWithPath: "/proc/self/exe".resolvingSymlink)
+    let candidate = testBinary.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("apiary").path
+    let sibling = testBinary.deletingLastPathComponent().appendingPathComponent("apiary").path
+    for path in [sibling, candidate] where FileManager.default.isExecutableFile(atPath: path) { return path }
+    throw XCTSkip("the apiary executable was not built next to the tests (run swift build --build-tests first)")
+}
+
+extension String {
+    var resolvingSymlink: String { (try? FileManager.default.destinationOfSymbolicLink(atPath: self)) ?? self }
+}
+
+/// Ports for one test's cluster, spread so that runs rarely collide.
+func freeBasePort() -> Int {
+    for _ in 0..<50 {
+        let base = 20_000 + Int.random(in: 0..<4_000) * 10
+        if (0..<12).allSatisfy({ portIsFree(base + $0) }) { return base }
+    }
+    return 20_000 + Int.random(in: 0..<4_000) * 10
+}
+
+func portIsFree(_ port: Int) -> Bool {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_port = in_port_t(UInt16(port).bigEndian)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    return withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
+}
+
+/// An application's view: HTTPS connections to the primary's API with the cluster CA trusted.
+struct APIClient {
+    let host = "127.0.0.1"
+    let port: Int
+    let caPath: String
+
+    func connect() async throws -> HTTPSConnection {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .file(caPath)
+        return try await HTTPSConnection.connect(host: host, port: port, tls: tls, group: MultiThreadedEventLoopGroup.singleton)
+    }
+}
+
+/// What a raw TLS client sees from a replication port.
+struct RawTLSOutcome {
+    var handshakeCompleted: Bool
+    var bytes: [UInt8]
+}
+
+final class RawCollector: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    var handshakeCompleted = false
+    var bytes: [UInt8] = []
+    let closed: EventLoopPromise<Void>
+    init(closed: EventLoopPromise<Void>) { self.closed = closed }
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event { handshakeCompleted = true }
+    }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = unwrapInboundIn(data)
+        bytes += buffer.readBytes(length: buffer.readableBytes) ?? []
+    }
+    func channelInactive(context: ChannelHandlerContext) { closed.succeed(()) }
+    func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+}
+
+/// Connects to a replication port with `credentials` and waits (bounded) until the server closes.
+func rawReplicationConnection(port: Int, credentials: ClusterCredentials, waitSeconds: Int64 = 5) async throws -> RawTLSOutcome {
+    let group = MultiThreadedEventLoopGroup.singleton
+    let context = try NIOSSLContext(configuration: credentials.clusterClient())
+    let loop = group.next()
+    let closed = loop.makePromise(of: Void.self)
+    let collector = RawCollector(closed: closed)
+    let channel = try await ClientBootstrap(group: loop)
+        .channelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: nil))
+                try channel.pipeline.syncOperations.addHandler(collector)
+            }
+        }
+        .connect(host: "127.0.0.1", port: port).get()
+    let timeout = loop.scheduleTask(in: .seconds(waitSeconds)) { channel.close(promise: nil) }
+    try? await closed.futureResult.get()
+    timeout.cancel()
+    return try await loop.submit { RawTLSOutcome(handshakeCompleted: collector.handshakeCompleted, bytes: collector.bytes) }.get()
+}

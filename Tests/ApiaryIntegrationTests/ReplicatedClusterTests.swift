@@ -1,0 +1,184 @@
+import ApiaryCore
+import ApiaryNode
+import ApiaryReplication
+import ApiaryStorage
+import ApiaryTLS
+import Foundation
+import NIOCore
+import XCTest
+
+/// Two real `apiary node` processes on loopback, replicating over mutual TLS.
+final class ReplicatedClusterTests: XCTestCase {
+    var directory: String!
+    var cluster: LocalCluster!
+
+    override func setUp() async throws {
+        directory = NSTemporaryDirectory() + "apiary-it-" + UUID().uuidString
+        cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
+                               primaryArguments: ["--standby-wait-ms", "1000"])
+        try cluster.startBoth()
+    }
+
+    override func tearDown() async throws {
+        cluster?.stopAll()
+        if let run = testRun, run.failureCount > 0, let directory {
+            for name in ["node-a", "node-b"] {
+                let log = (try? String(contentsOfFile: directory + "/logs/\(name).log", encoding: .utf8)) ?? ""
+                print("---- \(name) log (last lines) ----\n" + log.split(separator: "\n").suffix(40).joined(separator: "\n"))
+            }
+        }
+        cluster = nil
+        if let directory { try? FileManager.default.removeItem(atPath: directory) }
+    }
+
+    var api: APIClient { APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem") }
+
+    func verify() async throws -> ClusterVerifier.Report {
+        try await ClusterVerifier(certificatesDirectory: cluster.certificates, operatorName: "operator")
+            .verify(primary: ("127.0.0.1", cluster.primary.apiPort), standby: ("127.0.0.1", cluster.standby.apiPort), waitMs: 20_000)
+    }
+
+    /// The issue's acceptance run: 10,000 writes from concurrent clients, the standby killed
+    /// (-9) mid-run and restarted; it catches up; both nodes hold every acknowledged write and
+    /// `ctl verify` finds identical checksums.
+    func testTenThousandWritesSurviveAStandbyCrashAndBothReplicasAreIdentical() async throws {
+        let setup = try await api.connect()
+        let created = try await setup.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")],
+                                              body: Array(#"["CREATE TABLE kv (id INTEGER PRIMARY KEY, client INTEGER, payload TEXT)"]"#.utf8))
+        XCTAssertEqual(created.status, 200, created.text)
+        await setup.close()
+
+        let clients = 16, writesPerClient = 625
+        let acked = AckedWrites()
+        let killAt = 3_000
+        let cluster = self.cluster!
+        let api = self.api
+        async let chaos: Void = {
+            // Kill the standby once a third of the writes are acknowledged, restart it a second later.
+            while acked.count < killAt { try? await Task.sleep(for: .milliseconds(20)) }
+            cluster.kill(cluster.standby, signal: SIGKILL)
+            try? await Task.sleep(for: .seconds(1))
+            try? cluster.start(cluster.standby)
+        }()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for client in 0..<clients {
+                group.addTask {
+                    let connection = try await api.connect()
+                    defer { Task { await connection.close() } }
+                    var i = 0
+                    var attempts = 0
+                    while i < writesPerClient {
+                        attempts += 1
+                        guard attempts < writesPerClient * 20 else { throw NodeError("client \(client) made no progress") }
+                        let id = client * 1_000_000 + i
+                        let body = Array("[[\"INSERT INTO kv VALUES (?, ?, ?)\", \(id), \(client), \"\(String(repeating: "x", count: 100))\"]]".utf8)
+                        let response = try await connection.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: body)
+                        switch response.status {
+                        case 200:
+                            XCTAssertFalse(response.text.contains("\"error\""), response.text)
+                            acked.add(id)
+                            i += 1
+                        case 503:
+                            // Not executed (standby unavailable): safe to retry the same write.
+                            try await Task.sleep(for: .milliseconds(50))
+                        case 500:
+                            // Outcome unknown: the id may exist; move on, never count it as acked.
+                            XCTAssertEqual(response.header("X-Apiary-Outcome"), "unknown")
+                            acked.unknown(id)
+                            i += 1
+                        default:
+                            XCTFail("unexpected answer \(response.status): \(response.text)")
+                            i += 1
+                        }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        await chaos
+        XCTAssertGreaterThanOrEqual(acked.count, clients * writesPerClient - acked.unknownCount)
+        XCTAssertTrue(cluster.isRunning(cluster.standby), "the standby was restarted")
+
+        // The standby caught up: same checksum at the same lsn.
+        let report = try await verify()
+        XCTAssertTrue(report.consistent, report.text)
+
+        // Every acknowledged write is on the primary…
+        let reader = try await api.connect()
+        let rows = try await reader.request(.GET, "/db/query?q=SELECT%20count(*)%20FROM%20kv", headers: [("X-Apiary-Tenant", "acme")])
+        await reader.close()
+        XCTAssertEqual(rows.status, 200, rows.text)
+        cluster.stopAll()
+        let primaryIDs = Set(try DatabaseFile.query(copyOf: directory + "/node-a/tenants/acme/db.sqlite", "SELECT id FROM kv").compactMap { row -> Int? in
+            if case .integer(let v) = row[0] { return Int(v) } else { return nil }
+        })
+        // …and on the standby's own database file.
+        let standbyIDs = Set(try DatabaseFile.query(copyOf: directory + "/node-b/tenants/acme/db.sqlite", "SELECT id FROM kv").compactMap { row -> Int? in
+            if case .integer(let v) = row[0] { return Int(v) } else { return nil }
+        })
+        let ackedIDs = acked.ids
+        XCTAssertTrue(ackedIDs.isSubset(of: primaryIDs), "\(ackedIDs.subtracting(primaryIDs).count) acknowledged writes missing on the primary")
+        XCTAssertTrue(ackedIDs.isSubset(of: standbyIDs), "\(ackedIDs.subtracting(standbyIDs).count) acknowledged writes missing on the standby")
+        XCTAssertEqual(primaryIDs.count, standbyIDs.count)
+        XCTAssertTrue(primaryIDs == standbyIDs, "the replicas hold different rows: \(primaryIDs.symmetricDifference(standbyIDs).count) differ")
+    }
+
+    func testWritesFailHonestlyWhileTheStandbyIsDownAndResumeAfter() async throws {
+        cluster.kill(cluster.standby, signal: SIGKILL)
+        let connection = try await api.connect()
+        let response = try await connection.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "t1")], body: Array(#"["CREATE TABLE t (x)"]"#.utf8))
+        XCTAssertEqual(response.status, 503, "a sync primary never commits alone: \(response.text)")
+        XCTAssertTrue(response.text.contains("standby unavailable"), response.text)
+        try cluster.start(cluster.standby)
+        var status = 0
+        for _ in 0..<50 where status != 200 {
+            status = try await connection.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "t1")], body: Array(#"["CREATE TABLE IF NOT EXISTS t (x)"]"#.utf8)).status
+            if status != 200 { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        XCTAssertEqual(status, 200)
+        await connection.close()
+        let report = try await verify()
+        XCTAssertTrue(report.consistent, report.text)
+    }
+
+    func testPeersWithAForeignOrNonNodeCertificateAreRefused() async throws {
+        // A node certificate from another CA: the TLS handshake fails, nothing is exchanged.
+        let otherCA = directory + "/other-ca"
+        try CertificateAuthority.create(in: otherCA).issue(PeerIdentity(role: .node, name: "node-b"), into: otherCA)
+        let foreign = try await rawReplicationConnection(port: cluster.primary.replicationPort,
+                                                         credentials: ClusterCredentials(directory: otherCA, name: "node-b"))
+        XCTAssertTrue(foreign.bytes.isEmpty, "no replication frame for a foreign certificate")
+
+        // A gateway certificate from our CA: TLS succeeds, replication says no and hangs up.
+        let gateway = try await rawReplicationConnection(port: cluster.primary.replicationPort,
+                                                         credentials: ClusterCredentials(directory: cluster.certificates, name: "gateway"))
+        XCTAssertTrue(gateway.handshakeCompleted)
+        let message = try WireCodec.decode(frame: gateway.bytes)
+        guard case .reject(let reject) = message else { return XCTFail("expected a reject, got \(message)") }
+        XCTAssertEqual(reject.code, .wrongRole)
+
+        // The real standby is unaffected.
+        let report = try await verify()
+        XCTAssertTrue(report.consistent, report.text)
+    }
+
+    func testStatusNeedsAnOperatorCertificate() async throws {
+        let connection = try await api.connect()
+        let response = try await connection.request(.GET, "/status")
+        XCTAssertEqual(response.status, 403)
+        XCTAssertFalse(response.text.contains("acme"))
+        await connection.close()
+    }
+}
+
+/// Writes the clients saw acknowledged, and those whose outcome is unknown.
+final class AckedWrites: @unchecked Sendable {
+    private let lock = NSLock()
+    private var acked: Set<Int> = []
+    private var unknownIDs: Set<Int> = []
+    func add(_ id: Int) { lock.withLock { _ = acked.insert(id) } }
+    func unknown(_ id: Int) { lock.withLock { _ = unknownIDs.insert(id) } }
+    var count: Int { lock.withLock { acked.count } }
+    var unknownCount: Int { lock.withLock { unknownIDs.count } }
+    var ids: Set<Int> { lock.withLock { acked } }
+}
