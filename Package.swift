@@ -64,6 +64,8 @@ let package = Package(
         .executableTarget(name: "apiary", dependencies: [
             "ApiaryNode", "ApiaryTLS",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ]),
 
         // MARK: Tests

@@ -98,16 +98,43 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         }
         tenant.database = try TenantDatabase(tenant: tenant.id, path: path, sink: self) { hashes in
             guard !isNew, hashes.checksum != last.checksum else { return }
-            guard let record = try tenant.withLog({ try $0.record(at: last.lsn) }) else {
-                throw NodeError("tenant \(tenant.id): database checksum differs from the log at lsn \(last.lsn), and the log cannot redo it")
-            }
-            try DatabaseFile.writePages(record.pages, dbSizePages: record.dbSizePages, to: path)
-            let redone = try DatabaseFile.pageHashes(of: path).checksum
-            guard redone == last.checksum else {
-                throw NodeError("tenant \(tenant.id): database and log disagree at lsn \(last.lsn) even after redoing it; restore from the standby or a backup")
-            }
-            self.logger.notice("redid the last logged commit", metadata: ["tenant": "\(tenant.id)", "lsn": "\(last.lsn)"])
+            try self.redo(tenant, from: hashes.checksum, path: path)
         }
+    }
+
+    /// Brings the database file up to the log's last record. Commits skip SQLite's WAL fsync
+    /// (the log is durable first, see `isDurableOnCommit`), so after a crash SQLite recovers
+    /// some prefix of the commits; the checksum says which lsn it ended at, and the log's
+    /// records after it are written again (whole page images: idempotent).
+    private func redo(_ tenant: PrimaryTenant, from checksum: UInt64, path: String) throws {
+        let (last, base) = tenant.withLog { ($0.last, $0.base) }
+        var lsn = last.lsn
+        var found: LSN?
+        while lsn > base.lsn {
+            guard let record = try tenant.withLog({ try $0.record(at: lsn) }) else { break }
+            if record.checksum == checksum { found = lsn; break }
+            lsn -= 1
+        }
+        if found == nil && base.checksum == checksum { found = base.lsn }
+        guard let start = found else {
+            throw NodeError("tenant \(tenant.id): the database matches no lsn the log holds (\(base.lsn)...\(last.lsn)); restore it from the standby or a backup")
+        }
+        var next = start + 1
+        let writer = try DatabaseFile.Writer(path: path)
+        while next <= last.lsn {
+            let records = try tenant.withLog { try $0.records(from: next, countMax: 256, bytesMax: 64 << 20) }
+            guard !records.isEmpty else { throw NodeError("tenant \(tenant.id): log record \(next) unreadable during redo") }
+            for record in records where record.lsn <= last.lsn {
+                try writer.write(record.pages, dbSizePages: record.dbSizePages)
+                next = record.lsn + 1
+            }
+        }
+        try writer.sync()
+        let redone = try DatabaseFile.pageHashes(of: path).checksum
+        guard redone == last.checksum else {
+            throw NodeError("tenant \(tenant.id): database and log disagree at lsn \(last.lsn) even after redo; restore it from the standby or a backup")
+        }
+        logger.notice("redid logged commits missing from the database", metadata: ["tenant": "\(tenant.id)", "from": "\(start + 1)", "through": "\(last.lsn)"])
     }
 
     /// The tenant, created on first use (its bootstrap commit replicates like any other).
@@ -166,7 +193,6 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             let record = Record(epoch: epoch, lsn: log.last.lsn + 1, dbSizePages: commit.dbSizePages, checksum: commit.checksum, pages: commit.pages)
             do {
                 try log.append(record)
-                try log.sync()
             } catch {
                 throw CommitRejected(failure: nil, message: "write not applied: the local replication log failed: \(error)")
             }
@@ -174,9 +200,20 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         }
         let waiter = CommitWaiter()
         let key = TenantLSN(tenant: id, lsn: record.lsn)
+        // The record goes to the standby while the local fsync runs: a commit's latency is
+        // then the slower of the two, not their sum. Its client still hears "ok" only after
+        // both (this function returns after both). A record the standby got but this node
+        // lost in a crash was never acknowledged; the next handshake rewinds the standby.
         loop.execute {
             self.waiters[key] = waiter
             self.interpret(self.core.onLocalRecord(id, record, now: monotonicNowMs()))
+        }
+        tenant.withLog { log in
+            do { try log.sync() } catch {
+                // The core may already count the record durable on the standby; there is no
+                // honest way to take that back here. Stop, and let failover take over.
+                preconditionFailure("tenant \(id): fsync of the replication log failed at lsn \(record.lsn): \(error)")
+            }
         }
         // The core answers within standbyWaitMs; the margin only guards against a stuck loop.
         let outcome = waiter.wait(timeoutMs: Int(config.standbyWaitMs) + 30_000)
@@ -194,6 +231,10 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             preconditionFailure("tenant \(id): replication core did not answer commit \(record.lsn)")
         }
     }
+
+    /// Commits are durable in the replication log before SQLite publishes them; `redo` brings
+    /// the database back after a crash, so SQLite's own WAL fsync is not needed.
+    let isDurableOnCommit = true
 
     static func clientMessage(_ failure: CommitFailure) -> String {
         switch failure {

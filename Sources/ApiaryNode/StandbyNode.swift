@@ -8,27 +8,53 @@ import Logging
 import NIOCore
 import NIOPosix
 
-/// One tenant on the standby: its log and its database file, touched only on `ioQueue`
-/// (the core's storage actions of a tenant must run in order: one serial queue each).
+/// One tenant on the standby: its log and its database file.
+///
+/// The core's storage actions of a tenant must keep their order. Two serial queues keep it
+/// where it matters while taking the database work off the ack path: `ioQueue` appends and
+/// truncates the log (persist → ack is the commit's critical path), `applyQueue` writes the
+/// database (apply, snapshots). That is safe because an apply only reads records that are
+/// persisted and committed, which no later truncation removes (the core truncates only
+/// records after the applied lsn), and the log itself is guarded by `logLock`.
 final class StandbyTenant: @unchecked Sendable {
     let id: TenantID
-    let log: ReplicationLog
+    private let unguardedLog: ReplicationLog
+    private let logLock = NSLock()
+    let applyQueue: DispatchQueue
     let databasePath: String
     let appliedPath: String
     var hashes: PageHashes
-    var applied: AppliedState
+    /// Touched on `applyQueue` only.
+    var applied: AppliedState {
+        didSet { published.withLock { $0 = applied } }
+    }
+    /// Persists asked for and not yet appended (see the group fsync in `StandbyNode`).
+    let persistsQueued = LockedValue(0)
+    /// The highest lsn the core asked to apply (each record's checksum is checked on the way).
+    let applyTarget = LockedValue<LSN>(0)
+    /// What the database file durably holds, readable from any thread (status, verify).
+    let published = LockedValue(AppliedState())
     let ioQueue: DispatchQueue
 
     init(id: TenantID, layout: DataLayout) throws {
         self.id = id
         try layout.createTenantDirectory(id)
-        log = try ReplicationLog(directory: layout.log(id))
+        unguardedLog = try ReplicationLog(directory: layout.log(id))
         databasePath = layout.database(id)
         appliedPath = layout.applied(id)
         applied = try AppliedState.read(from: appliedPath)
         hashes = try DatabaseFile.pageHashes(of: databasePath)
-        ioQueue = DispatchQueue(label: "apiary.standby.\(id)")
+        ioQueue = DispatchQueue(label: "apiary.standby.\(id).log")
+        applyQueue = DispatchQueue(label: "apiary.standby.\(id).apply")
+        let initial = applied
+        published.withLock { $0 = initial }
         try recover()
+    }
+
+    func withLog<T>(_ body: (ReplicationLog) throws -> T) rethrows -> T {
+        logLock.lock()
+        defer { logLock.unlock() }
+        return try body(unguardedLog)
     }
 
     /// After a crash in the middle of applying, redo the interrupted range from the log (page
@@ -53,11 +79,12 @@ final class StandbyTenant: @unchecked Sendable {
         try intent.write(to: appliedPath)
         var next = applied.lsn + 1
         var last = applied
+        let writer = try DatabaseFile.Writer(path: databasePath)
         while next <= lsn {
-            let records = try log.records(from: next, countMax: 256, bytesMax: 32 << 20)
+            let records = try withLog { try $0.records(from: next, countMax: 256, bytesMax: 32 << 20) }
             guard !records.isEmpty else { throw NodeError("tenant \(id): log has no record \(next) to apply") }
             for record in records where record.lsn <= lsn {
-                try DatabaseFile.writePages(record.pages, dbSizePages: record.dbSizePages, to: databasePath)
+                try writer.write(record.pages, dbSizePages: record.dbSizePages)
                 hashes.apply(pages: record.pages, dbSizePages: record.dbSizePages)
                 guard hashes.checksum == record.checksum else {
                     throw NodeError("tenant \(id): after applying lsn \(record.lsn) the database checksum is \(hashes.checksum), the primary's was \(record.checksum): replicas diverged")
@@ -66,9 +93,23 @@ final class StandbyTenant: @unchecked Sendable {
                 next = record.lsn + 1
             }
         }
+        try writer.sync()
         try last.write(to: appliedPath)
         applied = last
+        published.withLock { $0 = last }
         return last.checksum
+    }
+}
+
+/// A value behind a lock.
+final class LockedValue<T>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: T
+    init(_ value: T) { self.value = value }
+    func withLock<R>(_ body: (inout T) -> R) -> R {
+        lock.lock()
+        defer { lock.unlock() }
+        return body(&value)
     }
 }
 
@@ -128,8 +169,9 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             let tenant = try StandbyTenant(id: id, layout: layout)
             tenants[id] = tenant
             var tail: [RecordSummary] = []
-            if tenant.log.last.lsn > tenant.applied.lsn {
-                for r in try tenant.log.records(from: tenant.applied.lsn + 1, countMax: Int(tenant.log.last.lsn - tenant.applied.lsn), bytesMax: .max) {
+            let lastLSN = tenant.withLog { $0.last.lsn }
+            if lastLSN > tenant.applied.lsn {
+                for r in try tenant.withLog({ try $0.records(from: tenant.applied.lsn + 1, countMax: Int(lastLSN - tenant.applied.lsn), bytesMax: .max) }) {
                     tail.append(RecordSummary(r))
                 }
             }
@@ -185,31 +227,50 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                     channel.close(promise: nil)
                 }
             case .persist(let tenantID, let record):
-                storage(tenantID) { tenant in
-                    try tenant.log.append(record)
-                    try tenant.log.sync()
-                } then: { self.interpret(self.core.onPersisted(tenantID, throughLSN: record.lsn, now: monotonicNowMs())) }
+                // Group fsync: a burst of records is appended in order and fsynced once, by the
+                // last of the burst, which reports them all persisted (the report is cumulative).
+                tenantOrCreate(tenantID)?.persistsQueued.withLock { $0 += 1 }
+                let synced = LockedValue(false)
+                storage(tenantID, on: \.ioQueue) { tenant in
+                    let last = tenant.persistsQueued.withLock { count -> Bool in
+                        count -= 1
+                        return count == 0
+                    }
+                    try tenant.withLog { log in
+                        try log.append(record)
+                        if last { try log.sync() }
+                    }
+                    synced.withLock { $0 = last }
+                } then: {
+                    if synced.withLock({ $0 }) {
+                        self.interpret(self.core.onPersisted(tenantID, throughLSN: record.lsn, now: monotonicNowMs()))
+                    }
+                }
             case .truncateLog(let tenantID, let afterLSN):
-                storage(tenantID) { tenant in try tenant.log.truncate(after: afterLSN) } then: {}
+                storage(tenantID, on: \.ioQueue) { tenant in try tenant.withLog { try $0.truncate(after: afterLSN) } } then: {}
             case .apply(let tenantID, let throughLSN, let checksum):
-                storage(tenantID) { tenant in
-                    let after = try tenant.applyRecords(through: throughLSN)
-                    guard after == checksum else {
+                // Applies queue up while one runs; each takes everything asked for so far, so a
+                // backlog collapses into one pass (one fsync) instead of one pass per record.
+                tenantOrCreate(tenantID)?.applyTarget.withLock { $0 = max($0, throughLSN) }
+                storage(tenantID, on: \.applyQueue) { tenant in
+                    let target = tenant.applyTarget.withLock { $0 }
+                    let after = try tenant.applyRecords(through: target)
+                    if target == throughLSN, after != checksum {
                         throw NodeError("tenant \(tenantID): checksum \(after) after applying lsn \(throughLSN), primary says \(checksum): replicas diverged")
                     }
                 } then: {}
             case .beginSnapshot(let tenantID, _, _):
-                storage(tenantID) { tenant in
+                storage(tenantID, on: \.applyQueue) { tenant in
                     let scratch = self.layout.snapshotScratch(tenantID)
                     try? FileManager.default.removeItem(atPath: scratch)
                     guard FileManager.default.createFile(atPath: scratch, contents: nil) else { throw NodeError("cannot create \(scratch)") }
                 } then: {}
             case .writeSnapshotPages(let tenantID, let pages):
-                storage(tenantID) { _ in try DatabaseFile.writePagesKeepingSize(pages, to: self.layout.snapshotScratch(tenantID)) } then: {}
+                storage(tenantID, on: \.applyQueue) { _ in try DatabaseFile.writePagesKeepingSize(pages, to: self.layout.snapshotScratch(tenantID)) } then: {}
             case .installSnapshot(let tenantID, let lsn, let dbSizePages, let checksum):
                 installSnapshot(tenantID, lsn: lsn, dbSizePages: dbSizePages, checksum: checksum)
             case .abandonSnapshot(let tenantID):
-                storage(tenantID) { _ in try? FileManager.default.removeItem(atPath: self.layout.snapshotScratch(tenantID)) } then: {}
+                storage(tenantID, on: \.applyQueue) { _ in try? FileManager.default.removeItem(atPath: self.layout.snapshotScratch(tenantID)) } then: {}
             case .epochStale(let newer):
                 // Until the monitor exists (next issue), a newer epoch announced by the primary
                 // we were configured to follow is taken as confirmed, durably first.
@@ -237,7 +298,9 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private func installSnapshot(_ tenantID: TenantID, lsn: LSN, dbSizePages: UInt32, checksum: UInt64) {
         guard let tenant = tenantOrCreate(tenantID) else { return }
         let epoch = core.epoch
-        tenant.ioQueue.async {
+        // Both queues wait for the install: database work before it finishes first, and log
+        // appends after it (records past the snapshot) come after the log's reset.
+        tenant.ioQueue.async { tenant.applyQueue.sync {
             let scratch = self.layout.snapshotScratch(tenantID)
             do {
                 try DatabaseFile.writePages([], dbSizePages: dbSizePages, to: scratch) // cut to size, fsync
@@ -249,7 +312,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                 }
                 let state = AppliedState(lsn: lsn, checksum: checksum, applyingThroughLSN: lsn)
                 try DurableFile.rename(scratch, to: tenant.databasePath)
-                try tenant.log.reset(base: epoch, lsn: lsn, checksum: checksum)
+                try tenant.withLog { try $0.reset(base: epoch, lsn: lsn, checksum: checksum) }
                 try state.write(to: tenant.appliedPath)
                 tenant.hashes = hashes
                 tenant.applied = state
@@ -257,14 +320,14 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             } catch {
                 self.loop.execute { self.stop(NodeError("tenant \(tenantID): installing a snapshot failed: \(error)")) }
             }
-        }
+        } }
     }
 
     /// Runs a storage action on the tenant's queue, then `then` on the event loop. A storage
     /// failure stops replication: acking or applying past it could break invariants 1 or 6.
-    private func storage(_ tenantID: TenantID, _ work: @escaping (StandbyTenant) throws -> Void, then: @escaping () -> Void) {
+    private func storage(_ tenantID: TenantID, on queue: KeyPath<StandbyTenant, DispatchQueue>, _ work: @escaping (StandbyTenant) throws -> Void, then: @escaping () -> Void) {
         guard let tenant = tenantOrCreate(tenantID) else { return }
-        tenant.ioQueue.async {
+        tenant[keyPath: queue].async {
             do {
                 try work(tenant)
                 self.loop.execute { if self.fatal == nil { then() } }
@@ -299,9 +362,11 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     func status() async -> [TenantStatus] {
         (try? await loop.submit {
             self.tenants.values.map { t in
+                // The file's durable state, not the core's (it counts an apply once asked for).
                 let s = self.core.status(of: t.id)
+                let applied = t.published.withLock { $0 }
                 return TenantStatus(tenant: t.id.rawValue, epoch: self.core.epoch.rawValue, lsn: s?.persistedLSN ?? 0,
-                                    checksum: s?.appliedChecksum ?? 0, appliedLSN: s?.appliedLSN ?? 0, standbyAckedLSN: nil)
+                                    checksum: applied.checksum, appliedLSN: applied.lsn, standbyAckedLSN: nil)
             }
         }.get()) ?? []
     }

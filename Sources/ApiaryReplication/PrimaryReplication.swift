@@ -33,8 +33,10 @@ public enum PrimaryAction: Hashable, Sendable {
     /// The commit of `lsn` is durable where the mode requires: make it visible and answer
     /// its client.
     case commitDurable(TenantID, LSN)
-    /// The commit of `lsn` failed: roll the tenant's log and database back to `lsn - 1`
-    /// before handing the core another record of that tenant (its lsn is then reused).
+    /// The commit of `lsn` failed: roll the tenant's log and database back to `lsn - 1`,
+    /// durably (a rolled-back record MUST NOT come back after a crash: its client may have
+    /// been told "not committed"), before answering its client and before handing the core
+    /// another record of that tenant (the lsn is then reused).
     case commitFailed(TenantID, LSN, CommitFailure)
     /// A newer epoch exists: this node is no longer primary. Stop accepting writes, report
     /// to the monitor, and discard this core.
@@ -183,6 +185,7 @@ public struct PrimaryReplication: Sendable {
 
     // MARK: Queries
 
+    /// Every tenant the core knows, in no particular order.
     public var tenantIDs: [TenantID] { Array(tenants.keys) }
 
     /// The connection of the standby that completed its handshake, if any.
@@ -406,9 +409,9 @@ public struct PrimaryReplication: Sendable {
         let tenant = request.tenant
         guard link?.connection == connection, var stream = link!.streams[tenant],
               case .snapshotting(let requestID, let startedAt) = stream.phase, requestID == request.requestID else { return [] }
-        let log = tenants[tenant]!
-        precondition(lsn <= log.committedLSN && lsn + 1 >= log.firstLSN,
-                     "\(tenant): snapshot at lsn \(lsn) but committed is \(log.committedLSN) and the log starts at \(log.firstLSN)")
+        // (Should the log be compacted past `lsn` meanwhile, the stream finds out after the
+        // snapshot's ack and sends another snapshot.)
+        precondition(lsn <= tenants[tenant]!.committedLSN, "\(tenant): snapshot at lsn \(lsn) but committed is \(tenants[tenant]!.committedLSN)")
         stream.phase = .awaitingSnapshotAck(lsn: lsn, sentAt: startedAt)
         link!.streams[tenant] = stream
         return []

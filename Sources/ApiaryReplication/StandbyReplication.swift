@@ -112,6 +112,7 @@ public struct StandbyReplication: Sendable {
 
     // MARK: Queries
 
+    /// Every tenant the core knows, in no particular order.
     public var tenantIDs: [TenantID] { Array(tenants.keys) }
 
     /// The connection on which the primary welcomed this standby, if any.
@@ -224,7 +225,9 @@ public struct StandbyReplication: Sendable {
         t.appliedChecksum = installing.checksum
         t.tail = []
         t.persistedLSN = lsn
-        t.committedLSN = max(t.committedLSN, lsn)
+        // What was known committed belonged to the history the snapshot replaced, which may
+        // have run further than `lsn`: only the snapshot's own lsn is known committed now.
+        t.committedLSN = lsn
         tenants[tenant] = t
         var actions: [StandbyAction] = []
         if case .streaming(let connection, _) = link {

@@ -18,6 +18,11 @@ public protocol CommitSink: AnyObject, Sendable {
     /// Throwing fails the SQLite commit: nothing of it becomes visible, and the thrown
     /// error's description is what the writing clients are told.
     func commit(tenant: TenantID, _ commit: CapturedCommit) throws
+
+    /// True when a commit that `commit` accepted is durable without SQLite's WAL fsync: the
+    /// sink keeps it in a log from which the owner redoes the database after a crash
+    /// (``TenantDatabase/redo``). False makes every commit pay the WAL fsync as well.
+    var isDurableOnCommit: Bool { get }
 }
 
 /// Captures one database's commits at the WAL sync (the VFS hook) and hands them to a sink.
@@ -39,7 +44,8 @@ final class WALCapture: @unchecked Sendable {
         self.scanner = WALScanner(pageSize: pageSize)
     }
 
-    /// Called by the VFS before SQLite's WAL fsync. Returns an SQLite result code.
+    /// Called by the VFS before SQLite's WAL fsync. Returns APIARY_SYNC_WAL, APIARY_SYNC_SKIP
+    /// (the sink made the commit durable in the replication log) or an SQLite error code.
     func onWALSync(_ file: UnsafeMutablePointer<sqlite3_file>) -> Int32 {
         var size: sqlite3_int64 = 0
         guard apiary_file_size(file, &size) == SQLITE_OK else {
@@ -53,7 +59,7 @@ final class WALCapture: @unchecked Sendable {
                 let rc = buffer.withUnsafeMutableBytes { apiary_file_read(file, $0.baseAddress, Int32(count), sqlite3_int64(offset)) }
                 guard rc == SQLITE_OK else { throw CaptureError.io("cannot read WAL at offset \(offset) (code \(rc))") }
                 return buffer
-            }) else { return SQLITE_OK }
+            }) else { return APIARY_SYNC_WAL }
             commit = found
         } catch {
             lastFailure = error
@@ -72,7 +78,7 @@ final class WALCapture: @unchecked Sendable {
         scanner.accept(commit)
         commitsCaptured += 1
         lastFailure = nil
-        return SQLITE_OK
+        return sink.isDurableOnCommit ? APIARY_SYNC_SKIP : APIARY_SYNC_WAL
     }
 
     /// Makes a failed commit's frames invalid on disk. SQLite does not publish them (the sync

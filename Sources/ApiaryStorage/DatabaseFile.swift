@@ -16,19 +16,40 @@ public enum DatabaseFile {
     /// Writes page images and cuts the file to `dbSizePages`, then fsyncs.
     /// Idempotent: writing the same record twice leaves the same file.
     public static func writePages(_ pages: [Page], dbSizePages: UInt32, to path: String) throws {
-        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw StorageError.io("open", path: path, errno: errno) }
-        defer { close(fd) }
-        for page in pages where page.number <= dbSizePages {
-            guard page.bytes.count == pageSize else {
-                throw StorageError(.corrupt, "page \(page.number) has \(page.bytes.count) bytes, expected \(pageSize)")
-            }
-            let offset = off_t(Int(page.number) - 1) * off_t(pageSize)
-            let written = page.bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, pageSize, offset) }
-            guard written == pageSize else { throw StorageError.io("write", path: path, errno: written < 0 ? errno : ENOSPC) }
+        let writer = try Writer(path: path)
+        try writer.write(pages, dbSizePages: dbSizePages)
+        try writer.sync()
+    }
+
+    /// Applies many records' pages with one fsync at the end.
+    public final class Writer {
+        let fd: Int32
+        let path: String
+
+        public init(path: String) throws {
+            fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw StorageError.io("open", path: path, errno: errno) }
+            self.path = path
         }
-        guard ftruncate(fd, off_t(dbSizePages) * off_t(pageSize)) == 0 else { throw StorageError.io("truncate", path: path, errno: errno) }
-        guard fsync(fd) == 0 else { throw StorageError.io("fsync", path: path, errno: errno) }
+
+        deinit { close(fd) }
+
+        /// Writes one commit's pages and cuts the file to its size (not yet durable).
+        public func write(_ pages: [Page], dbSizePages: UInt32) throws {
+            for page in pages where page.number <= dbSizePages {
+                guard page.bytes.count == pageSize else {
+                    throw StorageError(.corrupt, "page \(page.number) has \(page.bytes.count) bytes, expected \(pageSize)")
+                }
+                let offset = off_t(Int(page.number) - 1) * off_t(pageSize)
+                let written = page.bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, pageSize, offset) }
+                guard written == pageSize else { throw StorageError.io("write", path: path, errno: written < 0 ? errno : ENOSPC) }
+            }
+            guard ftruncate(fd, off_t(dbSizePages) * off_t(pageSize)) == 0 else { throw StorageError.io("truncate", path: path, errno: errno) }
+        }
+
+        public func sync() throws {
+            guard fsync(fd) == 0 else { throw StorageError.io("fsync", path: path, errno: errno) }
+        }
     }
 
     /// Writes page images without changing the file's size otherwise (snapshot chunks). No fsync:

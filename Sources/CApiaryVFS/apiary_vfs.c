@@ -35,7 +35,8 @@ static int apiarySync(sqlite3_file *f, int flags) {
     ApiaryFile *p = (ApiaryFile *)f;
     if (p->isWAL && walSyncHook) {
         int rc = walSyncHook(p->real, p->name);
-        if (rc != SQLITE_OK) return rc;
+        if (rc == APIARY_SYNC_SKIP) return SQLITE_OK;
+        if (rc != APIARY_SYNC_WAL) return rc;
     }
     return p->real->pMethods->xSync(p->real, flags);
 }

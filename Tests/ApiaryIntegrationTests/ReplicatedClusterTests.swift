@@ -15,7 +15,7 @@ final class ReplicatedClusterTests: XCTestCase {
     override func setUp() async throws {
         directory = NSTemporaryDirectory() + "apiary-it-" + UUID().uuidString
         cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
-                               primaryArguments: ["--standby-wait-ms", "1000"])
+                               primaryArguments: ["--standby-wait-ms", "1000"], standbyArguments: ["--log-level", "debug"])
         try cluster.startBoth()
     }
 
@@ -28,7 +28,13 @@ final class ReplicatedClusterTests: XCTestCase {
             }
         }
         cluster = nil
-        if let directory { try? FileManager.default.removeItem(atPath: directory) }
+        if let directory {
+            if let run = testRun, run.failureCount > 0, ProcessInfo.processInfo.environment["APIARY_KEEP_FAILED"] != nil {
+                print("kept \(directory) for inspection")
+            } else {
+                try? FileManager.default.removeItem(atPath: directory)
+            }
+        }
     }
 
     var api: APIClient { APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem") }

@@ -16,6 +16,8 @@ final class ReplicaSink: CommitSink, @unchecked Sendable {
 
     init(replicaPath: String) { self.replicaPath = replicaPath }
 
+    let isDurableOnCommit = false
+
     func commit(tenant: TenantID, _ commit: CapturedCommit) throws {
         lock.lock()
         defer { lock.unlock() }

@@ -10,9 +10,16 @@
 ///
 /// SQLite has written every frame of the transaction by then but has not yet published the
 /// commit in the wal-index (wal.c, sqlite3WalFrames: the wal-index is appended and its header
-/// written only after the sync returned SQLITE_OK). A non-OK return fails the commit.
+/// written only after the sync returned SQLITE_OK). Return:
+/// - APIARY_SYNC_WAL: nothing was captured; do the real fsync.
+/// - APIARY_SYNC_SKIP: a commit was captured and is durable in the replication log, which is
+///   the truth the database is redone from after a crash; the WAL fsync is not needed.
+/// - any SQLite error code: fail the sync, and with it the commit.
 /// `real` is the underlying unix file: read it with apiary_file_read.
 typedef int (*apiary_wal_sync_hook)(sqlite3_file *real, const char *walPath);
+
+#define APIARY_SYNC_WAL 0
+#define APIARY_SYNC_SKIP (-1)
 
 /// Registers the VFS (idempotent). Returns an SQLite result code.
 int apiary_vfs_register(apiary_wal_sync_hook hook);

@@ -1,8 +1,118 @@
+import ApiaryNode
 import ArgumentParser
+import Foundation
+import NIOPosix
+import NIOSSL
 
 struct Bench: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Measure replicated insert throughput and latency (see docs/benchmarks.md).")
+    static let configuration = CommandConfiguration(
+        abstract: "Measure single-row inserts through the HTTPS API: replicated (sync standby) and single-node, side by side.",
+        discussion: "Prints one line per setup and client count: `apiary-<setup> clients=N tps=X p50_ms=Y p99_ms=Z errors=E`. See docs/benchmarks.md."
+    )
+
+    @Option(help: "Client counts, comma-separated.") var clients = "1,8,32,64"
+    @Option(help: "Seconds per client count.") var seconds = 10
+    @Option(help: "Setups to run: replicated, single, or both.") var setups = "replicated,single"
+    @Option(help: "Working directory (removed afterwards unless --keep).") var dir: String?
+    @Flag(help: "Keep the working directory.") var keep = false
+    @Option(help: "API base port for the benchmark clusters.") var basePort = 24001
+
+    func validate() throws {
+        guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be 1...3600") }
+        guard !clientCounts.isEmpty, clientCounts.allSatisfy({ $0 > 0 && $0 <= 1024 }) else { throw ValidationError("--clients must list counts of 1...1024") }
+        guard setupList.allSatisfy({ ["replicated", "single"].contains($0) }) else { throw ValidationError("--setups takes replicated and/or single") }
+    }
+
+    var clientCounts: [Int] { clients.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
+    var setupList: [String] { setups.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
+
     func run() async throws {
-        throw ValidationError("not built yet: see docs/benchmarks.md")
+        let root = dir ?? (NSTemporaryDirectory() + "apiary-bench-\(getpid())")
+        defer { if !keep { try? FileManager.default.removeItem(atPath: root) } }
+        print("# machine: nproc=\(ProcessInfo.processInfo.activeProcessorCount) \(cpuModel()) fs=\(root)")
+        print("# workload: one INSERT of a 100-byte payload per request, HTTPS keep-alive, \(seconds)s per client count")
+        for (index, setup) in setupList.enumerated() {
+            let primaryArgs = setup == "single" ? ["--mode", "single"] : []
+            let cluster = LocalCluster(directory: root + "/" + setup, executable: "/proc/self/exe".resolvedLink,
+                                       basePort: basePort + index * 100, primaryArguments: primaryArgs + ["--log-level", "warning"],
+                                       standbyArguments: ["--log-level", "warning"])
+            try cluster.prepareCertificates()
+            try cluster.start(cluster.primary)
+            if setup == "replicated" { try cluster.start(cluster.standby) }
+            defer { cluster.stopAll() }
+            let target = BenchTarget(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
+            try await target.prepare()
+            for count in clientCounts {
+                let result = try await target.measure(clients: count, seconds: seconds)
+                print("apiary-\(setup) clients=\(count) tps=\(String(format: "%.1f", result.tps)) p50_ms=\(String(format: "%.3f", result.p50Ms)) p99_ms=\(String(format: "%.3f", result.p99Ms)) errors=\(result.errors)")
+                fflush(stdout)
+            }
+        }
+    }
+
+    func cpuModel() -> String {
+        let info = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        let line = info.split(separator: "\n").first { $0.hasPrefix("model name") }
+        return "model=\"\(line?.split(separator: ":", maxSplits: 1).last?.trimmingCharacters(in: .whitespaces) ?? "?")\""
+    }
+}
+
+struct BenchTarget {
+    let port: Int
+    let caPath: String
+    static let tenant = ("X-Apiary-Tenant", "bench")
+
+    func connect() async throws -> HTTPSConnection {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .file(caPath)
+        return try await HTTPSConnection.connect(host: "127.0.0.1", port: port, tls: tls, group: MultiThreadedEventLoopGroup.singleton)
+    }
+
+    func prepare() async throws {
+        let c = try await connect()
+        let r = try await c.request(.POST, "/db/execute", headers: [Self.tenant], body: Array(#"["CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)"]"#.utf8))
+        await c.close()
+        guard r.status == 200 else { throw ValidationError("cannot create the bench table: \(r.status) \(r.text)") }
+    }
+
+    struct Result { var tps: Double; var p50Ms: Double; var p99Ms: Double; var errors: Int }
+
+    func measure(clients: Int, seconds: Int) async throws -> Result {
+        let body = Array(#"[["INSERT INTO bench(payload) VALUES(?)", "\#(String(repeating: "x", count: 100))"]]"#.utf8)
+        let start = ContinuousClock.now
+        let end = start + .seconds(seconds)
+        let perClient = try await withThrowingTaskGroup(of: ([Double], Int).self) { group in
+            for _ in 0..<clients {
+                group.addTask {
+                    let connection = try await connect()
+                    defer { Task { await connection.close() } }
+                    var latencies: [Double] = []
+                    latencies.reserveCapacity(4096)
+                    var errors = 0
+                    while ContinuousClock.now < end {
+                        let t0 = ContinuousClock.now
+                        let r = try await connection.request(.POST, "/db/execute", headers: [Self.tenant], body: body)
+                        let elapsed = ContinuousClock.now - t0
+                        if r.status == 200 && !r.text.contains("\"error\"") {
+                            latencies.append(Double(elapsed.components.attoseconds) / 1e15 + Double(elapsed.components.seconds) * 1000)
+                        } else {
+                            errors += 1
+                        }
+                    }
+                    return (latencies, errors)
+                }
+            }
+            var all: [([Double], Int)] = []
+            for try await r in group { all.append(r) }
+            return all
+        }
+        let elapsed = ContinuousClock.now - start
+        let wall = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        let latencies = perClient.flatMap(\.0).sorted()
+        func percentile(_ p: Double) -> Double {
+            guard !latencies.isEmpty else { return .nan }
+            return latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))]
+        }
+        return Result(tps: Double(latencies.count) / wall, p50Ms: percentile(0.5), p99Ms: percentile(0.99), errors: perClient.reduce(0) { $0 + $1.1 })
     }
 }
