@@ -1,10 +1,43 @@
 // ApiaryReplication: the primary⇄standby replication protocol (DESIGN §5) as pure state machines.
 //
-// Two cores, ``PrimaryReplication`` and ``StandbyReplication``, take events (a message arrived,
+// Two cores, `PrimaryReplication` and `StandbyReplication`, take events (a message arrived,
 // a record is ready, an fsync finished, a timer ticked) and return actions (send this, persist
 // that, this commit is durable). They perform no I/O, read no clock and draw no random number:
-// the shell passes `now` in and interprets the actions. ``Message`` and its codec define the
-// wire format. Tests run both cores inside a deterministic simulator.
+// the shell passes `now` in and interprets the actions. `Message` and `WireCodec` define the
+// wire format. Tests run both cores inside a deterministic simulator
+// (Tests/ApiaryReplicationTests/Simulator.swift).
+//
+// How it works, and why:
+//
+// - Commit ≠ record. A record reaches the standby before its commit is durable, and a failed
+//   commit is rolled back on the primary and its lsn reused. So the standby persists and acks
+//   a record at once but applies it only once the primary says it is committed (every record
+//   and heartbeat carries the committed lsn). Its unapplied tail may therefore differ from the
+//   primary's log.
+// - Handshake. The standby's hello reports, per tenant, its applied point (lsn, checksum) and a
+//   summary (epoch, checksum) of each unapplied record. It is sent only when nothing is being
+//   fsynced, so everything in it is durable. The primary compares the summaries with its log
+//   (from memory for recent records, else through `.readLogSummaries`): the longest matching
+//   prefix is kept (and counts as acked: a pending commit can complete on a hello), the rest is
+//   discarded with `rewind`, and streaming resumes after it. If the applied point itself is
+//   not on the primary's history (checksum differs), or the log no longer reaches back, a
+//   snapshot replaces the standby's database and log. Checksums are of database states, so
+//   equal summaries mean equal databases (invariant 6).
+// - Rollback on a live connection. A commit that times out after its record was sent fails as
+//   "outcome unknown". The tenant's stream then drains: nothing more is sent for it until
+//   every sent record is acked, and only then does `rewind` go out. An earlier rewind could
+//   cross an ack of the old record, which would then pass for an ack of the record that
+//   reuses its lsn. (Closing the connection instead was tried first; the simulator found that
+//   it can livelock: each new connection is killed by the next stale timeout.)
+// - Flow control per tenant: at most `inFlightRecordsMax` records and `inFlightBytesMax` bytes
+//   sent and unacked (a single larger record may go alone), at most `pendingCommitsMax`
+//   commits waiting; the standby enforces the matching bound on its unapplied tail.
+// - Epochs (invariant 3): every message carries the sender's epoch. An older one is rejected
+//   (and the connection closed); a newer one makes the primary step down and the standby ask
+//   the monitor. Epochs come from the monitor only; a core never adopts one from a peer.
+// - Leases (DESIGN §6): each ack and standby heartbeat grants `leaseMs`. The primary counts it
+//   from when it sent the record or heartbeat that got the grant (its own clock; the heartbeat
+//   echoes the send time). The standby counts its promise from when it sent the grant.
 import ApiaryCore
 
 // MARK: - Time, connections, peers
@@ -111,9 +144,11 @@ public struct ReplicationConfig: Hashable, Sendable {
     public var inFlightBytesMax: Int = 8 << 20
     /// Commits waiting for the standby, per tenant; past it a commit fails as `overloaded`.
     public var pendingCommitsMax: Int = 64
-    /// Largest record (``Record/byteCount``) the primary accepts: it must fit in one frame.
-    public var recordBytesMax: Int = 64 << 20
-    /// Tenants one connection may carry (bounds hello and heartbeat size).
+    /// Largest record (``Record/byteCount``) the primary accepts; never more than
+    /// ``WireCodec/recordBytesMax``, which fits one frame.
+    public var recordBytesMax: Int = WireCodec.recordBytesMax
+    /// Tenants one connection may carry (bounds hello and heartbeat size). MUST exceed the
+    /// number of tenants a node holds: a hello listing more is refused.
     public var tenantsMax: Int = 10_000
 
     public init() {}

@@ -216,7 +216,9 @@ public struct PrimaryReplication: Sendable {
         var log = tenants[tenant]!
         precondition(record.lsn == log.lastLSN + 1, "\(tenant): record lsn \(record.lsn) does not follow last lsn \(log.lastLSN)")
         precondition(record.epoch == epoch, "\(tenant): record of epoch \(record.epoch) handed to the primary of epoch \(epoch)")
-        guard record.byteCount <= config.recordBytesMax else { return [.commitFailed(tenant, record.lsn, .recordTooLarge)] }
+        guard record.byteCount <= min(config.recordBytesMax, WireCodec.recordBytesMax) else {
+            return [.commitFailed(tenant, record.lsn, .recordTooLarge)]
+        }
         if mode.waitsForStandby, log.pending.count >= config.pendingCommitsMax {
             return [.commitFailed(tenant, record.lsn, .overloaded)]
         }
@@ -614,7 +616,8 @@ extension PrimaryReplication {
             return tenant
         }
         var committed: [TenantCommitted] = []
-        for tenant in moved.sorted() {
+        // Bounded like a hello; tenants left out are told in the next heartbeat.
+        for tenant in moved.sorted().prefix(config.tenantsMax) {
             let lsn = tenants[tenant]!.committedLSN
             committed.append(TenantCommitted(tenant: tenant, committedLSN: lsn))
             link!.streams[tenant]!.committedTold = lsn

@@ -15,8 +15,11 @@ import ApiaryCore
 public enum WireCodec {
     /// Bytes of the length prefix.
     public static let lengthPrefixBytes = 4
-    /// Largest frame body: a 64 MiB record plus headroom for its framing and page headers.
-    public static let frameBodyBytesMax = (64 << 20) + (1 << 20)
+    /// Largest record (``Record/byteCount``) a frame can carry, whatever the configuration says.
+    public static let recordBytesMax = 64 << 20
+    /// Largest frame body: a 64 MiB record plus headroom for the message header and the 4 bytes
+    /// per page that the encoding holds beyond ``Record/byteCount`` (512 KiB at 512-byte pages).
+    public static let frameBodyBytesMax = recordBytesMax + (1 << 20)
 
     /// Hard wire bounds, independent of configuration, so that a decoder never allocates
     /// beyond what a frame could honestly hold.

@@ -339,7 +339,14 @@ final class Simulation {
     private(set) var trace: [String] = []
     private(set) var stats: [String: Int] = [:]
 
+    /// Real (simulated) time. Each node reads its own monotonic clock, offset from it.
     private(set) var now: Int64 = 0
+    private let primaryClockOffset: Int64
+    private let standbyClockOffset: Int64
+    private var primaryNow: Int64 { now + primaryClockOffset }
+    private var standbyNow: Int64 { now + standbyClockOffset }
+    /// The latest real time until which any standby core promised not to be promoted.
+    private var standbyPromiseRealUntil: Int64 = .min
     private var queue = EventQueue()
     private var failure: SimViolation?
 
@@ -374,6 +381,8 @@ final class Simulation {
         self.seed = seed
         var r = rng ?? SimRandom(seed: seed)
         self.params = params ?? SimParameters.random(&r)
+        primaryClockOffset = r.int64(-1_000_000...1_000_000)
+        standbyClockOffset = r.int64(-1_000_000...1_000_000)
         self.rng = r
         self.tracing = tracing
         self.mode = self.params.mode
@@ -403,10 +412,9 @@ final class Simulation {
         writesActive = false
         // Settle: wait for convergence, within a budget that grows with the backlog (a window
         // smaller than a record makes catch-up stop-and-wait, one round trip per record).
-        try run(until: now + params.settleMs)
         let roundTripMs = 2 * params.networkDelayMs.upperBound + params.persistMs.upperBound + params.readMs.upperBound + 2 * params.tickMs + 5
         let deadline = now + roundTripMs * Int64(backlog()) + params.settleMs
-        while convergenceProblem() != nil, now < deadline { try run(until: now + 50) }
+        while convergenceProblem() != nil, now < deadline { try run(until: now + 20) }
         if let problem = convergenceProblem() { throw SimViolation(time: now, message: problem) }
         try probeWrites()
     }
@@ -426,7 +434,7 @@ final class Simulation {
             throw SimViolation(time: now, message: "liveness: probe write \(tenantIDs[probe.tenant]) lsn \(probe.lsn) issued at \(started)ms did not commit")
         }
         let deadline = now + params.settleMs
-        while convergenceProblem() != nil, now < deadline { try run(until: now + 50) }
+        while convergenceProblem() != nil, now < deadline { try run(until: now + 20) }
         if let problem = convergenceProblem() { throw SimViolation(time: now, message: "after the probe writes: \(problem)") }
     }
 
@@ -498,14 +506,14 @@ final class Simulation {
 
     private func schedulePrimaryTick() {
         after(params.tickMs) { [unowned self] in
-            if primary.up, primary.core != nil { handlePrimary(primary.core!.onTick(now: now)) }
+            if primary.up, primary.core != nil { handlePrimary(primary.core!.onTick(now: primaryNow)) }
             schedulePrimaryTick()
         }
     }
 
     private func scheduleStandbyTick() {
         after(params.tickMs) { [unowned self] in
-            if standby.up, standby.core != nil { handleStandby(standby.core!.onTick(now: now)) }
+            if standby.up, standby.core != nil { handleStandby(standby.core!.onTick(now: standbyNow)) }
             scheduleStandbyTick()
         }
     }
@@ -546,7 +554,7 @@ final class Simulation {
         writes[i, default: [:]][lsn] = ClientWrite(tenantIndex: i, lsn: lsn, summary: RecordSummary(record), issuedAt: now)
         count("writes")
         log("write \(tenantIDs[i]) lsn \(lsn) \(RecordSummary(record))")
-        handlePrimary(primary.core!.onLocalRecord(tenantIDs[i], record, now: now))
+        handlePrimary(primary.core!.onLocalRecord(tenantIDs[i], record, now: primaryNow))
         return true
     }
 
@@ -580,7 +588,7 @@ final class Simulation {
                     if records.isEmpty, request.firstRecordMayExceed, let first = disk.record(request.fromLSN) {
                         records = [first]
                     }
-                    handlePrimary(primary.core!.onLogRead(c, request: request, records: records, now: now))
+                    handlePrimary(primary.core!.onLogRead(c, request: request, records: records, now: primaryNow))
                 }
             case .readLogSummaries(let c, let request):
                 count("readLogSummaries")
@@ -589,7 +597,7 @@ final class Simulation {
                     guard primary.up, primary.incarnation == incarnation, primary.core != nil else { return }
                     let disk = primary.disks[tenantIndex[request.tenant]!]
                     let summaries = (request.fromLSN...request.throughLSN).compactMap { disk.record($0).map(RecordSummary.init) }
-                    handlePrimary(primary.core!.onLogSummaries(c, request: request, summaries: summaries, now: now))
+                    handlePrimary(primary.core!.onLogSummaries(c, request: request, summaries: summaries, now: primaryNow))
                 }
             case .sendSnapshot(let c, let request):
                 count("snapshot")
@@ -598,7 +606,7 @@ final class Simulation {
                     guard primary.up, primary.incarnation == incarnation, primary.core != nil else { return }
                     if rng.chance(params.faults.snapshotFailChance) && faultsActive {
                         count("snapshot.failedToRead")
-                        handlePrimary(primary.core!.onSnapshotFailed(c, request: request, now: now))
+                        handlePrimary(primary.core!.onSnapshotFailed(c, request: request, now: primaryNow))
                         return
                     }
                     sendSnapshot(request, on: c)
@@ -639,7 +647,7 @@ final class Simulation {
             start = end
         }
         send(.snapshotEnd(SnapshotEnd(epoch: request.epoch, tenant: request.tenant, lsn: lsn, checksum: db.checksum)), on: c.rawValue, toStandby: true)
-        handlePrimary(primary.core!.onSnapshotSent(c, request: request, lsn: lsn, now: now))
+        handlePrimary(primary.core!.onSnapshotSent(c, request: request, lsn: lsn, now: primaryNow))
     }
 
     private func commitDurable(_ i: Int, _ lsn: LSN) {
@@ -724,6 +732,9 @@ final class Simulation {
     // MARK: Standby actions
 
     private func handleStandby(_ actions: [StandbyAction]) {
+        if let promised = standby.core?.leasePromisedUntil, promised > 0 {
+            standbyPromiseRealUntil = max(standbyPromiseRealUntil, promised - standbyClockOffset)
+        }
         for action in actions {
             log("S> \(describe(action))")
             switch action {
@@ -767,7 +778,7 @@ final class Simulation {
 
     private func tellStandbyEpoch() {
         standby.durableEpoch = monitorEpoch
-        handleStandby(standby.core!.onEpochChanged(monitorEpoch, now: now))
+        handleStandby(standby.core!.onEpochChanged(monitorEpoch, now: standbyNow))
     }
 
     // MARK: Standby storage
@@ -819,7 +830,7 @@ final class Simulation {
             }
             disk.fsync()
             count("persist")
-            handleStandby(standby.core!.onPersisted(tenant, throughLSN: records.last!.lsn, now: now))
+            handleStandby(standby.core!.onPersisted(tenant, throughLSN: records.last!.lsn, now: standbyNow))
         case .truncate(let lsn):
             for discarded in (lsn + 1)...max(lsn + 1, disk.lastLSN) {
                 guard let record = disk.currentRecord(discarded) else { continue }
@@ -862,7 +873,7 @@ final class Simulation {
             db.apply(Record(epoch: .zero, lsn: lsn, dbSizePages: size, checksum: 0, pages: scratch.pages))
             if db.checksum != checksum || (faultsActive && rng.chance(params.faults.snapshotFailChance)) {
                 count("snapshot.installFailed")
-                handleStandby(standby.core!.onSnapshotFailed(tenant, now: now))
+                handleStandby(standby.core!.onSnapshotFailed(tenant, now: standbyNow))
             } else {
                 if lsn > 0, committed[i][lsn]?.checksum != checksum {
                     fail("snapshot of \(tenant) at \(lsn) does not match the committed record \(String(describing: committed[i][lsn]))")
@@ -877,7 +888,7 @@ final class Simulation {
                 disk.durable = []
                 disk.syncedPrefix = 0
                 count("snapshot.installed")
-                handleStandby(standby.core!.onSnapshotInstalled(tenant, lsn: lsn, now: now))
+                handleStandby(standby.core!.onSnapshotInstalled(tenant, lsn: lsn, now: standbyNow))
             }
         case .abandonSnapshot:
             disk.scratch = nil
@@ -897,7 +908,7 @@ final class Simulation {
                 // Refused at once by a live host; a partition lets the attempt time out.
                 after(partitioned ? random(20...200) : random(0...3)) { [unowned self] in
                     guard standby.up, standby.incarnation == incarnation, standby.core != nil else { return }
-                    handleStandby(standby.core!.onConnectFailed(now: now))
+                    handleStandby(standby.core!.onConnectFailed(now: standbyNow))
                 }
                 return
             }
@@ -907,9 +918,9 @@ final class Simulation {
             count("connections")
             log("connected conn#\(connection.id)")
             let c = ConnectionID(connection.id)
-            handlePrimary(primary.core!.onConnected(c, peer: PeerIdentity(nodeID: Self.standbyID, role: .node), now: now))
+            handlePrimary(primary.core!.onConnected(c, peer: PeerIdentity(nodeID: Self.standbyID, role: .node), now: primaryNow))
             if standby.core != nil {
-                handleStandby(standby.core!.onConnected(c, peer: PeerIdentity(nodeID: Self.primaryID, role: .node), now: now))
+                handleStandby(standby.core!.onConnected(c, peer: PeerIdentity(nodeID: Self.primaryID, role: .node), now: standbyNow))
             }
         }
     }
@@ -962,10 +973,10 @@ final class Simulation {
             case .fin:
                 if toStandby, connection.standbyOpen {
                     connection.standbyOpen = false
-                    if standby.up, standby.core != nil { handleStandby(standby.core!.onDisconnected(ConnectionID(id), now: now)) }
+                    if standby.up, standby.core != nil { handleStandby(standby.core!.onDisconnected(ConnectionID(id), now: standbyNow)) }
                 } else if !toStandby, connection.primaryOpen {
                     connection.primaryOpen = false
-                    if primary.up, primary.core != nil { handlePrimary(primary.core!.onDisconnected(ConnectionID(id), now: now)) }
+                    if primary.up, primary.core != nil { handlePrimary(primary.core!.onDisconnected(ConnectionID(id), now: primaryNow)) }
                 }
             }
             if failure != nil { return }
@@ -975,7 +986,7 @@ final class Simulation {
     private func deliverToStandby(_ message: Message, on id: UInt64) {
         log("→S \(describe(message)) on conn#\(id)")
         let epochBefore = standby.core!.epoch
-        let actions = standby.core!.onMessage(message, from: ConnectionID(id), now: now)
+        let actions = standby.core!.onMessage(message, from: ConnectionID(id), now: standbyNow)
         if message.epoch < epochBefore { checkOnlyRejects(actions.map { Effect($0) }, message, "standby") }
         handleStandby(actions)
     }
@@ -985,8 +996,13 @@ final class Simulation {
         let epochBefore = primary.core!.epoch
         primaryEvent = message.kind
         defer { primaryEvent = "" }
-        let actions = primary.core!.onMessage(message, from: ConnectionID(id), now: now)
+        let actions = primary.core!.onMessage(message, from: ConnectionID(id), now: primaryNow)
         if message.epoch < epochBefore { checkOnlyRejects(actions.map { Effect($0) }, message, "primary") }
+        // Lease safety (DESIGN §6): the primary never counts on a lease for longer, in real
+        // time, than a standby promised; so an old primary stops before a new one may start.
+        if let until = primary.core?.leaseGrantedUntil, until - primaryClockOffset > standbyPromiseRealUntil {
+            fail("lease: the primary holds a lease until real \(until - primaryClockOffset)ms, the standby promised only until \(standbyPromiseRealUntil)ms")
+        }
         handlePrimary(actions)
     }
 
@@ -1073,10 +1089,10 @@ final class Simulation {
                 after(random(0...20)) { [unowned self] in
                     if standbySide, connection.standbyOpen {
                         connection.standbyOpen = false
-                        if standby.up, standby.core != nil { handleStandby(standby.core!.onDisconnected(ConnectionID(id), now: now)) }
+                        if standby.up, standby.core != nil { handleStandby(standby.core!.onDisconnected(ConnectionID(id), now: standbyNow)) }
                     } else if !standbySide, connection.primaryOpen {
                         connection.primaryOpen = false
-                        if primary.up, primary.core != nil { handlePrimary(primary.core!.onDisconnected(ConnectionID(id), now: now)) }
+                        if primary.up, primary.core != nil { handlePrimary(primary.core!.onDisconnected(ConnectionID(id), now: primaryNow)) }
                     }
                 }
             }
@@ -1210,7 +1226,7 @@ final class Simulation {
         log("mode -> \(newMode)")
         mode = newMode
         guard primary.up, primary.core != nil else { return }
-        handlePrimary(primary.core!.onModeChanged(newMode, now: now))
+        handlePrimary(primary.core!.onModeChanged(newMode, now: primaryNow))
     }
 
     /// The primary drops old log records (kept in its database), at most up to its committed lsn.
@@ -1229,7 +1245,7 @@ final class Simulation {
         primary.disks[i] = disk
         count("fault.compaction")
         log("compact \(tenantIDs[i]) log to start at \(first)")
-        handlePrimary(primary.core!.onLogCompacted(tenantIDs[i], firstLSN: first, baseChecksum: disk.baseChecksum, now: now))
+        handlePrimary(primary.core!.onLogCompacted(tenantIDs[i], firstLSN: first, baseChecksum: disk.baseChecksum, now: primaryNow))
     }
 
     /// A message from an older epoch arrives (an old primary or standby that missed the bump).
@@ -1243,7 +1259,7 @@ final class Simulation {
             let record = Record(epoch: stale, lsn: next, dbSizePages: 1, checksum: 7, pages: [Page(number: 1, bytes: [1, 2, 3])])
             let message = rng.pick([
                 Message.record(RecordMessage(epoch: stale, tenant: tenant, committedLSN: next, record: record)),
-                .primaryHeartbeat(PrimaryHeartbeat(epoch: stale, sentAtMs: now, committed: [TenantCommitted(tenant: tenant, committedLSN: next)])),
+                .primaryHeartbeat(PrimaryHeartbeat(epoch: stale, sentAtMs: primaryNow, committed: [TenantCommitted(tenant: tenant, committedLSN: next)])),
                 .rewind(Rewind(epoch: stale, tenant: tenant, toLSN: 0)),
                 .snapshotBegin(SnapshotBegin(epoch: stale, tenant: tenant, lsn: 1, dbSizePages: 1)),
             ])
@@ -1254,7 +1270,7 @@ final class Simulation {
             let acked = core.status(of: tenant)?.standbyAckedLSN ?? 0
             let message = rng.pick([
                 Message.ack(Ack(epoch: stale, tenant: tenant, lsn: acked + 1, leaseMs: 10_000)),
-                .standbyHeartbeat(StandbyHeartbeat(epoch: stale, echoSentAtMs: now, leaseMs: 10_000)),
+                .standbyHeartbeat(StandbyHeartbeat(epoch: stale, echoSentAtMs: primaryNow, leaseMs: 10_000)),
             ])
             let leaseBefore = core.leaseGrantedUntil
             deliverToPrimary(message, on: c.rawValue)
@@ -1298,9 +1314,9 @@ final class Simulation {
     func injectDecodeError() {
         count("fault.decodeError")
         if rng.chance(0.5), standby.up, let c = standby.core?.streamingConnection {
-            handleStandby(standby.core!.onDecodeError(c, DecodeError("injected"), now: now))
+            handleStandby(standby.core!.onDecodeError(c, DecodeError("injected"), now: standbyNow))
         } else if primary.up, let c = primary.core?.standbyConnection {
-            handlePrimary(primary.core!.onDecodeError(c, DecodeError("injected"), now: now))
+            handlePrimary(primary.core!.onDecodeError(c, DecodeError("injected"), now: primaryNow))
         }
     }
 
@@ -1312,10 +1328,10 @@ final class Simulation {
         count("fault.late")
         let c = ConnectionID(late.connection)
         if late.toStandby, standby.up, standby.core != nil, standby.core!.streamingConnection != c {
-            let actions = standby.core!.onMessage(late.message, from: c, now: now)
+            let actions = standby.core!.onMessage(late.message, from: c, now: standbyNow)
             if !actions.isEmpty { fail("standby acted on a message of closed \(c): \(actions.map(describe))") }
         } else if !late.toStandby, primary.up, primary.core != nil, primary.core!.standbyConnection != c {
-            let actions = primary.core!.onMessage(late.message, from: c, now: now)
+            let actions = primary.core!.onMessage(late.message, from: c, now: primaryNow)
             if !actions.isEmpty { fail("primary acted on a message of closed \(c): \(actions.map(describe))") }
         }
     }
