@@ -54,50 +54,116 @@ public enum NodeServer {
         try stateFile.write(epoch: epoch)
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(2, System.coreCount))
-        let driverLoop = group.next()
-        let ids = ConnectionIDs()
-        let service: any SQLService
-        var replicationChannel: (any Channel)?
-        let ticker: RepeatedTask
-
+        let roles = NodeRoles(config: config, layout: layout, group: group, credentials: credentials, logger: logger)
         switch config.role {
-        case .primary:
-            let primary = try PrimaryNode(name: config.name, epoch: epoch, mode: config.mode, config: config.replication,
-                                          standby: config.standbyName, layout: layout, loop: driverLoop, logger: logger)
-            let channel = try await ClusterTransport.listen(host: config.replicationHost, port: config.replicationPort, group: group,
-                                                            credentials: credentials, ids: ids, events: primary, driverLoop: driverLoop)
-            replicationChannel = channel
-            ticker = driverLoop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(tickMs(config))) { _ in primary.tick() }
-            service = PrimarySQLService(node: primary, epoch: epoch)
-            logger.notice("replication listening", metadata: ["address": "\(channel.localAddress.map { "\($0)" } ?? "?")"])
-        case .standby:
-            let standby = try StandbyNode(name: config.name, epoch: epoch, config: config.replication, layout: layout,
-                                          primaryHost: config.primaryHost, primaryPort: config.primaryPort, group: group,
-                                          loop: driverLoop, credentials: credentials, ids: ids, logger: logger)
-            ticker = driverLoop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(tickMs(config))) { _ in standby.tick() }
-            service = StandbySQLService(node: standby)
+        case .primary: try await roles.startPrimary(epoch: epoch, mode: config.mode)
+        case .standby: try roles.startStandby(epoch: epoch)
         }
 
-        let app = try APIServer.application(service: service, credentials: credentials, host: config.apiHost, port: config.apiPort,
+        let app = try APIServer.application(service: roles, credentials: credentials, host: config.apiHost, port: config.apiPort,
                                             group: group, logger: logger) { port in
             // Scripts and tests wait for this line.
             print("apiary node \(config.name) ready: role=\(config.role.rawValue) api=https://\(config.apiHost):\(port)")
             fflush(stdout)
         }
-        do {
-            try await app.runService()
-        } catch {
-            ticker.cancel()
-            try? await replicationChannel?.close()
-            throw error
-        }
-        ticker.cancel()
-        try? await replicationChannel?.close()
-        try? await group.shutdownGracefully()
+        defer { roles.stop() }
+        try await app.runService()
     }
 
     /// The cores want a tick at least every heartbeatIntervalMs / 2.
     static func tickMs(_ config: NodeConfiguration) -> Int64 { max(5, config.replication.heartbeatIntervalMs / 4) }
+}
+
+/// The node's current role behind the API; a standby becomes a primary by promotion.
+final class NodeRoles: SQLService, @unchecked Sendable {
+    let config: NodeConfiguration
+    let layout: DataLayout
+    let group: any EventLoopGroup
+    let credentials: ClusterCredentials
+    let logger: Logger
+    let ids = ConnectionIDs()
+    private let lock = NSLock()
+    private var current: (any SQLService)?
+    private var standby: StandbyNode?
+    private var resources: [() -> Void] = []
+
+    init(config: NodeConfiguration, layout: DataLayout, group: any EventLoopGroup, credentials: ClusterCredentials, logger: Logger) {
+        self.config = config
+        self.layout = layout
+        self.group = group
+        self.credentials = credentials
+        self.logger = logger
+    }
+
+    private var service: any SQLService {
+        get throws {
+            guard let s = lock.withLock({ current }) else { throw APIError(.notExecuted, "node is changing roles; retry") }
+            return s
+        }
+    }
+
+    func startPrimary(epoch: Epoch, mode: ReplicationMode) async throws {
+        let loop = group.next()
+        let primary = try PrimaryNode(name: config.name, epoch: epoch, mode: mode, config: config.replication,
+                                      standby: config.standbyName, layout: layout, loop: loop, logger: logger)
+        let channel = try await ClusterTransport.listen(host: config.replicationHost, port: config.replicationPort, group: group,
+                                                        credentials: credentials, ids: ids, events: primary, driverLoop: loop)
+        let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in primary.tick() }
+        logger.notice("primary", metadata: ["epoch": "\(epoch)", "mode": "\(mode)", "replication": "\(channel.localAddress.map { "\($0)" } ?? "?")"])
+        lock.withLock {
+            current = PrimarySQLService(node: primary, epoch: epoch)
+            resources.append { ticker.cancel(); channel.close(promise: nil) }
+        }
+    }
+
+    func startStandby(epoch: Epoch) throws {
+        let loop = group.next()
+        let node = try StandbyNode(name: config.name, epoch: epoch, config: config.replication, layout: layout,
+                                   primaryHost: config.primaryHost, primaryPort: config.primaryPort, group: group,
+                                   loop: loop, credentials: credentials, ids: ids, logger: logger)
+        let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in node.tick() }
+        lock.withLock {
+            current = StandbySQLService(node: node)
+            standby = node
+            resources.append { ticker.cancel() }
+        }
+    }
+
+    func stop() {
+        for release in lock.withLock({ resources }) { release() }
+    }
+
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult] {
+        try await service.execute(tenant: tenant, statements, transaction: transaction)
+    }
+
+    func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] {
+        try await service.query(tenant: tenant, statements, level: level)
+    }
+
+    func statusJSON() async -> [UInt8] {
+        guard let s = try? service else { return RqliteJSON.error("node is changing roles") }
+        return await s.statusJSON()
+    }
+
+    /// Standby → primary of epoch + 1, committing alone (`single`) until a standby is set up
+    /// again (the monitor, next issue, will drive this and the old primary's rejoin).
+    func promote() async throws -> [UInt8] {
+        guard let node = lock.withLock({ () -> StandbyNode? in
+            guard let s = standby else { return nil }
+            standby = nil
+            current = nil
+            return s
+        }) else { throw APIError(.badRequest, "this node is not a standby") }
+        let old = try await node.stopForPromotion()
+        let epoch = old.next
+        try NodeStateFile(path: layout.nodeState).write(epoch: epoch)
+        for release in lock.withLock({ resources }) { release() }
+        lock.withLock { resources.removeAll() }
+        try await startPrimary(epoch: epoch, mode: .single)
+        logger.notice("promoted to primary", metadata: ["epoch": "\(epoch)"])
+        return Array("{\"promoted\":true,\"epoch\":\(epoch.rawValue)}".utf8)
+    }
 }
 
 /// The API on the primary: writes go through the tenant's group commit and replication.
@@ -130,6 +196,8 @@ struct PrimarySQLService: SQLService {
             throw Self.apiError(error)
         }
     }
+
+    func promote() async throws -> [UInt8] { throw APIError(.badRequest, "this node is already the primary") }
 
     func statusJSON() async -> [UInt8] {
         let status = NodeStatus(node: node.name, role: "primary", epoch: epoch.rawValue, tenants: await node.status().sorted { $0.tenant < $1.tenant })
@@ -172,6 +240,8 @@ struct StandbySQLService: SQLService {
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] {
         throw APIError(.notExecuted, "not primary: this node is a standby and serves no reads")
     }
+
+    func promote() async throws -> [UInt8] { throw APIError(.badRequest, "promote through the node, not its standby service") }
 
     func statusJSON() async -> [UInt8] {
         let status = NodeStatus(node: node.name, role: "standby", epoch: 0, tenants: await node.status().sorted { $0.tenant < $1.tenant },

@@ -151,6 +151,8 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private var tenants: [TenantID: StandbyTenant] = [:]
     /// Set when storage failed in a way that breaks an invariant: the node stops replicating.
     private(set) var fatal: NodeError?
+    /// Set once promotion starts: nothing more is taken from the old primary.
+    private var promoting = false
 
     init(name: String, epoch: Epoch, config: ReplicationConfig, layout: DataLayout, primaryHost: String, primaryPort: Int,
          group: any EventLoopGroup, loop: any EventLoop, credentials: ClusterCredentials, ids: ConnectionIDs, logger: Logger) throws {
@@ -183,19 +185,19 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     // MARK: - Events (event loop)
 
     func tick() {
-        guard fatal == nil else { return }
+        guard fatal == nil, !promoting else { return }
         interpret(core.onTick(now: monotonicNowMs()))
     }
 
     func connected(_ id: ConnectionID, channel: any Channel, peer: ApiaryReplication.PeerIdentity) {
-        guard fatal == nil else { channel.close(promise: nil); return }
+        guard fatal == nil, !promoting else { channel.close(promise: nil); return }
         channels[id] = channel
         logger.info("connected to primary", metadata: ["primary": "\(peer.nodeID)", "connection": "\(id)"])
         interpret(core.onConnected(id, peer: peer, now: monotonicNowMs()))
     }
 
     func received(_ id: ConnectionID, _ message: Result<Message, DecodeError>) {
-        guard channels[id] != nil, fatal == nil else { return }
+        guard channels[id] != nil, fatal == nil, !promoting else { return }
         switch message {
         case .success(let m): interpret(core.onMessage(m, from: id, now: monotonicNowMs()))
         case .failure(let e): interpret(core.onDecodeError(id, e, now: monotonicNowMs()))
@@ -211,6 +213,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
 
     private func interpret(_ actions: [StandbyAction]) {
         loop.preconditionInEventLoop()
+        guard !promoting else { return }
         for action in actions {
             switch action {
             case .connect:
@@ -355,6 +358,35 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         logger.critical("standby stopped replicating", metadata: ["error": "\(error)"])
         for (_, channel) in channels { channel.close(promise: nil) }
         channels.removeAll()
+    }
+
+    // MARK: - Promotion
+
+    /// Stops replicating, waits out the lease this standby granted (so the old primary has
+    /// stopped committing, DESIGN §6), and applies every record it holds — including those the
+    /// old primary had not yet told it were committed: they may have been acknowledged.
+    /// - Returns: the epoch the node was in.
+    func stopForPromotion(leaseDriftMarginMs: Milliseconds = 100) async throws -> Epoch {
+        let (epoch, leaseUntil, tenants) = try await loop.submit { () -> (Epoch, Milliseconds, [StandbyTenant]) in
+            if let fatal = self.fatal { throw fatal }
+            self.promoting = true
+            for (_, channel) in self.channels { channel.close(promise: nil) }
+            self.channels.removeAll()
+            return (self.core.epoch, self.core.leasePromisedUntil, Array(self.tenants.values))
+        }.get()
+        let waitMs = leaseUntil + leaseDriftMarginMs - monotonicNowMs()
+        if waitMs > 0 { try await Task.sleep(for: .milliseconds(waitMs)) }
+        for tenant in tenants {
+            try await PrimaryNode.onBlockingThread {
+                tenant.ioQueue.sync {} // appends in flight finish first
+                try tenant.applyQueue.sync {
+                    let last = tenant.withLog { $0.last.lsn }
+                    try tenant.applyRecords(through: last)
+                    tenant.withLog { $0.close() } // the primary's shell opens it next
+                }
+            }
+        }
+        return epoch
     }
 
     // MARK: - Status

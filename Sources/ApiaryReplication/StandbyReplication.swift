@@ -94,20 +94,24 @@ public struct StandbyReplication: Sendable {
     /// This node promised not to be promoted before this time on its own monotonic clock
     /// (each ack and heartbeat promises `leaseMs` from when it is sent). A promotion MUST wait
     /// until it has passed, plus a margin for clock-rate drift (DESIGN §6).
-    public private(set) var leasePromisedUntil: Milliseconds = 0
+    public private(set) var leasePromisedUntil: Milliseconds
 
     private var tenants: [TenantID: TenantState]
-    private var link: Link = .idle(reconnectAt: 0)
+    /// The first tick connects at once.
+    private var link: Link = .idle(reconnectAt: .min)
     /// The node id in the certificate of the primary on the current connection.
     private var primaryNodeID: NodeID?
 
     /// - Parameters:
     ///   - tenants: what the database and log hold per tenant (see ``StandbyTenantLog``).
-    public init(nodeID: NodeID, epoch: Epoch, config: ReplicationConfig = ReplicationConfig(), tenants: [TenantID: StandbyTenantLog] = [:]) {
+    ///   - now: the node's clock at startup. Promises are not persisted, so the core assumes
+    ///     that an earlier incarnation promised `leaseMs` just before it stopped.
+    public init(nodeID: NodeID, epoch: Epoch, config: ReplicationConfig = ReplicationConfig(), tenants: [TenantID: StandbyTenantLog] = [:], now: Milliseconds) {
         self.nodeID = nodeID
         self.epoch = epoch
         self.config = config
         self.tenants = tenants.mapValues { TenantState($0) }
+        self.leasePromisedUntil = now + config.leaseMs
     }
 
     // MARK: Queries

@@ -5,6 +5,7 @@ import ApiaryStorage
 import ApiaryTLS
 import Foundation
 import NIOCore
+import NIOPosix
 import XCTest
 
 /// Two real `apiary node` processes on loopback, replicating over mutual TLS.
@@ -166,6 +167,57 @@ final class ReplicatedClusterTests: XCTestCase {
         // The real standby is unaffected.
         let report = try await verify()
         XCTAssertTrue(report.consistent, report.text)
+    }
+
+    /// Manual failover (until the monitor exists): the primary dies (-9), the standby is
+    /// promoted, and it serves every write that was acknowledged (invariant 2), in epoch 2.
+    func testPromotedStandbyServesEveryAcknowledgedWrite() async throws {
+        let setup = try await api.connect()
+        _ = try await setup.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: Array(#"["CREATE TABLE kv (id INTEGER PRIMARY KEY)"]"#.utf8))
+        await setup.close()
+        let acked = AckedWrites()
+        let api = self.api
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for client in 0..<4 {
+                group.addTask {
+                    let c = try await api.connect()
+                    for i in 0..<100 {
+                        let id = client * 1000 + i
+                        let r = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: Array("[[\"INSERT INTO kv VALUES (?)\", \(id)]]".utf8))
+                        if r.status == 200 { acked.add(id) }
+                    }
+                    await c.close()
+                }
+            }
+            try await group.waitForAll()
+        }
+        XCTAssertEqual(acked.count, 400)
+        cluster.kill(cluster.primary, signal: SIGKILL)
+
+        let operatorTLS = try ClusterCredentials(directory: cluster.certificates, name: "operator").clusterClient()
+        let admin = try await HTTPSConnection.connect(host: "127.0.0.1", port: cluster.standby.apiPort, tls: operatorTLS, group: MultiThreadedEventLoopGroup.singleton)
+        let promoted = try await admin.request(.POST, "/admin/promote")
+        await admin.close()
+        XCTAssertEqual(promoted.status, 200, promoted.text)
+        XCTAssertTrue(promoted.text.contains("\"epoch\":2"), promoted.text)
+
+        let newPrimary = try await APIClient(port: cluster.standby.apiPort, caPath: cluster.certificates + "/ca.pem").connect()
+        let rows = try await newPrimary.request(.GET, "/db/query?q=SELECT%20id%20FROM%20kv", headers: [("X-Apiary-Tenant", "acme")])
+        XCTAssertEqual(rows.status, 200, rows.text)
+        let object = try JSONSerialization.jsonObject(with: Data(rows.body)) as? [String: Any]
+        let values = ((object?["results"] as? [[String: Any]])?.first?["values"] as? [[Int]]) ?? []
+        let present = Set(values.map { $0[0] })
+        XCTAssertTrue(acked.ids.isSubset(of: present), "\(acked.ids.subtracting(present).count) acknowledged writes lost in failover")
+        let write = try await newPrimary.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: Array(#"[["INSERT INTO kv VALUES (?)", 999999]]"#.utf8))
+        XCTAssertEqual(write.status, 200, write.text)
+        await newPrimary.close()
+    }
+
+    func testOnlyAnOperatorMayPromote() async throws {
+        let connection = try await api.connect()
+        let response = try await connection.request(.POST, "/admin/promote")
+        XCTAssertEqual(response.status, 403)
+        await connection.close()
     }
 
     func testStatusNeedsAnOperatorCertificate() async throws {

@@ -113,7 +113,7 @@ final class PrimaryScenarioTests: XCTestCase {
         // The standby side of the same rewind.
         var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), tenants: [
             tenant: StandbyTenantLog(appliedLSN: 3, appliedChecksum: summary(3).checksum, tail: [summary(4), summary(5, variant: 7)]),
-        ])
+        ], now: 0)
         let welcomed = welcomedStandby(&s)
         XCTAssertEqual(welcomed, hello([position]))
         XCTAssertEqual(s.onMessage(.rewind(Rewind(epoch: Epoch(1), tenant: tenant, toLSN: 4)), from: conn1, now: 2),
@@ -133,7 +133,7 @@ final class PrimaryScenarioTests: XCTestCase {
         XCTAssertEqual(p.leaseGrantedUntil, 1_000, "the snapshot's lease counts from when it was asked for")
 
         // The standby side: scratch file, install, ack.
-        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), now: 0)
         _ = welcomedStandby(&s)
         let page = Page(number: 1, bytes: [1])
         XCTAssertEqual(s.onMessage(.snapshotBegin(SnapshotBegin(epoch: Epoch(1), tenant: tenant, lsn: 12, dbSizePages: 1)), from: conn1, now: 1),
@@ -198,7 +198,7 @@ final class PrimaryScenarioTests: XCTestCase {
         XCTAssertNil(p.leaseGrantedUntil)
         XCTAssertEqual(p.status(of: tenant)?.committedLSN, 0)
 
-        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(5), config: testConfig())
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(5), config: testConfig(), now: 0)
         _ = welcomedStandby(&s, epoch: Epoch(5))
         let standbyActions = s.onMessage(.record(RecordMessage(epoch: Epoch(4), tenant: tenant, committedLSN: 1, record: record(1))), from: conn1, now: 1)
         XCTAssertEqual(standbyActions.count, 2)
@@ -224,7 +224,7 @@ final class PrimaryScenarioTests: XCTestCase {
         XCTAssertEqual(p.onLocalRecord(tenant, record(1), now: 3), [.commitFailed(tenant, 1, .steppedDown)])
 
         // A standby that hears of a newer epoch reports it and drops the connection.
-        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), now: 0)
         _ = welcomedStandby(&s)
         let actions = s.onMessage(.primaryHeartbeat(PrimaryHeartbeat(epoch: Epoch(3), sentAtMs: 0, committed: [])), from: conn1, now: 5)
         XCTAssertEqual(actions, [.epochStale(newerEpoch: Epoch(3)), .closeConnection(conn1, .newerEpoch(Epoch(3)))])
@@ -292,7 +292,7 @@ private func welcomedStandby(_ s: inout StandbyReplication, epoch: Epoch = Epoch
 
 final class StandbyScenarioTests: XCTestCase {
     func testPersistThenAckThenApplyOnlyWhatIsCommitted() {
-        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), now: 0)
         welcomedStandby(&s)
         XCTAssertEqual(s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 0, record: record(1))), from: conn1, now: 1),
                        [.persist(tenant, record(1))])
@@ -307,7 +307,7 @@ final class StandbyScenarioTests: XCTestCase {
     }
 
     func testCommittedButNotYetPersistedWaitsForTheFsync() {
-        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), now: 0)
         welcomedStandby(&s)
         XCTAssertEqual(s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 1, record: record(1))), from: conn1, now: 1),
                        [.persist(tenant, record(1))])
@@ -315,7 +315,7 @@ final class StandbyScenarioTests: XCTestCase {
     }
 
     func testHelloWaitsForOutstandingPersists() {
-        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), now: 0)
         welcomedStandby(&s)
         _ = s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 0, record: record(1))), from: conn1, now: 1)
         XCTAssertEqual(s.onDisconnected(conn1, now: 2), [])
@@ -327,15 +327,22 @@ final class StandbyScenarioTests: XCTestCase {
     }
 
     func testOutOfOrderRecordIsAProtocolViolation() {
-        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), now: 0)
         welcomedStandby(&s)
         let actions = s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 0, record: record(2))), from: conn1, now: 1)
         XCTAssertEqual(sent(actions).map(\.kind), ["reject"])
         XCTAssertNil(s.streamingConnection)
     }
 
+    func testARestartedStandbyAssumesItHadJustPromisedALease() {
+        // Clocks need not start at zero.
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), now: -5_000)
+        XCTAssertEqual(s.leasePromisedUntil, -4_000)
+        XCTAssertEqual(s.onTick(now: -5_000), [.connect])
+    }
+
     func testSilentPrimaryIsClosedAndReconnected() {
-        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig())
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), now: 0)
         welcomedStandby(&s)
         XCTAssertEqual(s.onTick(now: 1_000), [.closeConnection(conn1, .peerTimeout)])
         XCTAssertEqual(s.onTick(now: 1_000 + testConfig().reconnectDelayMs), [.connect])

@@ -441,7 +441,8 @@ final class Simulation {
     /// Records the standby has yet to apply, over all tenants.
     private func backlog() -> Int {
         tenantIDs.enumerated().reduce(0) { sum, entry in
-            sum + Int(primary.disks[entry.offset].lastLSN - (standby.disks[entry.element]?.appliedLSN ?? 0))
+            // A foreign standby may be ahead: it then needs a snapshot, counted as one record.
+            sum + max(1, Int(primary.disks[entry.offset].lastLSN) - Int(standby.disks[entry.element]?.appliedLSN ?? 0))
         }
     }
 
@@ -501,7 +502,7 @@ final class Simulation {
             let tail = (disk.appliedLSN + 1...max(disk.appliedLSN + 1, disk.lastLSN)).compactMap { disk.currentRecord($0).map(RecordSummary.init) }
             logs[tenant] = StandbyTenantLog(appliedLSN: disk.appliedLSN, appliedChecksum: disk.db.checksum, tail: tail)
         }
-        return StandbyReplication(nodeID: Self.standbyID, epoch: standby.durableEpoch, config: params.config, tenants: logs)
+        return StandbyReplication(nodeID: Self.standbyID, epoch: standby.durableEpoch, config: params.config, tenants: logs, now: standbyNow)
     }
 
     private func schedulePrimaryTick() {
@@ -732,7 +733,7 @@ final class Simulation {
     // MARK: Standby actions
 
     private func handleStandby(_ actions: [StandbyAction]) {
-        if let promised = standby.core?.leasePromisedUntil, promised > 0 {
+        if let promised = standby.core?.leasePromisedUntil {
             standbyPromiseRealUntil = max(standbyPromiseRealUntil, promised - standbyClockOffset)
         }
         for action in actions {

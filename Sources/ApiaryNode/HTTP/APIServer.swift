@@ -20,6 +20,9 @@ public protocol SQLService: Sendable {
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult]
     /// Operator-only status (tenant names, positions): JSON bytes.
     func statusJSON() async -> [UInt8]
+    /// Operator-only: make this standby the primary of a new epoch (DESIGN §6, manual until
+    /// the monitor exists). Returns a JSON report.
+    func promote() async throws -> [UInt8]
 }
 
 /// A request that failed as a whole, with the HTTP status that says what the client may do.
@@ -113,6 +116,16 @@ public enum APIServer {
         router.get("/tenants/:tenant/db/query", use: query)
         router.post("/tenants/:tenant/db/query", use: query)
         router.get("/readyz") { _, _ in Response(status: .ok, body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
+        router.post("/admin/promote") { _, context in
+            do {
+                try await requireRole([.operator], context)
+                return json(.ok, try await service.promote())
+            } catch let error as APIError {
+                return json(error.status, RqliteJSON.error(error.message))
+            } catch {
+                return json(.internalServerError, RqliteJSON.error("promotion failed: \(error)"))
+            }
+        }
         router.get("/status") { _, context in
             do {
                 try await requireRole([.operator, .monitor], context)

@@ -45,8 +45,10 @@ public final class LocalCluster: @unchecked Sendable {
     func arguments(_ spec: NodeSpec) -> [String] {
         var args = ["node", "--name", spec.name, "--role", spec.role, "--data", directory + "/" + spec.name,
                     "--certs", certificates, "--api", "127.0.0.1:\(spec.apiPort)"]
+        // A standby listens on its replication address only once promoted.
+        args += ["--replication", "127.0.0.1:\(spec.replicationPort)"]
         if spec.role == "primary" {
-            args += ["--replication", "127.0.0.1:\(spec.replicationPort)", "--standby", standby.name]
+            args += ["--standby", standby.name]
         } else {
             args += ["--primary", "127.0.0.1:\(primary.replicationPort)"]
         }
