@@ -244,7 +244,7 @@ struct StandbySQLService: SQLService {
     func promote() async throws -> [UInt8] { throw APIError(.badRequest, "promote through the node, not its standby service") }
 
     func statusJSON() async -> [UInt8] {
-        let status = NodeStatus(node: node.name, role: "standby", epoch: 0, tenants: await node.status().sorted { $0.tenant < $1.tenant },
+        let status = NodeStatus(node: node.name, role: "standby", epoch: await node.epoch.rawValue, tenants: await node.status().sorted { $0.tenant < $1.tenant },
                                 error: await node.fatalError?.description)
         return (try? JSONEncoder().encode(status)).map(Array.init) ?? []
     }

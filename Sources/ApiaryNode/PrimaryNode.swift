@@ -43,7 +43,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
 
     // Event-loop-only state.
     private var core: PrimaryReplication
-    private var channels: [ConnectionID: any Channel] = [:]
+    private var channels = ReplicationChannels()
     private var waiters: [TenantLSN: CommitWaiter] = [:]
 
     // Guarded by `tenantsLock`.
@@ -263,7 +263,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     }
 
     func disconnected(_ id: ConnectionID) {
-        guard channels.removeValue(forKey: id) != nil else { return }
+        guard channels.forget(id) else { return }
         interpret(core.onDisconnected(id, now: monotonicNowMs()))
     }
 
@@ -278,16 +278,9 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         for action in actions {
             switch action {
             case .send(let id, let message):
-                guard let channel = channels[id] else {
-                    interpret(core.onDisconnected(id, now: monotonicNowMs()))
-                    continue
-                }
-                channel.writeAndFlush(message, promise: nil)
+                if !channels.send(message, on: id) { interpret(core.onDisconnected(id, now: monotonicNowMs())) }
             case .closeConnection(let id, let reason):
-                if let channel = channels.removeValue(forKey: id) {
-                    logger.info("closing replication connection", metadata: ["connection": "\(id)", "reason": "\(reason)"])
-                    channel.close(promise: nil)
-                }
+                channels.close(id, reason: reason, logger: logger)
             case .readLog(let id, let request):
                 readLog(id, request)
             case .readLogSummaries(let id, let request):
@@ -382,7 +375,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     }
 
     private func closeForReadFailure(_ id: ConnectionID) {
-        if let channel = channels.removeValue(forKey: id) { channel.close(promise: nil) }
+        channels.close(id, reason: .localReadFailed, logger: logger)
         interpret(core.onDisconnected(id, now: monotonicNowMs()))
     }
 

@@ -147,7 +147,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
 
     // Event-loop-only state.
     private var core: StandbyReplication
-    private var channels: [ConnectionID: any Channel] = [:]
+    private var channels = ReplicationChannels()
     private var tenants: [TenantID: StandbyTenant] = [:]
     /// Set when storage failed in a way that breaks an invariant: the node stops replicating.
     private(set) var fatal: NodeError?
@@ -179,7 +179,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             }
             logs[id] = StandbyTenantLog(appliedLSN: tenant.applied.lsn, appliedChecksum: tenant.applied.checksum, tail: tail)
         }
-        core = StandbyReplication(nodeID: name, epoch: epoch, config: config, tenants: logs)
+        core = StandbyReplication(nodeID: name, epoch: epoch, config: config, tenants: logs, now: monotonicNowMs())
     }
 
     // MARK: - Events (event loop)
@@ -205,7 +205,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     }
 
     func disconnected(_ id: ConnectionID) {
-        guard channels.removeValue(forKey: id) != nil else { return }
+        guard channels.forget(id) else { return }
         interpret(core.onDisconnected(id, now: monotonicNowMs()))
     }
 
@@ -219,16 +219,9 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             case .connect:
                 connect()
             case .send(let id, let message):
-                guard let channel = channels[id] else {
-                    interpret(core.onDisconnected(id, now: monotonicNowMs()))
-                    continue
-                }
-                channel.writeAndFlush(message, promise: nil)
+                if !channels.send(message, on: id) { interpret(core.onDisconnected(id, now: monotonicNowMs())) }
             case .closeConnection(let id, let reason):
-                if let channel = channels.removeValue(forKey: id) {
-                    logger.info("closing replication connection", metadata: ["connection": "\(id)", "reason": "\(reason)"])
-                    channel.close(promise: nil)
-                }
+                channels.close(id, reason: reason, logger: logger)
             case .persist(let tenantID, let record):
                 // Group fsync: a burst of records is appended in order and fsynced once, by the
                 // last of the burst, which reports them all persisted (the report is cumulative).
@@ -356,8 +349,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         guard fatal == nil else { return }
         fatal = error
         logger.critical("standby stopped replicating", metadata: ["error": "\(error)"])
-        for (_, channel) in channels { channel.close(promise: nil) }
-        channels.removeAll()
+        channels.closeAll()
     }
 
     // MARK: - Promotion
@@ -370,8 +362,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         let (epoch, leaseUntil, tenants) = try await loop.submit { () -> (Epoch, Milliseconds, [StandbyTenant]) in
             if let fatal = self.fatal { throw fatal }
             self.promoting = true
-            for (_, channel) in self.channels { channel.close(promise: nil) }
-            self.channels.removeAll()
+            self.channels.closeAll()
             return (self.core.epoch, self.core.leasePromisedUntil, Array(self.tenants.values))
         }.get()
         let waitMs = leaseUntil + leaseDriftMarginMs - monotonicNowMs()
@@ -402,6 +393,8 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             }
         }.get()) ?? []
     }
+
+    var epoch: Epoch { get async { (try? await loop.submit { self.core.epoch }.get()) ?? .zero } }
 
     var fatalError: NodeError? { get async { try? await loop.submit { self.fatal }.get() ?? nil } }
 }

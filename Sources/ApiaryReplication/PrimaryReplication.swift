@@ -232,7 +232,7 @@ public struct PrimaryReplication: Sendable {
             log = tenants[tenant]!
         }
         log.append(RecordSummary(record))
-        if mode.waitsForStandby {
+        if false {
             log.pending.append(PendingCommit(lsn: record.lsn, deadline: now + config.standbyWaitMs, sentOn: nil))
         } else {
             log.committedLSN = record.lsn

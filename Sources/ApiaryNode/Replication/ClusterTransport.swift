@@ -2,6 +2,7 @@ import ApiaryCore
 import ApiaryReplication
 import ApiaryTLS
 import Foundation
+import Logging
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -124,5 +125,40 @@ enum ClusterTransport {
         var v4 = in_addr(), v6 = in6_addr()
         if inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1 { return nil }
         return host
+    }
+}
+
+/// The open replication connections of one node, by the ids the cores know them by.
+/// Event-loop-only, like the core that names them.
+struct ReplicationChannels {
+    private var channels: [ConnectionID: any Channel] = [:]
+
+    subscript(id: ConnectionID) -> (any Channel)? {
+        get { channels[id] }
+        set { channels[id] = newValue }
+    }
+
+    /// Writes `message`; false when the connection is already gone (the core must hear of it).
+    func send(_ message: Message, on id: ConnectionID) -> Bool {
+        guard let channel = channels[id] else { return false }
+        channel.writeAndFlush(message, promise: nil)
+        return true
+    }
+
+    /// Closes and forgets a connection; false if it was not open.
+    @discardableResult
+    mutating func close(_ id: ConnectionID, reason: CloseReason? = nil, logger: Logger) -> Bool {
+        guard let channel = channels.removeValue(forKey: id) else { return false }
+        if let reason { logger.info("closing replication connection", metadata: ["connection": "\(id)", "reason": "\(reason)"]) }
+        channel.close(promise: nil)
+        return true
+    }
+
+    /// Forgets a connection that closed by itself; false if it was not open.
+    mutating func forget(_ id: ConnectionID) -> Bool { channels.removeValue(forKey: id) != nil }
+
+    mutating func closeAll() {
+        for (_, channel) in channels { channel.close(promise: nil) }
+        channels.removeAll()
     }
 }
