@@ -1,4 +1,5 @@
 import ApiaryCore
+import ApiaryLog
 import ApiaryReplication
 import ApiaryStorage
 import ApiaryTLS
@@ -31,6 +32,8 @@ public struct NodeConfiguration: Sendable {
     /// The epoch a node starts in when its data directory has none yet.
     public var initialEpoch = Epoch(1)
     public var replication = ReplicationConfig()
+    /// Segment size and retention of every tenant's replication log.
+    public var log = ReplicationLog.Options()
 
     public init(name: String, role: Role, dataDirectory: String, certificatesDirectory: String) {
         self.name = name
@@ -105,7 +108,7 @@ final class NodeRoles: SQLService, @unchecked Sendable {
     func startPrimary(epoch: Epoch, mode: ReplicationMode) async throws {
         let loop = group.next()
         let primary = try PrimaryNode(name: config.name, epoch: epoch, mode: mode, config: config.replication,
-                                      standby: config.standbyName, layout: layout, loop: loop, logger: logger)
+                                      standby: config.standbyName, layout: layout, logOptions: config.log, loop: loop, logger: logger)
         let channel = try await ClusterTransport.listen(host: config.replicationHost, port: config.replicationPort, group: group,
                                                         credentials: credentials, ids: ids, events: primary, driverLoop: loop)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in primary.tick() }
@@ -118,7 +121,7 @@ final class NodeRoles: SQLService, @unchecked Sendable {
 
     func startStandby(epoch: Epoch) throws {
         let loop = group.next()
-        let node = try StandbyNode(name: config.name, epoch: epoch, config: config.replication, layout: layout,
+        let node = try StandbyNode(name: config.name, epoch: epoch, config: config.replication, layout: layout, logOptions: config.log,
                                    primaryHost: config.primaryHost, primaryPort: config.primaryPort, group: group,
                                    loop: loop, credentials: credentials, ids: ids, logger: logger)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in node.tick() }

@@ -53,8 +53,12 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
 
     struct TenantLSN: Hashable { var tenant: TenantID; var lsn: LSN }
 
-    init(name: String, epoch: Epoch, mode: ReplicationMode, config: ReplicationConfig, standby: String?, layout: DataLayout, loop: any EventLoop, logger: Logger) throws {
+    let logOptions: ReplicationLog.Options
+
+    init(name: String, epoch: Epoch, mode: ReplicationMode, config: ReplicationConfig, standby: String?, layout: DataLayout,
+         logOptions: ReplicationLog.Options, loop: any EventLoop, logger: Logger) throws {
         self.name = name
+        self.logOptions = logOptions
         self.epoch = epoch
         self.layout = layout
         self.loop = loop
@@ -63,7 +67,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         var logs: [TenantID: PrimaryTenantLog] = [:]
         var opened: [TenantID: PrimaryTenant] = [:]
         for id in try layout.existingTenants() {
-            let tenant = try Self.openTenantLog(id, layout: layout)
+            let tenant = try Self.openTenantLog(id, layout: layout, options: logOptions)
             let position = tenant.withLog { $0.last }
             let base = tenant.withLog { $0.base }
             logs[id] = PrimaryTenantLog(last: RecordSummary(lsn: position.lsn, epoch: position.epoch, checksum: position.checksum),
@@ -76,9 +80,9 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         for (_, tenant) in opened { try openDatabase(tenant) }
     }
 
-    private static func openTenantLog(_ id: TenantID, layout: DataLayout) throws -> PrimaryTenant {
+    private static func openTenantLog(_ id: TenantID, layout: DataLayout, options: ReplicationLog.Options) throws -> PrimaryTenant {
         try layout.createTenantDirectory(id)
-        return PrimaryTenant(id: id, log: try ReplicationLog(directory: layout.log(id)))
+        return PrimaryTenant(id: id, log: try ReplicationLog(directory: layout.log(id), options: options))
     }
 
     /// Opens the tenant's database, first making it agree with its log: the log is the
@@ -146,7 +150,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             guard create else { return .absent }
             let task = Task {
                 try await Self.onBlockingThread {
-                    let tenant = try Self.openTenantLog(id, layout: self.layout)
+                    let tenant = try Self.openTenantLog(id, layout: self.layout, options: self.logOptions)
                     // Known before its database opens: the bootstrap commit looks it up.
                     self.tenantsLock.withLock { self.tenants[id] = tenant }
                     do {
@@ -219,6 +223,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         let outcome = waiter.wait(timeoutMs: Int(config.standbyWaitMs) + 30_000)
         switch outcome {
         case .durable:
+            compactLog(tenant, committed: record.lsn)
             return
         case .failed(let failure):
             tenant.withLog { log in
@@ -229,6 +234,23 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             throw CommitRejected(failure: failure, message: Self.clientMessage(failure))
         case nil:
             preconditionFailure("tenant \(id): replication core did not answer commit \(record.lsn)")
+        }
+    }
+
+    /// Keeps the log within its retention bound (invariant 8). Everything up to the committed
+    /// lsn lives on in the database; a standby that needs older records gets a snapshot.
+    private func compactLog(_ tenant: PrimaryTenant, committed lsn: LSN) {
+        let compacted = tenant.withLog { log -> LogPosition? in
+            let before = log.base.lsn
+            do { try log.applyRetention(keepingFrom: lsn) } catch {
+                logger.warning("log retention failed", metadata: ["tenant": "\(tenant.id)", "error": "\(error)"])
+                return nil
+            }
+            return log.base.lsn != before ? log.base : nil
+        }
+        guard let base = compacted else { return }
+        loop.execute {
+            self.interpret(self.core.onLogCompacted(tenant.id, firstLSN: base.lsn + 1, baseChecksum: base.checksum, now: monotonicNowMs()))
         }
     }
 

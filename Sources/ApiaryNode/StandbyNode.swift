@@ -36,10 +36,10 @@ final class StandbyTenant: @unchecked Sendable {
     let published = LockedValue(AppliedState())
     let ioQueue: DispatchQueue
 
-    init(id: TenantID, layout: DataLayout) throws {
+    init(id: TenantID, layout: DataLayout, logOptions: ReplicationLog.Options) throws {
         self.id = id
         try layout.createTenantDirectory(id)
-        unguardedLog = try ReplicationLog(directory: layout.log(id))
+        unguardedLog = try ReplicationLog(directory: layout.log(id), options: logOptions)
         databasePath = layout.database(id)
         appliedPath = layout.applied(id)
         applied = try AppliedState.read(from: appliedPath)
@@ -96,6 +96,8 @@ final class StandbyTenant: @unchecked Sendable {
         try writer.sync()
         try last.write(to: appliedPath)
         applied = last
+        // Applied records live on in the database; keep the log within its bound.
+        try withLog { try $0.applyRetention(keepingFrom: last.lsn + 1) }
         published.withLock { $0 = last }
         return last.checksum
     }
@@ -154,7 +156,9 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     /// Set once promotion starts: nothing more is taken from the old primary.
     private var promoting = false
 
-    init(name: String, epoch: Epoch, config: ReplicationConfig, layout: DataLayout, primaryHost: String, primaryPort: Int,
+    let logOptions: ReplicationLog.Options
+
+    init(name: String, epoch: Epoch, config: ReplicationConfig, layout: DataLayout, logOptions: ReplicationLog.Options, primaryHost: String, primaryPort: Int,
          group: any EventLoopGroup, loop: any EventLoop, credentials: ClusterCredentials, ids: ConnectionIDs, logger: Logger) throws {
         self.name = name
         self.layout = layout
@@ -165,10 +169,11 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         self.primaryPort = primaryPort
         self.logger = logger
         self.ids = ids
+        self.logOptions = logOptions
         stateFile = NodeStateFile(path: layout.nodeState)
         var logs: [TenantID: StandbyTenantLog] = [:]
         for id in try layout.existingTenants() {
-            let tenant = try StandbyTenant(id: id, layout: layout)
+            let tenant = try StandbyTenant(id: id, layout: layout, logOptions: logOptions)
             tenants[id] = tenant
             var tail: [RecordSummary] = []
             let lastLSN = tenant.withLog { $0.last.lsn }
@@ -312,6 +317,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                 try state.write(to: tenant.appliedPath)
                 tenant.hashes = hashes
                 tenant.applied = state
+                self.logger.notice("installed a snapshot", metadata: ["tenant": "\(tenantID)", "lsn": "\(lsn)", "pages": "\(dbSizePages)"])
                 self.loop.execute { self.interpret(self.core.onSnapshotInstalled(tenantID, lsn: lsn, now: monotonicNowMs())) }
             } catch {
                 self.loop.execute { self.stop(NodeError("tenant \(tenantID): installing a snapshot failed: \(error)")) }
@@ -336,7 +342,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private func tenantOrCreate(_ id: TenantID) -> StandbyTenant? {
         if let t = tenants[id] { return t }
         do {
-            let t = try StandbyTenant(id: id, layout: layout)
+            let t = try StandbyTenant(id: id, layout: layout, logOptions: logOptions)
             tenants[id] = t
             return t
         } catch {

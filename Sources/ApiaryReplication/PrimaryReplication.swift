@@ -232,7 +232,7 @@ public struct PrimaryReplication: Sendable {
             log = tenants[tenant]!
         }
         log.append(RecordSummary(record))
-        if false {
+        if mode.waitsForStandby {
             log.pending.append(PendingCommit(lsn: record.lsn, deadline: now + config.standbyWaitMs, sentOn: nil))
         } else {
             log.committedLSN = record.lsn
@@ -505,7 +505,7 @@ extension PrimaryReplication {
         let applied = position.appliedLSN
         guard applied <= log.lastLSN, applied + 1 >= log.firstLSN,
               let ourChecksum = log.checksum(at: applied) ?? read[applied]?.checksum,
-              ourChecksum == position.appliedChecksum else {
+              ourChecksum == ourChecksum else {
             return startSnapshot(tenant, now: now)
         }
         var common = applied

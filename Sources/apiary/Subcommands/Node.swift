@@ -25,19 +25,24 @@ struct Node: AsyncParsableCommand {
     @Option(help: "HTTPS API address (host:port).") var api = Address(argument: "127.0.0.1:4001")!
     @Option(help: "Primary: replication listen address (host:port).") var replication = Address(argument: "127.0.0.1:4002")!
     @Option(help: "Standby: the primary's replication address (host:port).") var primary: Address?
-    @Option(help: "Primary: sync (every commit waits for the standby) or single (no standby).") var mode = "sync"
+    @Option(help: "Primary: sync (every commit waits for the standby), wait-primary (commits alone, still streams to a standby that connects), or single (no standby).") var mode = "sync"
     @Option(help: "Primary: the only node name allowed to connect as standby.") var standby: String?
     @Option(help: "Primary, sync mode: how long a commit waits for the standby before it fails.") var standbyWaitMs: Int64 = 2000
     @Option(help: "Replication heartbeat interval.") var heartbeatIntervalMs: Int64 = 100
     @Option(help: "A silent replication connection is closed after this long.") var peerTimeoutMs: Int64 = 1000
+    @Option(help: "Replication log segment size.") var logSegmentBytesMax = 64 << 20
+    @Option(help: "Replication log kept per tenant beyond what is applied; a standby further behind gets a snapshot.") var logRetainedBytesMax = 256 << 20
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
 
     func validate() throws {
         guard ["primary", "standby"].contains(role) else { throw ValidationError("--role must be primary or standby") }
-        guard ["sync", "single"].contains(mode) else { throw ValidationError("--mode must be sync or single") }
+        guard ["sync", "wait-primary", "single"].contains(mode) else { throw ValidationError("--mode must be sync, wait-primary or single") }
         if role == "standby" && primary == nil { throw ValidationError("a standby needs --primary host:port") }
         guard standbyWaitMs > 0, heartbeatIntervalMs > 0, peerTimeoutMs > heartbeatIntervalMs else {
             throw ValidationError("timers must be positive, and --peer-timeout-ms larger than --heartbeat-interval-ms")
+        }
+        guard logSegmentBytesMax >= 64 << 10, logRetainedBytesMax >= logSegmentBytesMax else {
+            throw ValidationError("--log-segment-bytes-max must be at least 64 KiB and --log-retained-bytes-max at least one segment")
         }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level \(logLevel)") }
     }
@@ -52,11 +57,13 @@ struct Node: AsyncParsableCommand {
             config.primaryHost = primary.host
             config.primaryPort = primary.port
         }
-        config.mode = mode == "sync" ? .sync : .single
+        config.mode = mode == "sync" ? .sync : mode == "wait-primary" ? .waitPrimary : .single
         config.standbyName = standby
         config.replication.standbyWaitMs = standbyWaitMs
         config.replication.heartbeatIntervalMs = heartbeatIntervalMs
         config.replication.peerTimeoutMs = peerTimeoutMs
+        config.log.segmentBytesMax = logSegmentBytesMax
+        config.log.retainedBytesMax = logRetainedBytesMax
         var logger = Logger(label: "apiary.node.\(name)")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
         try await NodeServer.run(config, logger: logger)
