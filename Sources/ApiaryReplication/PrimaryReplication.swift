@@ -505,7 +505,7 @@ extension PrimaryReplication {
         let applied = position.appliedLSN
         guard applied <= log.lastLSN, applied + 1 >= log.firstLSN,
               let ourChecksum = log.checksum(at: applied) ?? read[applied]?.checksum,
-              ourChecksum == ourChecksum else {
+              ourChecksum == position.appliedChecksum else {
             return startSnapshot(tenant, now: now)
         }
         var common = applied
