@@ -231,7 +231,7 @@ public struct StandbyReplication: Sendable {
         t.persistedLSN = lsn
         // What was known committed belonged to the history the snapshot replaced, which may
         // have run further than `lsn`: only the snapshot's own lsn is known committed now.
-        t.committedLSN = max(t.committedLSN, lsn)
+        t.committedLSN = lsn
         tenants[tenant] = t
         var actions: [StandbyAction] = []
         if case .streaming(let connection, _) = link {

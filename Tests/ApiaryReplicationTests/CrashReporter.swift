@@ -1,31 +1,43 @@
-#if canImport(Glibc)
+#if os(Linux)
 import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
 
 /// Names the seeds being simulated when the process dies of a failed precondition in a core:
 /// a crash cannot be caught as an error, so without this a failing seed would go unnamed.
 ///
-/// The handler uses only `write(2)` and preallocated memory, then re-raises the signal with
-/// the default action so that the crash itself is still reported.
+/// Active only between `install()` and `uninstall()` (every test target shares the process).
+/// The handler uses only `write(2)` and preallocated memory, then puts the previous handler
+/// back and re-raises, so the runtime's own crash report (with its backtrace) still follows.
 enum CrashReporter {
     static let slots = 16
+    private static let signals: [Int32] = [SIGILL, SIGTRAP, SIGABRT, SIGSEGV, SIGBUS]
     private static let seeds: UnsafeMutablePointer<UInt64> = {
         let p = UnsafeMutablePointer<UInt64>.allocate(capacity: slots)
         p.initialize(repeating: UInt64.max, count: slots)
         return p
     }()
+    /// The handlers that were in place, by signal number.
+    private static let previous: UnsafeMutablePointer<sigaction> = {
+        let p = UnsafeMutablePointer<sigaction>.allocate(capacity: 64)
+        p.initialize(repeating: sigaction(), count: 64)
+        return p
+    }()
 
     static func install() {
         _ = seeds
-        for sig in [SIGILL, SIGTRAP, SIGABRT, SIGSEGV, SIGBUS] {
-            signal(sig) { received in
+        for sig in signals {
+            var action = sigaction()
+            action.__sigaction_handler.sa_handler = { received in
                 CrashReporter.report()
-                signal(received, SIG_DFL)
+                sigaction(received, CrashReporter.previous + Int(received), nil)
                 raise(received)
             }
+            sigemptyset(&action.sa_mask)
+            sigaction(sig, &action, previous + Int(sig))
         }
+    }
+
+    static func uninstall() {
+        for sig in signals { sigaction(sig, previous + Int(sig), nil) }
     }
 
     static func running(_ seed: UInt64, worker: Int) { seeds[worker % slots] = seed }
@@ -45,9 +57,7 @@ enum CrashReporter {
     }
 
     private static func writeNumber(_ n: UInt64) {
-        var digits: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
-                     UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
-            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        var digits = (UInt64(0), UInt64(0), UInt64(0)) // 24 bytes: room for 20 digits
         withUnsafeMutableBytes(of: &digits) { buffer in
             var value = n
             var i = buffer.count
@@ -60,3 +70,12 @@ enum CrashReporter {
         }
     }
 }
+#else
+/// Seeds of a crashing run are named on Linux only; elsewhere a crash shows the backtrace alone.
+enum CrashReporter {
+    static func install() {}
+    static func uninstall() {}
+    static func running(_ seed: UInt64, worker: Int) {}
+    static func finished(worker: Int) {}
+}
+#endif

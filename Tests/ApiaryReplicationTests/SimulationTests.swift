@@ -32,6 +32,7 @@ final class ReplicationSimulationTests: XCTestCase {
         var totals: [String: Int] = [:]
         let started = Date()
         CrashReporter.install()
+        defer { CrashReporter.uninstall() }
         var nextSeed = firstSeed
         var slowest: [(UInt64, Double)] = []
         DispatchQueue.concurrentPerform(iterations: workers) { worker in
@@ -95,7 +96,10 @@ final class ReplicationSimulationTests: XCTestCase {
     private func replay(_ seed: UInt64, traceLines: Int = 400) {
         CrashReporter.install()
         CrashReporter.running(seed, worker: 0)
-        defer { CrashReporter.finished(worker: 0) }
+        defer {
+            CrashReporter.finished(worker: 0)
+            CrashReporter.uninstall()
+        }
         let simulation = Simulation(seed: seed, tracing: true)
         let streaming = traceLines == 400
         simulation.streamingTrace = streaming
