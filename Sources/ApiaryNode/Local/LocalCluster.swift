@@ -42,7 +42,7 @@ public final class LocalCluster: @unchecked Sendable {
         }
     }
 
-    func arguments(_ spec: NodeSpec) -> [String] {
+    public func arguments(_ spec: NodeSpec) -> [String] {
         var args = ["node", "--name", spec.name, "--role", spec.role, "--data", directory + "/" + spec.name,
                     "--certs", certificates, "--api", "127.0.0.1:\(spec.apiPort)"]
         // A standby listens on its replication address only once promoted.
