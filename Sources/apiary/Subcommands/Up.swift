@@ -48,7 +48,8 @@ struct Up: AsyncParsableCommand {
                 c.resume()
             }
         }
-        _ = sources
+        // The sources must outlive the wait (an optimised build released them early).
+        withExtendedLifetime(sources) {}
         print("stopping the cluster…")
         cluster.stopAll()
     }
