@@ -46,6 +46,7 @@ public struct NodeConfiguration: Sendable {
 /// Runs one node until SIGTERM/SIGINT: storage, replication and the HTTPS API.
 public enum NodeServer {
     public static func run(_ config: NodeConfiguration, logger: Logger) async throws {
+        exitWithParentIfAsked()
         let credentials = try ClusterCredentials(directory: config.certificatesDirectory, name: config.name)
         guard credentials.identity.role == .node else {
             throw NodeError("\(config.name)'s certificate is for role \(credentials.identity.role.rawValue); a node needs a node certificate")
@@ -71,6 +72,18 @@ public enum NodeServer {
         }
         defer { roles.stop() }
         try await app.runService()
+    }
+
+    /// `APIARY_EXIT_WITH_PARENT=<pid>` (set by `LocalCluster`): exit once that process is gone,
+    /// so that a killed test run or demo leaves no node behind. Polls, to stay portable.
+    static func exitWithParentIfAsked() {
+        guard let text = ProcessInfo.processInfo.environment["APIARY_EXIT_WITH_PARENT"], let parent = pid_t(text) else { return }
+        let thread = Thread {
+            while getppid() == parent { usleep(200_000) }
+            exit(1)
+        }
+        thread.name = "apiary-parent-watch"
+        thread.start()
     }
 
     /// The cores want a tick at least every heartbeatIntervalMs / 2.

@@ -60,6 +60,10 @@ public final class LocalCluster: @unchecked Sendable {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments(spec)
+        // A node started for a demo or a test dies with its parent, even if the parent is killed.
+        var environment = ProcessInfo.processInfo.environment
+        environment["APIARY_EXIT_WITH_PARENT"] = String(getpid())
+        process.environment = environment
         let logPath = directory + "/logs/\(spec.name).log"
         FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
