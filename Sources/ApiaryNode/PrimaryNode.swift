@@ -374,18 +374,15 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
                 let copy = try await tenant.database.copyForSnapshot(to: scratch) { tenant.withLog { $0.last.lsn } }
                 let lsn = copy.paused
                 defer { try? FileManager.default.removeItem(atPath: scratch) }
-                channel.write(Message.snapshotBegin(SnapshotBegin(epoch: request.epoch, tenant: request.tenant, lsn: lsn, dbSizePages: copy.dbSizePages)), promise: nil)
-                var chunk: [Page] = []
+                // One chunk in flight at a time: a large database never sits in memory whole.
+                try await channel.writeAndFlush(Message.snapshotBegin(SnapshotBegin(epoch: request.epoch, tenant: request.tenant, lsn: lsn, dbSizePages: copy.dbSizePages)))
                 let chunkPages = (1 << 20) / DatabaseFile.pageSize
-                try DatabaseFile.forEachPage(of: scratch) { number, image in
-                    chunk.append(Page(number: number, bytes: Array(image)))
-                    if chunk.count == chunkPages {
-                        channel.write(Message.snapshotPages(SnapshotPages(epoch: request.epoch, tenant: request.tenant, pages: chunk)), promise: nil)
-                        chunk.removeAll(keepingCapacity: true)
-                    }
-                }
-                if !chunk.isEmpty {
-                    channel.write(Message.snapshotPages(SnapshotPages(epoch: request.epoch, tenant: request.tenant, pages: chunk)), promise: nil)
+                var next: UInt32 = 1
+                while next <= copy.dbSizePages {
+                    let chunk = try DatabaseFile.pages(of: scratch, from: next, countMax: chunkPages)
+                    guard !chunk.isEmpty else { break }
+                    try await channel.writeAndFlush(Message.snapshotPages(SnapshotPages(epoch: request.epoch, tenant: request.tenant, pages: chunk)))
+                    next += UInt32(chunk.count)
                 }
                 try await channel.writeAndFlush(Message.snapshotEnd(SnapshotEnd(epoch: request.epoch, tenant: request.tenant, lsn: lsn, checksum: copy.checksum)))
                 loop.execute { self.interpret(self.core.onSnapshotSent(id, request: request, lsn: lsn, now: monotonicNowMs())) }

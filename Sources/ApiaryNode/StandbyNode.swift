@@ -155,6 +155,16 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private(set) var fatal: NodeError?
     /// Set once promotion starts: nothing more is taken from the old primary.
     private var promoting = false
+    /// Snapshot chunks handed to the apply queue and not yet written.
+    private var snapshotChunksQueued = 0
+    static let snapshotChunksQueuedMax = 16
+
+    private func setReading(_ on: Bool) {
+        if let id = core.streamingConnection, let channel = channels[id] {
+            channel.setOption(ChannelOptions.autoRead, value: on).whenComplete { _ in }
+            if on { channel.read() }
+        }
+    }
 
     let logOptions: ReplicationLog.Options
 
@@ -267,7 +277,14 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                     guard FileManager.default.createFile(atPath: scratch, contents: nil) else { throw NodeError("cannot create \(scratch)") }
                 } then: {}
             case .writeSnapshotPages(let tenantID, let pages):
-                storage(tenantID, on: \.applyQueue) { _ in try DatabaseFile.writePagesKeepingSize(pages, to: self.layout.snapshotScratch(tenantID)) } then: {}
+                // Backpressure: stop reading from the primary while snapshot writes lag, so the
+                // queue of chunks (~1 MiB each) stays bounded (invariant 8).
+                snapshotChunksQueued += 1
+                if snapshotChunksQueued == Self.snapshotChunksQueuedMax { setReading(false) }
+                storage(tenantID, on: \.applyQueue) { _ in try DatabaseFile.writePagesKeepingSize(pages, to: self.layout.snapshotScratch(tenantID)) } then: {
+                    self.snapshotChunksQueued -= 1
+                    if self.snapshotChunksQueued == Self.snapshotChunksQueuedMax / 2 { self.setReading(true) }
+                }
             case .installSnapshot(let tenantID, let lsn, let dbSizePages, let checksum):
                 installSnapshot(tenantID, lsn: lsn, dbSizePages: dbSizePages, checksum: checksum)
             case .abandonSnapshot(let tenantID):

@@ -88,6 +88,24 @@ public enum DatabaseFile {
         }
     }
 
+    /// Pages `first...first+countMax-1` of a file (fewer at its end): a bounded read for streaming.
+    public static func pages(of path: String, from first: UInt32, countMax: Int) throws -> [Page] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw StorageError.io("open", path: path, errno: errno) }
+        defer { close(fd) }
+        var pages: [Page] = []
+        var number = first
+        while pages.count < countMax {
+            var buffer = [UInt8](repeating: 0, count: pageSize)
+            let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, pageSize, off_t(Int(number) - 1) * off_t(pageSize)) }
+            if got == 0 { break }
+            guard got == pageSize else { throw StorageError.io("read", path: path, errno: got < 0 ? errno : EIO) }
+            pages.append(Page(number: number, bytes: buffer))
+            number += 1
+        }
+        return pages
+    }
+
     /// The rolling checksum state of a file's pages.
     public static func pageHashes(of path: String) throws -> PageHashes {
         var hashes = PageHashes()
