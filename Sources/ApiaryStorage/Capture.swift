@@ -128,10 +128,12 @@ enum StorageVFS {
         captures[databasePath + "-wal"] = capture
     }
 
-    static func unregister(databasePath: String) {
+    /// Removes `capture` only: a database closed after the same file was opened again (a
+    /// reopen) must not take the new capture with it — commits would then go unshipped.
+    static func unregister(_ capture: WALCapture, databasePath: String) {
         lock.lock()
         defer { lock.unlock() }
-        captures[databasePath + "-wal"] = nil
+        if captures[databasePath + "-wal"] === capture { captures[databasePath + "-wal"] = nil }
     }
 
     static func capture(forWAL path: String) -> WALCapture? {

@@ -45,7 +45,7 @@ public final class TenantDatabase: @unchecked Sendable {
         public var statementBytesMax = 1 << 20
         /// Rows one statement may return at most.
         public var rowsMax = 100_000
-        /// Read-only connections at most.
+        /// Read-only connections (and queries running at once) at most.
         public var readersMax = 4
         public init() {}
     }
@@ -70,6 +70,8 @@ public final class TenantDatabase: @unchecked Sendable {
         path: String,
         sink: any CommitSink,
         options: Options = Options(),
+        writerPool: BlockingPool = .writers,
+        readerPool: BlockingPool = .readers,
         beforeOpen: ((PageHashes) throws -> Void)? = nil
     ) throws {
         self.tenant = tenant
@@ -95,8 +97,8 @@ public final class TenantDatabase: @unchecked Sendable {
             let pages = try DatabaseFile.allPages(of: path)
             try sink.commit(tenant: tenant, CapturedCommit(pages: pages, dbSizePages: UInt32(pages.count), checksum: hashes.checksum))
         }
-        writer = WriterThread(connection: connection, capture: capture, sqlitePath: sqlitePath, options: options)
-        readers = ReaderPool(path: path, options: options)
+        writer = WriterThread(connection: connection, capture: capture, sqlitePath: sqlitePath, options: options, pool: writerPool)
+        readers = ReaderPool(path: path, options: options, pool: readerPool)
     }
 
     private static func create(path: String) throws {
@@ -226,29 +228,26 @@ struct WriteJob {
     var byteCount: Int { statements.reduce(0) { $0 + $1.byteCount } }
 }
 
-/// The tenant's one writer: a dedicated thread (SQLite and the capture wait block; they
-/// must never run on NIO event loops or Swift's cooperative pool).
+/// The tenant's one writer: a mailbox drained on the shared writer pool, one batch at a time,
+/// so that the tenant's commits stay serial while the pool's threads stay bounded.
 final class WriterThread: @unchecked Sendable {
     private let connection: SQLiteConnection
     private let capture: WALCapture
     private let sqlitePath: String
     private let options: TenantDatabase.Options
+    private let pool: BlockingPool
     private let condition = NSCondition()
     private var jobs: [WriteJob] = []
     private var admin: [(WriterAccess) -> Void] = []
+    private var scheduled = false
     private var stopping = false
-    private var stopped = false
-    private var thread: Thread?
 
-    init(connection: SQLiteConnection, capture: WALCapture, sqlitePath: String, options: TenantDatabase.Options) {
+    init(connection: SQLiteConnection, capture: WALCapture, sqlitePath: String, options: TenantDatabase.Options, pool: BlockingPool) {
         self.connection = connection
         self.capture = capture
         self.sqlitePath = sqlitePath
         self.options = options
-        let thread = Thread { [unowned self] in self.loop() }
-        thread.name = "apiary-writer-\(capture.tenant)"
-        self.thread = thread
-        thread.start()
+        self.pool = pool
     }
 
     func submit(_ job: WriteJob) {
@@ -263,49 +262,58 @@ final class WriterThread: @unchecked Sendable {
             return
         }
         jobs.append(job)
-        condition.signal()
+        scheduleIfIdle()
     }
 
     func submitAdmin(_ work: @escaping (WriterAccess) -> Void) {
         condition.lock()
         defer { condition.unlock() }
         admin.append(work)
-        condition.signal()
+        scheduleIfIdle()
     }
 
+    /// Caller holds `condition`.
+    private func scheduleIfIdle() {
+        guard !scheduled else { return }
+        scheduled = true
+        pool.submit { [self] in drainOnce() }
+    }
+
+    /// Waits for queued work to finish, then releases the database's capture registration.
+    /// Idempotent (deinit calls it again).
     func stop() {
         condition.lock()
         stopping = true
-        condition.broadcast()
-        while !stopped { condition.wait() }
+        while scheduled { condition.wait() }
         condition.unlock()
+        StorageVFS.unregister(capture, databasePath: sqlitePath)
     }
 
-    private func loop() {
-        while true {
-            condition.lock()
-            while jobs.isEmpty && admin.isEmpty && !stopping { condition.wait() }
-            if jobs.isEmpty && admin.isEmpty && stopping {
-                StorageVFS.unregister(databasePath: sqlitePath)
-                stopped = true
-                condition.broadcast()
-                condition.unlock()
-                return
-            }
-            let adminWork = admin
-            admin.removeAll()
-            var batch: [WriteJob] = []
-            var bytes = 0
-            while let next = jobs.first, batch.count < options.batchRequestsMax,
-                  batch.isEmpty || bytes + next.byteCount <= options.batchBytesMax {
-                bytes += next.byteCount
-                batch.append(jobs.removeFirst())
-            }
-            condition.unlock()
-
-            for work in adminWork { work(WriterAccess(connection: connection, capture: capture)) }
-            if !batch.isEmpty { commit(batch) }
+    /// One batch (and the admin work before it), then back in line: tenants take turns.
+    private func drainOnce() {
+        condition.lock()
+        let adminWork = admin
+        admin.removeAll()
+        var batch: [WriteJob] = []
+        var bytes = 0
+        while let next = jobs.first, batch.count < options.batchRequestsMax,
+              batch.isEmpty || bytes + next.byteCount <= options.batchBytesMax {
+            bytes += next.byteCount
+            batch.append(jobs.removeFirst())
         }
+        condition.unlock()
+
+        for work in adminWork { work(WriterAccess(connection: connection, capture: capture)) }
+        if !batch.isEmpty { commit(batch) }
+
+        condition.lock()
+        if jobs.isEmpty && admin.isEmpty {
+            scheduled = false
+            condition.broadcast()
+        } else {
+            pool.submit { [self] in drainOnce() }
+        }
+        condition.unlock()
     }
 
     /// One group commit: each request in its own savepoint, all in one transaction.
@@ -362,21 +370,22 @@ final class WriterThread: @unchecked Sendable {
 
 // MARK: - Readers
 
-/// Read-only connections on threads of their own (reads block in SQLite): `readersMax`
-/// threads, each owning one connection, fed from a bounded queue.
+/// Read-only connections used on the shared reader pool: at most `readersMax` of this tenant's
+/// queries run at once, each on a connection of its own; the rest wait in a bounded queue.
 final class ReaderPool: @unchecked Sendable {
     private let path: String
     private let options: TenantDatabase.Options
+    private let pool: BlockingPool
     private let condition = NSCondition()
     private var work: [(SQLiteConnection?, (any Error)?) -> Void] = []
+    private var idle: [SQLiteConnection] = []
+    private var running = 0
     private var closed = false
-    private var threadsStarted = 0
-    /// Queries waiting for a reader at most; past it callers get `queueFull`.
-    private var queueMax: Int { options.queueRequestsMax }
 
-    init(path: String, options: TenantDatabase.Options) {
+    init(path: String, options: TenantDatabase.Options, pool: BlockingPool) {
         self.path = path
         self.options = options
+        self.pool = pool
     }
 
     func run<T: Sendable>(_ body: @escaping @Sendable (SQLiteConnection) throws -> T) async throws -> T {
@@ -387,42 +396,40 @@ final class ReaderPool: @unchecked Sendable {
                 continuation.resume(throwing: StorageError(.closed, "tenant database is closed"))
                 return
             }
-            guard work.count < queueMax else {
-                continuation.resume(throwing: StorageError(.queueFull, "read queue full (\(queueMax) queries waiting); retry later"))
+            guard work.count < options.queueRequestsMax else {
+                continuation.resume(throwing: StorageError(.queueFull, "read queue full (\(options.queueRequestsMax) queries waiting); retry later"))
                 return
             }
             work.append { connection, openError in
                 guard let connection else { return continuation.resume(throwing: openError ?? StorageError(.closed, "tenant database is closed")) }
                 do { continuation.resume(returning: try body(connection)) } catch { continuation.resume(throwing: error) }
             }
-            if threadsStarted < options.readersMax && work.count > 0 {
-                threadsStarted += 1
-                let thread = Thread { [self] in loop() }
-                thread.name = "apiary-reader"
-                thread.start()
+            if running < options.readersMax {
+                running += 1
+                pool.submit { [self] in runQueued() }
             }
-            condition.signal()
         }
     }
 
-    private func loop() {
-        var connection: SQLiteConnection?
+    /// Runs queued queries on one connection until the queue is empty.
+    private func runQueued() {
+        condition.lock()
+        var connection = idle.popLast()
+        condition.unlock()
         var openError: (any Error)?
+        if connection == nil {
+            do { connection = try SQLiteConnection(path: path, readOnly: true) } catch { openError = error }
+        }
         while true {
             condition.lock()
-            while work.isEmpty && !closed { condition.wait() }
-            if work.isEmpty && closed {
+            guard !work.isEmpty else {
+                running -= 1
+                if let connection, !closed { idle.append(connection) }
                 condition.unlock()
                 return
             }
             let next = work.removeFirst()
             condition.unlock()
-            if connection == nil {
-                do {
-                    connection = try SQLiteConnection(path: path, readOnly: true)
-                    openError = nil
-                } catch { openError = error }
-            }
             next(connection, openError)
         }
     }
@@ -430,7 +437,7 @@ final class ReaderPool: @unchecked Sendable {
     func close() {
         condition.lock()
         closed = true
-        condition.broadcast()
+        idle.removeAll()
         condition.unlock()
     }
 }
