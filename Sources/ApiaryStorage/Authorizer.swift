@@ -6,6 +6,10 @@ import CSQLite
 final class Authorizer {
     /// True while a tenant's statement is being prepared or run on the connection.
     var tenantSQL = false
+    /// Monotonic deadline (ns) of the running statement; 0 = none. Checked by SQLite's
+    /// progress handler, which interrupts the statement past it (a runaway query must not
+    /// hold a writer or a reader forever, invariant 8).
+    var deadlineNs: UInt64 = 0
 
     /// Pragmas a tenant may use: schema introspection only. Everything else (journal_mode,
     /// synchronous, writable_schema, …) could break durability or capture.
@@ -16,6 +20,11 @@ final class Authorizer {
 
     func install(on db: OpaquePointer) {
         let context = Unmanaged.passUnretained(self).toOpaque()
+        sqlite3_progress_handler(db, 1000, { context in
+            guard let context else { return 0 }
+            let sandbox = Unmanaged<Authorizer>.fromOpaque(context).takeUnretainedValue()
+            return sandbox.deadlineNs != 0 && monotonicNs() > sandbox.deadlineNs ? 1 : 0
+        }, context)
         sqlite3_set_authorizer(db, { context, action, arg1, _, _, _ in
             guard let context else { return SQLITE_OK }
             let authorizer = Unmanaged<Authorizer>.fromOpaque(context).takeUnretainedValue()

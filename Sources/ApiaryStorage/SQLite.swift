@@ -1,5 +1,8 @@
 import CApiaryVFS
 import CSQLite
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A value in or out of SQLite, with SQLite's five storage classes.
 public enum SQLValue: Hashable, Sendable {
@@ -60,8 +63,20 @@ final class SQLiteConnection {
         guard rc == SQLITE_OK else { throw lastError }
     }
 
-    /// Runs one statement with positional parameters; returns its rows (bounded) and effects.
-    func run(_ sql: String, _ parameters: [SQLValue] = [], rowsMax: Int = .max) throws -> StatementOutcome {
+    /// Runs one statement with positional parameters; returns its rows and effects, within `limits`.
+    func run(_ sql: String, _ parameters: [SQLValue] = [], limits: StatementLimits = .none) throws -> StatementOutcome {
+        if limits.timeMs > 0 {
+            authorizer.deadlineNs = monotonicNs() + UInt64(limits.timeMs) * 1_000_000
+        }
+        defer { authorizer.deadlineNs = 0 }
+        do {
+            return try runUnlimitedTime(sql, parameters, limits: limits)
+        } catch let error as SQLiteError where error.code == SQLITE_INTERRUPT {
+            throw SQLiteError(code: SQLITE_INTERRUPT, message: "statement stopped: it ran longer than the limit of \(limits.timeMs) ms")
+        }
+    }
+
+    private func runUnlimitedTime(_ sql: String, _ parameters: [SQLValue], limits: StatementLimits) throws -> StatementOutcome {
         var statement: OpaquePointer?
         var tail: UnsafePointer<CChar>?
         let rc = sqlite3_prepare_v2(handle, sql, -1, &statement, &tail)
@@ -78,6 +93,7 @@ final class SQLiteConnection {
         for (i, value) in parameters.enumerated() { try bind(value, at: Int32(i + 1), in: statement) }
 
         var outcome = StatementOutcome()
+        var resultBytes = 0
         let columns = Int(sqlite3_column_count(statement))
         outcome.columns = (0..<columns).map { String(cString: sqlite3_column_name(statement, Int32($0))) }
         outcome.declaredTypes = (0..<columns).map { sqlite3_column_decltype(statement, Int32($0)).map { String(cString: $0).lowercased() } ?? "" }
@@ -85,10 +101,21 @@ final class SQLiteConnection {
             let step = sqlite3_step(statement)
             if step == SQLITE_DONE { break }
             guard step == SQLITE_ROW else { throw lastError }
-            guard outcome.rows.count < rowsMax else {
-                throw SQLiteError(code: SQLITE_TOOBIG, message: "result has more than \(rowsMax) rows")
+            guard outcome.rows.count < limits.rowsMax else {
+                throw SQLiteError(code: SQLITE_TOOBIG, message: "result has more than \(limits.rowsMax) rows; add a LIMIT")
             }
-            outcome.rows.append((0..<columns).map { column(Int32($0), of: statement) })
+            let row = (0..<columns).map { column(Int32($0), of: statement) }
+            resultBytes += row.reduce(8) { total, value in
+                switch value {
+                case .text(let s): return total + s.utf8.count
+                case .blob(let b): return total + b.count
+                default: return total + 8
+                }
+            }
+            guard resultBytes <= limits.resultBytesMax else {
+                throw SQLiteError(code: SQLITE_TOOBIG, message: "result larger than \(limits.resultBytesMax) bytes; add a LIMIT")
+            }
+            outcome.rows.append(row)
         }
         outcome.rowsAffected = Int(sqlite3_changes64(handle))
         outcome.lastInsertID = sqlite3_last_insert_rowid(handle)
@@ -135,6 +162,27 @@ final class SQLiteConnection {
         }
         return v
     }
+}
+
+/// The monotonic clock, in nanoseconds.
+func monotonicNs() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// Bounds on one tenant statement (invariant 8).
+public struct StatementLimits: Sendable, Equatable {
+    public var rowsMax: Int
+    public var resultBytesMax: Int
+    /// Run time at most, in milliseconds; 0 = unlimited (Apiary's own statements).
+    public var timeMs: Int
+    public init(rowsMax: Int, resultBytesMax: Int, timeMs: Int) {
+        self.rowsMax = rowsMax
+        self.resultBytesMax = resultBytesMax
+        self.timeMs = timeMs
+    }
+    public static let none = StatementLimits(rowsMax: .max, resultBytesMax: .max, timeMs: 0)
 }
 
 /// What one statement did.

@@ -45,6 +45,11 @@ public final class TenantDatabase: @unchecked Sendable {
         public var statementBytesMax = 1 << 20
         /// Rows one statement may return at most.
         public var rowsMax = 100_000
+        /// Bytes of values one statement may return at most.
+        public var resultBytesMax = 64 << 20
+        /// How long one tenant statement may run.
+        public var statementTimeMs = 5_000
+        var statementLimits: StatementLimits { StatementLimits(rowsMax: rowsMax, resultBytesMax: resultBytesMax, timeMs: statementTimeMs) }
         /// Read-only connections (and queries running at once) at most.
         public var readersMax = 4
         public init() {}
@@ -158,7 +163,7 @@ public final class TenantDatabase: @unchecked Sendable {
                 do {
                     connection.authorizer.tenantSQL = true
                     defer { connection.authorizer.tenantSQL = false }
-                    let outcome = try connection.run(s.sql, s.parameters, rowsMax: self.options.rowsMax)
+                    let outcome = try connection.run(s.sql, s.parameters, limits: self.options.statementLimits)
                     return .success(outcome)
                 } catch {
                     return .failure(String(describing: error))
@@ -317,27 +322,62 @@ final class WriterThread: @unchecked Sendable {
     }
 
     /// One group commit: each request in its own savepoint, all in one transaction.
+    ///
+    /// Some errors make SQLite roll back the whole transaction, not just the statement
+    /// (SQLITE_INTERRUPT from the time limit, SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM: "Response
+    /// To Errors Within A Transaction" in the SQLite docs). The request that caused it is then
+    /// answered alone (nothing of it applied) and the others run again in a new transaction,
+    /// so one request never fails its neighbours. Each retry drops one request: bounded.
     private func commit(_ batch: [WriteJob]) {
-        var results: [[StatementResult]] = []
-        do {
-            try connection.exec("BEGIN IMMEDIATE")
-        } catch {
-            for job in batch { job.continuation.resume(throwing: StorageError(.io, "cannot begin a transaction: \(error)")) }
+        var pending = batch
+        while !pending.isEmpty {
+            do {
+                try connection.exec("BEGIN IMMEDIATE")
+            } catch {
+                for job in pending { job.continuation.resume(throwing: StorageError(.io, "cannot begin a transaction: \(error)")) }
+                return
+            }
+            var results: [[StatementResult]] = []
+            var rolledBack: (index: Int, results: [StatementResult])?
+            for (index, job) in pending.enumerated() {
+                let result = run(job)
+                if sqlite3_get_autocommit(connection.handle) != 0 {
+                    rolledBack = (index, result)
+                    break
+                }
+                results.append(result)
+            }
+            if let (index, result) = rolledBack {
+                let culprit = pending.remove(at: index)
+                culprit.continuation.resume(returning: Self.notApplied(result))
+                continue
+            }
+            do {
+                try connection.exec("COMMIT")
+            } catch {
+                // The commit failed (capture refused it or I/O): nothing of the batch is visible.
+                try? connection.exec("ROLLBACK")
+                let cause = capture.lastFailure
+                let reason = cause.map { String(describing: $0) } ?? "commit failed: \(error)"
+                capture.lastFailure = nil
+                for job in pending { job.continuation.resume(throwing: StorageError(.commitFailed, reason, cause: cause)) }
+                return
+            }
+            for (job, result) in zip(pending, results) { job.continuation.resume(returning: result) }
             return
         }
-        for job in batch { results.append(run(job)) }
-        do {
-            try connection.exec("COMMIT")
-        } catch {
-            // The commit failed (capture refused it or I/O): nothing of the batch is visible.
-            try? connection.exec("ROLLBACK")
-            let cause = capture.lastFailure
-            let reason = cause.map { String(describing: $0) } ?? "commit failed: \(error)"
-            capture.lastFailure = nil
-            for job in batch { job.continuation.resume(throwing: StorageError(.commitFailed, reason, cause: cause)) }
-            return
+    }
+
+    /// The answer for a request whose transaction SQLite rolled back: its failing statement
+    /// says why; statements that had succeeded say they were undone.
+    static func notApplied(_ results: [StatementResult]) -> [StatementResult] {
+        let reason = results.lazy.compactMap { r -> String? in if case .failure(let m) = r { return m } else { return nil } }.first ?? "rolled back"
+        return results.map { r in
+            switch r {
+            case .failure: return r
+            case .success: return .failure("not applied: the request was rolled back (\(reason))")
+            }
         }
-        for (job, result) in zip(batch, results) { job.continuation.resume(returning: result) }
     }
 
     private func run(_ job: WriteJob) -> [StatementResult] {
@@ -350,7 +390,7 @@ final class WriterThread: @unchecked Sendable {
             do {
                 connection.authorizer.tenantSQL = true
                 defer { connection.authorizer.tenantSQL = false }
-                let outcome = try connection.run(statement.sql, statement.parameters, rowsMax: options.rowsMax)
+                let outcome = try connection.run(statement.sql, statement.parameters, limits: options.statementLimits)
                 results.append(.success(outcome))
                 if !job.transaction { try? connection.exec("RELEASE statement") }
             } catch {

@@ -1,0 +1,87 @@
+import ApiaryCore
+import Foundation
+import XCTest
+@testable import ApiaryStorage
+
+final class LimitsTests: XCTestCase {
+    func open(_ dir: TemporaryDirectory, _ adjust: (inout TenantDatabase.Options) -> Void) throws -> TenantDatabase {
+        var options = TenantDatabase.Options()
+        adjust(&options)
+        return try TenantDatabase(tenant: try TenantID("acme"), path: dir.path + "/acme.db",
+                                  sink: ReplicaSink(replicaPath: dir.path + "/replica.db"), options: options)
+    }
+
+    static let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+
+    func testARunawayQueryIsStoppedAtTheTimeLimitAndTheReaderServesOn() async throws {
+        let dir = TemporaryDirectory()
+        let db = try open(dir) { $0.statementTimeMs = 200 }
+        defer { db.close() }
+        try await db.mustExecute("CREATE TABLE t (x)")
+        let results = try await db.query([SQLStatement(Self.endless)])
+        guard case .failure(let message) = results[0] else { return XCTFail("an endless query must be stopped") }
+        XCTAssertTrue(message.contains("longer than the limit of 200 ms"), message)
+        let after = try await db.rows("SELECT count(*) FROM t")
+        XCTAssertEqual(after, [[.integer(0)]])
+    }
+
+    func testARunawayWriteIsStoppedAndDoesNotBlockTheWriter() async throws {
+        let dir = TemporaryDirectory()
+        let db = try open(dir) { $0.statementTimeMs = 200 }
+        defer { db.close() }
+        try await db.mustExecute("CREATE TABLE t (x)")
+        let results = try await db.execute([SQLStatement("INSERT INTO t " + Self.endless.replacingOccurrences(of: "SELECT count(*) FROM c", with: "SELECT x FROM c"))])
+        guard case .failure(let message) = results[0] else { return XCTFail("an endless insert must be stopped") }
+        XCTAssertTrue(message.contains("limit"), message)
+        try await db.mustExecute("INSERT INTO t VALUES (1)")
+        let rows = try await db.rows("SELECT count(*) FROM t")
+        XCTAssertEqual(rows, [[.integer(1)]], "the stopped insert left nothing behind")
+    }
+
+    /// SQLite rolls back the whole transaction on an interrupt; the batch's other requests
+    /// must still be applied (they run again without the culprit).
+    func testARunawayRequestDoesNotFailItsNeighboursInTheSameBatch() async throws {
+        let dir = TemporaryDirectory()
+        let db = try open(dir) { $0.statementTimeMs = 300 }
+        defer { db.close() }
+        try await db.mustExecute("CREATE TABLE t (x)")
+        let runaway = "INSERT INTO t " + Self.endless.replacingOccurrences(of: "SELECT count(*) FROM c", with: "SELECT x FROM c")
+        let outcomes = try await withThrowingTaskGroup(of: (Int, [StatementResult]).self) { group in
+            for i in 0..<20 {
+                group.addTask {
+                    (i, try await db.execute([SQLStatement("INSERT INTO t VALUES (\(i))"), SQLStatement(i == 7 ? runaway : "SELECT 1")]))
+                }
+            }
+            var all: [Int: [StatementResult]] = [:]
+            for try await (i, r) in group { all[i] = r }
+            return all
+        }
+        for (i, results) in outcomes {
+            if i == 7 {
+                guard case .failure(let first) = results[0] else { return XCTFail("the culprit's first statement was undone: \(results)") }
+                XCTAssertTrue(first.contains("not applied"), first)
+            } else {
+                XCTAssertTrue(results.allSatisfy { if case .success = $0 { return true } else { return false } }, "request \(i): \(results)")
+            }
+        }
+        let rows = try await db.rows("SELECT count(*) FROM t")
+        XCTAssertEqual(rows, [[.integer(19)]])
+    }
+
+    func testResultsAreBoundedInRowsAndBytes() async throws {
+        let dir = TemporaryDirectory()
+        let db = try open(dir) { $0.rowsMax = 50; $0.resultBytesMax = 10_000 }
+        defer { db.close() }
+        try await db.mustExecute("CREATE TABLE t (x)")
+        try await db.execute((0..<100).map { _ in SQLStatement("INSERT INTO t VALUES (randomblob(300))") }, transaction: true)
+        let many = try await db.query([SQLStatement("SELECT rowid FROM t")])
+        guard case .failure(let rowsMessage) = many[0] else { return XCTFail("more than rowsMax rows must fail") }
+        XCTAssertTrue(rowsMessage.contains("more than 50 rows"), rowsMessage)
+        let big = try await db.query([SQLStatement("SELECT x FROM t LIMIT 40")])
+        guard case .failure(let bytesMessage) = big[0] else { return XCTFail("more than resultBytesMax must fail") }
+        XCTAssertTrue(bytesMessage.contains("larger than 10000 bytes"), bytesMessage)
+        let fine = try await db.query([SQLStatement("SELECT x FROM t LIMIT 10")])
+        guard case .success(let outcome) = fine[0] else { return XCTFail("a small result must pass: \(fine)") }
+        XCTAssertEqual(outcome.rows.count, 10)
+    }
+}
