@@ -80,7 +80,7 @@ let package = Package(
             .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ]),
-        .testTarget(name: "ApiaryNodeTests", dependencies: ["ApiaryNode", "ApiaryStorage", "ApiaryTLS"]),
+        .testTarget(name: "ApiaryNodeTests", dependencies: ["ApiaryNode", "ApiaryStorage", "ApiaryTLS", "ApiaryLog", "ApiaryCore"]),
         .testTarget(name: "ApiaryIntegrationTests", dependencies: [
             "ApiaryNode", "ApiaryStorage", "ApiaryTLS", "ApiaryReplication",
             .product(name: "NIOCore", package: "swift-nio"),
