@@ -30,7 +30,7 @@ final class SQLiteConnection {
     let handle: OpaquePointer
     let path: String
     /// Decides what tenant SQL may do on this connection.
-    let authorizer = Authorizer()
+    let sandbox = Sandbox()
 
     /// Opens `path` through Apiary's VFS.
     init(path: String, readOnly: Bool) throws {
@@ -48,7 +48,7 @@ final class SQLiteConnection {
         handle = db
         self.path = path
         sqlite3_extended_result_codes(db, 1)
-        authorizer.install(on: db)
+        sandbox.install(on: db)
     }
 
     deinit { sqlite3_close_v2(handle) }
@@ -66,9 +66,9 @@ final class SQLiteConnection {
     /// Runs one statement with positional parameters; returns its rows and effects, within `limits`.
     func run(_ sql: String, _ parameters: [SQLValue] = [], limits: StatementLimits = .none) throws -> StatementOutcome {
         if limits.timeMs > 0 {
-            authorizer.deadlineNs = monotonicNs() + UInt64(limits.timeMs) * 1_000_000
+            sandbox.deadlineNs = monotonicNs() + UInt64(limits.timeMs) * 1_000_000
         }
-        defer { authorizer.deadlineNs = 0 }
+        defer { sandbox.deadlineNs = 0 }
         do {
             return try runUnlimitedTime(sql, parameters, limits: limits)
         } catch let error as SQLiteError where error.code == SQLITE_INTERRUPT {

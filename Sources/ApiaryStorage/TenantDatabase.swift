@@ -58,7 +58,7 @@ public final class TenantDatabase: @unchecked Sendable {
     public let tenant: TenantID
     public let path: String
     public let options: Options
-    private let writer: WriterThread
+    private let writer: TenantWriter
     private let readers: ReaderPool
 
     /// Opens (creating if needed) the tenant's database at `path`.
@@ -102,7 +102,7 @@ public final class TenantDatabase: @unchecked Sendable {
             let pages = try DatabaseFile.allPages(of: path)
             try sink.commit(tenant: tenant, CapturedCommit(pages: pages, dbSizePages: UInt32(pages.count), checksum: hashes.checksum))
         }
-        writer = WriterThread(connection: connection, capture: capture, sqlitePath: sqlitePath, options: options, pool: writerPool)
+        writer = TenantWriter(connection: connection, capture: capture, sqlitePath: sqlitePath, options: options, pool: writerPool)
         readers = ReaderPool(path: path, options: options, pool: readerPool)
     }
 
@@ -161,8 +161,8 @@ public final class TenantDatabase: @unchecked Sendable {
         try await readers.run { connection in
             statements.map { s in
                 do {
-                    connection.authorizer.tenantSQL = true
-                    defer { connection.authorizer.tenantSQL = false }
+                    connection.sandbox.tenantSQL = true
+                    defer { connection.sandbox.tenantSQL = false }
                     let outcome = try connection.run(s.sql, s.parameters, limits: self.options.statementLimits)
                     return .success(outcome)
                 } catch {
@@ -235,7 +235,7 @@ struct WriteJob {
 
 /// The tenant's one writer: a mailbox drained on the shared writer pool, one batch at a time,
 /// so that the tenant's commits stay serial while the pool's threads stay bounded.
-final class WriterThread: @unchecked Sendable {
+final class TenantWriter: @unchecked Sendable {
     private let connection: SQLiteConnection
     private let capture: WALCapture
     private let sqlitePath: String
@@ -388,8 +388,8 @@ final class WriterThread: @unchecked Sendable {
         for statement in job.statements {
             if !job.transaction { try? connection.exec("SAVEPOINT statement") }
             do {
-                connection.authorizer.tenantSQL = true
-                defer { connection.authorizer.tenantSQL = false }
+                connection.sandbox.tenantSQL = true
+                defer { connection.sandbox.tenantSQL = false }
                 let outcome = try connection.run(statement.sql, statement.parameters, limits: options.statementLimits)
                 results.append(.success(outcome))
                 if !job.transaction { try? connection.exec("RELEASE statement") }

@@ -3,7 +3,7 @@ import CSQLite
 /// The sandbox for tenant SQL (DESIGN §4): tenant statements MUST NOT escape their database
 /// or the writer's transaction structure. Apiary's own SQL (savepoints, pragmas) runs with
 /// `tenantSQL` off.
-final class Authorizer {
+final class Sandbox {
     /// True while a tenant's statement is being prepared or run on the connection.
     var tenantSQL = false
     /// Monotonic deadline (ns) of the running statement; 0 = none. Checked by SQLite's
@@ -22,12 +22,12 @@ final class Authorizer {
         let context = Unmanaged.passUnretained(self).toOpaque()
         sqlite3_progress_handler(db, 1000, { context in
             guard let context else { return 0 }
-            let sandbox = Unmanaged<Authorizer>.fromOpaque(context).takeUnretainedValue()
+            let sandbox = Unmanaged<Sandbox>.fromOpaque(context).takeUnretainedValue()
             return sandbox.deadlineNs != 0 && monotonicNs() > sandbox.deadlineNs ? 1 : 0
         }, context)
         sqlite3_set_authorizer(db, { context, action, arg1, _, _, _ in
             guard let context else { return SQLITE_OK }
-            let authorizer = Unmanaged<Authorizer>.fromOpaque(context).takeUnretainedValue()
+            let authorizer = Unmanaged<Sandbox>.fromOpaque(context).takeUnretainedValue()
             return authorizer.decide(action: action, arg1: arg1.map { String(cString: $0) })
         }, context)
     }
