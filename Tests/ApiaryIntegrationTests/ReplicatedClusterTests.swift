@@ -194,12 +194,17 @@ final class ReplicatedClusterTests: XCTestCase {
         XCTAssertEqual(acked.count, 400)
         cluster.kill(cluster.primary, signal: SIGKILL)
 
-        let operatorTLS = try ClusterCredentials(directory: cluster.certificates, name: "operator").clusterClient()
-        let admin = try await HTTPSConnection.connect(host: "127.0.0.1", port: cluster.standby.apiPort, tls: operatorTLS, group: MultiThreadedEventLoopGroup.singleton)
-        let promoted = try await admin.request(.POST, "/admin/promote")
-        await admin.close()
-        XCTAssertEqual(promoted.status, 200, promoted.text)
-        XCTAssertTrue(promoted.text.contains("\"epoch\":2"), promoted.text)
+        // The operator's CLI, as a failover drill would run it.
+        let promote = Process()
+        promote.executableURL = URL(fileURLWithPath: try apiaryExecutable())
+        promote.arguments = ["ctl", "promote", "--node", "127.0.0.1:\(cluster.standby.apiPort)", "--certs", cluster.certificates]
+        let output = Pipe()
+        promote.standardOutput = output
+        try promote.run()
+        promote.waitUntilExit()
+        let promoted = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertEqual(promote.terminationStatus, 0, promoted)
+        XCTAssertTrue(promoted.contains("\"epoch\":2"), promoted)
 
         let newPrimary = try await APIClient(port: cluster.standby.apiPort, caPath: cluster.certificates + "/ca.pem").connect()
         let rows = try await newPrimary.request(.GET, "/db/query?q=SELECT%20id%20FROM%20kv", headers: [("X-Apiary-Tenant", "acme")])

@@ -1,12 +1,29 @@
 import ApiaryNode
+import ApiaryTLS
 import ArgumentParser
 import Foundation
+import NIOHTTP1
+import NIOPosix
 
 struct Ctl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Operate a cluster.",
-        subcommands: [Verify.self]
+        abstract: "Operate a cluster (with an operator certificate).",
+        subcommands: [Verify.self, Status.self, Promote.self]
     )
+
+    /// Where the operator's certificate is: shared by every `ctl` subcommand.
+    struct OperatorOptions: ParsableArguments {
+        @Option(help: "Directory with ca.pem and the operator certificate.") var certs = "certs"
+        @Option(help: "Operator certificate name in --certs.") var `operator` = "operator"
+
+        func credentials() throws -> ClusterCredentials {
+            let credentials = try ClusterCredentials(directory: certs, name: `operator`)
+            guard credentials.identity.role == .operator else {
+                throw ValidationError("\(`operator`)'s certificate is for role \(credentials.identity.role.rawValue); ctl needs an operator certificate")
+            }
+            return credentials
+        }
+    }
 
     struct Verify: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -15,15 +32,48 @@ struct Ctl: AsyncParsableCommand {
         )
         @Option(help: "The primary's HTTPS API (host:port).") var primary: Address
         @Option(help: "The standby's HTTPS API (host:port).") var standby: Address
-        @Option(help: "Directory with ca.pem and the operator certificate.") var certs = "certs"
-        @Option(help: "Operator certificate name in --certs.") var `operator` = "operator"
+        @OptionGroup var options: OperatorOptions
         @Option(help: "Wait up to this long for the standby to reach the primary's lsns before comparing.") var waitMs = 10_000
 
         func run() async throws {
-            let report = try await ClusterVerifier(certificatesDirectory: certs, operatorName: `operator`)
+            let report = try await ClusterVerifier(certificatesDirectory: options.certs, operatorName: options.operator)
                 .verify(primary: (primary.host, primary.port), standby: (standby.host, standby.port), waitMs: waitMs)
             print(report.text)
             if !report.consistent { throw ExitCode(1) }
         }
+    }
+
+    struct Status: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print a node's role, epoch and per-tenant positions (JSON).")
+        @Option(help: "The node's HTTPS API (host:port).") var node: Address
+        @OptionGroup var options: OperatorOptions
+
+        func run() async throws {
+            let response = try await Ctl.request(.GET, "/status", node: node, credentials: options.credentials())
+            print(response.text)
+            if response.status != 200 { throw ExitCode(1) }
+        }
+    }
+
+    struct Promote: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Promote a standby to primary of the next epoch (manual failover).",
+            discussion: "Use only when the primary is gone: the standby waits out its lease, applies every record it holds, and commits alone from then on."
+        )
+        @Option(help: "The standby's HTTPS API (host:port).") var node: Address
+        @OptionGroup var options: OperatorOptions
+
+        func run() async throws {
+            let response = try await Ctl.request(.POST, "/admin/promote", node: node, credentials: options.credentials())
+            print(response.text)
+            if response.status != 200 { throw ExitCode(1) }
+        }
+    }
+
+    static func request(_ method: HTTPMethod, _ path: String, node: Address, credentials: ClusterCredentials) async throws -> HTTPSConnection.Response {
+        let connection = try await HTTPSConnection.connect(host: node.host, port: node.port, tls: credentials.clusterClient(),
+                                                           group: MultiThreadedEventLoopGroup.singleton)
+        defer { Task { await connection.close() } }
+        return try await connection.request(method, path)
     }
 }
