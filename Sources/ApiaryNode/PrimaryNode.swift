@@ -149,7 +149,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             if let task = opening[id] { return .wait(task) }
             guard create else { return .absent }
             let task = Task {
-                try await Self.onBlockingThread {
+                try await BlockingPool.writers.run {
                     let tenant = try Self.openTenantLog(id, layout: self.layout, options: self.logOptions)
                     // Known before its database opens: the bootstrap commit looks it up.
                     self.tenantsLock.withLock { self.tenants[id] = tenant }
@@ -176,12 +176,6 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
 
     var allTenants: [PrimaryTenant] {
         tenantsLock.withLock { tenants.values.filter { opening[$0.id] == nil } }
-    }
-
-    static func onBlockingThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { continuation in
-            Thread { continuation.resume(with: Result { try body() }) }.start()
-        }
     }
 
     // MARK: - The commit path (a tenant's writer thread)

@@ -281,7 +281,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                 // queue of chunks (~1 MiB each) stays bounded (invariant 8).
                 snapshotChunksQueued += 1
                 if snapshotChunksQueued == Self.snapshotChunksQueuedMax { setReading(false) }
-                storage(tenantID, on: \.applyQueue) { _ in try DatabaseFile.writePagesKeepingSize(pages, to: self.layout.snapshotScratch(tenantID)) } then: {
+                storage(tenantID, on: \.applyQueue) { _ in try DatabaseFile.Writer(path: self.layout.snapshotScratch(tenantID)).write(pages, dbSizePages: nil) } then: {
                     self.snapshotChunksQueued -= 1
                     if self.snapshotChunksQueued == Self.snapshotChunksQueuedMax / 2 { self.setReading(true) }
                 }
@@ -391,7 +391,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         let waitMs = leaseUntil + leaseDriftMarginMs - monotonicNowMs()
         if waitMs > 0 { try await Task.sleep(for: .milliseconds(waitMs)) }
         for tenant in tenants {
-            try await PrimaryNode.onBlockingThread {
+            try await BlockingPool.writers.run {
                 tenant.ioQueue.sync {} // appends in flight finish first
                 try tenant.applyQueue.sync {
                     let last = tenant.withLog { $0.last.lsn }
@@ -420,15 +420,4 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     var epoch: Epoch { get async { (try? await loop.submit { self.core.epoch }.get()) ?? .zero } }
 
     var fatalError: NodeError? { get async { try? await loop.submit { self.fatal }.get() ?? nil } }
-}
-
-extension DurableFile {
-    static func rename(_ from: String, to: String) throws {
-        guard Glibc.rename(from, to) == 0 else { throw NodeError("cannot rename \(from) to \(to): \(String(cString: strerror(errno)))") }
-        let dir = open((to as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dir >= 0 {
-            fsync(dir)
-            close(dir)
-        }
-    }
 }

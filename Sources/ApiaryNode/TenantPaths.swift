@@ -55,12 +55,17 @@ enum DurableFile {
         let synced = fsync(fd)
         close(fd)
         guard written == bytes.count, synced == 0 else { throw NodeError("cannot write \(tmp): \(String(cString: strerror(errno)))") }
-        guard Glibc.rename(tmp, path) == 0 else { throw NodeError("cannot rename \(tmp): \(String(cString: strerror(errno)))") }
-        let dir = open((path as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dir >= 0 {
-            fsync(dir)
-            close(dir)
-        }
+        try rename(tmp, to: path)
+    }
+
+    /// Renames durably: the directory entry is fsynced too, or the rename may not survive a crash.
+    static func rename(_ from: String, to: String) throws {
+        guard Glibc.rename(from, to) == 0 else { throw NodeError("cannot rename \(from) to \(to): \(String(cString: strerror(errno)))") }
+        let directory = (to as NSString).deletingLastPathComponent
+        let dir = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dir >= 0 else { throw NodeError("cannot open \(directory): \(String(cString: strerror(errno)))") }
+        defer { close(dir) }
+        guard fsync(dir) == 0 else { throw NodeError("cannot fsync \(directory): \(String(cString: strerror(errno)))") }
     }
 }
 

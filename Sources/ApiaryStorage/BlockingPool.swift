@@ -33,6 +33,13 @@ public final class BlockingPool: @unchecked Sendable {
         condition.unlock()
     }
 
+    /// Runs blocking `body` on a pool thread and returns its result to the async caller.
+    public func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            submit { continuation.resume(with: Result { try body() }) }
+        }
+    }
+
     private func loop() {
         while true {
             condition.lock()

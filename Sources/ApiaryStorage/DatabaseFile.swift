@@ -34,9 +34,10 @@ public enum DatabaseFile {
 
         deinit { close(fd) }
 
-        /// Writes one commit's pages and cuts the file to its size (not yet durable).
-        public func write(_ pages: [Page], dbSizePages: UInt32) throws {
-            for page in pages where page.number <= dbSizePages {
+        /// Writes page images (not yet durable) and cuts the file to `dbSizePages`; nil keeps the
+        /// size (snapshot chunks arrive before the snapshot's end says how large it is).
+        public func write(_ pages: [Page], dbSizePages: UInt32?) throws {
+            for page in pages where page.number <= dbSizePages ?? .max {
                 guard page.bytes.count == pageSize else {
                     throw StorageError(.corrupt, "page \(page.number) has \(page.bytes.count) bytes, expected \(pageSize)")
                 }
@@ -44,27 +45,12 @@ public enum DatabaseFile {
                 let written = page.bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, pageSize, offset) }
                 guard written == pageSize else { throw StorageError.io("write", path: path, errno: written < 0 ? errno : ENOSPC) }
             }
+            guard let dbSizePages else { return }
             guard ftruncate(fd, off_t(dbSizePages) * off_t(pageSize)) == 0 else { throw StorageError.io("truncate", path: path, errno: errno) }
         }
 
         public func sync() throws {
             guard fsync(fd) == 0 else { throw StorageError.io("fsync", path: path, errno: errno) }
-        }
-    }
-
-    /// Writes page images without changing the file's size otherwise (snapshot chunks). No fsync:
-    /// the snapshot's install cuts the file to size and fsyncs it once.
-    public static func writePagesKeepingSize(_ pages: [Page], to path: String) throws {
-        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw StorageError.io("open", path: path, errno: errno) }
-        defer { close(fd) }
-        for page in pages {
-            guard page.bytes.count == pageSize else {
-                throw StorageError(.corrupt, "page \(page.number) has \(page.bytes.count) bytes, expected \(pageSize)")
-            }
-            let offset = off_t(Int(page.number) - 1) * off_t(pageSize)
-            let written = page.bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, pageSize, offset) }
-            guard written == pageSize else { throw StorageError.io("write", path: path, errno: written < 0 ? errno : ENOSPC) }
         }
     }
 
@@ -86,6 +72,22 @@ public enum DatabaseFile {
             guard got == pageSize else { throw StorageError.io("read", path: path, errno: got < 0 ? errno : EIO) }
             try buffer.withUnsafeBytes { try body(UInt32(i + 1), $0) }
         }
+    }
+
+    /// Copies a file page by page, a bounded chunk at a time, and fsyncs the copy.
+    /// - Returns: the number of pages copied.
+    public static func copy(_ source: String, to destination: String, chunkPages: Int = 256) throws -> UInt32 {
+        try? FileManager.default.removeItem(atPath: destination)
+        let writer = try Writer(path: destination)
+        var next: UInt32 = 1
+        while true {
+            let chunk = try pages(of: source, from: next, countMax: chunkPages)
+            guard !chunk.isEmpty else { break }
+            try writer.write(chunk, dbSizePages: nil)
+            next += UInt32(chunk.count)
+        }
+        try writer.sync()
+        return next - 1
     }
 
     /// Pages `first...first+countMax-1` of a file (fewer at its end): a bounded read for streaming.

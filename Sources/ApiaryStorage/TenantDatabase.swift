@@ -82,7 +82,8 @@ public final class TenantDatabase: @unchecked Sendable {
         self.tenant = tenant
         self.path = path
         self.options = options
-        let isNew = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int).flatMap { $0 } ?? 0 == 0
+        let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? nil
+        let isNew = (size ?? 0) == 0
         if isNew {
             try Self.create(path: path)
         } else {
@@ -193,14 +194,12 @@ public final class TenantDatabase: @unchecked Sendable {
             guard result.count == 3, result[0] == .integer(0), result[1] == result[2] else {
                 throw StorageError(.io, "checkpoint for a snapshot did not complete: \(result)")
             }
-            let pages = try DatabaseFile.allPages(of: source)
-            try? FileManager.default.removeItem(atPath: path)
-            try DatabaseFile.writePages(pages, dbSizePages: UInt32(pages.count), to: path)
+            let pageCount = try DatabaseFile.copy(source, to: path)
             let copied = try DatabaseFile.pageHashes(of: path).checksum
             guard copied == access.checksum else {
                 throw StorageError(.corrupt, "snapshot copy checksum \(copied) differs from the database's \(access.checksum)")
             }
-            return (UInt32(pages.count), copied, whilePaused())
+            return (pageCount, copied, whilePaused())
         }
     }
 

@@ -90,7 +90,8 @@ public struct CertificateAuthority {
         return (certPath, keyPath)
     }
 
-    static func ipBytes(_ host: String) -> [UInt8]? {
+    /// The address bytes when `host` is an IPv4 or IPv6 literal, else nil (a DNS name).
+    public static func ipBytes(_ host: String) -> [UInt8]? {
         var v4 = in_addr()
         if inet_pton(AF_INET, host, &v4) == 1 { return withUnsafeBytes(of: v4) { Array($0) } }
         var v6 = in6_addr()

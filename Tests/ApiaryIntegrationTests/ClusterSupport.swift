@@ -57,6 +57,8 @@ struct APIClient {
 struct RawTLSOutcome {
     var handshakeCompleted: Bool
     var bytes: [UInt8]
+    /// The server hung up before the client's wait ran out.
+    var closedByServer: Bool
 }
 
 final class RawCollector: ChannelInboundHandler, @unchecked Sendable {
@@ -91,8 +93,14 @@ func rawReplicationConnection(port: Int, credentials: ClusterCredentials, waitSe
             }
         }
         .connect(host: "127.0.0.1", port: port).get()
-    let timeout = loop.scheduleTask(in: .seconds(waitSeconds)) { channel.close(promise: nil) }
+    let timedOut = loop.makePromise(of: Bool.self)
+    let timeout = loop.scheduleTask(in: .seconds(waitSeconds)) {
+        timedOut.succeed(true)
+        channel.close(promise: nil)
+    }
     try? await closed.futureResult.get()
     timeout.cancel()
-    return try await loop.submit { RawTLSOutcome(handshakeCompleted: collector.handshakeCompleted, bytes: collector.bytes) }.get()
+    timedOut.succeed(false) // no effect if the timeout already fired
+    let byServer = !(try await timedOut.futureResult.get())
+    return try await loop.submit { RawTLSOutcome(handshakeCompleted: collector.handshakeCompleted, bytes: collector.bytes, closedByServer: byServer) }.get()
 }

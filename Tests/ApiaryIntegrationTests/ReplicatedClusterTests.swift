@@ -152,14 +152,18 @@ final class ReplicatedClusterTests: XCTestCase {
         // A node certificate from another CA: the TLS handshake fails, nothing is exchanged.
         let otherCA = directory + "/other-ca"
         try CertificateAuthority.create(in: otherCA).issue(PeerIdentity(role: .node, name: "node-b"), into: otherCA)
-        let foreign = try await rawReplicationConnection(port: cluster.primary.replicationPort,
-                                                         credentials: ClusterCredentials(directory: otherCA, name: "node-b"))
+        // It trusts our CA, so the refusal can only come from the primary.
+        let intruder = try ClusterCredentials(certificatePath: otherCA + "/node-b.pem", keyPath: otherCA + "/node-b.key",
+                                              caPath: cluster.certificates + "/ca.pem")
+        let foreign = try await rawReplicationConnection(port: cluster.primary.replicationPort, credentials: intruder)
         XCTAssertTrue(foreign.bytes.isEmpty, "no replication frame for a foreign certificate")
+        XCTAssertTrue(foreign.closedByServer, "the primary hangs up on a foreign certificate")
 
         // A gateway certificate from our CA: TLS succeeds, replication says no and hangs up.
         let gateway = try await rawReplicationConnection(port: cluster.primary.replicationPort,
                                                          credentials: ClusterCredentials(directory: cluster.certificates, name: "gateway"))
         XCTAssertTrue(gateway.handshakeCompleted)
+        XCTAssertTrue(gateway.closedByServer)
         let message = try WireCodec.decode(frame: gateway.bytes)
         guard case .reject(let reject) = message else { return XCTFail("expected a reject, got \(message)") }
         XCTAssertEqual(reject.code, .wrongRole)

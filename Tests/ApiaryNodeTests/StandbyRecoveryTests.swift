@@ -54,7 +54,7 @@ final class StandbyRecoveryTests: XCTestCase {
         }
         let last = records.last!
         if let torn = last.pages.first {
-            try DatabaseFile.writePagesKeepingSize([Page(number: torn.number, bytes: [UInt8](repeating: 0xAB, count: DatabaseFile.pageSize))], to: layout.database(tenant))
+            try DatabaseFile.Writer(path: layout.database(tenant)).write([Page(number: torn.number, bytes: [UInt8](repeating: 0xAB, count: DatabaseFile.pageSize))], dbSizePages: nil)
         }
         try AppliedState(lsn: records[9].lsn, checksum: records[9].checksum, applyingThroughLSN: last.lsn).write(to: layout.applied(tenant))
 

@@ -104,12 +104,14 @@ final class HandshakeTests: XCTestCase {
         let otherDir = dir + "/other"
         let other = try CertificateAuthority.create(in: otherDir)
         try other.issue(PeerIdentity(role: .node, name: "node-a"), into: otherDir) // same name, wrong CA
-        let intruder = try credentials("node-a", in: otherDir)
+        // The intruder trusts our CA, so any refusal comes from the side under test.
+        let intruder = try ClusterCredentials(certificatePath: otherDir + "/node-a.pem", keyPath: otherDir + "/node-a.key", caPath: dir + "/ca.pem")
         let server = try handshake(client: intruder.clusterClient(), server: try credentials("node-a").clusterServer())
         XCTAssertFalse(server.serverCompleted, "a server must refuse a client certificate from another CA")
         XCTAssertNotNil(server.serverError)
         let client = try handshake(client: try credentials("node-b").clusterClient(), server: intruder.clusterServer())
         XCTAssertFalse(client.clientCompleted, "a client must refuse a server certificate from another CA")
+        XCTAssertNotNil(client.clientError)
     }
 
     func testClientWithoutCertificateIsRefused() throws {

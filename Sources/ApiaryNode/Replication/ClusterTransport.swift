@@ -131,9 +131,7 @@ enum ClusterTransport {
 
     /// SNI must be a DNS name, not an IP; an IP address is checked against IP SANs instead.
     static func hostnameForSNI(_ host: String) -> String? {
-        var v4 = in_addr(), v6 = in6_addr()
-        if inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1 { return nil }
-        return host
+        CertificateAuthority.ipBytes(host) == nil ? host : nil
     }
 }
 
