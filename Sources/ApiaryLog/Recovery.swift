@@ -152,7 +152,8 @@ extension ReplicationLog {
                     throw corrupt("bad record (\(reason)) followed by a valid record at byte \(next)", at: offset)
                 }
                 // A torn tail: an append that never completed (or was never synced). Cut it so
-                // the next append lands right after the last whole record.
+                // the next append lands right after the last whole record. (After a crash this
+                // includes the zeros written ahead of the appends, see `preallocate`.)
                 try POSIX.ftruncate(fd, size: offset, path: path)
                 try POSIX.fsync(fd, path: path)
                 return ScannedSegment(segment: segment, tornTailBytes: fileSize - offset)

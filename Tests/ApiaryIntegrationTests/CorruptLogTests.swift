@@ -23,7 +23,9 @@ final class CorruptLogTests: XCTestCase {
         // Flip a byte in the middle of the segment: inside an early record, with whole records after it.
         let segment = directory + "/node-a/tenants/acme/log/00000000000000000001.log"
         var bytes = try XCTUnwrap(FileManager.default.contents(atPath: segment))
-        let offset = bytes.count / 3
+        // (The segment may end in zeros the log wrote ahead of its appends: aim inside the records.)
+        let recordsEnd = (bytes.lastIndex { $0 != 0 } ?? 0) + 1
+        let offset = recordsEnd / 3
         bytes[offset] ^= 0xFF
         try bytes.write(to: URL(fileURLWithPath: segment))
 

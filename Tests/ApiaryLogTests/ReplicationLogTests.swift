@@ -57,6 +57,35 @@ final class ReplicationLogTests: XCTestCase {
         XCTAssertEqual(log.last.epoch, Epoch(6))
     }
 
+    /// Appends land in zeros written ahead (so that a sync flushes data, not a new file size);
+    /// the zeros never outlive the active segment, a clean close, or a crash's recovery.
+    func testZerosWrittenAheadAreGivenBack() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let frame = frameBytes(pageCount: 2, pageBytes: 100)
+        let options = ReplicationLog.Options(segmentBytesMax: 40 + 3 * frame + frame / 2)
+        do {
+            let log = try ReplicationLog(directory: dir, options: options)
+            try appendRecords(log, 1...2)
+            XCTAssertEqual(try fileSize(dir + "/00000000000000000001.log"), options.segmentBytesMax, "written ahead to the segment bound")
+            try assertZerosOnly(dir + "/00000000000000000001.log", from: log.sizeBytes)
+            try appendRecords(log, 3...4) // rolls after lsn 3
+            XCTAssertEqual(try segmentFiles(dir), ["00000000000000000001.log", "00000000000000000004.log"])
+            XCTAssertEqual(try fileSize(dir + "/00000000000000000001.log"), 40 + 3 * frame, "a segment left behind ends at its last frame")
+            XCTAssertGreaterThan(try fileSize(dir + "/00000000000000000004.log"), 40 + frame)
+            // No close: as after a crash, the zeros are still there.
+        }
+        let reopened = try ReplicationLog(directory: dir, options: options)
+        XCTAssertEqual(reopened.last, LogPosition(makeRecord(lsn: 4)))
+        XCTAssertEqual(try fileSize(dir + "/00000000000000000004.log"), 40 + frame, "recovery cut the zeros")
+        try appendRecords(reopened, 5...5)
+        XCTAssertEqual(try reopened.records(from: 1, countMax: 10, bytesMax: 1 << 20), (1...5).map { makeRecord(lsn: $0) })
+        reopened.close()
+        XCTAssertEqual(try fileSize(dir + "/00000000000000000004.log"), 40 + 2 * frame, "a clean close gives the zeros back")
+        let again = try ReplicationLog(directory: dir, options: options)
+        XCTAssertEqual(again.recoveredTornTailBytes, 0)
+        XCTAssertEqual(again.last.lsn, 5)
+    }
+
     func testTooLargeRecordRefused() throws {
         let dir = try makeTemporaryDirectory(self)
         let log = try ReplicationLog(directory: dir, options: .init(recordBytesMax: 10_000))
@@ -68,6 +97,7 @@ final class ReplicationLogTests: XCTestCase {
         XCTAssertEqual(log.last, .zero)
         try log.append(makeRecord(lsn: 1, pageCount: 2, pageBytes: 4096))
         try log.sync()
+        log.close() // gives back the zeros written ahead
         XCTAssertEqual(try fileSize(dir + "/00000000000000000001.log"), 40 + frameBytes(pageCount: 2, pageBytes: 4096))
     }
 
@@ -161,6 +191,7 @@ final class ReplicationLogTests: XCTestCase {
             try log.truncate(after: 100) // nothing after 100: no-op
             XCTAssertEqual(log.last.lsn, 2)
             try appendRecords(log, 3...4, epoch: 4)
+            log.close()
         }
         let log = try ReplicationLog(directory: dir, options: options)
         XCTAssertEqual(log.recoveredTornTailBytes, 0)

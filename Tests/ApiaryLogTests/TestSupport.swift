@@ -45,6 +45,13 @@ func fileSize(_ path: String) throws -> Int {
     (try FileManager.default.attributesOfItem(atPath: path)[.size] as! NSNumber).intValue
 }
 
+/// Asserts that the file holds only zeros (space written ahead of the appends) from `offset` on.
+func assertZerosOnly(_ path: String, from offset: Int, _ message: String = "", file: StaticString = #filePath, line: UInt = #line) throws {
+    let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+    XCTAssertGreaterThanOrEqual(bytes.count, offset, "file shorter than the log's end " + message, file: file, line: line)
+    XCTAssertTrue(bytes.dropFirst(offset).allSatisfy { $0 == 0 }, "bytes after the log's last frame " + message, file: file, line: line)
+}
+
 func truncateFile(_ path: String, to size: Int) throws {
     let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
     defer { try? handle.close() }
