@@ -10,46 +10,10 @@ import Foundation
 /// A response is `{"results": [...]}` with one entry per statement: `last_insert_id` and
 /// `rows_affected` for writes, `columns`, `types` and `values` for reads, or `error`.
 public enum RqliteJSON {
-    /// Parses a request body into statements.
+    /// Parses a request body into statements (see `RqliteRequestParser` for the grammar).
     /// - Throws: `RqliteRequestError` with a message naming what is wrong and where.
     public static func statements(fromBody body: [UInt8], statementsMax: Int) throws -> [SQLStatement] {
-        let items: [StatementJSON]
-        do {
-            items = try JSONDecoder().decode([StatementJSON].self, from: Data(body))
-        } catch let error as RqliteRequestError {
-            throw error
-        } catch {
-            throw RqliteRequestError("request body must be a JSON array of statements: an SQL string or [sql, parameters...] each")
-        }
-        guard !items.isEmpty else { throw RqliteRequestError("request has no statements") }
-        guard items.count <= statementsMax else { throw RqliteRequestError("request has \(items.count) statements (max \(statementsMax))") }
-        return items.map(\.statement)
-    }
-
-    /// One statement: `"sql"` or `["sql", p1, p2, ...]`.
-    struct StatementJSON: Decodable {
-        var statement: SQLStatement
-
-        init(from decoder: any Decoder) throws {
-            if let sql = try? decoder.singleValueContainer().decode(String.self) {
-                statement = SQLStatement(sql)
-                return
-            }
-            var array = try decoder.unkeyedContainer()
-            let sql = try array.decode(String.self)
-            var parameters: [SQLValue] = []
-            while !array.isAtEnd {
-                let position = parameters.count + 1
-                if try array.decodeNil() { parameters.append(.null); continue }
-                // Bool first: JSON true/false never decode as numbers, and numbers never as Bool.
-                if let b = try? array.decode(Bool.self) { parameters.append(.integer(b ? 1 : 0)); continue }
-                if let i = try? array.decode(Int64.self) { parameters.append(.integer(i)); continue }
-                if let d = try? array.decode(Double.self) { parameters.append(.real(d)); continue }
-                if let s = try? array.decode(String.self) { parameters.append(.text(s)); continue }
-                throw RqliteRequestError("parameter \(position) of '\(sql.prefix(40))': named parameters and nested values are not supported")
-            }
-            statement = SQLStatement(sql, parameters)
-        }
+        try RqliteRequestParser.statements(fromBody: body, statementsMax: statementsMax)
     }
 
     /// Encodes results as rqlite does.
