@@ -57,7 +57,8 @@ public enum NodeServer {
         let epoch = try stateFile.readEpoch() ?? config.initialEpoch
         try stateFile.write(epoch: epoch)
 
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(2, System.coreCount))
+        // The singleton, which `apiary node` also makes Swift concurrency's executor.
+        let group = MultiThreadedEventLoopGroup.singleton
         let roles = NodeRoles(config: config, layout: layout, group: group, credentials: credentials, logger: logger)
         switch config.role {
         case .primary: try await roles.startPrimary(epoch: epoch, mode: config.mode)

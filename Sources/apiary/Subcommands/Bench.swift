@@ -1,6 +1,7 @@
 import ApiaryNode
 import ArgumentParser
 import Foundation
+import NIOCore
 import NIOPosix
 import NIOSSL
 
@@ -16,8 +17,10 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Working directory (removed afterwards unless --keep).") var dir: String?
     @Flag(help: "Keep the working directory.") var keep = false
     @Option(help: "API base port for the benchmark clusters.") var basePort = 24001
+    @Option(help: "Event loop threads driving the clients (pgbench in bench/ uses up to 2).") var clientThreads = 1
 
     func validate() throws {
+        guard clientThreads > 0, clientThreads <= 64 else { throw ValidationError("--client-threads must be 1...64") }
         guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be 1...3600") }
         guard !clientCounts.isEmpty, clientCounts.allSatisfy({ $0 > 0 && $0 <= 1024 }) else { throw ValidationError("--clients must list counts of 1...1024") }
         guard setupList.allSatisfy({ ["replicated", "single"].contains($0) }) else { throw ValidationError("--setups takes replicated and/or single") }
@@ -30,7 +33,8 @@ struct Bench: AsyncParsableCommand {
         let root = dir ?? (NSTemporaryDirectory() + "apiary-bench-\(getpid())")
         defer { if !keep { try? FileManager.default.removeItem(atPath: root) } }
         print("# machine: nproc=\(ProcessInfo.processInfo.activeProcessorCount) \(cpuModel()) fs=\(root)")
-        print("# workload: one INSERT of a 100-byte payload per request, HTTPS keep-alive, \(seconds)s per client count")
+        print("# workload: one INSERT of a 100-byte payload per request, HTTPS keep-alive, \(seconds)s per client count, \(clientThreads) client thread(s)")
+        let load = MultiThreadedEventLoopGroup(numberOfThreads: clientThreads)
         for (index, setup) in setupList.enumerated() {
             let primaryArgs = setup == "single" ? ["--mode", "single"] : []
             let cluster = LocalCluster(directory: root + "/" + setup, executable: "/proc/self/exe".resolvedLink,
@@ -43,11 +47,12 @@ struct Bench: AsyncParsableCommand {
             let target = BenchTarget(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
             try await target.prepare()
             for count in clientCounts {
-                let result = try await target.measure(clients: count, seconds: seconds)
+                let result = try await target.measure(clients: count, seconds: seconds, group: load)
                 print("apiary-\(setup) clients=\(count) tps=\(String(format: "%.1f", result.tps)) p50_ms=\(String(format: "%.3f", result.p50Ms)) p99_ms=\(String(format: "%.3f", result.p99Ms)) errors=\(result.errors)")
                 fflush(stdout)
             }
         }
+        try await load.shutdownGracefully()
     }
 
     func cpuModel() -> String {
@@ -77,38 +82,18 @@ struct BenchTarget {
 
     struct Result { var tps: Double; var p50Ms: Double; var p99Ms: Double; var errors: Int }
 
-    func measure(clients: Int, seconds: Int) async throws -> Result {
+    func measure(clients: Int, seconds: Int, group: any EventLoopGroup) async throws -> Result {
         let body = Array(#"[["INSERT INTO bench(payload) VALUES(?)", "\#(String(repeating: "x", count: 100))"]]"#.utf8)
+        let head = "POST /db/execute HTTP/1.1\r\nHost: 127.0.0.1\r\n\(Self.tenant.0): \(Self.tenant.1)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n\r\n"
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .file(caPath)
         let start = ContinuousClock.now
-        let end = start + .seconds(seconds)
-        let perClient = try await withThrowingTaskGroup(of: ([Double], Int).self) { group in
-            for _ in 0..<clients {
-                group.addTask {
-                    let connection = try await connect()
-                    defer { Task { await connection.close() } }
-                    var latencies: [Double] = []
-                    latencies.reserveCapacity(4096)
-                    var errors = 0
-                    while ContinuousClock.now < end {
-                        let t0 = ContinuousClock.now
-                        let r = try await connection.request(.POST, "/db/execute", headers: [Self.tenant], body: body)
-                        let elapsed = ContinuousClock.now - t0
-                        if r.status == 200 && !r.text.contains("\"error\"") {
-                            latencies.append(Double(elapsed.components.attoseconds) / 1e15 + Double(elapsed.components.seconds) * 1000)
-                        } else {
-                            errors += 1
-                        }
-                    }
-                    return (latencies, errors)
-                }
-            }
-            var all: [([Double], Int)] = []
-            for try await r in group { all.append(r) }
-            return all
-        }
+        let outcomes = try await BenchLoad.run(clients: clients, port: port, tls: tls, request: Array(head.utf8) + body,
+                                               until: NIODeadline.now() + TimeAmount.seconds(Int64(seconds)), group: group)
+        let perClient = outcomes.map { ($0.latenciesNs.map { Double($0) / 1e6 }, $0.errors) }
         let elapsed = ContinuousClock.now - start
         let wall = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-        let latencies = perClient.flatMap(\.0).sorted()
+        let latencies = perClient.flatMap { $0.0 }.sorted()
         func percentile(_ p: Double) -> Double {
             guard !latencies.isEmpty else { return .nan }
             return latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))]
