@@ -4,7 +4,7 @@ import ApiaryReplication
 import ApiaryStorage
 import ApiaryTLS
 import Foundation
-import Hummingbird
+
 import Logging
 import NIOCore
 import NIOPosix
@@ -65,14 +65,36 @@ public enum NodeServer {
         case .standby: try roles.startStandby(epoch: epoch)
         }
 
-        let app = try APIServer.application(service: roles, credentials: credentials, host: config.apiHost, port: config.apiPort,
-                                            group: group, logger: logger) { port in
-            // Scripts and tests wait for this line.
-            print("apiary node \(config.name) ready: role=\(config.role.rawValue) api=https://\(config.apiHost):\(port)")
-            fflush(stdout)
-        }
         defer { roles.stop() }
-        try await app.runService()
+        let server = try await APIServer.start(service: roles, credentials: credentials, host: config.apiHost, port: config.apiPort,
+                                               group: group, logger: logger)
+        // Scripts and tests wait for this line.
+        print("apiary node \(config.name) ready: role=\(config.role.rawValue) api=https://\(config.apiHost):\(server.port)")
+        fflush(stdout)
+        let signal = await terminationSignal()
+        logger.notice("shutting down", metadata: ["signal": "\(signal)"])
+        await server.close()
+    }
+
+    /// Waits for SIGTERM or SIGINT (graceful shutdown; SIGKILL needs no handling: the log and
+    /// the redo at start cover it).
+    static func terminationSignal() async -> Int32 {
+        await withCheckedContinuation { continuation in
+            let queue = DispatchQueue(label: "apiary.signals")
+            let once = LockedValue(false)
+            var sources: [any DispatchSourceSignal] = []
+            for number in [SIGTERM, SIGINT] {
+                signal(number, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
+                source.setEventHandler {
+                    guard once.withLock({ fired in defer { fired = true }; return !fired }) else { return }
+                    for s in sources { s.cancel() }
+                    continuation.resume(returning: number)
+                }
+                sources.append(source)
+            }
+            for s in sources { s.resume() }
+        }
     }
 
     /// `APIARY_EXIT_WITH_PARENT=<pid>` (set by `LocalCluster`): exit once that process is gone,

@@ -56,9 +56,9 @@ final class RqliteJSONTests: XCTestCase {
     }
 
     func testQueryStringValuesDecodeAsFormsDo() {
-        XCTAssertEqual(APIServer.formValue("q", in: "q=SELECT+*+FROM+t&level=weak"), "SELECT * FROM t")
-        XCTAssertEqual(APIServer.formValue("q", in: "level=none&q=SELECT%201%2B1"), "SELECT 1+1")
-        XCTAssertNil(APIServer.formValue("q", in: "level=none"))
+        XCTAssertEqual(APIRoutes.formValue("q", in: "q=SELECT+*+FROM+t&level=weak"), "SELECT * FROM t")
+        XCTAssertEqual(APIRoutes.formValue("q", in: "level=none&q=SELECT%201%2B1"), "SELECT 1+1")
+        XCTAssertNil(APIRoutes.formValue("q", in: "level=none"))
     }
 }
 

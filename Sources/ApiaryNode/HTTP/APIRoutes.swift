@@ -1,0 +1,158 @@
+import ApiaryCore
+import ApiaryStorage
+import ApiaryTLS
+import Foundation
+import NIOCore
+import NIOHTTP1
+
+/// One HTTP request as the routes see it: already read whole (bounded), with the caller's
+/// cluster identity when it presented a certificate.
+struct APIRequest: Sendable {
+    var method: HTTPMethod
+    var uri: String
+    var headers: HTTPHeaders
+    var body: [UInt8]
+    /// The body passed ``APIRoutes/Limits/bodyBytesMax`` and was dropped unread.
+    var bodyTooLarge = false
+    /// From the TLS client certificate, if any (applications present none).
+    var peer: ApiaryTLS.PeerIdentity?
+
+    var path: Substring { uri[..<(uri.firstIndex(of: "?") ?? uri.endIndex)] }
+    var query: Substring? { uri.firstIndex(of: "?").map { uri[uri.index(after: $0)...] } }
+}
+
+struct APIResponse: Sendable {
+    var status: HTTPResponseStatus
+    var body: [UInt8]
+    /// Sets `X-Apiary-Outcome: unknown`: the write may or may not have been applied.
+    var outcomeUnknown = false
+}
+
+/// The HTTP API (rqlite's, DESIGN §7): `/db/execute`, `/db/query` (tenant by the
+/// `X-Apiary-Tenant` header, or under `/tenants/{tenant}/db/...`), `/readyz`, and with an
+/// operator (or monitor) certificate `/status` and `POST /admin/promote`.
+///
+/// Pure request → response over an `SQLService`, so that tests call it without a socket;
+/// `APIServer` carries it over HTTPS.
+struct APIRoutes: Sendable {
+    struct Limits: Sendable {
+        var bodyBytesMax = 8 << 20
+        var statementsMax = 10_000
+    }
+
+    let service: any SQLService
+    var limits = Limits()
+
+    func respond(to request: APIRequest) async -> APIResponse {
+        let parts = request.path.split(separator: "/", omittingEmptySubsequences: false)
+        // "/db/execute" → ["", "db", "execute"]; "/tenants/t/db/query" → ["", "tenants", "t", "db", "query"]
+        var tenantInPath: Substring?
+        var route = parts.dropFirst()
+        if route.count == 4, route.first == "tenants" {
+            tenantInPath = route[route.startIndex + 1]
+            route = route.dropFirst(2)
+        }
+        switch (Array(route), request.method) {
+        case (["db", "execute"], .POST):
+            return await sql { try await execute(request, tenantInPath) }
+        case (["db", "query"], .GET), (["db", "query"], .POST):
+            return await sql { try await query(request, tenantInPath) }
+        case (["readyz"], .GET) where tenantInPath == nil:
+            return APIResponse(status: .ok, body: Array("ok\n".utf8))
+        case (["status"], .GET) where tenantInPath == nil:
+            guard Self.allowed(request.peer, [.operator, .monitor]) else { return Self.forbidden([.operator, .monitor]) }
+            return APIResponse(status: .ok, body: await service.statusJSON())
+        case (["admin", "promote"], .POST) where tenantInPath == nil:
+            guard Self.allowed(request.peer, [.operator]) else { return Self.forbidden([.operator]) }
+            do {
+                return APIResponse(status: .ok, body: try await service.promote())
+            } catch let error as APIError {
+                return APIResponse(status: error.status, body: RqliteJSON.error(error.message))
+            } catch {
+                return APIResponse(status: .internalServerError, body: RqliteJSON.error("promotion failed: \(error)"))
+            }
+        case (["db", "execute"], _), (["db", "query"], _), (["readyz"], _), (["status"], _), (["admin", "promote"], _):
+            return APIResponse(status: .methodNotAllowed, body: RqliteJSON.error("\(request.method) is not allowed on \(request.path)"))
+        default:
+            return APIResponse(status: .notFound, body: RqliteJSON.error("no such endpoint: \(request.path.prefix(200))"))
+        }
+    }
+
+    private func execute(_ request: APIRequest, _ tenantInPath: Substring?) async throws -> [StatementResult] {
+        let tenant = try Self.tenantID(request, tenantInPath)
+        let statements = try parse(try body(request))
+        let transaction = Self.formValue("transaction", in: request.query) != nil
+        return try await service.execute(tenant: tenant, statements, transaction: transaction)
+    }
+
+    private func query(_ request: APIRequest, _ tenantInPath: Substring?) async throws -> [StatementResult] {
+        let tenant = try Self.tenantID(request, tenantInPath)
+        let levelName = Self.formValue("level", in: request.query) ?? "weak"
+        guard let level = ReadLevel(rawValue: levelName) else {
+            throw APIError(.badRequest, "unknown level '\(levelName.prefix(40))': use none, weak, strong or linearizable")
+        }
+        let statements: [SQLStatement]
+        if request.method == .GET {
+            guard let q = Self.formValue("q", in: request.query) else { throw APIError(.badRequest, "GET /db/query needs ?q=SQL") }
+            statements = [SQLStatement(q)]
+        } else {
+            statements = try parse(try body(request))
+        }
+        return try await service.query(tenant: tenant, statements, level: level)
+    }
+
+    private func body(_ request: APIRequest) throws -> [UInt8] {
+        guard !request.bodyTooLarge else { throw APIError(.badRequest, "request body larger than \(limits.bodyBytesMax) bytes") }
+        return request.body
+    }
+
+    private func parse(_ body: [UInt8]) throws -> [SQLStatement] {
+        do { return try RqliteJSON.statements(fromBody: body, statementsMax: limits.statementsMax) } catch let e as RqliteRequestError { throw APIError(.badRequest, e.description) }
+    }
+
+    /// Runs an SQL request and answers in rqlite's format, with a status that says what the
+    /// client may do (retry, or not: DESIGN §7).
+    private func sql(_ body: () async throws -> [StatementResult]) async -> APIResponse {
+        let started = ContinuousClock.now
+        do {
+            let results = try await body()
+            let elapsed = ContinuousClock.now - started
+            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+            return APIResponse(status: .ok, body: RqliteJSON.response(results, timeSeconds: seconds))
+        } catch let error as APIError {
+            return APIResponse(status: error.status, body: RqliteJSON.error(error.message), outcomeUnknown: error.kind == .outcomeUnknown)
+        } catch {
+            return APIResponse(status: .internalServerError, body: RqliteJSON.error("outcome unknown: \(error)"), outcomeUnknown: true)
+        }
+    }
+
+    static let tenantHeader = "X-Apiary-Tenant"
+
+    static func tenantID(_ request: APIRequest, _ inPath: Substring?) throws -> TenantID {
+        let raw = inPath.map(String.init) ?? request.headers.first(name: tenantHeader)
+        guard let raw else { throw APIError(.badRequest, "no tenant: send the X-Apiary-Tenant header or use /tenants/{tenant}/db/...") }
+        do { return try TenantID(raw) } catch { throw APIError(.badRequest, String(describing: error)) }
+    }
+
+    static func allowed(_ peer: ApiaryTLS.PeerIdentity?, _ roles: Set<ClusterRole>) -> Bool {
+        guard let peer else { return false }
+        return roles.contains(peer.role)
+    }
+
+    static func forbidden(_ roles: Set<ClusterRole>) -> APIResponse {
+        APIResponse(status: .forbidden, body: RqliteJSON.error("this endpoint needs a cluster certificate with role \(roles.map(\.rawValue).sorted().joined(separator: " or "))"))
+    }
+
+    /// A query-string value decoded as HTML forms encode it ('+' is a space), as curl's
+    /// --data-urlencode and rqlite clients send `q`.
+    static func formValue(_ name: String, in query: Substring?) -> String? {
+        guard let query else { return nil }
+        for pair in query.split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            guard parts[0] == name else { continue }
+            guard parts.count == 2 else { return "" }
+            return String(parts[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding
+        }
+        return nil
+    }
+}

@@ -1,0 +1,55 @@
+import ApiaryCore
+import ApiaryStorage
+import ApiaryTLS
+import Foundation
+import NIOHTTP1
+
+/// Read consistency levels, with rqlite's names (DESIGN §3).
+public enum ReadLevel: String, Sendable {
+    case none, weak, strong, linearizable
+}
+
+/// What the HTTP API needs from a node. Errors thrown are `APIError`s.
+public protocol SQLService: Sendable {
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult]
+    func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult]
+    /// Operator-only status (tenant names, positions): JSON bytes.
+    func statusJSON() async -> [UInt8]
+    /// Operator-only: make this standby the primary of a new epoch (DESIGN §6, manual until
+    /// the monitor exists). Returns a JSON report.
+    func promote() async throws -> [UInt8]
+}
+
+/// A request that failed as a whole, with the HTTP status that says what the client may do.
+public struct APIError: Error, CustomStringConvertible {
+    public enum Kind: Sendable {
+        /// Malformed request: fix it (400).
+        case badRequest
+        /// No such tenant (404).
+        case notFound
+        /// Not executed, safe to retry (503): not primary, standby unavailable before sending, overloaded.
+        case notExecuted
+        /// May or may not have been applied (500 with `X-Apiary-Outcome: unknown`).
+        case outcomeUnknown
+        /// The caller lacks the required certificate role (403).
+        case forbidden
+    }
+    public let kind: Kind
+    public let message: String
+    public init(_ kind: Kind, _ message: String) {
+        self.kind = kind
+        self.message = message
+    }
+    public var description: String { message }
+
+    var status: HTTPResponseStatus {
+        switch kind {
+        case .badRequest: return .badRequest
+        case .notFound: return .notFound
+        case .notExecuted: return .serviceUnavailable
+        case .outcomeUnknown: return .internalServerError
+        case .forbidden: return .forbidden
+        }
+    }
+}
+
