@@ -121,6 +121,9 @@ final class NodeRoles: SQLService, @unchecked Sendable {
     let credentials: ClusterCredentials
     let logger: Logger
     let ids = ConnectionIDs()
+    /// Replication gets a loop of its own: a commit's path (record out, ack back) must not
+    /// queue behind the HTTPS work on the API loops, or every commit waits for their backlog.
+    let replicationGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     private let lock = NSLock()
     private var current: (any SQLService)?
     private var standby: StandbyNode?
@@ -142,10 +145,10 @@ final class NodeRoles: SQLService, @unchecked Sendable {
     }
 
     func startPrimary(epoch: Epoch, mode: ReplicationMode) async throws {
-        let loop = group.next()
+        let loop = replicationGroup.next()
         let primary = try PrimaryNode(name: config.name, epoch: epoch, mode: mode, config: config.replication,
                                       standby: config.standbyName, layout: layout, logOptions: config.log, loop: loop, logger: logger)
-        let channel = try await ClusterTransport.listen(host: config.replicationHost, port: config.replicationPort, group: group,
+        let channel = try await ClusterTransport.listen(host: config.replicationHost, port: config.replicationPort, group: replicationGroup,
                                                         credentials: credentials, ids: ids, events: primary, driverLoop: loop)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in primary.tick() }
         logger.notice("primary", metadata: ["epoch": "\(epoch)", "mode": "\(mode)", "replication": "\(channel.localAddress.map { "\($0)" } ?? "?")"])
@@ -156,9 +159,9 @@ final class NodeRoles: SQLService, @unchecked Sendable {
     }
 
     func startStandby(epoch: Epoch) throws {
-        let loop = group.next()
+        let loop = replicationGroup.next()
         let node = try StandbyNode(name: config.name, epoch: epoch, config: config.replication, layout: layout, logOptions: config.log,
-                                   primaryHost: config.primaryHost, primaryPort: config.primaryPort, group: group,
+                                   primaryHost: config.primaryHost, primaryPort: config.primaryPort, group: replicationGroup,
                                    loop: loop, credentials: credentials, ids: ids, logger: logger)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in node.tick() }
         lock.withLock {

@@ -24,6 +24,40 @@ public struct SQLiteError: Error, CustomStringConvertible, Equatable {
     public var description: String { message }
 }
 
+/// Prepared statements of one connection, least recently used dropped first (bounded).
+struct StatementCache {
+    private struct Key: Hashable { var sql: String; var tenantSQL: Bool }
+    private var entries: [Key: (statement: OpaquePointer, used: UInt64)] = [:]
+    private var clock: UInt64 = 0
+    static let statementsMax = 64
+    /// Longer SQL is prepared each time: rarely repeated, and it would pin memory.
+    static let sqlBytesMax = 4096
+
+    /// Takes the statement out (so that a nested use prepares its own), reset and unbound.
+    mutating func checkOut(sql: String, tenantSQL: Bool) -> OpaquePointer? {
+        entries.removeValue(forKey: Key(sql: sql, tenantSQL: tenantSQL))?.statement
+    }
+
+    /// Resets the statement (ending any read it holds open) and keeps it, or finalizes it.
+    mutating func checkIn(_ statement: OpaquePointer, sql: String, tenantSQL: Bool) {
+        sqlite3_reset(statement)
+        sqlite3_clear_bindings(statement)
+        let key = Key(sql: sql, tenantSQL: tenantSQL)
+        guard sql.utf8.count <= Self.sqlBytesMax, entries[key] == nil else { sqlite3_finalize(statement); return }
+        if entries.count >= Self.statementsMax, let oldest = entries.min(by: { $0.value.used < $1.value.used }) {
+            sqlite3_finalize(oldest.value.statement)
+            entries.removeValue(forKey: oldest.key)
+        }
+        clock += 1
+        entries[key] = (statement, clock)
+    }
+
+    mutating func finalizeAll() {
+        for entry in entries.values { sqlite3_finalize(entry.statement) }
+        entries.removeAll()
+    }
+}
+
 /// One SQLite connection. Not thread-safe: exactly one thread uses it at a time
 /// (a tenant's writer thread, or a reader checked out of the pool).
 final class SQLiteConnection {
@@ -31,6 +65,11 @@ final class SQLiteConnection {
     let path: String
     /// Decides what tenant SQL may do on this connection.
     let sandbox = Sandbox()
+    /// Prepared statements kept for reuse: a single-row insert spends about as long in
+    /// `sqlite3_prepare_v2` as in running. Keyed by the sandbox mode too, because the
+    /// authorizer judges a statement when it is prepared (and SQLite re-prepares, re-judged,
+    /// after a schema change).
+    private var statements = StatementCache()
 
     /// Opens `path` through Apiary's VFS.
     init(path: String, readOnly: Bool) throws {
@@ -51,7 +90,10 @@ final class SQLiteConnection {
         sandbox.install(on: db)
     }
 
-    deinit { sqlite3_close_v2(handle) }
+    deinit {
+        statements.finalizeAll()
+        sqlite3_close_v2(handle)
+    }
 
     var lastError: SQLiteError {
         SQLiteError(code: sqlite3_extended_errcode(handle), message: String(cString: sqlite3_errmsg(handle)))
@@ -62,6 +104,32 @@ final class SQLiteConnection {
         let rc = sqlite3_exec(handle, sql, nil, nil, nil)
         guard rc == SQLITE_OK else { throw lastError }
     }
+
+    /// Runs one fixed statement that returns no rows (savepoints), prepared once.
+    func execPrepared(_ sql: String) throws {
+        let mode = sandbox.tenantSQL
+        let statement = try prepare(sql)
+        defer { statements.checkIn(statement, sql: sql, tenantSQL: mode) }
+        let rc = sqlite3_step(statement)
+        guard rc == SQLITE_DONE || rc == SQLITE_ROW else { throw lastError }
+    }
+
+    /// A prepared statement for `sql`, from the cache or new; the caller MUST check it back in.
+    private func prepare(_ sql: String) throws -> OpaquePointer {
+        if let cached = statements.checkOut(sql: sql, tenantSQL: sandbox.tenantSQL) { return cached }
+        var statement: OpaquePointer?
+        var tail: UnsafePointer<CChar>?
+        let rc = sqlite3_prepare_v2(handle, sql, -1, &statement, &tail)
+        guard rc == SQLITE_OK else { throw lastError }
+        guard let statement else { throw EmptyStatement() }
+        if let tail, tail.pointee != 0, !String(cString: tail).allSatisfy({ $0.isWhitespace || $0 == ";" }) {
+            sqlite3_finalize(statement)
+            throw SQLiteError(code: SQLITE_ERROR, message: "one statement per entry: found more SQL after the first statement")
+        }
+        return statement
+    }
+
+    private struct EmptyStatement: Error {}
 
     /// Runs one statement with positional parameters; returns its rows and effects, within `limits`.
     func run(_ sql: String, _ parameters: [SQLValue] = [], limits: StatementLimits = .none) throws -> StatementOutcome {
@@ -77,15 +145,10 @@ final class SQLiteConnection {
     }
 
     private func runUnlimitedTime(_ sql: String, _ parameters: [SQLValue], limits: StatementLimits) throws -> StatementOutcome {
-        var statement: OpaquePointer?
-        var tail: UnsafePointer<CChar>?
-        let rc = sqlite3_prepare_v2(handle, sql, -1, &statement, &tail)
-        guard rc == SQLITE_OK else { throw lastError }
-        guard let statement else { return StatementOutcome() } // empty SQL or only a comment
-        defer { sqlite3_finalize(statement) }
-        if let tail, tail.pointee != 0, !String(cString: tail).allSatisfy({ $0.isWhitespace || $0 == ";" }) {
-            throw SQLiteError(code: SQLITE_ERROR, message: "one statement per entry: found more SQL after the first statement")
-        }
+        let mode = sandbox.tenantSQL
+        let statement: OpaquePointer
+        do { statement = try prepare(sql) } catch is EmptyStatement { return StatementOutcome() } // empty SQL or only a comment
+        defer { statements.checkIn(statement, sql: sql, tenantSQL: mode) }
         let expected = Int(sqlite3_bind_parameter_count(statement))
         guard expected == parameters.count else {
             throw SQLiteError(code: SQLITE_RANGE, message: "statement has \(expected) parameters, \(parameters.count) given")

@@ -381,28 +381,32 @@ final class TenantWriter: @unchecked Sendable {
 
     private func run(_ job: WriteJob) -> [StatementResult] {
         var results: [StatementResult] = []
-        do { try connection.exec("SAVEPOINT request") } catch {
+        do { try connection.execPrepared("SAVEPOINT request") } catch {
             return job.statements.map { _ in .failure("cannot start request: \(error)") }
         }
+        // Each statement of a non-transaction request is undone alone when it fails; a lone
+        // statement needs no savepoint of its own (the request's is the same thing).
+        let perStatement = !job.transaction && job.statements.count > 1
         for statement in job.statements {
-            if !job.transaction { try? connection.exec("SAVEPOINT statement") }
+            if perStatement { try? connection.execPrepared("SAVEPOINT statement") }
             do {
                 connection.sandbox.tenantSQL = true
                 defer { connection.sandbox.tenantSQL = false }
                 let outcome = try connection.run(statement.sql, statement.parameters, limits: options.statementLimits)
                 results.append(.success(outcome))
-                if !job.transaction { try? connection.exec("RELEASE statement") }
+                if perStatement { try? connection.execPrepared("RELEASE statement") }
             } catch {
                 results.append(.failure(String(describing: error)))
-                if job.transaction {
-                    try? connection.exec("ROLLBACK TO request")
-                    break
+                if !perStatement {
+                    try? connection.execPrepared("ROLLBACK TO request")
+                    if job.transaction { break }
+                } else {
+                    try? connection.execPrepared("ROLLBACK TO statement")
+                    try? connection.execPrepared("RELEASE statement")
                 }
-                try? connection.exec("ROLLBACK TO statement")
-                try? connection.exec("RELEASE statement")
             }
         }
-        try? connection.exec("RELEASE request")
+        try? connection.execPrepared("RELEASE request")
         return results
     }
 }
