@@ -76,7 +76,15 @@ let package = Package(
             .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ]),
-        .testTarget(name: "ApiaryNodeTests", dependencies: ["ApiaryNode", "ApiaryStorage", "ApiaryTLS", "ApiaryLog", "ApiaryCore"]),
+        .testTarget(name: "ApiaryNodeTests", dependencies: [
+            "ApiaryNode", "ApiaryStorage", "ApiaryTLS", "ApiaryLog", "ApiaryCore",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOTLS", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "ApiaryIntegrationTests", dependencies: [
             "ApiaryNode", "ApiaryStorage", "ApiaryTLS", "ApiaryReplication",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -55,10 +55,10 @@ final class RqliteJSONTests: XCTestCase {
         XCTAssertEqual(results[2]["error"] as? String, "near \"x\": syntax error")
     }
 
-    func testQueryStringValuesDecodeAsFormsDo() {
-        XCTAssertEqual(APIRoutes.formValue("q", in: "q=SELECT+*+FROM+t&level=weak"), "SELECT * FROM t")
-        XCTAssertEqual(APIRoutes.formValue("q", in: "level=none&q=SELECT%201%2B1"), "SELECT 1+1")
-        XCTAssertNil(APIRoutes.formValue("q", in: "level=none"))
+    func testQueryStringValuesDecodeAsFormsDo() throws {
+        XCTAssertEqual(try APIRoutes.formValue("q", in: "q=SELECT+*+FROM+t&level=weak"), "SELECT * FROM t")
+        XCTAssertEqual(try APIRoutes.formValue("q", in: "level=none&q=SELECT%201%2B1"), "SELECT 1+1")
+        XCTAssertNil(try APIRoutes.formValue("q", in: "level=none"))
     }
 }
 

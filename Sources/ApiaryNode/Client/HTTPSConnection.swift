@@ -56,10 +56,16 @@ public final class HTTPSConnection: @unchecked Sendable {
         let promise = channel.eventLoop.makePromise(of: Response.self)
         let channel = self.channel
         channel.eventLoop.execute {
+            // A closed connection has already failed its waiters; nothing would fail this one.
+            guard channel.isActive else { return promise.fail(HTTPSConnectionClosed()) }
             self.handler.waiting.append(promise)
             channel.write(HTTPClientRequestPart.head(head), promise: nil)
             if let body { channel.write(HTTPClientRequestPart.body(.byteBuffer(channel.allocator.buffer(bytes: body))), promise: nil) }
-            channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+            channel.writeAndFlush(HTTPClientRequestPart.end(nil)).whenFailure { error in
+                if let i = self.handler.waiting.firstIndex(where: { $0.futureResult === promise.futureResult }) {
+                    self.handler.waiting.remove(at: i).fail(error)
+                }
+            }
         }
         return try await promise.futureResult.get()
     }

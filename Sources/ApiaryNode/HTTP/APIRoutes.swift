@@ -26,6 +26,9 @@ struct APIResponse: Sendable {
     var body: [UInt8]
     /// Sets `X-Apiary-Outcome: unknown`: the write may or may not have been applied.
     var outcomeUnknown = false
+    var contentType = "application/json"
+    /// For 405: the methods the path takes (RFC 9110 requires `Allow`).
+    var allow: String?
 }
 
 /// The HTTP API (rqlite's, DESIGN §7): `/db/execute`, `/db/query` (tenant by the
@@ -58,7 +61,7 @@ struct APIRoutes: Sendable {
         case (["db", "query"], .GET), (["db", "query"], .POST):
             return await sql { try await query(request, tenantInPath) }
         case (["readyz"], .GET) where tenantInPath == nil:
-            return APIResponse(status: .ok, body: Array("ok\n".utf8))
+            return APIResponse(status: .ok, body: Array("ok\n".utf8), contentType: "text/plain")
         case (["status"], .GET) where tenantInPath == nil:
             guard Self.allowed(request.peer, [.operator, .monitor]) else { return Self.forbidden([.operator, .monitor]) }
             return APIResponse(status: .ok, body: await service.statusJSON())
@@ -67,12 +70,18 @@ struct APIRoutes: Sendable {
             do {
                 return APIResponse(status: .ok, body: try await service.promote())
             } catch let error as APIError {
-                return APIResponse(status: error.status, body: RqliteJSON.error(error.message))
+                return APIResponse(status: error.status, body: RqliteJSON.error(error.message), outcomeUnknown: error.kind == .outcomeUnknown)
             } catch {
-                return APIResponse(status: .internalServerError, body: RqliteJSON.error("promotion failed: \(error)"))
+                return APIResponse(status: .internalServerError, body: RqliteJSON.error("promotion failed, outcome unknown: \(error)"), outcomeUnknown: true)
             }
-        case (["db", "execute"], _), (["db", "query"], _), (["readyz"], _), (["status"], _), (["admin", "promote"], _):
-            return APIResponse(status: .methodNotAllowed, body: RqliteJSON.error("\(request.method) is not allowed on \(request.path)"))
+        case (["db", "execute"], _):
+            return Self.methodNotAllowed(request, allow: "POST")
+        case (["db", "query"], _):
+            return Self.methodNotAllowed(request, allow: "GET, POST")
+        case (["readyz"], _) where tenantInPath == nil, (["status"], _) where tenantInPath == nil:
+            return Self.methodNotAllowed(request, allow: "GET")
+        case (["admin", "promote"], _) where tenantInPath == nil:
+            return Self.methodNotAllowed(request, allow: "POST")
         default:
             return APIResponse(status: .notFound, body: RqliteJSON.error("no such endpoint: \(request.path.prefix(200))"))
         }
@@ -81,19 +90,19 @@ struct APIRoutes: Sendable {
     private func execute(_ request: APIRequest, _ tenantInPath: Substring?) async throws -> [StatementResult] {
         let tenant = try Self.tenantID(request, tenantInPath)
         let statements = try parse(try body(request))
-        let transaction = Self.formValue("transaction", in: request.query) != nil
+        let transaction = try Self.formValue("transaction", in: request.query) != nil
         return try await service.execute(tenant: tenant, statements, transaction: transaction)
     }
 
     private func query(_ request: APIRequest, _ tenantInPath: Substring?) async throws -> [StatementResult] {
         let tenant = try Self.tenantID(request, tenantInPath)
-        let levelName = Self.formValue("level", in: request.query) ?? "weak"
+        let levelName = try Self.formValue("level", in: request.query) ?? "weak"
         guard let level = ReadLevel(rawValue: levelName) else {
             throw APIError(.badRequest, "unknown level '\(levelName.prefix(40))': use none, weak, strong or linearizable")
         }
         let statements: [SQLStatement]
         if request.method == .GET {
-            guard let q = Self.formValue("q", in: request.query) else { throw APIError(.badRequest, "GET /db/query needs ?q=SQL") }
+            guard let q = try Self.formValue("q", in: request.query) else { throw APIError(.badRequest, "GET /db/query needs ?q=SQL") }
             statements = [SQLStatement(q)]
         } else {
             statements = try parse(try body(request))
@@ -134,6 +143,10 @@ struct APIRoutes: Sendable {
         do { return try TenantID(raw) } catch { throw APIError(.badRequest, String(describing: error)) }
     }
 
+    static func methodNotAllowed(_ request: APIRequest, allow: String) -> APIResponse {
+        APIResponse(status: .methodNotAllowed, body: RqliteJSON.error("\(request.method) is not allowed on \(request.path): use \(allow)"), allow: allow)
+    }
+
     static func allowed(_ peer: ApiaryTLS.PeerIdentity?, _ roles: Set<ClusterRole>) -> Bool {
         guard let peer else { return false }
         return roles.contains(peer.role)
@@ -144,14 +157,19 @@ struct APIRoutes: Sendable {
     }
 
     /// A query-string value decoded as HTML forms encode it ('+' is a space), as curl's
-    /// --data-urlencode and rqlite clients send `q`.
-    static func formValue(_ name: String, in query: Substring?) -> String? {
+    /// --data-urlencode and rqlite clients send `q`; nil when absent, "" when given bare.
+    /// - Throws: `APIError(.badRequest)` when the value is not valid %-encoding (guessing
+    ///   would run a query at another level or a write outside the transaction asked for).
+    static func formValue(_ name: String, in query: Substring?) throws -> String? {
         guard let query else { return nil }
         for pair in query.split(separator: "&") {
             let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             guard parts[0] == name else { continue }
             guard parts.count == 2 else { return "" }
-            return String(parts[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding
+            guard let value = String(parts[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding else {
+                throw APIError(.badRequest, "query parameter '\(name)' is not valid %-encoding")
+            }
+            return value
         }
         return nil
     }

@@ -21,17 +21,23 @@ public final class APIServer: Sendable {
         public var statementsMax = 10_000
         /// Connections open at once; more are closed on accept (invariant 8).
         public var connectionsMax = 4096
+        /// A connection that sends nothing for this long is closed (it holds a slot).
+        public var idleTimeoutMs: Int64 = 120_000
+        /// How long `close()` lets requests in flight finish.
+        public var drainTimeoutMs: Int64 = 5_000
         public init() {}
     }
 
     let channel: any Channel
     /// The port it listens on (useful when asked for port 0).
     public let port: Int
-    private let connections: ConnectionCount
+    private let connections: OpenConnections
+    private let drainTimeoutMs: Int64
 
-    private init(channel: any Channel, connections: ConnectionCount) {
+    private init(channel: any Channel, connections: OpenConnections, drainTimeoutMs: Int64) {
         self.channel = channel
         self.connections = connections
+        self.drainTimeoutMs = drainTimeoutMs
         port = channel.localAddress?.port ?? 0
     }
 
@@ -45,40 +51,63 @@ public final class APIServer: Sendable {
         tls.trustRoots = .certificates([credentials.clusterCA])
         let context = try NIOSSLContext(configuration: tls)
         let routes = APIRoutes(service: service, limits: .init(bodyBytesMax: limits.bodyBytesMax, statementsMax: limits.statementsMax))
-        let connections = ConnectionCount(max: limits.connectionsMax)
+        let connections = OpenConnections(max: limits.connectionsMax)
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
-                guard connections.open() else {
+                guard connections.add(channel) else {
                     logger.warning("API connection refused: too many open", metadata: ["max": "\(limits.connectionsMax)"])
                     return channel.close()
                 }
-                channel.closeFuture.whenComplete { _ in connections.closed() }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
+                    try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: .milliseconds(limits.idleTimeoutMs)))
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(APIChannelHandler(routes: routes, logger: logger))
                 }
             }
             .bind(host: host, port: port).get()
-        return APIServer(channel: channel, connections: connections)
+        return APIServer(channel: channel, connections: connections, drainTimeoutMs: limits.drainTimeoutMs)
     }
 
-    /// Stops accepting; requests in flight finish and their connections close.
+    /// Stops accepting, lets requests in flight finish (answered with `Connection: close`;
+    /// idle connections close at once), and after the drain timeout closes what is left.
     public func close() async {
         try? await channel.close()
+        let open = connections.all
+        for c in open { c.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent()) }
+        let deadline = NIODeadline.now() + .milliseconds(drainTimeoutMs)
+        for c in open {
+            let closed = c.eventLoop.makePromise(of: Void.self)
+            c.closeFuture.cascade(to: closed)
+            let timer = c.eventLoop.scheduleTask(deadline: deadline) { c.close(promise: nil) }
+            try? await closed.futureResult.get()
+            timer.cancel()
+        }
     }
 }
 
-/// Open API connections, bounded.
-final class ConnectionCount: Sendable {
-    private let count = LockedValue(0)
+/// The open API connections, bounded.
+final class OpenConnections: Sendable {
+    private let open = LockedValue<[ObjectIdentifier: any Channel]>([:])
     let max: Int
     init(max: Int) { self.max = max }
-    func open() -> Bool { count.withLock { n in guard n < max else { return false }; n += 1; return true } }
-    func closed() { count.withLock { $0 -= 1 } }
+
+    /// Registers a new connection (forgotten when it closes), or refuses it past `max`.
+    func add(_ channel: any Channel) -> Bool {
+        let id = ObjectIdentifier(channel)
+        let added = open.withLock { all -> Bool in
+            guard all.count < max else { return false }
+            all[id] = channel
+            return true
+        }
+        if added { channel.closeFuture.whenComplete { _ in self.open.withLock { _ = $0.removeValue(forKey: id) } } }
+        return added
+    }
+
+    var all: [any Channel] { open.withLock { Array($0.values) } }
 }
 
 /// One connection: collects each request (bounded), answers it through ``APIRoutes`` and
@@ -93,6 +122,8 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
     private var head: HTTPRequestHead?
     private var body: ByteBuffer?
     private var bodyTooLarge = false
+    /// A request is being answered (the idle timeout must not cut it off).
+    private var busy = false
 
     init(routes: APIRoutes, logger: Logger) {
         self.routes = routes
@@ -105,6 +136,12 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
             head = h
             body = nil
             bodyTooLarge = false
+            busy = true
+            // Clients that ask first (curl for larger bodies) would otherwise wait ~1 s.
+            if h.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" }),
+               (h.headers.first(name: "content-length").flatMap(Int.init) ?? 0) <= routes.limits.bodyBytesMax {
+                context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: .continue))), promise: nil)
+            }
         case .body(var chunk):
             guard !bodyTooLarge else { return }
             if (body?.readableBytes ?? 0) + chunk.readableBytes > routes.limits.bodyBytesMax {
@@ -144,16 +181,26 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
 
     private func write(_ response: APIResponse, version: HTTPVersion, keepAlive: Bool, context: ChannelHandlerContext) {
         guard context.channel.isActive else { return }
+        busy = false
         var headers = HTTPHeaders()
         headers.reserveCapacity(4)
-        headers.add(name: "Content-Type", value: "application/json")
+        headers.add(name: "Content-Type", value: response.contentType)
         headers.add(name: "Content-Length", value: String(response.body.count))
         if response.outcomeUnknown { headers.add(name: "X-Apiary-Outcome", value: "unknown") }
+        if let allow = response.allow { headers.add(name: "Allow", value: allow) }
         if !keepAlive { headers.add(name: "Connection", value: "close") }
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: version, status: response.status, headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: response.body)))), promise: nil)
         let written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
         if !keepAlive { written.whenComplete { _ in context.close(promise: nil) } }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read {
+            if !busy { context.close(promise: nil) }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
