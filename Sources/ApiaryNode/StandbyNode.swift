@@ -30,6 +30,8 @@ final class StandbyTenant: @unchecked Sendable {
     }
     /// Persists asked for and not yet appended (see the group fsync in `StandbyNode`).
     let persistsQueued = LockedValue(0)
+    /// Work handed to `ioQueue` and not yet finished. Event loop only.
+    var ioPending = 0
     /// The highest lsn the core asked to apply (each record's checksum is checked on the way),
     /// and whether a pass that will reach it is already scheduled.
     let applyTarget = LockedValue(ApplyTarget())
@@ -238,7 +240,14 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private func interpret(_ actions: [StandbyAction]) {
         loop.preconditionInEventLoop()
         guard !promoting else { return }
-        for action in actions {
+        // Persists done inline, reported once this list's actions have all run, in order.
+        var persisted: [(TenantID, LSN)] = []
+        defer {
+            for (tenantID, lsn) in persisted where fatal == nil && !promoting {
+                interpret(core.onPersisted(tenantID, throughLSN: lsn, now: monotonicNowMs()))
+            }
+        }
+        for (index, action) in actions.enumerated() {
             switch action {
             case .connect:
                 connect()
@@ -247,9 +256,30 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             case .closeConnection(let id, let reason):
                 channels.close(id, reason: reason, logger: logger)
             case .persist(let tenantID, let record):
-                // Group fsync: a burst of records is appended in order and fsynced once, by the
-                // last of the burst, which reports them all persisted (the report is cumulative).
-                tenantOrCreate(tenantID)?.persistsQueued.withLock { $0 += 1 }
+                guard let tenant = tenantOrCreate(tenantID) else { break }
+                // A burst of records (one read from the primary) is appended in order and
+                // fsynced once, after its last record; the report is cumulative.
+                let burstContinues: Bool = {
+                    guard index + 1 < actions.count, case .persist(let next, _) = actions[index + 1] else { return false }
+                    return next == tenantID
+                }()
+                if tenant.ioPending == 0 {
+                    // Nothing queued for this log: append here, on the replication loop, which
+                    // serves only this stream and would otherwise hand the record to a queue
+                    // thread and wait for it (two thread wake-ups on every commit's path).
+                    do {
+                        try tenant.withLog { log in
+                            try log.append(record)
+                            if !burstContinues { try log.sync() }
+                        }
+                    } catch {
+                        stop(NodeError("tenant \(tenantID): \(error)"))
+                        return
+                    }
+                    if !burstContinues { persisted.append((tenantID, record.lsn)) }
+                    break
+                }
+                tenant.persistsQueued.withLock { $0 += 1 }
                 let synced = LockedValue(false)
                 storage(tenantID, on: \.ioQueue) { tenant in
                     let last = tenant.persistsQueued.withLock { count -> Bool in
@@ -338,7 +368,9 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         let epoch = core.epoch
         // Both queues wait for the install: database work before it finishes first, and log
         // appends after it (records past the snapshot) come after the log's reset.
+        tenant.ioPending += 1
         tenant.ioQueue.async { tenant.applyQueue.sync {
+            defer { self.loop.execute { tenant.ioPending -= 1 } }
             let scratch = self.layout.snapshotScratch(tenantID)
             do {
                 try DatabaseFile.writePages([], dbSizePages: dbSizePages, to: scratch) // cut to size, fsync
@@ -367,12 +399,20 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private func storage(_ tenantID: TenantID, on queue: KeyPath<StandbyTenant, DispatchQueue>, afterMs delayMs: Int = 0,
                          _ work: @escaping (StandbyTenant) throws -> Void, then: @escaping () -> Void) {
         guard let tenant = tenantOrCreate(tenantID) else { return }
+        let counted = queue == \StandbyTenant.ioQueue
+        if counted { tenant.ioPending += 1 }
         let run = {
             do {
                 try work(tenant)
-                self.loop.execute { if self.fatal == nil { then() } }
+                self.loop.execute {
+                    if counted { tenant.ioPending -= 1 }
+                    if self.fatal == nil { then() }
+                }
             } catch {
-                self.loop.execute { self.stop(NodeError("tenant \(tenantID): \(error)")) }
+                self.loop.execute {
+                    if counted { tenant.ioPending -= 1 }
+                    self.stop(NodeError("tenant \(tenantID): \(error)"))
+                }
             }
         }
         if delayMs > 0 {

@@ -169,12 +169,15 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
             let loop = context.eventLoop
             let bound = NIOLoopBound((self, context), eventLoop: loop)
             let routes = self.routes
-            Task {
+            // The task runs on this connection's loop, also after the storage thread resumes
+            // it: the answer is then written without another thread hand-off.
+            Task(executorPreference: EventLoopTaskExecutor(loop)) {
                 let response = await routes.respond(to: request)
-                loop.execute {
+                let write = {
                     let (handler, context) = bound.value
                     handler.write(response, version: version, keepAlive: keepAlive, context: context)
                 }
+                if loop.inEventLoop { write() } else { loop.execute(write) }
             }
         }
     }
@@ -207,5 +210,16 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
         // TLS failures (a client with a bad certificate) and resets: the connection is done.
         logger.debug("API connection error", metadata: ["error": "\(error)"])
         context.close(promise: nil)
+    }
+}
+
+/// Runs a task's jobs on one event loop (NIO's loops are not yet task executors themselves).
+final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
+    let loop: any EventLoop
+    init(_ loop: any EventLoop) { self.loop = loop }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
     }
 }
