@@ -20,8 +20,10 @@ let package = Package(
     ],
     targets: [
         // MARK: Pure cores
+        /// The CPU's CRC-32C instruction (C, since Swift cannot reach it), with a table fallback in ApiaryCore.
+        .target(name: "CApiaryCRC"),
         /// Value types shared by every component: records, pages, checksums, byte codecs.
-        .target(name: "ApiaryCore"),
+        .target(name: "ApiaryCore", dependencies: ["CApiaryCRC"]),
         /// Primary⇄standby replication protocol: messages and state machines. Events in, actions out.
         .target(name: "ApiaryReplication", dependencies: ["ApiaryCore"]),
 
