@@ -65,20 +65,26 @@ enum POSIX {
     /// Writes all of `bytes` at `offset`, looping over short writes.
     static func pwrite(_ fd: Int32, _ bytes: [UInt8], offset: Int, path: String) throws {
         guard !bytes.isEmpty else { return }
+        try bytes.withUnsafeBytes { try pwrite(fd, $0, offset: offset, path: path) }
+    }
+
+    /// Writes all of `raw` at `offset`, looping over short writes. `durable`: the descriptor
+    /// syncs as it writes (`O_DSYNC`), so an injected fsync fault applies too.
+    static func pwrite(_ fd: Int32, _ raw: UnsafeRawBufferPointer, offset: Int, path: String, durable: Bool = false) throws {
+        guard raw.count > 0 else { return }
+        if durable, let code = faultInjector?(.fsync, path) { throw error("write (synced)", path: path, errno: code) }
         let fault = faultInjector?(.write, path)
-        try bytes.withUnsafeBytes { raw in
-            let limit = fault == nil ? raw.count : raw.count / 2
-            var done = 0
-            while done < limit {
-                let n = sys_pwrite(fd, raw.baseAddress! + done, limit - done, off_t(offset + done))
-                if n > 0 { done += n; continue }
-                // A zero-byte write of a non-empty buffer makes no progress: treat it as full.
-                if n == 0 { throw error("write at byte \(offset + done)", path: path, errno: ENOSPC) }
-                if errno == EINTR { continue }
-                throw error("write at byte \(offset + done)", path: path)
-            }
-            if let fault { throw error("write at byte \(offset + done)", path: path, errno: fault) }
+        let limit = fault == nil ? raw.count : raw.count / 2
+        var done = 0
+        while done < limit {
+            let n = sys_pwrite(fd, raw.baseAddress! + done, limit - done, off_t(offset + done))
+            if n > 0 { done += n; continue }
+            // A zero-byte write of a non-empty buffer makes no progress: treat it as full.
+            if n == 0 { throw error("write at byte \(offset + done)", path: path, errno: ENOSPC) }
+            if errno == EINTR { continue }
+            throw error("write at byte \(offset + done)", path: path)
         }
+        if let fault { throw error("write at byte \(offset + done)", path: path, errno: fault) }
     }
 
     /// Makes the file's data and size durable. On Darwin plain `fsync` stops at the drive's

@@ -56,7 +56,7 @@ public final class ReplicationLog {
     public let options: Options
     /// Bytes of torn tail (a partial or damaged last frame with nothing valid after it) that
     /// opening cut off the last segment; 0 when the log was closed cleanly. After a crash it
-    /// also counts the zeros written ahead of the appends (see `preallocate(through:)`).
+    /// also counts the zeros written ahead of the appends (see `reserve(through:)`).
     public private(set) var recoveredTornTailBytes: Int
 
     /// Oldest first; never empty. The last one is the active segment, the only one written.
@@ -70,9 +70,16 @@ public final class ReplicationLog {
     /// failed ``sync()`` rolls back to. Every segment but the active one is wholly durable.
     private var durableLast: LogPosition
     private var durableEndOffset: Int
-    /// The active segment file's size: past ``Segment/endOffset`` it holds zeros written ahead
-    /// of the appends (see ``preallocate(through:)``).
+    /// The active segment file's size: past the durable end it holds zeros written ahead of
+    /// the appends (see ``reserve(through:)``).
     private var activeFileBytes: Int
+    /// Frames appended since the last sync, not yet written: ``sync()`` writes them at once.
+    private var unsynced: [UInt8] = []
+    /// The active segment's bytes from the start of the block holding the durable end to that
+    /// end: a direct write rewrites that block whole.
+    private var blockPrefix: [UInt8] = []
+    /// Direct, synchronous writes to the active segment; nil where the file system has none.
+    private var direct: DirectWriter?
     /// Set when a failure could not be undone; every later call refuses with it.
     private var failure: LogError?
     private var isClosed = false
@@ -118,6 +125,17 @@ public final class ReplicationLog {
         durableLast = opened.segments[opened.segments.count - 1].last
         durableEndOffset = opened.segments[opened.segments.count - 1].endOffset
         activeFileBytes = durableEndOffset // recovery cut any zeros or torn tail
+        try activeChanged()
+    }
+
+    /// After the active segment or its durable end changed outside ``sync()``: reopen the direct
+    /// writer on it and read back the partial block before the durable end.
+    private func activeChanged() throws {
+        let active = segments[segments.count - 1]
+        unsynced = []
+        let blockStart = DirectWriter.alignDown(durableEndOffset)
+        blockPrefix = try POSIX.pread(activeFD, count: durableEndOffset - blockStart, offset: blockStart, path: active.path)
+        if direct?.path != active.path { direct = DirectWriter.open(path: active.path) }
     }
 
     deinit { closeDescriptors() }
@@ -128,8 +146,14 @@ public final class ReplicationLog {
         guard !isClosed else { return }
         // Give back the zeros written ahead; a crash keeps them, and recovery cuts them then.
         let active = segments[segments.count - 1]
-        if failure == nil, activeFileBytes > active.endOffset {
-            try? POSIX.ftruncate(activeFD, size: active.endOffset, path: active.path)
+        if failure == nil {
+            // Unsynced appends reach the file (not the disk), as they would have if written at once.
+            if (try? POSIX.pwrite(activeFD, unsynced, offset: durableEndOffset, path: active.path)) == nil {
+                activeFileBytes = max(activeFileBytes, active.endOffset) // cut them off below
+                try? POSIX.ftruncate(activeFD, size: durableEndOffset, path: active.path)
+            } else if activeFileBytes > active.endOffset {
+                try? POSIX.ftruncate(activeFD, size: active.endOffset, path: active.path)
+            }
         }
         closeDescriptors()
         isClosed = true
@@ -152,6 +176,9 @@ public final class ReplicationLog {
         return first <= last.lsn ? first : nil
     }
 
+    /// Whether syncs write directly to the disk (`O_DIRECT`), not through the page cache.
+    public var writesDirectly: Bool { direct != nil }
+
     /// Number of segment files, for metrics.
     public var segmentCount: Int { segments.count }
 
@@ -165,9 +192,10 @@ public final class ReplicationLog {
     /// - Parameter record: MUST have `lsn == last.lsn + 1` and `epoch >= last.epoch` (else
     ///   `.outOfOrder`); its encoding MUST fit ``Options/recordBytesMax`` and the record codec's
     ///   limits (else `.tooLarge`).
-    /// - Throws: `.diskFull` or `.io` when the write fails; the partial frame is cut off again,
-    ///   so the log is as it was before the call. When the record starts a new segment, the
-    ///   old one is synced first; if that fails, the error is ``sync()``'s, with its effect.
+    /// - Throws: `.diskFull` or `.io` when space for it cannot be set aside; the log is then as
+    ///   it was before the call. When the record starts a new segment, the old one is synced
+    ///   first; if that fails, the error is ``sync()``'s, with its effect. (The record itself
+    ///   is written by the next ``sync()``, and read back from memory until then.)
     public func append(_ record: Record) throws {
         try checkUsable()
         let previous = last
@@ -186,21 +214,9 @@ public final class ReplicationLog {
             active = segments[segments.count - 1]
         }
         let offset = active.endOffset
-        preallocate(through: offset + frame.count)
-        do {
-            try POSIX.pwrite(activeFD, frame, offset: offset, path: active.path)
-            activeFileBytes = max(activeFileBytes, offset + frame.count)
-        } catch let error as LogError {
-            // Cut the partial frame off now rather than leave it for recovery: a later append
-            // would land after it and turn a torn tail into damage in the middle.
-            do {
-                try POSIX.ftruncate(activeFD, size: offset, path: active.path)
-                activeFileBytes = offset
-            } catch let undo as LogError {
-                failure = LogError(undo.code, "could not undo a failed append (\(error.message)): \(undo.message)", path: active.path)
-            }
-            throw error
-        }
+        // Space first, so that the write at sync time cannot find the disk full.
+        try reserve(through: offset + frame.count)
+        unsynced.append(contentsOf: frame)
         segments[segments.count - 1].append(frameAt: offset, bytes: frame.count, position: LogPosition(record))
     }
 
@@ -216,11 +232,19 @@ public final class ReplicationLog {
         let active = segments[segments.count - 1]
         guard active.last != durableLast || active.endOffset != durableEndOffset else { return }
         do {
-            try POSIX.fdatasync(activeFD, path: active.path)
+            if let direct {
+                try direct.write(prefix: blockPrefix, unsynced, at: DirectWriter.alignDown(durableEndOffset))
+            } else {
+                try POSIX.pwrite(activeFD, unsynced, offset: durableEndOffset, path: active.path)
+                try POSIX.fdatasync(activeFD, path: active.path)
+            }
         } catch let error as LogError {
             rollBackToDurable(after: error)
             throw error
         }
+        let written = blockPrefix + unsynced
+        blockPrefix = Array(written[(DirectWriter.alignDown(active.endOffset) - DirectWriter.alignDown(durableEndOffset))...])
+        unsynced = []
         durableLast = active.last
         durableEndOffset = active.endOffset
     }
@@ -294,6 +318,12 @@ public final class ReplicationLog {
         let kept = segments[keep]
         let newLast = lsn == kept.base.lsn ? kept.base : LogPosition(try readRecord(lsn, segmentIndex: keep).record)
         let newEndOffset = lsn == kept.lastLSN ? kept.endOffset : kept.frameRange(of: lsn + 1).lowerBound
+        if keep == segments.count - 1, newEndOffset >= durableEndOffset {
+            // Only records never written: forgetting them is all there is to do.
+            unsynced.removeLast(kept.endOffset - newEndOffset)
+            segments[keep].cut(toEndOffset: newEndOffset, last: newLast)
+            return
+        }
 
         dropReadCache()
         let keptFD = keep == segments.count - 1 ? activeFD : try POSIX.open(kept.path, flags: O_RDWR)
@@ -320,6 +350,10 @@ public final class ReplicationLog {
         segments[keep].cut(toEndOffset: newEndOffset, last: newLast)
         durableLast = newLast
         durableEndOffset = newEndOffset
+        do { try activeChanged() } catch let error as LogError {
+            failure = error
+            throw error
+        }
     }
 
     /// Drops every record and starts the log empty at the given base (after a snapshot
@@ -361,6 +395,10 @@ public final class ReplicationLog {
         durableLast = base
         durableEndOffset = SegmentHeader.byteCount
         activeFileBytes = SegmentHeader.byteCount
+        do { try activeChanged() } catch let error as LogError {
+            failure = error
+            throw error
+        }
     }
 
     /// Removes old segments: those lying entirely below `lsn` (every record in them has a
@@ -428,24 +466,37 @@ public final class ReplicationLog {
         durableLast = base
         durableEndOffset = SegmentHeader.byteCount
         activeFileBytes = SegmentHeader.byteCount
+        try activeChanged()
     }
 
     /// Zeros written ahead of the appends, up to this many bytes at a time.
     static let preallocationBytes = 1 << 20
     private static let zeros = [UInt8](repeating: 0, count: preallocationBytes)
 
-    /// Makes sure the active segment file already reaches `end`, writing zeros ahead in
-    /// chunks of ``preallocationBytes`` (at most up to the segment bound).
+    /// Makes sure the active segment file already reaches `end` (rounded up to a whole block),
+    /// writing zeros ahead in chunks of ``preallocationBytes`` (at most up to the segment
+    /// bound), synced at once.
     ///
-    /// Why: an append that grows the file changes its size, and syncing a size change costs a
-    /// metadata write on every commit; appends into zeros written earlier (as PostgreSQL does
-    /// with its WAL segments) only need their data flushed (`fdatasync`). Zeros, not
-    /// `fallocate`: ext4 marks fallocated extents unwritten, and converting them is again a
-    /// metadata write. The zeros read as a torn tail on recovery, which cuts them off.
-    /// A failure here (a full disk) is not an error: the append then grows the file itself.
-    private func preallocate(through end: Int) {
-        guard end > activeFileBytes else { return }
-        let target = max(end, min(activeFileBytes + Self.preallocationBytes, options.segmentBytesMax))
+    /// Why: a sync that grows the file must also write its new size, a second write on every
+    /// commit; writes into zeros written earlier (as PostgreSQL does with its WAL segments)
+    /// only need their data flushed, and cannot run out of space. Zeros, not `fallocate`: ext4
+    /// marks fallocated extents unwritten, and converting them is again a metadata write. They
+    /// are synced here so that no dirty page lingers under a later direct write. The zeros
+    /// read as a torn tail on recovery, which cuts them off.
+    /// - Throws: `.diskFull` (or `.io`) when not even `end` fits; the file is as before.
+    private func reserve(through end: Int) throws {
+        let needed = DirectWriter.alignUp(end)
+        guard needed > activeFileBytes else { return }
+        let ahead = max(needed, min(activeFileBytes + Self.preallocationBytes, DirectWriter.alignUp(options.segmentBytesMax)))
+        do {
+            try writeZeros(through: ahead)
+        } catch {
+            // A nearly full disk: settle for what this frame needs.
+            try writeZeros(through: needed)
+        }
+    }
+
+    private func writeZeros(through target: Int) throws {
         let active = segments[segments.count - 1]
         var offset = activeFileBytes
         do {
@@ -454,12 +505,14 @@ public final class ReplicationLog {
                 try POSIX.pwrite(activeFD, count == Self.zeros.count ? Self.zeros : Array(Self.zeros[..<count]), offset: offset, path: active.path)
                 offset += count
             }
+            try POSIX.fdatasync(activeFD, path: active.path)
             activeFileBytes = target
-        } catch {
-            // Give the partial zeros back so that the frame can still fit on a nearly full disk.
+        } catch let error as LogError {
+            // Give the partial zeros back (they hold no frame; nothing depends on them).
             if (try? POSIX.ftruncate(activeFD, size: activeFileBytes, path: active.path)) == nil {
-                activeFileBytes = offset // the zeros stay; the append writes over them
+                activeFileBytes = max(activeFileBytes, offset)
             }
+            throw error
         }
     }
 
@@ -467,6 +520,8 @@ public final class ReplicationLog {
     private func rollBackToDurable(after error: LogError) {
         let index = segments.count - 1
         do {
+            // A write that failed part-way may have left frames on disk past the durable end.
+            unsynced = []
             try POSIX.ftruncate(activeFD, size: durableEndOffset, path: segments[index].path)
             activeFileBytes = durableEndOffset
             segments[index].cut(toEndOffset: durableEndOffset, last: durableLast)
@@ -493,8 +548,13 @@ public final class ReplicationLog {
     private func readRecord(_ lsn: LSN, segmentIndex index: Int) throws -> (record: Record, payloadBytes: Int) {
         let segment = segments[index]
         let range = segment.frameRange(of: lsn)
-        let fd = try readDescriptor(segmentIndex: index)
-        let frame = try POSIX.pread(fd, count: range.count, offset: range.lowerBound, path: segment.path)
+        let frame: [UInt8]
+        if index == segments.count - 1, range.lowerBound >= durableEndOffset {
+            frame = Array(unsynced[(range.lowerBound - durableEndOffset)..<(range.upperBound - durableEndOffset)])
+        } else {
+            let fd = try readDescriptor(segmentIndex: index)
+            frame = try POSIX.pread(fd, count: range.count, offset: range.lowerBound, path: segment.path)
+        }
         func corrupt(_ reason: String) -> LogError {
             LogError(.corrupt, "record lsn \(lsn): \(reason)", path: segment.path, offset: range.lowerBound)
         }
@@ -532,6 +592,7 @@ public final class ReplicationLog {
     private func closeDescriptors() {
         guard !isClosed else { return }
         dropReadCache()
+        direct = nil
         POSIX.close(activeFD)
         POSIX.close(directoryFD) // also releases the flock
     }

@@ -29,10 +29,12 @@ final class FaultInjectionTests: XCTestCase {
         let size = log.sizeBytes
 
         inject(.write, on: segment, errno: EIO)
-        let error = assertLogError(.io) { try log.append(makeRecord(lsn: 4)) }
+        try log.append(makeRecord(lsn: 4)) // written (half of it, then failing) by the sync
+        let error = assertLogError(.io) { try log.sync() }
         XCTAssertEqual(error?.path, dir + segment)
         XCTAssertTrue(error?.message.contains("Input/output error") ?? false, error?.message ?? "")
         XCTAssertEqual(log.last.lsn, 3)
+        XCTAssertNil(try log.record(at: 4))
         try assertZerosOnly(dir + segment, from: size, "the half-written frame was cut off")
 
         POSIX.faultInjector = nil
@@ -99,7 +101,9 @@ final class FaultInjectionTests: XCTestCase {
         try appendRecords(log, 1...2)
 
         POSIX.faultInjector = { op, path in path.hasSuffix(self.segment) && op != .fsync ? EIO : nil }
-        assertLogError(.io) { try log.append(makeRecord(lsn: 3)) }
+        // Large enough that the injected half write stops inside it.
+        try log.append(makeRecord(lsn: 3, pageCount: 2, pageBytes: 4096))
+        assertLogError(.io) { try log.sync() } // the write fails half-way, and so does the cut
         POSIX.faultInjector = nil
         let error = assertLogError(.unusable) { try log.append(makeRecord(lsn: 3)) }
         XCTAssertTrue(error?.message.contains("open it again") ?? false, error?.message ?? "")

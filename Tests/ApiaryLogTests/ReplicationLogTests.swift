@@ -66,7 +66,7 @@ final class ReplicationLogTests: XCTestCase {
         do {
             let log = try ReplicationLog(directory: dir, options: options)
             try appendRecords(log, 1...2)
-            XCTAssertEqual(try fileSize(dir + "/00000000000000000001.log"), options.segmentBytesMax, "written ahead to the segment bound")
+            XCTAssertEqual(try fileSize(dir + "/00000000000000000001.log"), DirectWriter.alignUp(options.segmentBytesMax), "written ahead to the segment bound's block")
             try assertZerosOnly(dir + "/00000000000000000001.log", from: log.sizeBytes)
             try appendRecords(log, 3...4) // rolls after lsn 3
             XCTAssertEqual(try segmentFiles(dir), ["00000000000000000001.log", "00000000000000000004.log"])
@@ -84,6 +84,47 @@ final class ReplicationLogTests: XCTestCase {
         let again = try ReplicationLog(directory: dir, options: options)
         XCTAssertEqual(again.recoveredTornTailBytes, 0)
         XCTAssertEqual(again.last.lsn, 5)
+    }
+
+    /// Appends wait in memory for the next sync: readable at once, and cut without a write.
+    func testUnsyncedAppendsAreReadableAndCutInMemory() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let log = try ReplicationLog(directory: dir)
+        try appendRecords(log, 1...2)
+        try log.append(makeRecord(lsn: 3))
+        try log.append(makeRecord(lsn: 4))
+        XCTAssertEqual(try log.records(from: 2, countMax: 10, bytesMax: 1 << 20), (2...4).map { makeRecord(lsn: $0) })
+        XCTAssertEqual(log.lastDurable.lsn, 2)
+        try log.truncate(after: 3)
+        XCTAssertEqual(log.last.lsn, 3)
+        try log.sync()
+        try log.append(makeRecord(lsn: 4, epoch: 2))
+        try log.sync()
+        log.close()
+        let reopened = try ReplicationLog(directory: dir)
+        XCTAssertEqual(try reopened.records(from: 1, countMax: 10, bytesMax: 1 << 20),
+                       (1...3).map { makeRecord(lsn: $0) } + [makeRecord(lsn: 4, epoch: 2)])
+    }
+
+    /// On a file system with direct I/O (ext4, as in CI) syncs bypass the page cache; the rest
+    /// of this suite then exercises that path (and the tmpfs in DiskFullTests the other).
+    func testSyncsWriteDirectlyWhereTheFileSystemAllows() throws {
+        #if os(Linux)
+        let dir = try makeTemporaryDirectory(self)
+        let stat = Process()
+        stat.executableURL = URL(fileURLWithPath: "/usr/bin/stat")
+        stat.arguments = ["-f", "-c", "%T", dir]
+        let pipe = Pipe()
+        stat.standardOutput = pipe
+        try stat.run()
+        stat.waitUntilExit()
+        let type = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        guard type.hasPrefix("ext2/ext3") else { throw XCTSkip("\(dir) is on \(type): direct I/O support unknown") }
+        let log = try ReplicationLog(directory: dir)
+        XCTAssertTrue(log.writesDirectly)
+        #else
+        throw XCTSkip("direct I/O is used on Linux only")
+        #endif
     }
 
     func testTooLargeRecordRefused() throws {

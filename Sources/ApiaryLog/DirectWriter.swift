@@ -1,0 +1,76 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Makes a log segment's new bytes durable with one `O_DIRECT | O_DSYNC` write of whole
+/// blocks, instead of a buffered write and `fdatasync`.
+///
+/// Why: measured on this project's machines (docs/benchmarks.md), a durable 8 KiB write takes
+/// ~130 µs this way against ~160 µs through the page cache, and ~150 µs against ~205 µs while
+/// another process syncs the same disk: the page cache's writeback path is skipped. That
+/// time sits on every commit's path. Direct I/O needs block-aligned offsets, lengths and
+/// memory, so the block holding the durable end is written again with the new bytes (its
+/// earlier bytes are kept in memory for that).
+///
+/// File systems without direct I/O (tmpfs) and other systems make ``open(path:)`` return nil:
+/// the log then writes through the page cache and uses `fdatasync`.
+final class DirectWriter {
+    static let blockBytes = 4096
+    let fd: Int32
+    let path: String
+    private var buffer: UnsafeMutableRawPointer
+    private var capacity: Int
+
+    private init(fd: Int32, path: String) {
+        self.fd = fd
+        self.path = path
+        capacity = 64 << 10
+        buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: Self.blockBytes)
+    }
+
+    deinit {
+        _ = close(fd)
+        buffer.deallocate()
+    }
+
+    #if os(Linux) && arch(x86_64)
+    /// `O_DIRECT`, which Glibc's Swift module leaves out (it needs `_GNU_SOURCE`): <asm-generic/fcntl.h>.
+    static let oDirect: Int32 = 0o40000
+    #elseif os(Linux) && arch(arm64)
+    /// `O_DIRECT` on arm64 (<asm/fcntl.h>).
+    static let oDirect: Int32 = 0o200000
+    #endif
+
+    static func open(path: String) -> DirectWriter? {
+        #if os(Linux) && (arch(x86_64) || arch(arm64))
+        let fd = Glibc.open(path, O_WRONLY | oDirect | O_DSYNC | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        return DirectWriter(fd: fd, path: path)
+        #else
+        return nil
+        #endif
+    }
+
+    static func alignDown(_ n: Int) -> Int { n - n % blockBytes }
+    static func alignUp(_ n: Int) -> Int { alignDown(n + blockBytes - 1) }
+
+    /// Writes `prefix` then `bytes` at `offset` (block-aligned), zero-padded to a whole block,
+    /// and returns once they are durable.
+    func write(prefix: [UInt8], _ bytes: [UInt8], at offset: Int) throws {
+        precondition(offset % Self.blockBytes == 0, "direct write at unaligned offset \(offset)")
+        let count = Self.alignUp(prefix.count + bytes.count)
+        if count > capacity {
+            buffer.deallocate()
+            capacity = Self.alignUp(count)
+            buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: Self.blockBytes)
+        }
+        prefix.withUnsafeBytes { buffer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        bytes.withUnsafeBytes { (buffer + prefix.count).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        (buffer + prefix.count + bytes.count).initializeMemory(as: UInt8.self, repeating: 0, count: count - prefix.count - bytes.count)
+        try POSIX.pwrite(fd, UnsafeRawBufferPointer(start: buffer, count: count), offset: offset, path: path, durable: true)
+    }
+}
