@@ -9,9 +9,9 @@ import Darwin
 /// Makes a log segment's new bytes durable with one `O_DIRECT | O_DSYNC` write of whole
 /// blocks, instead of a buffered write and `fdatasync`.
 ///
-/// Why: measured on this project's machines (docs/benchmarks.md), a durable 8 KiB write takes
-/// ~130 µs this way against ~160 µs through the page cache, and ~150 µs against ~205 µs while
-/// another process syncs the same disk: the page cache's writeback path is skipped. That
+/// Why: measured on this project's machines (`bench/durable-write.py`, docs/benchmarks.md), a
+/// durable 8 KiB write is 10–25% faster this way than through the page cache and `fdatasync`,
+/// alone and while another process syncs the same disk: the writeback path is skipped. That
 /// time sits on every commit's path. Direct I/O needs block-aligned offsets, lengths and
 /// memory, so the block holding the durable end is written again with the new bytes (its
 /// earlier bytes are kept in memory for that).
