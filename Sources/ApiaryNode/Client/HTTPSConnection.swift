@@ -70,6 +70,9 @@ public final class HTTPSConnection: @unchecked Sendable {
         return try await promise.futureResult.get()
     }
 
+    /// Whether the connection is still up (the server may close it: shutdown, idle timeout).
+    public var isOpen: Bool { channel.isActive }
+
     public func close() async {
         try? await channel.close()
     }
