@@ -469,13 +469,16 @@ public final class ReplicationLog {
         try activeChanged()
     }
 
-    /// Zeros written ahead of the appends, up to this many bytes at a time.
-    static let preallocationBytes = 1 << 20
-    private static let zeros = [UInt8](repeating: 0, count: preallocationBytes)
+    /// Zeros written ahead of the appends, up to this many bytes at a time: a quarter of what
+    /// the segment already holds, between 64 KiB and 1 MiB, so that a quiet tenant's log
+    /// (there may be thousands) sets aside little disk and a busy one writes zeros rarely.
+    static let preallocationBytesMin = 64 << 10
+    static let preallocationBytesMax = 1 << 20
+    private static let zeros = [UInt8](repeating: 0, count: preallocationBytesMax)
 
     /// Makes sure the active segment file already reaches `end` (rounded up to a whole block),
-    /// writing zeros ahead in chunks of ``preallocationBytes`` (at most up to the segment
-    /// bound), synced at once.
+    /// writing zeros ahead in chunks of ``preallocationBytesMin``...``preallocationBytesMax``
+    /// (at most up to the segment bound), synced at once.
     ///
     /// Why: a sync that grows the file must also write its new size, a second write on every
     /// commit; writes into zeros written earlier (as PostgreSQL does with its WAL segments)
@@ -487,7 +490,8 @@ public final class ReplicationLog {
     private func reserve(through end: Int) throws {
         let needed = DirectWriter.alignUp(end)
         guard needed > activeFileBytes else { return }
-        let ahead = max(needed, min(activeFileBytes + Self.preallocationBytes, DirectWriter.alignUp(options.segmentBytesMax)))
+        let chunk = min(Self.preallocationBytesMax, max(Self.preallocationBytesMin, activeFileBytes / 4))
+        let ahead = max(needed, min(DirectWriter.alignUp(activeFileBytes + chunk), DirectWriter.alignUp(options.segmentBytesMax)))
         do {
             try writeZeros(through: ahead)
         } catch {

@@ -56,25 +56,34 @@ final class DiskFullTests: XCTestCase {
     func testAppendOnFullDiskFailsCleanlyAndLogReopensIntact() throws {
         let mountPoint = try mountSmallFileSystem()
         let dir = mountPoint + "/tenant"
-        // Segments larger than the file system: zeros cannot be written ahead here, so every
-        // append also covers the log's fallback of growing the file one frame at a time.
         let options = ReplicationLog.Options(segmentBytesMax: 4 << 20)
         let log = try ReplicationLog(directory: dir, options: options)
         try appendRecords(log, 1...20, pageCount: 2, pageBytes: 4096)
-        let synced = log.last
         let segment = dir + "/00000000000000000001.log"
-        let sizeBefore = log.sizeBytes
 
         try fill(mountPoint + "/filler")
-        // Larger than a tmpfs page, so it cannot fit in the last page's slack.
-        let big = makeRecord(lsn: 21, pageCount: 3, pageBytes: 4096)
-        let error = assertLogError(.diskFull) { try log.append(big) }
+        // The zeros written ahead still take a few records (that space was set aside before
+        // the disk filled); past them, an append must fail cleanly.
+        func record(_ lsn: LSN) -> Record { makeRecord(lsn: lsn, pageCount: 3, pageBytes: 4096) }
+        var next = LSN(21)
+        var error: LogError?
+        while error == nil, next < 100 {
+            do {
+                try log.append(record(next))
+                try log.sync()
+                next += 1
+            } catch let e as LogError {
+                error = e
+            }
+        }
+        let synced = log.last
+        XCTAssertEqual(error?.code, .diskFull, "\(String(describing: error))")
         XCTAssertEqual(error?.path, segment)
         XCTAssertTrue(error?.description.contains("No space left on device") ?? false, error?.description ?? "")
         // As before the append: nothing half-written, in memory or on disk.
-        XCTAssertEqual(log.last, synced)
-        try assertZerosOnly(segment, from: sizeBefore)
-        assertLogError(.diskFull) { try log.append(big) } // still full, still clean
+        XCTAssertEqual(synced.lsn, next - 1)
+        try assertZerosOnly(segment, from: log.sizeBytes)
+        assertLogError(.diskFull) { try log.append(record(next)) } // still full, still clean
         try log.sync()
         log.close()
 
@@ -82,14 +91,14 @@ final class DiskFullTests: XCTestCase {
         let reopened = try ReplicationLog(directory: dir, options: options)
         XCTAssertEqual(reopened.recoveredTornTailBytes, 0)
         XCTAssertEqual(reopened.last, synced)
-        XCTAssertEqual(try reopened.records(from: 1, countMax: 100, bytesMax: 1 << 20),
-                       (1...20).map { makeRecord(lsn: $0, pageCount: 2, pageBytes: 4096) })
+        XCTAssertEqual(try reopened.records(from: 1, countMax: 200, bytesMax: 64 << 20),
+                       (1...20).map { makeRecord(lsn: $0, pageCount: 2, pageBytes: 4096) } + (21..<next).map(record))
 
         // Once space is freed the same append goes through.
         try FileManager.default.removeItem(atPath: mountPoint + "/filler")
-        try reopened.append(big)
+        try reopened.append(record(next))
         try reopened.sync()
-        XCTAssertEqual(try reopened.record(at: 21), big)
+        XCTAssertEqual(try reopened.record(at: next), record(next))
     }
 
     func testRollOnFullDiskFailsCleanly() throws {

@@ -86,6 +86,23 @@ final class ReplicationLogTests: XCTestCase {
         XCTAssertEqual(again.last.lsn, 5)
     }
 
+    /// A quiet log sets aside little disk (tenants may number thousands); a busy one writes
+    /// zeros ahead in larger chunks, never more than 1 MiB beyond its records.
+    func testZerosWrittenAheadGrowWithTheSegment() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let log = try ReplicationLog(directory: dir)
+        let segment = dir + "/00000000000000000001.log"
+        try appendRecords(log, 1...1)
+        XCTAssertLessThanOrEqual(try fileSize(segment), 72 << 10, "one small record sets aside about 64 KiB")
+        var aheadMax = 0
+        for lsn in LSN(2)...LSN(600) {
+            try appendRecords(log, lsn...lsn, pageCount: 2, pageBytes: 4096)
+            aheadMax = max(aheadMax, try fileSize(segment) - log.sizeBytes)
+        }
+        XCTAssertGreaterThan(aheadMax, 256 << 10, "a segment of ~5 MiB writes ahead in larger chunks")
+        XCTAssertLessThanOrEqual(aheadMax, (1 << 20) + 8192)
+    }
+
     /// Appends wait in memory for the next sync: readable at once, and cut without a write.
     func testUnsyncedAppendsAreReadableAndCutInMemory() throws {
         let dir = try makeTemporaryDirectory(self)
