@@ -33,6 +33,13 @@ public final class BlockingPool: @unchecked Sendable {
         condition.unlock()
     }
 
+    /// Whether submitted work waits for a free thread (then long-running users should yield).
+    var hasWaitingWork: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return !work.isEmpty
+    }
+
     /// Runs blocking `body` on a pool thread and returns its result to the async caller.
     public func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { continuation in

@@ -41,4 +41,39 @@ final class PoolTests: XCTestCase {
         XCTAssertLessThan(threadCount() - before, 10, "threads grew with the number of tenants")
         for db in dbs { db.close() }
     }
+
+    /// A busy tenant keeps its pool thread between batches only while no other tenant waits
+    /// for one: with a single thread, a write to a quiet tenant is not stuck behind a backlog.
+    func testABusyTenantYieldsItsThreadWhenAnotherWaits() async throws {
+        let dir = TemporaryDirectory()
+        let writers = BlockingPool(threads: 1, name: "test-writer-1")
+        var options = TenantDatabase.Options()
+        options.batchRequestsMax = 1 // one commit per request: a long line of batches
+        let busy = try TenantDatabase(tenant: try TenantID("busy"), path: dir.path + "/busy.db", sink: ReplicaSink(replicaPath: dir.path + "/rb.db"),
+                                      options: options, writerPool: writers)
+        let quiet = try TenantDatabase(tenant: try TenantID("quiet"), path: dir.path + "/quiet.db", sink: ReplicaSink(replicaPath: dir.path + "/rq.db"),
+                                       writerPool: writers)
+        defer { busy.close(); quiet.close() }
+        try await busy.mustExecute("CREATE TABLE t (x)")
+        try await quiet.mustExecute("CREATE TABLE t (x)")
+        let finished = LockedCounter()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for i in 0..<200 {
+                group.addTask { _ = try await busy.execute([SQLStatement("INSERT INTO t VALUES (\(i))")]); finished.increment() }
+            }
+            // Let the backlog build, then ask for one write elsewhere.
+            while finished.value < 5 { try await Task.sleep(for: .milliseconds(1)) }
+            try await quiet.mustExecute("INSERT INTO t VALUES (1)")
+            XCTAssertLessThan(finished.value, 150, "the quiet tenant waited for most of the busy one's backlog")
+            try await group.waitForAll()
+        }
+    }
 }
+
+final class LockedCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var count = 0
+    func increment() { lock.lock(); count += 1; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return count }
+}
+
