@@ -124,6 +124,12 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
     private var bodyTooLarge = false
     /// A request is being answered (the idle timeout must not cut it off).
     private var busy = false
+    /// Runs this connection's request tasks on its loop (made once, not per request).
+    private var executor: EventLoopTaskExecutor?
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        executor = EventLoopTaskExecutor(context.eventLoop)
+    }
 
     init(routes: APIRoutes, logger: Logger) {
         self.routes = routes
@@ -171,7 +177,7 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
             let routes = self.routes
             // The task runs on this connection's loop, also after the storage thread resumes
             // it: the answer is then written without another thread hand-off.
-            Task(executorPreference: EventLoopTaskExecutor(loop)) {
+            Task(executorPreference: executor ?? EventLoopTaskExecutor(loop)) {
                 let response = await routes.respond(to: request)
                 let write = {
                     let (handler, context) = bound.value
