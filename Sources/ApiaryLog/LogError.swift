@@ -33,12 +33,15 @@ public struct LogError: Error, CustomStringConvertible, Equatable {
     /// The byte offset in `path` where the problem lies (corruption), when known.
     public let offset: Int?
     public let message: String
+    /// The system's error number, when a system call failed.
+    public let errno: Int32?
 
-    public init(_ code: Code, _ message: String, path: String? = nil, offset: Int? = nil) {
+    public init(_ code: Code, _ message: String, path: String? = nil, offset: Int? = nil, errno: Int32? = nil) {
         self.code = code
         self.message = message
         self.path = path
         self.offset = offset
+        self.errno = errno
     }
 
     public var description: String {

@@ -26,7 +26,7 @@ enum POSIX {
     static func error(_ operation: String, path: String, errno code: Int32 = errno) -> LogError {
         let reason = String(cString: strerror(code))
         let kind: LogError.Code = (code == ENOSPC || code == EDQUOT) ? .diskFull : .io
-        return LogError(kind, "\(operation) failed: \(reason) (errno \(code))", path: path)
+        return LogError(kind, "\(operation) failed: \(reason) (errno \(code))", path: path, errno: code)
     }
 
     // MARK: Files

@@ -80,6 +80,9 @@ public final class ReplicationLog {
     private var blockPrefix: [UInt8] = []
     /// Direct, synchronous writes to the active segment; nil where the file system has none.
     private var direct: DirectWriter?
+    /// The file system accepted `O_DIRECT` at open but refused a direct write: page cache from
+    /// then on.
+    private var directUnsupported = false
     /// Set when a failure could not be undone; every later call refuses with it.
     private var failure: LogError?
     private var isClosed = false
@@ -134,8 +137,10 @@ public final class ReplicationLog {
         let active = segments[segments.count - 1]
         unsynced = []
         let blockStart = DirectWriter.alignDown(durableEndOffset)
+        // A new descriptor every time: a reset can put a new file under the same name.
+        direct = nil
         blockPrefix = try POSIX.pread(activeFD, count: durableEndOffset - blockStart, offset: blockStart, path: active.path)
-        if direct?.path != active.path { direct = DirectWriter.open(path: active.path) }
+        if !directUnsupported { direct = DirectWriter.open(path: active.path) }
     }
 
     deinit { closeDescriptors() }
@@ -147,12 +152,11 @@ public final class ReplicationLog {
         // Give back the zeros written ahead; a crash keeps them, and recovery cuts them then.
         let active = segments[segments.count - 1]
         if failure == nil {
-            // Unsynced appends reach the file (not the disk), as they would have if written at once.
-            if (try? POSIX.pwrite(activeFD, unsynced, offset: durableEndOffset, path: active.path)) == nil {
-                activeFileBytes = max(activeFileBytes, active.endOffset) // cut them off below
-                try? POSIX.ftruncate(activeFD, size: durableEndOffset, path: active.path)
-            } else if activeFileBytes > active.endOffset {
-                try? POSIX.ftruncate(activeFD, size: active.endOffset, path: active.path)
+            // Unsynced appends are made durable (a failed sync drops them, as ever).
+            try? sync()
+            let end = segments[segments.count - 1].endOffset
+            if failure == nil, activeFileBytes > end {
+                try? POSIX.ftruncate(activeFD, size: end, path: active.path)
             }
         }
         closeDescriptors()
@@ -231,22 +235,49 @@ public final class ReplicationLog {
         try checkUsable()
         let active = segments[segments.count - 1]
         guard active.last != durableLast || active.endOffset != durableEndOffset else { return }
+        // One durable write per record, in order. A disk may persist the blocks of one write in
+        // any order, and past the last record lie zeros written ahead, not the file's end: a
+        // crash during a write of several records could leave a whole later record after a
+        // torn earlier one, which recovery rightly reads as damage in the middle. With one
+        // record per write, a torn write is always the last record, a torn tail. (The
+        // standby's bursts are mostly one record; catching up pays a flush per record.)
+        let base = DirectWriter.alignDown(durableEndOffset)
+        let written = blockPrefix + unsynced
         do {
-            if let direct {
-                try direct.write(prefix: blockPrefix, unsynced, at: DirectWriter.alignDown(durableEndOffset))
-            } else {
-                try POSIX.pwrite(activeFD, unsynced, offset: durableEndOffset, path: active.path)
-                try POSIX.fdatasync(activeFD, path: active.path)
+            var lsn = durableLast.lsn + 1
+            while lsn <= active.lastLSN {
+                let frame = active.frameRange(of: lsn)
+                try writeDurably(written, base: base, frame, path: active.path)
+                lsn += 1
             }
         } catch let error as LogError {
             rollBackToDurable(after: error)
             throw error
         }
-        let written = blockPrefix + unsynced
-        blockPrefix = Array(written[(DirectWriter.alignDown(active.endOffset) - DirectWriter.alignDown(durableEndOffset))...])
+        blockPrefix = Array(written[(DirectWriter.alignDown(active.endOffset) - base)...])
         unsynced = []
         durableLast = active.last
         durableEndOffset = active.endOffset
+    }
+
+    /// Writes the bytes of `frame` (file offsets; `written` holds the file from `base`)
+    /// durably: directly with the block before it, or through the page cache and `fdatasync`.
+    private func writeDurably(_ written: [UInt8], base: Int, _ frame: Range<Int>, path: String) throws {
+        if let direct {
+            let blockStart = DirectWriter.alignDown(frame.lowerBound)
+            do {
+                try direct.write(prefix: Array(written[(blockStart - base)..<(frame.lowerBound - base)]),
+                                 Array(written[(frame.lowerBound - base)..<(frame.upperBound - base)]), at: blockStart)
+                return
+            } catch let error as LogError where error.errno == EINVAL {
+                // Direct I/O promised at open, refused at write (some FUSE or network file
+                // systems): use the page cache from now on.
+                directUnsupported = true
+                self.direct = nil
+            }
+        }
+        try POSIX.pwrite(activeFD, Array(written[(frame.lowerBound - base)..<(frame.upperBound - base)]), offset: frame.lowerBound, path: path)
+        try POSIX.fdatasync(activeFD, path: path)
     }
 
     // MARK: Reading records
@@ -466,7 +497,10 @@ public final class ReplicationLog {
         durableLast = base
         durableEndOffset = SegmentHeader.byteCount
         activeFileBytes = SegmentHeader.byteCount
-        try activeChanged()
+        do { try activeChanged() } catch let error as LogError {
+            failure = error
+            throw error
+        }
     }
 
     /// Zeros written ahead of the appends, up to this many bytes at a time: a quarter of what

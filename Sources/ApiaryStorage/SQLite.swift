@@ -157,11 +157,18 @@ final class SQLiteConnection {
 
         var outcome = StatementOutcome()
         var resultBytes = 0
-        let columns = Int(sqlite3_column_count(statement))
-        outcome.columns = (0..<columns).map { String(cString: sqlite3_column_name(statement, Int32($0))) }
-        outcome.declaredTypes = (0..<columns).map { sqlite3_column_decltype(statement, Int32($0)).map { String(cString: $0).lowercased() } ?? "" }
+        var columns = 0
+        var first = true
         while true {
             let step = sqlite3_step(statement)
+            if first {
+                // After the first step: a cached statement that SQLite re-prepared for a changed
+                // schema describes its columns correctly only from then on.
+                first = false
+                columns = Int(sqlite3_column_count(statement))
+                outcome.columns = (0..<columns).map { String(cString: sqlite3_column_name(statement, Int32($0))) }
+                outcome.declaredTypes = (0..<columns).map { sqlite3_column_decltype(statement, Int32($0)).map { String(cString: $0).lowercased() } ?? "" }
+            }
             if step == SQLITE_DONE { break }
             guard step == SQLITE_ROW else { throw lastError }
             guard outcome.rows.count < limits.rowsMax else {

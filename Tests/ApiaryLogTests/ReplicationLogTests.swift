@@ -103,6 +103,38 @@ final class ReplicationLogTests: XCTestCase {
         XCTAssertLessThanOrEqual(aheadMax, (1 << 20) + 8192)
     }
 
+    /// A reset can put a new file under the active segment's own name: later syncs must
+    /// reach the new file, not the deleted one (found in review).
+    func testSyncsAfterAResetToTheSameSegmentNameReachTheNewFile() throws {
+        let dir = try makeTemporaryDirectory(self)
+        do {
+            let log = try ReplicationLog(directory: dir)
+            try appendRecords(log, 1...3)
+            try log.reset(base: Epoch(1), lsn: 0, checksum: 0) // new 00000000000000000001.log
+            try appendRecords(log, 1...2, epoch: 2)
+            log.close()
+        }
+        let reopened = try ReplicationLog(directory: dir)
+        XCTAssertEqual(try reopened.records(from: 1, countMax: 10, bytesMax: 1 << 20), (1...2).map { makeRecord(lsn: $0, epoch: 2) })
+    }
+
+    /// Each record of a sync is its own durable write, in order: a crash can then only tear
+    /// the last one, never leave a whole record after a torn one (which reads as damage).
+    func testASyncWritesEachRecordDurablyInOrder() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let log = try ReplicationLog(directory: dir)
+        try appendRecords(log, 1...1)
+        let durableWrites = LockedCount()
+        POSIX.faultInjector = { op, path in
+            if path.hasSuffix(".log"), op == .fsync { durableWrites.add() }
+            return nil
+        }
+        defer { POSIX.faultInjector = nil }
+        for lsn in LSN(2)...LSN(4) { try log.append(makeRecord(lsn: lsn, pageCount: 2, pageBytes: 3000)) }
+        try log.sync()
+        XCTAssertEqual(durableWrites.value, 3)
+    }
+
     /// Appends wait in memory for the next sync: readable at once, and cut without a write.
     func testUnsyncedAppendsAreReadableAndCutInMemory() throws {
         let dir = try makeTemporaryDirectory(self)
@@ -352,4 +384,11 @@ final class ReplicationLogTests: XCTestCase {
         XCTAssertEqual(reopened.firstRetainedLSN, 13)
         XCTAssertEqual(try reopened.records(from: 13, countMax: 10, bytesMax: 1 << 20).map(\.lsn), [13, 14])
     }
+}
+
+final class LockedCount: @unchecked Sendable {
+    private let lock = NSLock()
+    private var count = 0
+    func add() { lock.lock(); count += 1; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return count }
 }

@@ -68,4 +68,20 @@ final class StatementCacheTests: XCTestCase {
             XCTAssertEqual(rows, [[.integer(Int64(i))]])
         }
     }
+
+    /// Column names and counts come from the statement as SQLite re-prepared it after a
+    /// schema change, not from the cached one (found in review).
+    func testACachedSelectStarSeesNewColumns() async throws {
+        let dir = TemporaryDirectory()
+        let db = try TenantDatabase(tenant: try TenantID("acme"), path: dir.path + "/acme.db", sink: ReplicaSink(replicaPath: dir.path + "/r.db"))
+        defer { db.close() }
+        try await db.mustExecute("CREATE TABLE t (a, b)")
+        try await db.mustExecute("INSERT INTO t VALUES (1, 2)")
+        guard case .success(let before) = try await db.query([SQLStatement("SELECT * FROM t")])[0] else { return XCTFail() }
+        XCTAssertEqual(before.columns, ["a", "b"])
+        try await db.mustExecute("ALTER TABLE t ADD COLUMN c DEFAULT 3")
+        guard case .success(let after) = try await db.query([SQLStatement("SELECT * FROM t")])[0] else { return XCTFail() }
+        XCTAssertEqual(after.columns, ["a", "b", "c"])
+        XCTAssertEqual(after.rows, [[.integer(1), .integer(2), .integer(3)]])
+    }
 }
