@@ -60,6 +60,13 @@ final class StandbyTenant: @unchecked Sendable {
         return try body(unguardedLog)
     }
 
+    /// `body` under the log's lock if it is free now, else nil (an apply pass holds it).
+    func withLogIfFree<T>(_ body: (ReplicationLog) throws -> T) rethrows -> T? {
+        guard logLock.try() else { return nil }
+        defer { logLock.unlock() }
+        return try body(unguardedLog)
+    }
+
     /// After a crash in the middle of applying, redo the interrupted range from the log (page
     /// images are whole, so applying them again is idempotent), then check the database.
     private func recover() throws {
@@ -166,6 +173,16 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private(set) var fatal: NodeError?
     /// Set once promotion starts: nothing more is taken from the old primary.
     private var promoting = false
+    /// The tenant whose records were last persisted on the loop itself, and when.
+    private var lastInline: (tenant: TenantID, atNs: UInt64)?
+    /// Another tenant persisted inline this recently: this one goes through its queue.
+    static let inlineExclusiveNs: UInt64 = 2_000_000
+
+    private func inlineAllowed(for tenant: TenantID) -> Bool {
+        guard let last = lastInline, last.tenant != tenant else { return true }
+        return DispatchTime.now().uptimeNanoseconds - last.atNs > Self.inlineExclusiveNs
+    }
+
     /// Snapshot chunks handed to the apply queue and not yet written.
     private var snapshotChunksQueued = 0
     static let snapshotChunksQueuedMax = 16
@@ -263,21 +280,26 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                     guard index + 1 < actions.count, case .persist(let next, _) = actions[index + 1] else { return false }
                     return next == tenantID
                 }()
-                if tenant.ioPending == 0 {
-                    // Nothing queued for this log: append here, on the replication loop, which
-                    // serves only this stream and would otherwise hand the record to a queue
-                    // thread and wait for it (two thread wake-ups on every commit's path).
+                if tenant.ioPending == 0, inlineAllowed(for: tenantID) {
+                    // Nothing queued for this log, no apply pass reading it, and no other tenant
+                    // syncing here lately: append here, on the replication loop, which serves
+                    // only this stream and would otherwise hand the record to a queue thread and
+                    // wait for it (two thread wake-ups on every commit's path). With several
+                    // tenants busy, their queues sync in parallel instead of one after another.
                     do {
-                        try tenant.withLog { log in
+                        let done: Void? = try tenant.withLogIfFree { log in
                             try log.append(record)
                             if !burstContinues { try log.sync() }
+                        }
+                        if done != nil {
+                            lastInline = (tenantID, DispatchTime.now().uptimeNanoseconds)
+                            if !burstContinues { persisted.append((tenantID, record.lsn)) }
+                            break
                         }
                     } catch {
                         stop(NodeError("tenant \(tenantID): \(error)"))
                         return
                     }
-                    if !burstContinues { persisted.append((tenantID, record.lsn)) }
-                    break
                 }
                 tenant.persistsQueued.withLock { $0 += 1 }
                 let synced = LockedValue(false)
@@ -386,6 +408,8 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                 try state.write(to: tenant.appliedPath)
                 tenant.hashes = hashes
                 tenant.applied = state
+                // Applies asked for before belong to the replaced history.
+                tenant.applyTarget.withLock { $0.lsn = lsn; $0.checksum = checksum }
                 self.logger.notice("installed a snapshot", metadata: ["tenant": "\(tenantID)", "lsn": "\(lsn)", "pages": "\(dbSizePages)"])
                 self.loop.execute { self.interpret(self.core.onSnapshotInstalled(tenantID, lsn: lsn, now: monotonicNowMs())) }
             } catch {

@@ -560,4 +560,17 @@ final class APIServerTests: XCTestCase {
         let closed = await eventually(seconds: 5) { !client.channel.isActive }
         XCTAssertTrue(closed, "an idle connection kept its slot")
     }
+
+    /// A client that starts a request and then trickles (or stops) must not hold its slot
+    /// forever: the request has to arrive whole within the read timeout (found in review).
+    func testARequestThatNeverCompletesLosesItsConnection() async throws {
+        var limits = APIServer.Limits()
+        limits.requestReadTimeoutMs = 300
+        let server = try await startServer(RecordingSQLService(), limits: limits)
+        let raw = try await connectRaw(server)
+        raw.send("POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: 100\r\n\r\n[\"SEL")
+        let closed = await eventually(seconds: 5) { raw.isClosed }
+        XCTAssertTrue(closed, "a half-sent request kept its connection")
+    }
 }
+

@@ -23,6 +23,9 @@ public final class APIServer: Sendable {
         public var connectionsMax = 4096
         /// A connection that sends nothing for this long is closed (it holds a slot).
         public var idleTimeoutMs: Int64 = 120_000
+        /// A request must arrive whole within this time once it has started (a client that
+        /// trickles its headers or body must not hold a slot forever).
+        public var requestReadTimeoutMs: Int64 = 30_000
         /// How long `close()` lets requests in flight finish.
         public var drainTimeoutMs: Int64 = 5_000
         public init() {}
@@ -65,7 +68,8 @@ public final class APIServer: Sendable {
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
                     try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: .milliseconds(limits.idleTimeoutMs)))
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(APIChannelHandler(routes: routes, logger: logger))
+                    try channel.pipeline.syncOperations.addHandler(APIChannelHandler(routes: routes, logger: logger,
+                                                                                     requestReadTimeoutMs: limits.requestReadTimeoutMs))
                 }
             }
             .bind(host: host, port: port).get()
@@ -122,8 +126,11 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
     private var head: HTTPRequestHead?
     private var body: ByteBuffer?
     private var bodyTooLarge = false
-    /// A request is being answered (the idle timeout must not cut it off).
+    /// A whole request is being answered (the idle timeout must not cut it off).
     private var busy = false
+    private let requestReadTimeoutMs: Int64
+    /// Closes the connection if the request being read does not arrive whole in time.
+    private var readDeadline: Scheduled<Void>?
     /// Runs this connection's request tasks on its loop (made once, not per request).
     private var executor: EventLoopTaskExecutor?
 
@@ -131,9 +138,10 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
         executor = EventLoopTaskExecutor(context.eventLoop)
     }
 
-    init(routes: APIRoutes, logger: Logger) {
+    init(routes: APIRoutes, logger: Logger, requestReadTimeoutMs: Int64) {
         self.routes = routes
         self.logger = logger
+        self.requestReadTimeoutMs = requestReadTimeoutMs
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -142,7 +150,8 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
             head = h
             body = nil
             bodyTooLarge = false
-            busy = true
+            let channel = context.channel
+            readDeadline = context.eventLoop.scheduleTask(in: .milliseconds(requestReadTimeoutMs)) { channel.close(promise: nil) }
             // Clients that ask first (curl for larger bodies) would otherwise wait ~1 s.
             if h.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" }),
                (h.headers.first(name: "content-length").flatMap(Int.init) ?? 0) <= routes.limits.bodyBytesMax {
@@ -151,7 +160,8 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
         case .body(var chunk):
             guard !bodyTooLarge else { return }
             if (body?.readableBytes ?? 0) + chunk.readableBytes > routes.limits.bodyBytesMax {
-                bodyTooLarge = true // keep reading (and dropping) to the end, then answer 400
+                // Dropped unread to the end (within the read timeout), then answered 400.
+                bodyTooLarge = true
                 body = nil
             } else if body == nil {
                 body = chunk
@@ -159,8 +169,11 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
                 body!.writeBuffer(&chunk)
             }
         case .end:
+            readDeadline?.cancel()
+            readDeadline = nil
             guard let head else { return }
             self.head = nil
+            busy = true
             var request = APIRequest(method: head.method, uri: head.uri, headers: head.headers,
                                      body: body.map { Array($0.readableBytesView) } ?? [], bodyTooLarge: bodyTooLarge)
             body = nil
