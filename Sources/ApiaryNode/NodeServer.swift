@@ -47,6 +47,9 @@ public struct NodeConfiguration: Sendable {
 public enum NodeServer {
     public static func run(_ config: NodeConfiguration, logger: Logger) async throws {
         exitWithParentIfAsked()
+        if let (before, after) = raiseOpenFileLimit() {
+            logger.info("raised the open-file limit", metadata: ["from": "\(before)", "to": "\(after)"])
+        }
         let credentials = try ClusterCredentials(directory: config.certificatesDirectory, name: config.name)
         guard credentials.identity.role == .node else {
             throw NodeError("\(config.name)'s certificate is for role \(credentials.identity.role.rawValue); a node needs a node certificate")
@@ -95,6 +98,21 @@ public enum NodeServer {
             }
             for s in sources { s.resume() }
         }
+    }
+
+    /// Raises the soft limit on open files to the hard limit (as Go's runtime does): each open
+    /// tenant holds about 20 descriptors (its log segment and directory; SQLite's database, WAL
+    /// and shared-memory files for the writer and each reader connection), and shells often
+    /// start with a soft limit of 1,024. The systemd unit sets both (deploy/).
+    /// - Returns: the limits before and after, or nil when nothing changed.
+    public static func raiseOpenFileLimit() -> (UInt64, UInt64)? {
+        var limit = rlimit()
+        let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        guard getrlimit(resource, &limit) == 0, limit.rlim_cur < limit.rlim_max else { return nil }
+        let before = UInt64(limit.rlim_cur)
+        limit.rlim_cur = limit.rlim_max
+        guard setrlimit(resource, &limit) == 0 else { return nil }
+        return (before, UInt64(limit.rlim_max))
     }
 
     /// `APIARY_EXIT_WITH_PARENT=<pid>` (set by `LocalCluster`): exit once that process is gone,
