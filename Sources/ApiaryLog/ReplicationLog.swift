@@ -146,7 +146,8 @@ public final class ReplicationLog {
     deinit { closeDescriptors() }
 
     /// Releases the files and the directory lock. Later calls throw ``LogError/Code/unusable``.
-    /// Appends not yet synced are not made durable by closing: call ``sync()`` first.
+    /// Appends not yet synced are synced first; if that fails they are dropped, so a caller that
+    /// must know calls ``sync()`` itself before closing.
     public func close() {
         guard !isClosed else { return }
         // Give back the zeros written ahead; a crash keeps them, and recovery cuts them then.
@@ -562,6 +563,10 @@ public final class ReplicationLog {
             unsynced = []
             try POSIX.ftruncate(activeFD, size: durableEndOffset, path: segments[index].path)
             activeFileBytes = durableEndOffset
+            // Records of this sync written before the failure should not come back after a
+            // crash. Best effort: the disk just failed a sync; if this fails too they may, and
+            // they were never acknowledged (a standby's handshake rewinds what the primary lacks).
+            try? POSIX.fdatasync(activeFD, path: segments[index].path)
             segments[index].cut(toEndOffset: durableEndOffset, last: durableLast)
         } catch let undo as LogError {
             failure = LogError(undo.code, "could not undo appends after a failed sync (\(error.message)): \(undo.message)", path: segments[index].path)

@@ -487,7 +487,11 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             try await BlockingPool.writers.run {
                 tenant.ioQueue.sync {} // appends in flight finish first
                 try tenant.applyQueue.sync {
-                    let last = tenant.withLog { $0.last.lsn }
+                    // Durable first: applying reads records still in memory too.
+                    let last = try tenant.withLog { log -> LSN in
+                        try log.sync()
+                        return log.last.lsn
+                    }
                     try tenant.applyRecords(through: last)
                     tenant.withLog { $0.close() } // the primary's shell opens it next
                 }

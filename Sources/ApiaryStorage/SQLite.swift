@@ -161,12 +161,12 @@ final class SQLiteConnection {
         var first = true
         while true {
             let step = sqlite3_step(statement)
-            if first {
+            if first, step == SQLITE_ROW || step == SQLITE_DONE {
                 // After the first step: a cached statement that SQLite re-prepared for a changed
                 // schema describes its columns correctly only from then on.
                 first = false
                 columns = Int(sqlite3_column_count(statement))
-                outcome.columns = (0..<columns).map { String(cString: sqlite3_column_name(statement, Int32($0))) }
+                outcome.columns = (0..<columns).map { sqlite3_column_name(statement, Int32($0)).map { String(cString: $0) } ?? "" }
                 outcome.declaredTypes = (0..<columns).map { sqlite3_column_decltype(statement, Int32($0)).map { String(cString: $0).lowercased() } ?? "" }
             }
             if step == SQLITE_DONE { break }

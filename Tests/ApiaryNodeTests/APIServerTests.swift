@@ -572,5 +572,20 @@ final class APIServerTests: XCTestCase {
         let closed = await eventually(seconds: 5) { raw.isClosed }
         XCTAssertTrue(closed, "a half-sent request kept its connection")
     }
+
+    /// Headers trickled a byte at a time count against the read deadline too (found in review).
+    func testTrickledHeadersLoseTheirConnection() async throws {
+        var limits = APIServer.Limits()
+        limits.requestReadTimeoutMs = 400
+        let server = try await startServer(RecordingSQLService(), limits: limits)
+        let raw = try await connectRaw(server)
+        for byte in "POST /db/execute HTTP/1.1\r\nHost: loc".map(String.init) {
+            if raw.isClosed { break }
+            raw.send(byte)
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        let closed = await eventually(seconds: 5) { raw.isClosed }
+        XCTAssertTrue(closed, "trickled headers kept their connection")
+    }
 }
 

@@ -65,11 +65,12 @@ public final class APIServer: Sendable {
                     return channel.close()
                 }
                 return channel.eventLoop.makeCompletedFuture {
+                    let deadline = RequestDeadline(timeoutMs: limits.requestReadTimeoutMs)
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
                     try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: .milliseconds(limits.idleTimeoutMs)))
+                    try channel.pipeline.syncOperations.addHandler(RequestStartWatcher(deadline))
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(APIChannelHandler(routes: routes, logger: logger,
-                                                                                     requestReadTimeoutMs: limits.requestReadTimeoutMs))
+                    try channel.pipeline.syncOperations.addHandler(APIChannelHandler(routes: routes, logger: logger, deadline: deadline))
                 }
             }
             .bind(host: host, port: port).get()
@@ -128,9 +129,7 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
     private var bodyTooLarge = false
     /// A whole request is being answered (the idle timeout must not cut it off).
     private var busy = false
-    private let requestReadTimeoutMs: Int64
-    /// Closes the connection if the request being read does not arrive whole in time.
-    private var readDeadline: Scheduled<Void>?
+    private let deadline: RequestDeadline
     /// Runs this connection's request tasks on its loop (made once, not per request).
     private var executor: EventLoopTaskExecutor?
 
@@ -138,10 +137,10 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
         executor = EventLoopTaskExecutor(context.eventLoop)
     }
 
-    init(routes: APIRoutes, logger: Logger, requestReadTimeoutMs: Int64) {
+    init(routes: APIRoutes, logger: Logger, deadline: RequestDeadline) {
         self.routes = routes
         self.logger = logger
-        self.requestReadTimeoutMs = requestReadTimeoutMs
+        self.deadline = deadline
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -150,8 +149,6 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
             head = h
             body = nil
             bodyTooLarge = false
-            let channel = context.channel
-            readDeadline = context.eventLoop.scheduleTask(in: .milliseconds(requestReadTimeoutMs)) { channel.close(promise: nil) }
             // Clients that ask first (curl for larger bodies) would otherwise wait ~1 s.
             if h.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" }),
                (h.headers.first(name: "content-length").flatMap(Int.init) ?? 0) <= routes.limits.bodyBytesMax {
@@ -169,8 +166,7 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
                 body!.writeBuffer(&chunk)
             }
         case .end:
-            readDeadline?.cancel()
-            readDeadline = nil
+            deadline.stop()
             guard let head else { return }
             self.head = nil
             busy = true
@@ -217,6 +213,11 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
         if !keepAlive { written.whenComplete { _ in context.close(promise: nil) } }
     }
 
+    func channelInactive(context: ChannelHandlerContext) {
+        deadline.stop()
+        context.fireChannelInactive()
+    }
+
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read {
             if !busy { context.close(promise: nil) }
@@ -229,6 +230,39 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
         // TLS failures (a client with a bad certificate) and resets: the connection is done.
         logger.debug("API connection error", metadata: ["error": "\(error)"])
         context.close(promise: nil)
+    }
+}
+
+/// The time limit on reading one request: it starts with the request's first bytes (so a
+/// client trickling its headers is caught too) and stops when the request is whole. Used by
+/// two handlers of one channel, on its loop only.
+final class RequestDeadline: @unchecked Sendable {
+    private let timeoutMs: Int64
+    private var scheduled: Scheduled<Void>?
+    init(timeoutMs: Int64) { self.timeoutMs = timeoutMs }
+
+    func startIfStopped(_ context: ChannelHandlerContext) {
+        guard scheduled == nil else { return }
+        let channel = context.channel
+        scheduled = context.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) { channel.close(promise: nil) }
+    }
+
+    func stop() {
+        scheduled?.cancel()
+        scheduled = nil
+    }
+}
+
+/// Sits before the HTTP decoder and starts the request deadline on the first bytes it sees.
+final class RequestStartWatcher: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    private let deadline: RequestDeadline
+    init(_ deadline: RequestDeadline) { self.deadline = deadline }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        deadline.startIfStopped(context)
+        context.fireChannelRead(data)
     }
 }
 
