@@ -52,6 +52,9 @@ public final class TenantDatabase: @unchecked Sendable {
         var statementLimits: StatementLimits { StatementLimits(rowsMax: rowsMax, resultBytesMax: resultBytesMax, timeMs: statementTimeMs) }
         /// Read-only connections (and queries running at once) at most.
         public var readersMax = 4
+        /// Read-only connections kept open while no query runs: a quiet tenant (there may be
+        /// thousands) holds one, not `readersMax` (each is three files and a page cache).
+        public var readersIdleMax = 1
         public init() {}
     }
 
@@ -59,7 +62,7 @@ public final class TenantDatabase: @unchecked Sendable {
     public let path: String
     public let options: Options
     private let writer: TenantWriter
-    private let readers: ReaderPool
+    let readers: ReaderPool
 
     /// Opens (creating if needed) the tenant's database at `path`.
     ///
@@ -475,7 +478,7 @@ final class ReaderPool: @unchecked Sendable {
             condition.lock()
             guard !work.isEmpty else {
                 running -= 1
-                if let connection, !closed { idle.append(connection) }
+                if let connection, !closed, idle.count < options.readersIdleMax { idle.append(connection) }
                 condition.unlock()
                 return
             }
@@ -490,5 +493,12 @@ final class ReaderPool: @unchecked Sendable {
         closed = true
         idle.removeAll()
         condition.unlock()
+    }
+
+    /// Connections open and waiting for a query (for tests and metrics).
+    var idleCount: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return idle.count
     }
 }

@@ -70,6 +70,23 @@ final class PoolTests: XCTestCase {
     }
 }
 
+extension PoolTests {
+    /// Concurrent queries open up to `readersMax` connections; once they are done a quiet
+    /// tenant keeps only `readersIdleMax` of them open.
+    func testAQuietTenantKeepsOneReaderConnection() async throws {
+        let dir = TemporaryDirectory()
+        let db = try TenantDatabase(tenant: try TenantID("acme"), path: dir.path + "/acme.db", sink: ReplicaSink(replicaPath: dir.path + "/r.db"))
+        defer { db.close() }
+        try await db.mustExecute("CREATE TABLE t (x)")
+        let slow = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 300000) SELECT count(*) FROM c"
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for _ in 0..<8 { group.addTask { _ = try await db.query([SQLStatement(slow)]) } }
+            try await group.waitForAll()
+        }
+        XCTAssertEqual(db.readers.idleCount, 1)
+    }
+}
+
 final class LockedCounter: @unchecked Sendable {
     private let lock = NSLock()
     private var count = 0
