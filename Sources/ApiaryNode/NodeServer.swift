@@ -270,7 +270,8 @@ struct PrimarySQLService: SQLService {
         } catch let error as StorageError {
             throw Self.apiError(error)
         } catch {
-            throw APIError(.notExecuted, "tenant unavailable: \(error)")
+            node.logger.error("tenant unavailable", metadata: ["tenant": "\(tenant)", "error": "\(error)"])
+            throw APIError(.notExecuted, "tenant unavailable (details in the node's log); retry later")
         }
     }
 

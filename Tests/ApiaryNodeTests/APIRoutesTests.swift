@@ -311,6 +311,7 @@ final class APIRoutesTests: XCTestCase {
             XCTAssertTrue(response.outcomeUnknown, uri)
             let message = try errorMessage(response)
             XCTAssertTrue(message.contains("outcome unknown"), message)
+            XCTAssertFalse(message.contains("disk on fire"), "internals reach the node's log, not clients: \(message)")
         }
     }
 

@@ -2,6 +2,7 @@ import ApiaryCore
 import ApiaryStorage
 import ApiaryTLS
 import Foundation
+import Logging
 import NIOCore
 import NIOHTTP1
 
@@ -45,6 +46,8 @@ struct APIRoutes: Sendable {
 
     let service: any SQLService
     var limits = Limits()
+    /// Where unexpected errors are told in full (clients get no internals: paths, file names).
+    var logger = Logger(label: "apiary.api")
 
     func respond(to request: APIRequest) async -> APIResponse {
         let parts = request.path.split(separator: "/", omittingEmptySubsequences: false)
@@ -72,7 +75,8 @@ struct APIRoutes: Sendable {
             } catch let error as APIError {
                 return APIResponse(status: error.status, body: RqliteJSON.error(error.message), outcomeUnknown: error.kind == .outcomeUnknown)
             } catch {
-                return APIResponse(status: .internalServerError, body: RqliteJSON.error("promotion failed, outcome unknown: \(error)"), outcomeUnknown: true)
+                logger.error("promotion failed unexpectedly", metadata: ["error": "\(error)"])
+                return APIResponse(status: .internalServerError, body: RqliteJSON.error("promotion failed, outcome unknown: internal error (details in the node's log)"), outcomeUnknown: true)
             }
         case (["db", "execute"], _):
             return Self.methodNotAllowed(request, allow: "POST")
@@ -131,7 +135,8 @@ struct APIRoutes: Sendable {
         } catch let error as APIError {
             return APIResponse(status: error.status, body: RqliteJSON.error(error.message), outcomeUnknown: error.kind == .outcomeUnknown)
         } catch {
-            return APIResponse(status: .internalServerError, body: RqliteJSON.error("outcome unknown: \(error)"), outcomeUnknown: true)
+            logger.error("request failed unexpectedly", metadata: ["error": "\(error)"])
+            return APIResponse(status: .internalServerError, body: RqliteJSON.error("outcome unknown: internal error (details in the node's log)"), outcomeUnknown: true)
         }
     }
 

@@ -53,7 +53,7 @@ public final class APIServer: Sendable {
         tls.certificateVerification = .optionalVerification
         tls.trustRoots = .certificates([credentials.clusterCA])
         let context = try NIOSSLContext(configuration: tls)
-        let routes = APIRoutes(service: service, limits: .init(bodyBytesMax: limits.bodyBytesMax, statementsMax: limits.statementsMax))
+        let routes = APIRoutes(service: service, limits: .init(bodyBytesMax: limits.bodyBytesMax, statementsMax: limits.statementsMax), logger: logger)
         let connections = OpenConnections(max: limits.connectionsMax)
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
