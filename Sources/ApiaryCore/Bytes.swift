@@ -2,21 +2,25 @@
 ///
 /// Hand-written rather than NIO's ByteBuffer so that pure cores and the log stay free of NIO.
 public struct ByteWriter: Sendable {
-    public private(set) var bytes: [UInt8]
+    public var bytes: [UInt8] { storage }
+    // Inlinable integer writes specialise in the calling module (the codecs' hot loops)
+    // instead of going through generic witness tables on every field.
+    @usableFromInline var storage: [UInt8]
 
     public init(capacity: Int = 256) {
-        bytes = []
-        bytes.reserveCapacity(capacity)
+        storage = []
+        storage.reserveCapacity(capacity)
     }
 
+    @inlinable
     public mutating func write<T: FixedWidthInteger>(_ value: T) {
-        withUnsafeBytes(of: value.bigEndian) { bytes.append(contentsOf: $0) }
+        withUnsafeBytes(of: value.bigEndian) { storage.append(contentsOf: $0) }
     }
 
-    public mutating func write(_ raw: [UInt8]) { bytes.append(contentsOf: raw) }
+    public mutating func write(_ raw: [UInt8]) { storage.append(contentsOf: raw) }
 
     public mutating func write<C: Collection>(contentsOf raw: C) where C.Element == UInt8 {
-        bytes.append(contentsOf: raw)
+        storage.append(contentsOf: raw)
     }
 
     /// A length-prefixed (u32) UTF-8 string.
@@ -29,7 +33,7 @@ public struct ByteWriter: Sendable {
     /// Overwrites 4 bytes at `offset` (for lengths known only after the body is written).
     public mutating func patch(_ value: UInt32, at offset: Int) {
         withUnsafeBytes(of: value.bigEndian) { raw in
-            for i in 0..<4 { bytes[offset + i] = raw[i] }
+            for i in 0..<4 { storage[offset + i] = raw[i] }
         }
     }
 }
@@ -37,29 +41,31 @@ public struct ByteWriter: Sendable {
 /// Reads what ``ByteWriter`` wrote; every read is bounds-checked and throws ``DecodeError``.
 public struct ByteReader: Sendable {
     public let bytes: [UInt8]
-    public private(set) var offset: Int
+    public var offset: Int { cursor }
+    @usableFromInline var cursor: Int
 
     public init(_ bytes: [UInt8], offset: Int = 0) {
         self.bytes = bytes
-        self.offset = offset
+        cursor = offset
     }
 
-    public var remaining: Int { bytes.count - offset }
-    public var isAtEnd: Bool { offset == bytes.count }
+    @inlinable public var remaining: Int { bytes.count - cursor }
+    public var isAtEnd: Bool { cursor == bytes.count }
 
+    @inlinable
     public mutating func read<T: FixedWidthInteger>(_: T.Type) throws -> T {
         let size = MemoryLayout<T>.size
-        guard remaining >= size else { throw DecodeError("truncated: need \(size) bytes at offset \(offset), have \(remaining)") }
+        guard remaining >= size else { throw DecodeError("truncated: need \(size) bytes at offset \(cursor), have \(remaining)") }
         var value: T = 0
-        for i in 0..<size { value = (value << 8) | T(bytes[offset + i]) }
-        offset += size
+        for i in 0..<size { value = (value << 8) | T(bytes[cursor + i]) }
+        cursor += size
         return value
     }
 
     public mutating func read(count: Int) throws -> [UInt8] {
-        guard count >= 0, remaining >= count else { throw DecodeError("truncated: need \(count) bytes at offset \(offset), have \(remaining)") }
-        defer { offset += count }
-        return Array(bytes[offset..<offset + count])
+        guard count >= 0, remaining >= count else { throw DecodeError("truncated: need \(count) bytes at offset \(cursor), have \(remaining)") }
+        defer { cursor += count }
+        return Array(bytes[cursor..<cursor + count])
     }
 
     /// A length-prefixed (u32) UTF-8 string of at most `lengthMax` bytes.

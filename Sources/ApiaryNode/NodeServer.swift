@@ -269,6 +269,9 @@ struct PrimarySQLService: SQLService {
             return try await node.tenant(tenant, create: create)
         } catch let error as StorageError {
             throw Self.apiError(error)
+        } catch let rejected as CommitRejected {
+            // Creating the tenant replicates its first commit: its refusal says why to the client.
+            throw Self.apiError(rejected)
         } catch {
             node.logger.error("tenant unavailable", metadata: ["tenant": "\(tenant)", "error": "\(error)"])
             throw APIError(.notExecuted, "tenant unavailable (details in the node's log); retry later")
@@ -281,11 +284,15 @@ struct PrimarySQLService: SQLService {
         case .queueFull, .closed, .io, .diskFull, .corrupt, .wrongFormat: return APIError(.notExecuted, error.message)
         case .commitFailed:
             guard let rejected = error.cause as? CommitRejected else { return APIError(.notExecuted, error.message) }
-            switch rejected.failure {
-            case .outcomeUnknown?: return APIError(.outcomeUnknown, rejected.message)
-            case .recordTooLarge?: return APIError(.badRequest, rejected.message)
-            case .standbyUnavailable?, .overloaded?, .steppedDown?, nil: return APIError(.notExecuted, rejected.message)
-            }
+            return apiError(rejected)
+        }
+    }
+
+    static func apiError(_ rejected: CommitRejected) -> APIError {
+        switch rejected.failure {
+        case .outcomeUnknown?: return APIError(.outcomeUnknown, rejected.message)
+        case .recordTooLarge?: return APIError(.badRequest, rejected.message)
+        case .standbyUnavailable?, .overloaded?, .steppedDown?, nil: return APIError(.notExecuted, rejected.message)
         }
     }
 }
