@@ -22,19 +22,19 @@ final class DirectWriter {
     static let blockBytes = 4096
     let fd: Int32
     let path: String
-    private var buffer: UnsafeMutableRawPointer
-    private var capacity: Int
+    /// Aligned scratch memory, made at the first write and grown to the largest record (there
+    /// is one writer per open tenant log, so it starts small).
+    private var buffer: UnsafeMutableRawPointer?
+    private var capacity = 0
 
     private init(fd: Int32, path: String) {
         self.fd = fd
         self.path = path
-        capacity = 64 << 10
-        buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: Self.blockBytes)
     }
 
     deinit {
         _ = close(fd)
-        buffer.deallocate()
+        buffer?.deallocate()
     }
 
     #if os(Linux) && arch(x86_64)
@@ -63,11 +63,12 @@ final class DirectWriter {
     func write(prefix: [UInt8], _ bytes: [UInt8], at offset: Int) throws {
         precondition(offset % Self.blockBytes == 0, "direct write at unaligned offset \(offset)")
         let count = Self.alignUp(prefix.count + bytes.count)
-        if count > capacity {
-            buffer.deallocate()
-            capacity = Self.alignUp(count)
+        if count > capacity || buffer == nil {
+            buffer?.deallocate()
+            capacity = max(count, 4 * Self.blockBytes)
             buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: Self.blockBytes)
         }
+        let buffer = self.buffer!
         prefix.withUnsafeBytes { buffer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         bytes.withUnsafeBytes { (buffer + prefix.count).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         (buffer + prefix.count + bytes.count).initializeMemory(as: UInt8.self, repeating: 0, count: count - prefix.count - bytes.count)
