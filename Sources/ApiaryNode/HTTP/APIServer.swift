@@ -81,7 +81,7 @@ public final class APIServer: Sendable {
     /// idle connections close at once), and after the drain timeout closes what is left.
     public func close() async {
         try? await channel.close()
-        let open = connections.all
+        let open = connections.closeAll()
         for c in open { c.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent()) }
         let deadline = NIODeadline.now() + .milliseconds(drainTimeoutMs)
         for c in open {
@@ -96,23 +96,30 @@ public final class APIServer: Sendable {
 
 /// The open API connections, bounded.
 final class OpenConnections: Sendable {
-    private let open = LockedValue<[ObjectIdentifier: any Channel]>([:])
+    private let open = LockedValue<(channels: [ObjectIdentifier: any Channel], closing: Bool)>(([:], false))
     let max: Int
     init(max: Int) { self.max = max }
 
-    /// Registers a new connection (forgotten when it closes), or refuses it past `max`.
+    /// Registers a new connection (forgotten when it closes), or refuses it past `max` or
+    /// once the server is closing (one accepted just as the listener closed).
     func add(_ channel: any Channel) -> Bool {
         let id = ObjectIdentifier(channel)
-        let added = open.withLock { all -> Bool in
-            guard all.count < max else { return false }
-            all[id] = channel
+        let added = open.withLock { state -> Bool in
+            guard !state.closing, state.channels.count < max else { return false }
+            state.channels[id] = channel
             return true
         }
-        if added { channel.closeFuture.whenComplete { _ in self.open.withLock { _ = $0.removeValue(forKey: id) } } }
+        if added { channel.closeFuture.whenComplete { _ in self.open.withLock { _ = $0.channels.removeValue(forKey: id) } } }
         return added
     }
 
-    var all: [any Channel] { open.withLock { Array($0.values) } }
+    /// Refuses new connections from now on and returns the open ones.
+    func closeAll() -> [any Channel] {
+        open.withLock { state in
+            state.closing = true
+            return Array(state.channels.values)
+        }
+    }
 }
 
 /// One connection: collects each request (bounded), answers it through ``APIRoutes`` and
