@@ -342,7 +342,7 @@ final class TenantWriter: @unchecked Sendable {
         var pending = batch
         while !pending.isEmpty {
             do {
-                try connection.exec("BEGIN IMMEDIATE")
+                try connection.execPrepared("BEGIN IMMEDIATE")
             } catch {
                 for job in pending { job.continuation.resume(throwing: StorageError(.io, "cannot begin a transaction: \(error)")) }
                 return
@@ -363,10 +363,10 @@ final class TenantWriter: @unchecked Sendable {
                 continue
             }
             do {
-                try connection.exec("COMMIT")
+                try connection.execPrepared("COMMIT")
             } catch {
                 // The commit failed (capture refused it or I/O): nothing of the batch is visible.
-                try? connection.exec("ROLLBACK")
+                try? connection.execPrepared("ROLLBACK")
                 let cause = capture.lastFailure
                 let reason = cause.map { String(describing: $0) } ?? "commit failed: \(error)"
                 capture.lastFailure = nil
