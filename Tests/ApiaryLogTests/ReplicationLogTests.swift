@@ -135,6 +135,32 @@ final class ReplicationLogTests: XCTestCase {
         XCTAssertEqual(durableWrites.value, 3)
     }
 
+    /// A file system that accepts `O_DIRECT` at open but refuses the write (`EINVAL`): the log
+    /// goes on through the page cache, and the record is durable all the same.
+    func testADirectWriteRefusedWithEINVALFallsBackToThePageCache() throws {
+        let dir = try makeTemporaryDirectory(self)
+        do {
+            let log = try ReplicationLog(directory: dir)
+            guard log.writesDirectly else { throw XCTSkip("no direct I/O here") }
+            try appendRecords(log, 1...1)
+            let refusals = LockedCount()
+            POSIX.faultInjector = { op, path in
+                guard op == .fsync, path.hasSuffix(".log"), refusals.value == 0 else { return nil }
+                refusals.add()
+                return EINVAL
+            }
+            defer { POSIX.faultInjector = nil }
+            try log.append(makeRecord(lsn: 2))
+            try log.sync()
+            XCTAssertEqual(refusals.value, 1)
+            XCTAssertFalse(log.writesDirectly)
+            try appendRecords(log, 3...3)
+            log.close()
+        }
+        let reopened = try ReplicationLog(directory: dir)
+        XCTAssertEqual(try reopened.records(from: 1, countMax: 10, bytesMax: 1 << 20), (1...3).map { makeRecord(lsn: $0) })
+    }
+
     /// Appends wait in memory for the next sync: readable at once, and cut without a write.
     func testUnsyncedAppendsAreReadableAndCutInMemory() throws {
         let dir = try makeTemporaryDirectory(self)
