@@ -104,3 +104,27 @@ func rawReplicationConnection(port: Int, credentials: ClusterCredentials, waitSe
     let byServer = !(try await timedOut.futureResult.get())
     return try await loop.submit { RawTLSOutcome(handshakeCompleted: collector.handshakeCompleted, bytes: collector.bytes, closedByServer: byServer) }.get()
 }
+
+extension XCTestCase {
+    /// A primary alone (`--mode single`) in a fresh directory; stopped and removed at teardown.
+    func startSinglePrimary(_ label: String) throws -> (cluster: LocalCluster, directory: String, api: APIClient) {
+        let directory = NSTemporaryDirectory() + "apiary-\(label)-" + UUID().uuidString
+        let cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(), primaryArguments: ["--mode", "single"])
+        addTeardownBlock {
+            cluster.stopAll()
+            try? FileManager.default.removeItem(atPath: directory)
+        }
+        try cluster.prepareCertificates()
+        try cluster.start(cluster.primary)
+        return (cluster, directory, APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem"))
+    }
+}
+
+/// Sends each statement as a request of its own to `tenant`; every one must succeed.
+func executeEach(_ statements: [String], tenant: String, on connection: HTTPSConnection,
+                 file: StaticString = #filePath, line: UInt = #line) async throws {
+    for sql in statements {
+        let r = try await connection.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", tenant)], body: Array("[\"\(sql)\"]".utf8))
+        XCTAssertEqual(r.status, 200, r.text, file: file, line: line)
+    }
+}

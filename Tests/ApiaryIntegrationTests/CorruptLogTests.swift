@@ -6,17 +6,10 @@ import XCTest
 /// the file and the offset; nothing is served from a log that cannot be trusted.
 final class CorruptLogTests: XCTestCase {
     func testNodeRefusesToStartOnACorruptLogAndSaysWhere() async throws {
-        let directory = NSTemporaryDirectory() + "apiary-corrupt-" + UUID().uuidString
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let executable = try apiaryExecutable()
-        let cluster = LocalCluster(directory: directory, executable: executable, basePort: freeBasePort(), primaryArguments: ["--mode", "single"])
-        try cluster.prepareCertificates()
-        try cluster.start(cluster.primary)
-        let c = try await APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem").connect()
-        for sql in ["CREATE TABLE t (x)"] + (0..<20).map({ "INSERT INTO t VALUES (\($0))" }) {
-            let r = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: Array("[\"\(sql)\"]".utf8))
-            XCTAssertEqual(r.status, 200, r.text)
-        }
+        let (cluster, directory, api) = try startSinglePrimary("corrupt")
+        let executable = cluster.executable
+        let c = try await api.connect()
+        try await executeEach(["CREATE TABLE t (x)"] + (0..<20).map { "INSERT INTO t VALUES (\($0))" }, tenant: "acme", on: c)
         await c.close()
         cluster.stopAll()
 

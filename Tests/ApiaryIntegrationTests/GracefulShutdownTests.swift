@@ -6,18 +6,9 @@ import XCTest
 /// connections, exits promptly, and comes back with every acknowledged write.
 final class GracefulShutdownTests: XCTestCase {
     func testSIGTERMStopsTheNodePromptlyAndLosesNothing() async throws {
-        let directory = NSTemporaryDirectory() + "apiary-sigterm-" + UUID().uuidString
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(), primaryArguments: ["--mode", "single"])
-        defer { cluster.stopAll() }
-        try cluster.prepareCertificates()
-        try cluster.start(cluster.primary)
-        let api = APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
+        let (cluster, directory, api) = try startSinglePrimary("sigterm")
         let c = try await api.connect()
-        for sql in ["CREATE TABLE kv (id INTEGER PRIMARY KEY)"] + (0..<20).map({ "INSERT INTO kv VALUES (\($0))" }) {
-            let r = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: Array("[\"\(sql)\"]".utf8))
-            XCTAssertEqual(r.status, 200, r.text)
-        }
+        try await executeEach(["CREATE TABLE kv (id INTEGER PRIMARY KEY)"] + (0..<20).map { "INSERT INTO kv VALUES (\($0))" }, tenant: "acme", on: c)
 
         let started = Date()
         cluster.kill(cluster.primary, signal: SIGTERM) // waits for the exit

@@ -8,18 +8,9 @@ import XCTest
 /// unsynced frames) and checks that every acknowledged write comes back from the log.
 final class RedoTests: XCTestCase {
     func testLostWALFramesAreRedoneFromTheLog() async throws {
-        let directory = NSTemporaryDirectory() + "apiary-redo-" + UUID().uuidString
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(), primaryArguments: ["--mode", "single"])
-        defer { cluster.stopAll() }
-        try cluster.prepareCertificates()
-        try cluster.start(cluster.primary)
-        let api = APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
+        let (cluster, directory, api) = try startSinglePrimary("redo")
         var c = try await api.connect()
-        for sql in ["CREATE TABLE kv (id INTEGER PRIMARY KEY)"] + (0..<50).map({ "INSERT INTO kv VALUES (\($0))" }) {
-            let r = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: Array("[\"\(sql)\"]".utf8))
-            XCTAssertEqual(r.status, 200, r.text)
-        }
+        try await executeEach(["CREATE TABLE kv (id INTEGER PRIMARY KEY)"] + (0..<50).map { "INSERT INTO kv VALUES (\($0))" }, tenant: "acme", on: c)
         await c.close()
         cluster.kill(cluster.primary, signal: SIGKILL)
 
