@@ -60,7 +60,7 @@ final class DirectWriter {
 
     /// Writes `prefix` then `bytes` at `offset` (block-aligned), zero-padded to a whole block,
     /// and returns once they are durable.
-    func write(prefix: [UInt8], _ bytes: [UInt8], at offset: Int) throws {
+    func write(prefix: ArraySlice<UInt8>, _ bytes: ArraySlice<UInt8>, at offset: Int) throws {
         precondition(offset % Self.blockBytes == 0, "direct write at unaligned offset \(offset)")
         let count = Self.alignUp(prefix.count + bytes.count)
         if count > capacity || buffer == nil {
@@ -69,8 +69,8 @@ final class DirectWriter {
             buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: Self.blockBytes)
         }
         let buffer = self.buffer!
-        prefix.withUnsafeBytes { buffer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        bytes.withUnsafeBytes { (buffer + prefix.count).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        prefix.withUnsafeBytes { if let base = $0.baseAddress { buffer.copyMemory(from: base, byteCount: $0.count) } }
+        bytes.withUnsafeBytes { if let base = $0.baseAddress { (buffer + prefix.count).copyMemory(from: base, byteCount: $0.count) } }
         (buffer + prefix.count + bytes.count).initializeMemory(as: UInt8.self, repeating: 0, count: count - prefix.count - bytes.count)
         try POSIX.pwrite(fd, UnsafeRawBufferPointer(start: buffer, count: count), offset: offset, path: path, durable: true)
     }

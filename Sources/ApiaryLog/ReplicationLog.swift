@@ -267,8 +267,8 @@ public final class ReplicationLog {
         if let direct {
             let blockStart = DirectWriter.alignDown(frame.lowerBound)
             do {
-                try direct.write(prefix: Array(written[(blockStart - base)..<(frame.lowerBound - base)]),
-                                 Array(written[(frame.lowerBound - base)..<(frame.upperBound - base)]), at: blockStart)
+                try direct.write(prefix: written[(blockStart - base)..<(frame.lowerBound - base)],
+                                 written[(frame.lowerBound - base)..<(frame.upperBound - base)], at: blockStart)
                 return
             } catch let error as LogError where error.errno == EINVAL {
                 // Direct I/O promised at open, refused at write (some FUSE or network file
