@@ -5,15 +5,19 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 
-/// The node's HTTPS API: SwiftNIO's HTTP/1.1 server pipeline (keep-alive, pipelined requests
-/// answered in order, 400 on malformed HTTP) in front of ``APIRoutes``.
+/// The node's HTTPS API: TLS, SwiftNIO's HTTP/1.1 request decoder and one handler of ours
+/// (keep-alive, pipelined requests answered in order, 400 on malformed HTTP, timeouts) in
+/// front of ``APIRoutes``.
 ///
 /// Why not Hummingbird (CONVENTIONS): measured on the insert benchmark, its async request
 /// path (an async sequence per connection, a streamed body, a response writer hopping back to
 /// the loop) cost about as much CPU per request as SQLite, the capture and the replication
 /// together, on a machine whose 2 cores also run the standby and the clients. Here a request
 /// is read whole on its event loop, runs as one task, and its answer is written from the same
-/// loop. See docs/benchmarks.md.
+/// loop as one buffer. NIO's own response encoder, pipelining and idle handlers are left out
+/// for the same reason (each response crossed three more handlers as three parts, and every
+/// request scheduled and cancelled timers): ``APIChannelHandler`` does their work in one place.
+/// See docs/benchmarks.md.
 public final class APIServer: Sendable {
     public struct Limits: Sendable {
         /// Request bodies larger than this are refused unread (400).
@@ -65,12 +69,14 @@ public final class APIServer: Sendable {
                     return channel.close()
                 }
                 return channel.eventLoop.makeCompletedFuture {
-                    let deadline = RequestDeadline(timeoutMs: limits.requestReadTimeoutMs)
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
-                    try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: .milliseconds(limits.idleTimeoutMs)))
-                    try channel.pipeline.syncOperations.addHandler(RequestStartWatcher(deadline))
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withPipeliningAssistance: true, withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(APIChannelHandler(routes: routes, logger: logger, deadline: deadline))
+                    let timeouts = ConnectionTimeouts(idleMs: limits.idleTimeoutMs, requestReadMs: limits.requestReadTimeoutMs)
+                    let handlers: [any ChannelHandler] = [
+                        NIOSSLServerHandler(context: context),
+                        RequestStartWatcher(timeouts),
+                        ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes)),
+                        APIChannelHandler(routes: routes, logger: logger, timeouts: timeouts),
+                    ]
+                    try channel.pipeline.syncOperations.addHandlers(handlers)
                 }
             }
             .bind(host: host, port: port).get()
@@ -123,44 +129,70 @@ final class OpenConnections: Sendable {
 }
 
 /// One connection: collects each request (bounded), answers it through ``APIRoutes`` and
-/// writes the response from this channel's event loop. NIO's pipelining handler hands it one
-/// request at a time, so responses keep the requests' order.
-final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
+/// writes the response from this channel's event loop, as one buffer.
+///
+/// Requests are answered one at a time, in order (HTTP/1.1 pipelining): whole requests that
+/// arrive meanwhile wait here, and reading stops until they are answered, so a client cannot
+/// queue unbounded work. Malformed HTTP is answered 400 in its turn, then the connection
+/// closes; so does one asked to close (`Connection: close`, HTTP/1.0) or told to quiesce.
+final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundOut = HTTPServerResponsePart
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private enum Waiting {
+        case request(APIRequest, version: HTTPVersion, keepAlive: Bool)
+        case malformed
+    }
 
     private let routes: APIRoutes
     private let logger: Logger
+    private let timeouts: ConnectionTimeouts
+    /// The request being read.
     private var head: HTTPRequestHead?
     private var body: ByteBuffer?
     private var bodyTooLarge = false
-    /// A whole request is being answered (the idle timeout must not cut it off).
-    private var busy = false
-    private let deadline: RequestDeadline
+    /// Its client waits for "100 Continue", not sent yet because an earlier answer was due.
+    private var continueOwed = false
+    /// A request is being answered.
+    private var answering = false
+    /// Whole requests (or malformed HTTP) read while another was answered.
+    private var waiting = CircularBuffer<Waiting>()
+    /// A read the channel asked for, held back while requests wait.
+    private var readHeld = false
+    /// The answer being made is the connection's last (quiesce, or the client asked).
+    private var closeAfterAnswer = false
+    /// The last answer is written; whatever else arrives is ignored.
+    private var closing = false
     /// Runs this connection's request tasks on its loop (made once, not per request).
     private var executor: EventLoopTaskExecutor?
 
-    func handlerAdded(context: ChannelHandlerContext) {
-        executor = EventLoopTaskExecutor(context.eventLoop)
-    }
-
-    init(routes: APIRoutes, logger: Logger, deadline: RequestDeadline) {
+    init(routes: APIRoutes, logger: Logger, timeouts: ConnectionTimeouts) {
         self.routes = routes
         self.logger = logger
-        self.deadline = deadline
+        self.timeouts = timeouts
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        executor = EventLoopTaskExecutor(context.eventLoop)
+        timeouts.start(context.channel)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timeouts.stop()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !closing else { return }
         switch unwrapInboundIn(data) {
         case .head(let h):
             head = h
             body = nil
             bodyTooLarge = false
             // Clients that ask first (curl for larger bodies) would otherwise wait ~1 s.
-            if h.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" }),
-               (h.headers.first(name: "content-length").flatMap(Int.init) ?? 0) <= routes.limits.bodyBytesMax {
-                context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: .continue))), promise: nil)
-            }
+            continueOwed = h.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" })
+                && (h.headers.first(name: "content-length").flatMap(Int.init) ?? 0) <= routes.limits.bodyBytesMax
+            sendContinueIfOwed(context)
         case .body(var chunk):
             guard !bodyTooLarge else { return }
             if (body?.readableBytes ?? 0) + chunk.readableBytes > routes.limits.bodyBytesMax {
@@ -173,102 +205,218 @@ final class APIChannelHandler: ChannelInboundHandler, @unchecked Sendable {
                 body!.writeBuffer(&chunk)
             }
         case .end:
-            deadline.stop()
+            timeouts.requestComplete()
             guard let head else { return }
             self.head = nil
-            busy = true
-            var request = APIRequest(method: head.method, uri: head.uri, headers: head.headers,
+            continueOwed = false
+            let request = APIRequest(method: head.method, uri: head.uri, headers: head.headers,
                                      body: body.map { Array($0.readableBytesView) } ?? [], bodyTooLarge: bodyTooLarge)
             body = nil
-            if request.path == "/status" || request.path == "/admin/promote" {
-                // Verified against the cluster CA during the handshake (optionalVerification).
-                if let certificate = try? context.pipeline.syncOperations.nioSSL_peerCertificate() {
-                    request.peer = ClusterCredentials.identity(of: certificate)
-                }
+            enqueue(.request(request, version: head.version, keepAlive: head.isKeepAlive), context: context)
+        }
+    }
+
+    private func enqueue(_ next: Waiting, context: ChannelHandlerContext) {
+        if answering {
+            waiting.append(next)
+        } else {
+            answer(next, context: context)
+        }
+    }
+
+    private func answer(_ next: Waiting, context: ChannelHandlerContext) {
+        guard case .request(var request, let version, let keepAlive) = next else {
+            // Malformed HTTP: nothing after it can be trusted to be where it seems.
+            closeAfterAnswer = true
+            return write(APIResponse(status: .badRequest, body: []), version: .http1_1, keepAlive: false, context: context)
+        }
+        answering = true
+        timeouts.answering = true
+        if request.path == "/status" || request.path == "/admin/promote" {
+            // Verified against the cluster CA during the handshake (optionalVerification).
+            if let certificate = try? context.pipeline.syncOperations.nioSSL_peerCertificate() {
+                request.peer = ClusterCredentials.identity(of: certificate)
             }
-            let keepAlive = head.isKeepAlive
-            let version = head.version
-            let loop = context.eventLoop
-            let bound = NIOLoopBound((self, context), eventLoop: loop)
-            let routes = self.routes
-            // The task runs on this connection's loop, also after the storage thread resumes
-            // it: the answer is then written without another thread hand-off.
-            Task(executorPreference: executor ?? EventLoopTaskExecutor(loop)) {
-                let response = await routes.respond(to: request)
-                let write = {
-                    let (handler, context) = bound.value
-                    handler.write(response, version: version, keepAlive: keepAlive, context: context)
-                }
-                if loop.inEventLoop { write() } else { loop.execute(write) }
+        }
+        let loop = context.eventLoop
+        let bound = NIOLoopBound((self, context), eventLoop: loop)
+        let routes = self.routes
+        // The task runs on this connection's loop, also after the storage thread resumes
+        // it: the answer is then written without another thread hand-off.
+        Task(executorPreference: executor ?? EventLoopTaskExecutor(loop)) {
+            let response = await routes.respond(to: request)
+            let write = {
+                let (handler, context) = bound.value
+                handler.write(response, version: version, keepAlive: keepAlive, context: context)
             }
+            if loop.inEventLoop { write() } else { loop.execute(write) }
         }
     }
 
     private func write(_ response: APIResponse, version: HTTPVersion, keepAlive: Bool, context: ChannelHandlerContext) {
+        answering = false
+        timeouts.answering = false
         guard context.channel.isActive else { return }
-        busy = false
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(4)
-        headers.add(name: "Content-Type", value: response.contentType)
-        headers.add(name: "Content-Length", value: String(response.body.count))
-        if response.outcomeUnknown { headers.add(name: "X-Apiary-Outcome", value: "unknown") }
-        if let allow = response.allow { headers.add(name: "Allow", value: allow) }
-        if !keepAlive { headers.add(name: "Connection", value: "close") }
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: version, status: response.status, headers: headers))), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: response.body)))), promise: nil)
-        let written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
-        if !keepAlive { written.whenComplete { _ in context.close(promise: nil) } }
+        let last = !keepAlive || closeAfterAnswer
+        var out = context.channel.allocator.buffer(capacity: 192 + response.body.count)
+        out.writeString("HTTP/\(version.major).\(version.minor) \(response.status.code) \(response.status.reasonPhrase)\r\n")
+        out.writeString("Content-Type: \(response.contentType)\r\nContent-Length: \(response.body.count)\r\n")
+        if response.outcomeUnknown { out.writeString("X-Apiary-Outcome: unknown\r\n") }
+        if let allow = response.allow { out.writeString("Allow: \(allow)\r\n") }
+        if last { out.writeString("Connection: close\r\n") }
+        out.writeString("\r\n")
+        out.writeBytes(response.body)
+        let written = context.writeAndFlush(wrapOutboundOut(out))
+        timeouts.responseWritten()
+        if last {
+            closing = true
+            waiting.removeAll()
+            written.whenComplete { _ in context.close(promise: nil) }
+            return
+        }
+        if let next = waiting.popFirst() {
+            answer(next, context: context)
+        } else {
+            sendContinueIfOwed(context)
+            if readHeld {
+                readHeld = false
+                context.read()
+            }
+        }
+    }
+
+    private func sendContinueIfOwed(_ context: ChannelHandlerContext) {
+        guard continueOwed, !answering, waiting.isEmpty, let head else { return }
+        continueOwed = false
+        context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: "HTTP/\(head.version.major).\(head.version.minor) 100 Continue\r\n\r\n")), promise: nil)
+    }
+
+    /// Backpressure: while whole requests wait for their turn, read no more.
+    func read(context: ChannelHandlerContext) {
+        if answering && !waiting.isEmpty || closing {
+            readHeld = true
+        } else {
+            context.read()
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        deadline.stop()
+        timeouts.stop()
         context.fireChannelInactive()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read {
-            if !busy { context.close(promise: nil) }
+        if event is ChannelShouldQuiesceEvent {
+            // Graceful shutdown: an idle connection closes now, a busy one after its answer.
+            if answering {
+                closeAfterAnswer = true
+                waiting.removeAll()
+            } else {
+                closing = true
+                context.close(promise: nil)
+            }
             return
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if error is HTTPParserError, !closing {
+            head = nil
+            timeouts.requestComplete()
+            enqueue(.malformed, context: context)
+            return
+        }
         // TLS failures (a client with a bad certificate) and resets: the connection is done.
         logger.debug("API connection error", metadata: ["error": "\(error)"])
         context.close(promise: nil)
     }
 }
 
-/// The time limit on reading one request: it starts with the request's first bytes (so a
-/// client trickling its headers is caught too) and stops when the request is whole. Used by
-/// two handlers of one channel, on its loop only.
-final class RequestDeadline: @unchecked Sendable {
-    private let timeoutMs: Int64
-    private var scheduled: Scheduled<Void>?
-    init(timeoutMs: Int64) { self.timeoutMs = timeoutMs }
+/// The time limits of one API connection: idle (no request for `idleMs`; not while one is
+/// answered) and reading one request (it must arrive whole within `requestReadMs` of its first
+/// bytes, so a client trickling headers or a body cannot hold a slot forever).
+///
+/// Requests only note timestamps; one scheduled check per connection fires at the earliest
+/// deadline that may have passed, looks, and closes the connection or re-arms. (A timer
+/// scheduled and cancelled per request cost more than the request's routing.) Loop only.
+final class ConnectionTimeouts: @unchecked Sendable {
+    private let idle: TimeAmount
+    private let requestRead: TimeAmount
+    /// When the unfinished request's first bytes arrived (nil between requests).
+    private var requestStartedAt: NIODeadline?
+    /// Bytes read or an answer written.
+    private var lastActivity = NIODeadline.now()
+    /// A request is being answered: not idle, however long that takes.
+    var answering = false
+    private var check: Scheduled<Void>?
+    private var checkAt = NIODeadline.distantFuture
+    private var channel: (any Channel)?
 
-    func startIfStopped(_ context: ChannelHandlerContext) {
-        guard scheduled == nil else { return }
-        let channel = context.channel
-        scheduled = context.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) { channel.close(promise: nil) }
+    init(idleMs: Int64, requestReadMs: Int64) {
+        idle = .milliseconds(idleMs)
+        requestRead = .milliseconds(requestReadMs)
     }
 
+    func start(_ channel: any Channel) {
+        self.channel = channel
+        arm(at: lastActivity + idle)
+    }
+
+    func bytesArrived() {
+        let now = NIODeadline.now()
+        lastActivity = now
+        guard requestStartedAt == nil else { return }
+        requestStartedAt = now
+        if checkAt > now + requestRead { arm(at: now + requestRead) }
+    }
+
+    func requestComplete() { requestStartedAt = nil }
+
+    func responseWritten() { lastActivity = .now() }
+
     func stop() {
-        scheduled?.cancel()
-        scheduled = nil
+        check?.cancel()
+        check = nil
+        channel = nil
+    }
+
+    private func arm(at deadline: NIODeadline) {
+        guard let channel else { return }
+        check?.cancel()
+        checkAt = deadline
+        check = channel.eventLoop.scheduleTask(deadline: deadline) { [self] in expire() }
+    }
+
+    private func expire() {
+        check = nil
+        guard let channel else { return }
+        let now = NIODeadline.now()
+        if let started = requestStartedAt {
+            if now >= started + requestRead { return close(channel) }
+            return arm(at: started + requestRead)
+        }
+        if answering { return arm(at: now + idle) }
+        if now >= lastActivity + idle { return close(channel) }
+        arm(at: lastActivity + idle)
+    }
+
+    private func close(_ channel: any Channel) {
+        stop()
+        channel.close(promise: nil)
     }
 }
 
-/// Sits before the HTTP decoder and starts the request deadline on the first bytes it sees.
+/// Sits before the HTTP decoder and notes a request's first bytes (the decoder says nothing
+/// until the headers are whole).
 final class RequestStartWatcher: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
-    private let deadline: RequestDeadline
-    init(_ deadline: RequestDeadline) { self.deadline = deadline }
+    private let timeouts: ConnectionTimeouts
+    init(_ timeouts: ConnectionTimeouts) { self.timeouts = timeouts }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        deadline.startIfStopped(context)
+        timeouts.bytesArrived()
         context.fireChannelRead(data)
     }
 }
