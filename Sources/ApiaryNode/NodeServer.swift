@@ -197,6 +197,11 @@ final class NodeRoles: SQLService, @unchecked Sendable {
         try await service.execute(tenant: tenant, statements, transaction: transaction)
     }
 
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool,
+                 then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
+        do { try service.execute(tenant: tenant, statements, transaction: transaction, then: done) } catch { done(.failure(error)) }
+    }
+
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] {
         try await service.query(tenant: tenant, statements, level: level)
     }
@@ -237,6 +242,20 @@ struct PrimarySQLService: SQLService {
             return try await t.database.execute(statements, transaction: transaction)
         } catch let error as StorageError {
             throw Self.apiError(error)
+        }
+    }
+
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool,
+                 then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
+        guard let t = node.openedTenant(tenant) else {
+            // First use: opening replicates the tenant's first commit; the async path does it.
+            Task {
+                do { done(.success(try await execute(tenant: tenant, statements, transaction: transaction))) } catch { done(.failure(error)) }
+            }
+            return
+        }
+        t.database.execute(statements, transaction: transaction) { result in
+            done(result.mapError { error -> any Error in (error as? StorageError).map(Self.apiError) ?? error })
         }
     }
 

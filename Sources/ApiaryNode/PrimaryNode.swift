@@ -174,6 +174,11 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         }
     }
 
+    /// The tenant if it is open and ready (no waiting: for callers on event loops).
+    func openedTenant(_ id: TenantID) -> PrimaryTenant? {
+        tenantsLock.withLock { opening[id] == nil ? tenants[id] : nil }
+    }
+
     var allTenants: [PrimaryTenant] {
         tenantsLock.withLock { tenants.values.filter { opening[$0.id] == nil } }
     }

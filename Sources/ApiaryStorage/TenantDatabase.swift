@@ -152,12 +152,19 @@ public final class TenantDatabase: @unchecked Sendable {
     /// - Throws: `StorageError` when the whole request failed: the queue is full, the commit
     ///   failed (the message says whether its outcome is unknown), the database is closed.
     public func execute(_ statements: [SQLStatement], transaction: Bool = false) async throws -> [StatementResult] {
+        try await withCheckedThrowingContinuation { continuation in
+            execute(statements, transaction: transaction) { continuation.resume(with: $0) }
+        }
+    }
+
+    /// ``execute(_:transaction:)`` for callers on an event loop: `done` runs on the writer
+    /// thread (or at once for a refused request) and must only hand the result on.
+    public func execute(_ statements: [SQLStatement], transaction: Bool = false,
+                        then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
         for s in statements where s.byteCount > options.statementBytesMax {
-            throw StorageError(.badRequest, "statement of \(s.byteCount) bytes exceeds the limit of \(options.statementBytesMax)")
+            return done(.failure(StorageError(.badRequest, "statement of \(s.byteCount) bytes exceeds the limit of \(options.statementBytesMax)")))
         }
-        return try await withCheckedThrowingContinuation { continuation in
-            writer.submit(WriteJob(statements: statements, transaction: transaction, continuation: continuation))
-        }
+        writer.submit(WriteJob(statements: statements, transaction: transaction, done: done))
     }
 
     /// Runs read-only statements on a reader connection (sees only committed, durable data).
@@ -231,7 +238,7 @@ public struct WriterAccess {
 struct WriteJob {
     var statements: [SQLStatement]
     var transaction: Bool
-    var continuation: CheckedContinuation<[StatementResult], any Error>
+    var done: @Sendable (Result<[StatementResult], any Error>) -> Void
     var byteCount: Int { statements.reduce(0) { $0 + $1.byteCount } }
 }
 
@@ -261,11 +268,11 @@ final class TenantWriter: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         guard !stopping else {
-            job.continuation.resume(throwing: StorageError(.closed, "tenant database is closed"))
+            job.done(.failure(StorageError(.closed, "tenant database is closed")))
             return
         }
         guard jobs.count < options.queueRequestsMax else {
-            job.continuation.resume(throwing: StorageError(.queueFull, "write queue full (\(options.queueRequestsMax) requests waiting); retry later"))
+            job.done(.failure(StorageError(.queueFull, "write queue full (\(options.queueRequestsMax) requests waiting); retry later")))
             return
         }
         jobs.append(job)
@@ -344,7 +351,7 @@ final class TenantWriter: @unchecked Sendable {
             do {
                 try connection.execPrepared("BEGIN IMMEDIATE")
             } catch {
-                for job in pending { job.continuation.resume(throwing: StorageError(.io, "cannot begin a transaction: \(error)")) }
+                for job in pending { job.done(.failure(StorageError(.io, "cannot begin a transaction: \(error)"))) }
                 return
             }
             var results: [[StatementResult]] = []
@@ -359,7 +366,7 @@ final class TenantWriter: @unchecked Sendable {
             }
             if let (index, result) = rolledBack {
                 let culprit = pending.remove(at: index)
-                culprit.continuation.resume(returning: Self.notApplied(result))
+                culprit.done(.success(Self.notApplied(result)))
                 continue
             }
             do {
@@ -370,10 +377,10 @@ final class TenantWriter: @unchecked Sendable {
                 let cause = capture.lastFailure
                 let reason = cause.map { String(describing: $0) } ?? "commit failed: \(error)"
                 capture.lastFailure = nil
-                for job in pending { job.continuation.resume(throwing: StorageError(.commitFailed, reason, cause: cause)) }
+                for job in pending { job.done(.failure(StorageError(.commitFailed, reason, cause: cause))) }
                 return
             }
-            for (job, result) in zip(pending, results) { job.continuation.resume(returning: result) }
+            for (job, result) in zip(pending, results) { job.done(.success(result)) }
             return
         }
     }

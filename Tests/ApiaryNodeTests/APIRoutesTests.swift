@@ -95,7 +95,9 @@ final class APIRoutesTests: XCTestCase {
         if let tenant { headers.add(name: "X-Apiary-Tenant", value: tenant) }
         let request = APIRequest(method: method, uri: uri, headers: headers, body: Array(body.utf8),
                                  bodyTooLarge: bodyTooLarge, peer: peer)
-        return await APIRoutes(service: service ?? self.service!, limits: limits).respond(to: request)
+        // The server's entry point: writes answered by callback, the rest through a task.
+        let routes = APIRoutes(service: service ?? self.service!, limits: limits)
+        return await withCheckedContinuation { done in routes.respond(to: request) { done.resume(returning: $0) } }
     }
 
     func json(_ response: APIResponse, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {

@@ -33,6 +33,11 @@ struct APIResponse: Sendable {
     var allow: String?
 }
 
+extension Task {
+    /// Started for its effect alone.
+    func discard() {}
+}
+
 /// The HTTP API (rqlite's, DESIGN §7): `/db/execute`, `/db/query` (tenant by the
 /// `X-Apiary-Tenant` header, or under `/tenants/{tenant}/db/...`), `/readyz`, and with an
 /// operator (or monitor) certificate `/status` and `POST /admin/promote`.
@@ -50,15 +55,41 @@ struct APIRoutes: Sendable {
     /// Where unexpected errors are told in full (clients get no internals: paths, file names).
     var logger = Logger(label: "apiary.api")
 
-    func respond(to request: APIRequest) async -> APIResponse {
-        let parts = request.path.split(separator: "/", omittingEmptySubsequences: false)
-        // "/db/execute" → ["", "db", "execute"]; "/tenants/t/db/query" → ["", "tenants", "t", "db", "query"]
-        var tenantInPath: Substring?
+    /// The answer to `request`, given to `done` (on whichever thread finishes the work).
+    /// Writes are answered without a task (the event loop's hottest path); the rest through
+    /// ``respond(to:)``.
+    func respond(to request: APIRequest, then done: @escaping @Sendable (APIResponse) -> Void) {
+        let (tenantInPath, route) = Self.route(request.path)
+        guard request.method == .POST, route.elementsEqual(["db", "execute"]) else {
+            return Task { done(await respond(to: request)) }.discard()
+        }
+        let started = ContinuousClock.now
+        do {
+            let tenant = try Self.tenantID(request, tenantInPath)
+            let statements = try parse(try body(request))
+            let transaction = try Self.formValue("transaction", in: request.query) != nil
+            service.execute(tenant: tenant, statements, transaction: transaction) { result in
+                done(sqlResponse(result, started: started))
+            }
+        } catch {
+            done(sqlResponse(.failure(error), started: started))
+        }
+    }
+
+    /// "/db/execute" → (nil, ["db", "execute"]); "/tenants/t/db/query" → ("t", ["db", "query"]).
+    static func route(_ path: Substring) -> (tenant: Substring?, route: ArraySlice<Substring>) {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: false)
         var route = parts.dropFirst()
         if route.count == 4, route.first == "tenants" {
-            tenantInPath = route[route.startIndex + 1]
+            let tenant = route[route.startIndex + 1]
             route = route.dropFirst(2)
+            return (tenant, route)
         }
+        return (nil, route)
+    }
+
+    func respond(to request: APIRequest) async -> APIResponse {
+        let (tenantInPath, route) = Self.route(request.path)
         switch (Array(route), request.method) {
         case (["db", "execute"], .POST):
             return await sql { try await execute(request, tenantInPath) }
@@ -129,7 +160,15 @@ struct APIRoutes: Sendable {
     private func sql(_ body: () async throws -> [StatementResult]) async -> APIResponse {
         let started = ContinuousClock.now
         do {
-            let results = try await body()
+            return sqlResponse(.success(try await body()), started: started)
+        } catch {
+            return sqlResponse(.failure(error), started: started)
+        }
+    }
+
+    private func sqlResponse(_ result: Result<[StatementResult], any Error>, started: ContinuousClock.Instant) -> APIResponse {
+        do {
+            let results = try result.get()
             let elapsed = ContinuousClock.now - started
             let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
             return APIResponse(status: .ok, body: RqliteJSON.response(results, timeSeconds: seconds))

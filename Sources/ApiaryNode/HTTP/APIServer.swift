@@ -164,9 +164,6 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     private var closeAfterAnswer = false
     /// The last answer is written; whatever else arrives is ignored.
     private var closing = false
-    /// Runs this connection's request tasks on its loop (made once, not per request).
-    private var executor: EventLoopTaskExecutor?
-
     init(routes: APIRoutes, logger: Logger, timeouts: ConnectionTimeouts) {
         self.routes = routes
         self.logger = logger
@@ -174,7 +171,6 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        executor = EventLoopTaskExecutor(context.eventLoop)
         timeouts.start(context.channel)
     }
 
@@ -240,11 +236,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         }
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context), eventLoop: loop)
-        let routes = self.routes
-        // The task runs on this connection's loop, also after the storage thread resumes
-        // it: the answer is then written without another thread hand-off.
-        Task(executorPreference: executor ?? EventLoopTaskExecutor(loop)) {
-            let response = await routes.respond(to: request)
+        routes.respond(to: request) { response in
             let write = {
                 let (handler, context) = bound.value
                 handler.write(response, version: version, keepAlive: keepAlive, context: context)
@@ -418,16 +410,5 @@ final class RequestStartWatcher: ChannelInboundHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         timeouts.bytesArrived()
         context.fireChannelRead(data)
-    }
-}
-
-/// Runs a task's jobs on one event loop (NIO's loops are not yet task executors themselves).
-final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
-    let loop: any EventLoop
-    init(_ loop: any EventLoop) { self.loop = loop }
-
-    func enqueue(_ job: consuming ExecutorJob) {
-        let job = UnownedJob(job)
-        loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
     }
 }

@@ -12,12 +12,26 @@ public enum ReadLevel: String, Sendable {
 /// What the HTTP API needs from a node. Errors thrown are `APIError`s.
 public protocol SQLService: Sendable {
     func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult]
+    /// The same for the API's event loops, without a task per request (the insert path's
+    /// hottest: a task cost as much as routing, parsing and answering together). `done` may
+    /// run on any thread and must only hand the result on.
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool,
+                 then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void)
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult]
     /// Operator-only status (tenant names, positions): JSON bytes.
     func statusJSON() async -> [UInt8]
     /// Operator-only: make this standby the primary of a new epoch (DESIGN §6, manual until
     /// the monitor exists). Returns a JSON report.
     func promote() async throws -> [UInt8]
+}
+
+extension SQLService {
+    public func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool,
+                        then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
+        Task {
+            do { done(.success(try await execute(tenant: tenant, statements, transaction: transaction))) } catch { done(.failure(error)) }
+        }
+    }
 }
 
 /// A request that failed as a whole, with the HTTP status that says what the client may do.
