@@ -97,7 +97,7 @@ final class APIRoutesTests: XCTestCase {
                                  bodyTooLarge: bodyTooLarge, peer: peer)
         // The server's entry point: writes answered by callback, the rest through a task.
         let routes = APIRoutes(service: service ?? self.service!, limits: limits)
-        return await withCheckedContinuation { done in routes.respond(to: request) { done.resume(returning: $0) } }
+        return await withCheckedContinuation { done in routes.respond(to: request) { make in done.resume(returning: make()) } }
     }
 
     func json(_ response: APIResponse, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {

@@ -55,13 +55,18 @@ struct APIRoutes: Sendable {
     /// Where unexpected errors are told in full (clients get no internals: paths, file names).
     var logger = Logger(label: "apiary.api")
 
-    /// The answer to `request`, given to `done` (on whichever thread finishes the work).
+    /// The answer to `request`, given to `done` on whichever thread finishes the work, as a
+    /// closure that makes it: the writer thread that finishes a write only hands the answer
+    /// on, and the connection's loop encodes it (the writer's next batch waits meanwhile).
     /// Writes are answered without a task (the event loop's hottest path); the rest through
     /// ``respond(to:)``.
-    func respond(to request: APIRequest, then done: @escaping @Sendable (APIResponse) -> Void) {
+    func respond(to request: APIRequest, then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {
         let (tenantInPath, route) = Self.route(request.path)
         guard request.method == .POST, route.elementsEqual(["db", "execute"]) else {
-            return Task { done(await respond(to: request)) }.discard()
+            return Task {
+                let response = await respond(to: request)
+                done { response }
+            }.discard()
         }
         let started = ContinuousClock.now
         do {
@@ -69,15 +74,17 @@ struct APIRoutes: Sendable {
             let statements = try parse(try body(request))
             let transaction = try Self.formValue("transaction", in: request.query) != nil
             service.execute(tenant: tenant, statements, transaction: transaction) { result in
-                done(sqlResponse(result, started: started))
+                done { sqlResponse(result, started: started) }
             }
         } catch {
-            done(sqlResponse(.failure(error), started: started))
+            done { sqlResponse(.failure(error), started: started) }
         }
     }
 
     /// "/db/execute" → (nil, ["db", "execute"]); "/tenants/t/db/query" → ("t", ["db", "query"]).
     static func route(_ path: Substring) -> (tenant: Substring?, route: ArraySlice<Substring>) {
+        // The common case without splitting (an array per request).
+        if path.utf8.elementsEqual("/db/execute".utf8) { return (nil, ["db", "execute"]) }
         let parts = path.split(separator: "/", omittingEmptySubsequences: false)
         var route = parts.dropFirst()
         if route.count == 4, route.first == "tenants" {

@@ -236,10 +236,10 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         }
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context), eventLoop: loop)
-        routes.respond(to: request) { response in
+        routes.respond(to: request) { makeResponse in
             let write = {
                 let (handler, context) = bound.value
-                handler.write(response, version: version, keepAlive: keepAlive, context: context)
+                handler.write(makeResponse(), version: version, keepAlive: keepAlive, context: context)
             }
             if loop.inEventLoop { write() } else { loop.execute(write) }
         }
@@ -251,8 +251,14 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         guard context.channel.isActive else { return }
         let last = !keepAlive || closeAfterAnswer
         var out = context.channel.allocator.buffer(capacity: 192 + response.body.count)
-        out.writeString("HTTP/\(version.major).\(version.minor) \(response.status.code) \(response.status.reasonPhrase)\r\n")
-        out.writeString("Content-Type: \(response.contentType)\r\nContent-Length: \(response.body.count)\r\n")
+        if version == .http1_1 && response.status == .ok && response.contentType == "application/json" {
+            out.writeStaticString("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ")
+        } else {
+            out.writeString("HTTP/\(version.major).\(version.minor) \(response.status.code) \(response.status.reasonPhrase)\r\n")
+            out.writeString("Content-Type: \(response.contentType)\r\nContent-Length: ")
+        }
+        out.writeString(String(response.body.count))
+        out.writeStaticString("\r\n")
         if response.outcomeUnknown { out.writeString("X-Apiary-Outcome: unknown\r\n") }
         if let allow = response.allow { out.writeString("Allow: \(allow)\r\n") }
         if last { out.writeString("Connection: close\r\n") }
