@@ -311,13 +311,7 @@ final class TenantWriter: @unchecked Sendable {
             condition.lock()
             let adminWork = admin
             admin.removeAll()
-            var batch: [WriteJob] = []
-            var bytes = 0
-            while let next = jobs.first, batch.count < options.batchRequestsMax,
-                  batch.isEmpty || bytes + next.byteCount <= options.batchBytesMax {
-                bytes += next.byteCount
-                batch.append(jobs.removeFirst())
-            }
+            let batch = takeJobs(countMax: options.batchRequestsMax, bytesMax: options.batchBytesMax, orOne: true)
             condition.unlock()
 
             for work in adminWork { work(WriterAccess(connection: connection, capture: capture)) }
@@ -338,6 +332,34 @@ final class TenantWriter: @unchecked Sendable {
         }
     }
 
+    /// Takes queued jobs in order, within the bounds (`orOne`: the first even past `bytesMax`).
+    /// Caller holds `condition`.
+    private func takeJobs(countMax: Int, bytesMax: Int, orOne: Bool) -> [WriteJob] {
+        var count = 0
+        var bytes = 0
+        for job in jobs {
+            guard count < countMax, bytes + job.byteCount <= bytesMax || (orOne && count == 0) else { break }
+            count += 1
+            bytes += job.byteCount
+        }
+        let taken = Array(jobs.prefix(count))
+        jobs.removeFirst(count)
+        return taken
+    }
+
+    /// Requests that arrived while a batch ran, taken into the same transaction before its
+    /// commit (within the batch bounds): otherwise they would wait a whole commit cycle, and
+    /// a bigger batch is one record and one round trip for more requests.
+    private func lateJobs(after batch: [WriteJob]) -> [WriteJob] {
+        let count = batch.count
+        guard count < options.batchRequestsMax else { return [] }
+        let bytes = batch.reduce(0) { $0 + $1.byteCount }
+        condition.lock()
+        defer { condition.unlock() }
+        guard !jobs.isEmpty, !stopping else { return [] }
+        return takeJobs(countMax: options.batchRequestsMax - count, bytesMax: options.batchBytesMax - bytes, orOne: false)
+    }
+
     /// One group commit: each request in its own savepoint, all in one transaction.
     ///
     /// Some errors make SQLite roll back the whole transaction, not just the statement
@@ -356,13 +378,20 @@ final class TenantWriter: @unchecked Sendable {
             }
             var results: [[StatementResult]] = []
             var rolledBack: (index: Int, results: [StatementResult])?
-            for (index, job) in pending.enumerated() {
-                let result = run(job)
+            var index = 0
+            while rolledBack == nil {
+                if index == pending.count {
+                    let late = lateJobs(after: pending)
+                    if late.isEmpty { break }
+                    pending += late
+                }
+                let result = run(pending[index])
                 if sqlite3_get_autocommit(connection.handle) != 0 {
                     rolledBack = (index, result)
                     break
                 }
                 results.append(result)
+                index += 1
             }
             if let (index, result) = rolledBack {
                 let culprit = pending.remove(at: index)
