@@ -22,10 +22,16 @@ final class DirectWriter {
     static let blockBytes = 4096
     let fd: Int32
     let path: String
-    /// Aligned scratch memory, made at the first write and grown to the largest record (there
-    /// is one writer per open tenant log, so it starts small).
+    /// Aligned scratch memory, made at the first write and grown to the record (there is one
+    /// writer per open tenant log, so it starts small); kept up to ``keptBytesMax``, and a
+    /// larger one given back after its write (one huge transaction must not pin its size in
+    /// memory for as long as the tenant stays open).
     private var buffer: UnsafeMutableRawPointer?
     private var capacity = 0
+    static let keptBytesMax = 1 << 20
+
+    /// Scratch memory held between writes (for tests and metrics).
+    var retainedBytes: Int { buffer == nil ? 0 : capacity }
 
     private init(fd: Int32, path: String) {
         self.fd = fd
@@ -69,6 +75,13 @@ final class DirectWriter {
             buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: Self.blockBytes)
         }
         let buffer = self.buffer!
+        defer {
+            if capacity > Self.keptBytesMax {
+                buffer.deallocate()
+                self.buffer = nil
+                capacity = 0
+            }
+        }
         prefix.withUnsafeBytes { if let base = $0.baseAddress { buffer.copyMemory(from: base, byteCount: $0.count) } }
         bytes.withUnsafeBytes { if let base = $0.baseAddress { (buffer + prefix.count).copyMemory(from: base, byteCount: $0.count) } }
         (buffer + prefix.count + bytes.count).initializeMemory(as: UInt8.self, repeating: 0, count: count - prefix.count - bytes.count)
