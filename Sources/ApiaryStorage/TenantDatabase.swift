@@ -265,18 +265,17 @@ final class TenantWriter: @unchecked Sendable {
     }
 
     func submit(_ job: WriteJob) {
-        condition.lock()
-        defer { condition.unlock() }
-        guard !stopping else {
-            job.done(.failure(StorageError(.closed, "tenant database is closed")))
-            return
+        let refusal: StorageError? = condition.withLock {
+            guard !stopping else { return StorageError(.closed, "tenant database is closed") }
+            guard jobs.count < options.queueRequestsMax else {
+                return StorageError(.queueFull, "write queue full (\(options.queueRequestsMax) requests waiting); retry later")
+            }
+            jobs.append(job)
+            scheduleIfIdle()
+            return nil
         }
-        guard jobs.count < options.queueRequestsMax else {
-            job.done(.failure(StorageError(.queueFull, "write queue full (\(options.queueRequestsMax) requests waiting); retry later")))
-            return
-        }
-        jobs.append(job)
-        scheduleIfIdle()
+        // Answered outside the lock: the answer may come straight back with another request.
+        if let refusal { job.done(.failure(refusal)) }
     }
 
     func submitAdmin(_ work: @escaping (WriterAccess) -> Void) {
@@ -369,6 +368,9 @@ final class TenantWriter: @unchecked Sendable {
     /// so one request never fails its neighbours. Each retry drops one request: bounded.
     private func commit(_ batch: [WriteJob]) {
         var pending = batch
+        // Late requests join the first attempt only: after a rollback the batch only shrinks,
+        // so retries stay bounded however many troublesome requests keep arriving.
+        var takesLateJobs = true
         while !pending.isEmpty {
             do {
                 try connection.execPrepared("BEGIN IMMEDIATE")
@@ -381,7 +383,7 @@ final class TenantWriter: @unchecked Sendable {
             var index = 0
             while rolledBack == nil {
                 if index == pending.count {
-                    let late = lateJobs(after: pending)
+                    let late = takesLateJobs ? lateJobs(after: pending) : []
                     if late.isEmpty { break }
                     pending += late
                 }
@@ -394,6 +396,7 @@ final class TenantWriter: @unchecked Sendable {
                 index += 1
             }
             if let (index, result) = rolledBack {
+                takesLateJobs = false
                 let culprit = pending.remove(at: index)
                 culprit.done(.success(Self.notApplied(result)))
                 continue

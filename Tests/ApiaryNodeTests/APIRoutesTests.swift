@@ -365,6 +365,11 @@ final class APIRoutesTests: XCTestCase {
         let response = await respond(.GET, "/readyz")
         XCTAssertEqual(response.status, .ok)
         XCTAssertEqual(String(decoding: response.body, as: UTF8.self), "ok\n")
+        // Health checkers often ask with HEAD (the server leaves the body out on the wire).
+        let head = await respond(.HEAD, "/readyz")
+        XCTAssertEqual(head.status, .ok)
+        let post = await respond(.POST, "/readyz")
+        XCTAssertEqual(post.allow, "GET, HEAD")
     }
 
     // MARK: Operator endpoints

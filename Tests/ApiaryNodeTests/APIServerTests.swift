@@ -526,6 +526,120 @@ final class APIServerTests: XCTestCase {
         XCTAssertNil(response, "a connection outlived the server's close")
     }
 
+    /// Graceful shutdown mid-answer: the answer in progress is written, each request waiting
+    /// behind it is told it was not executed (so a retry is safe), then the connection closes.
+    func testQuiesceFinishesTheAnswerInProgressAndRefusesTheWaitingOnes() async throws {
+        let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(600))
+        let server = try await startServer(service)
+        let client = try await connectRaw(server)
+        let body = #"["INSERT INTO t VALUES(1)"]"#
+        client.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
+            + "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+            + "GET /db/query?q=fast HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n")
+        let started = await eventually { service.calls.count == 1 }
+        XCTAssertTrue(started)
+        let closing = Task { await server.close() }
+        let closed = await eventually { client.isClosed }
+        await closing.value
+        XCTAssertTrue(closed)
+        let responses = client.responses
+        XCTAssertEqual(responses.map(\.status), [200, 503, 503])
+        guard responses.count == 3 else { return }
+        XCTAssertTrue(responses[0].body.contains(#"[["slow"]]"#), responses[0].body)
+        XCTAssertNil(responses[0].headers["connection"])
+        XCTAssertTrue(responses[1].body.contains("not executed"), responses[1].body)
+        XCTAssertEqual(responses[2].headers["connection"], "close")
+        XCTAssertEqual(service.calls.map { $0.statements.first?.sql }, ["slow"], "nothing after the answer in progress ran")
+    }
+
+    /// HEAD gets the headers GET would (Content-Length included) and no body: a client on a
+    /// keep-alive connection would otherwise read the body as the next response (found in review).
+    func testHeadGetsHeadersWithoutABody() async throws {
+        let server = try await startServer(RecordingSQLService())
+        let client = try await connectRaw(server)
+        client.send("HEAD /readyz HTTP/1.1\r\nHost: localhost\r\n\r\nGET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        let answered = await eventually { String(decoding: client.collector.bytes, as: UTF8.self).hasSuffix("ok\n") }
+        XCTAssertTrue(answered, String(decoding: client.collector.bytes, as: UTF8.self))
+        let text = String(decoding: client.collector.bytes, as: UTF8.self)
+        let blocks = text.components(separatedBy: "\r\n\r\n")
+        XCTAssertEqual(blocks.count, 3, text)
+        XCTAssertTrue(blocks[0].hasPrefix("HTTP/1.1 200"), text)
+        XCTAssertTrue(blocks[0].lowercased().contains("content-length: 3"), text)
+        XCTAssertTrue(blocks[1].hasPrefix("HTTP/1.1 200"), "the HEAD answer carried a body: \(text)")
+        XCTAssertEqual(blocks[2], "ok\n")
+        XCTAssertFalse(client.isClosed)
+    }
+
+    /// Thousands of pipelined requests refused at once (no tenant) behind a slow one: all
+    /// answered, in order, with reading held back meanwhile (found in review: answers given at
+    /// once recursed once per waiting request).
+    func testManyPipelinedRefusalsBehindASlowAnswerAreAnsweredInOrder() async throws {
+        let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(300))
+        let server = try await startServer(service)
+        let client = try await connectRaw(server)
+        let count = 3000
+        client.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
+            + String(repeating: "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n[]", count: count))
+        let answered = await eventually(seconds: 30) { client.responses.count >= count + 1 }
+        let responses = client.responses
+        XCTAssertTrue(answered, "\(responses.count) answers")
+        XCTAssertEqual(responses.first?.status, 200)
+        XCTAssertEqual(Set(responses.dropFirst().map(\.status)), [400])
+        XCTAssertTrue(responses.last?.body.contains("no tenant") ?? false)
+        XCTAssertFalse(client.isClosed)
+        client.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        let more = await eventually { client.responses.count == count + 2 }
+        XCTAssertTrue(more, "the connection stopped reading")
+    }
+
+    /// "100 Continue" for a request waiting behind a slow answer comes after that answer, not
+    /// in the middle of the byte stream of responses.
+    func testContinueForAWaitingRequestFollowsTheAnswerBeforeIt() async throws {
+        let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(400))
+        let server = try await startServer(service)
+        let raw = try await connectRaw(server)
+        raw.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
+            + "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: 12\r\nExpect: 100-continue\r\n\r\n")
+        let continued = await eventually(seconds: 5) { String(decoding: raw.collector.bytes, as: UTF8.self).contains("100 Continue") }
+        XCTAssertTrue(continued)
+        let text = String(decoding: raw.collector.bytes, as: UTF8.self)
+        XCTAssertTrue(text.hasPrefix("HTTP/1.1 200"), text)
+        XCTAssertTrue(text.hasSuffix("HTTP/1.1 100 Continue\r\n\r\n"), text)
+        raw.send(#"["SELECT 1"]"#)
+        let answered = await eventually(seconds: 5) { String(decoding: raw.collector.bytes, as: UTF8.self).components(separatedBy: "HTTP/1.1 200").count == 3 }
+        XCTAssertTrue(answered, String(decoding: raw.collector.bytes, as: UTF8.self))
+    }
+
+    /// NIO's decoder parses nothing after an Upgrade request: it is answered, then the
+    /// connection closes (rather than buffering whatever follows).
+    func testAnUpgradeRequestIsAnsweredAndTheConnectionCloses() async throws {
+        let server = try await startServer(RecordingSQLService())
+        let raw = try await connectRaw(server)
+        raw.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            + "GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        let closed = await eventually(seconds: 5) { raw.isClosed }
+        XCTAssertTrue(closed)
+        XCTAssertEqual(raw.responses.map(\.status), [200])
+        XCTAssertEqual(raw.responses.first?.headers["connection"], "close")
+    }
+
+    /// A request's read deadline that passes while an earlier request is answered does not
+    /// throw that answer away (a write's outcome would become unknown): it is written, then the
+    /// connection closes (found in review).
+    func testTheReadDeadlineDoesNotCutAnAnswerInProgress() async throws {
+        let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(900))
+        var limits = APIServer.Limits()
+        limits.requestReadTimeoutMs = 300
+        let server = try await startServer(service, limits: limits)
+        let raw = try await connectRaw(server)
+        raw.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
+            + "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: 100\r\n\r\n[")
+        let closed = await eventually(seconds: 5) { raw.isClosed }
+        XCTAssertTrue(closed, "the half-sent request kept its connection")
+        XCTAssertEqual(raw.responses.map(\.status), [200], "the answer in progress was lost")
+        XCTAssertEqual(raw.responses.first?.headers["connection"], "close")
+    }
+
     /// The client must fail, not hang, when asked to use a connection that is gone.
     func testRequestOnAClosedConnectionFails() async throws {
         let server = try await startServer(RecordingSQLService())

@@ -38,6 +38,53 @@ final class LimitsTests: XCTestCase {
         XCTAssertEqual(rows, [[.integer(1)]], "the stopped insert left nothing behind")
     }
 
+    /// After SQLite rolls a batch back, its retry takes no requests that arrived meanwhile: a
+    /// stream of runaway requests cannot keep a good one from committing (found in review).
+    func testARetryAfterARollbackTakesNoNewcomers() async throws {
+        let dir = TemporaryDirectory()
+        let db = try open(dir) { $0.statementTimeMs = 600 }
+        defer { db.close() }
+        try await db.mustExecute("CREATE TABLE t (x)")
+        let runaway = "INSERT INTO t " + Self.endless.replacingOccurrences(of: "SELECT count(*) FROM c", with: "SELECT x FROM c")
+        // Keeps the writer busy a few hundred ms, well under the limit.
+        let busy = "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000) SELECT -max(x) FROM c"
+        final class Answers: @unchecked Sendable {
+            private let lock = NSLock()
+            private var names: [String] = []
+            func add(_ name: String) { lock.withLock { names.append(name) } }
+            var order: [String] { lock.withLock { names } }
+        }
+        let answered = Answers()
+        func run(_ name: String, _ sql: String) -> Task<[StatementResult], any Error> {
+            Task {
+                let results = try await db.execute([SQLStatement(sql)])
+                answered.add(name)
+                return results
+            }
+        }
+        let first = run("busy", busy)
+        try await Task.sleep(for: .milliseconds(50))
+        // Join the busy request's batch late; the runaway rolls it back.
+        let r2 = run("r2", runaway)
+        try await Task.sleep(for: .milliseconds(10))
+        let good = run("good", "INSERT INTO t VALUES (1)")
+        try await Task.sleep(for: .milliseconds(550))
+        // Arrives while r2 runs: it must wait for the next batch, not join the retry.
+        let r3 = run("r3", runaway)
+        for task in [first, good] {
+            guard case .success = try await task.value[0] else { return XCTFail("a good request failed") }
+        }
+        for task in [r2, r3] {
+            guard case .failure = try await task.value[0] else { return XCTFail("a runaway request succeeded") }
+        }
+        let order = answered.order
+        XCTAssertEqual(order.firstIndex(of: "r2"), 0, "\(order)")
+        XCTAssertLessThan(try XCTUnwrap(order.firstIndex(of: "good")), try XCTUnwrap(order.firstIndex(of: "r3")),
+                          "the retry took the newcomer: \(order)")
+        let rows = try await db.rows("SELECT count(*) FROM t")
+        XCTAssertEqual(rows, [[.integer(2)]])
+    }
+
     /// SQLite rolls back the whole transaction on an interrupt; the batch's other requests
     /// must still be applied (they run again without the culprit).
     func testARunawayRequestDoesNotFailItsNeighboursInTheSameBatch() async throws {

@@ -102,7 +102,7 @@ struct APIRoutes: Sendable {
             return await sql { try await execute(request, tenantInPath) }
         case (["db", "query"], .GET), (["db", "query"], .POST):
             return await sql { try await query(request, tenantInPath) }
-        case (["readyz"], .GET) where tenantInPath == nil:
+        case (["readyz"], .GET) where tenantInPath == nil, (["readyz"], .HEAD) where tenantInPath == nil:
             return APIResponse(status: .ok, body: Array("ok\n".utf8), contentType: "text/plain")
         case (["status"], .GET) where tenantInPath == nil:
             guard Self.allowed(request.peer, [.operator, .monitor]) else { return Self.forbidden([.operator, .monitor]) }
@@ -121,7 +121,9 @@ struct APIRoutes: Sendable {
             return Self.methodNotAllowed(request, allow: "POST")
         case (["db", "query"], _):
             return Self.methodNotAllowed(request, allow: "GET, POST")
-        case (["readyz"], _) where tenantInPath == nil, (["status"], _) where tenantInPath == nil:
+        case (["readyz"], _) where tenantInPath == nil:
+            return Self.methodNotAllowed(request, allow: "GET, HEAD")
+        case (["status"], _) where tenantInPath == nil:
             return Self.methodNotAllowed(request, allow: "GET")
         case (["admin", "promote"], _) where tenantInPath == nil:
             return Self.methodNotAllowed(request, allow: "POST")

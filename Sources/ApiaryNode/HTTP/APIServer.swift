@@ -35,6 +35,9 @@ public final class APIServer: Sendable {
         public init() {}
     }
 
+    /// Bytes the HTTP decoder may hold undecoded (headers are far smaller; bodies stream through).
+    static let decoderBufferBytesMax = 1 << 20
+
     let channel: any Channel
     /// The port it listens on (useful when asked for port 0).
     public let port: Int
@@ -73,7 +76,10 @@ public final class APIServer: Sendable {
                     let handlers: [any ChannelHandler] = [
                         NIOSSLServerHandler(context: context),
                         RequestStartWatcher(timeouts),
-                        ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes)),
+                        // Bounded: the decoder stops parsing after an Upgrade or CONNECT request and
+                        // would otherwise keep every byte that follows.
+                        ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes),
+                                             maximumBufferSize: APIServer.decoderBufferBytesMax),
                         APIChannelHandler(routes: routes, logger: logger, timeouts: timeouts),
                     ]
                     try channel.pipeline.syncOperations.addHandlers(handlers)
@@ -134,15 +140,25 @@ final class OpenConnections: Sendable {
 /// Requests are answered one at a time, in order (HTTP/1.1 pipelining): whole requests that
 /// arrive meanwhile wait here, and reading stops until they are answered, so a client cannot
 /// queue unbounded work. Malformed HTTP is answered 400 in its turn, then the connection
-/// closes; so does one asked to close (`Connection: close`, HTTP/1.0) or told to quiesce.
+/// closes; so does one asked to close (`Connection: close`, HTTP/1.0, Upgrade, CONNECT). Told
+/// to quiesce (graceful shutdown), it finishes the answer in progress and tells each waiting
+/// request it was not executed (503), so that its client knows a retry is safe.
 final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private enum Waiting {
-        case request(APIRequest, version: HTTPVersion, keepAlive: Bool)
+        case request(APIRequest, Framing)
         case malformed
+    }
+
+    /// How an answer is framed, from its request.
+    struct Framing {
+        var version: HTTPVersion
+        var keepAlive: Bool
+        /// HEAD: the headers of the answer (Content-Length included), not its body.
+        var headersOnly: Bool
     }
 
     private let routes: APIRoutes
@@ -160,10 +176,12 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     private var waiting = CircularBuffer<Waiting>()
     /// A read the channel asked for, held back while requests wait.
     private var readHeld = false
-    /// The answer being made is the connection's last (quiesce, or the client asked).
-    private var closeAfterAnswer = false
+    /// No request is answered after the one in progress (graceful shutdown, or the read
+    /// deadline passed during an answer): waiting ones are refused, then the connection closes.
+    private var quiescing = false
     /// The last answer is written; whatever else arrives is ignored.
     private var closing = false
+
     init(routes: APIRoutes, logger: Logger, timeouts: ConnectionTimeouts) {
         self.routes = routes
         self.logger = logger
@@ -171,7 +189,11 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        timeouts.start(context.channel)
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        timeouts.start(context.channel) { expired in
+            let (handler, context) = bound.value
+            handler.timedOut(expired, context: context)
+        }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -185,6 +207,8 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             head = h
             body = nil
             bodyTooLarge = false
+            // A request read with an earlier one starts its deadline now, not at its next bytes.
+            timeouts.requestStarted()
             // Clients that ask first (curl for larger bodies) would otherwise wait ~1 s.
             continueOwed = h.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" })
                 && (h.headers.first(name: "content-length").flatMap(Int.init) ?? 0) <= routes.limits.bodyBytesMax
@@ -208,7 +232,10 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             let request = APIRequest(method: head.method, uri: head.uri, headers: head.headers,
                                      body: body.map { Array($0.readableBytesView) } ?? [], bodyTooLarge: bodyTooLarge)
             body = nil
-            enqueue(.request(request, version: head.version, keepAlive: head.isKeepAlive), context: context)
+            // After an Upgrade or CONNECT request NIO's decoder parses nothing more: answer and close.
+            let upgrade = head.method == .CONNECT || head.headers.contains(name: "upgrade")
+            let framing = Framing(version: head.version, keepAlive: head.isKeepAlive && !upgrade, headersOnly: head.method == .HEAD)
+            enqueue(.request(request, framing), context: context)
         }
     }
 
@@ -221,10 +248,9 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     private func answer(_ next: Waiting, context: ChannelHandlerContext) {
-        guard case .request(var request, let version, let keepAlive) = next else {
+        guard case .request(var request, let framing) = next else {
             // Malformed HTTP: nothing after it can be trusted to be where it seems.
-            closeAfterAnswer = true
-            return write(APIResponse(status: .badRequest, body: []), version: .http1_1, keepAlive: false, context: context)
+            return write(APIResponse(status: .badRequest, body: []), Framing(version: .http1_1, keepAlive: false, headersOnly: false), context: context)
         }
         answering = true
         timeouts.answering = true
@@ -237,38 +263,44 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context), eventLoop: loop)
         routes.respond(to: request) { makeResponse in
-            let write = {
+            // Always a new loop task, also when the answer comes at once (a refused request):
+            // answering the next waiting request from inside this one would recurse once per
+            // request waiting, and re-enter whoever called back.
+            loop.execute {
                 let (handler, context) = bound.value
-                handler.write(makeResponse(), version: version, keepAlive: keepAlive, context: context)
+                handler.write(makeResponse(), framing, context: context)
             }
-            if loop.inEventLoop { write() } else { loop.execute(write) }
         }
     }
 
-    private func write(_ response: APIResponse, version: HTTPVersion, keepAlive: Bool, context: ChannelHandlerContext) {
+    private func write(_ response: APIResponse, _ framing: Framing, context: ChannelHandlerContext) {
         answering = false
         timeouts.answering = false
-        guard context.channel.isActive else { return }
-        let last = !keepAlive || closeAfterAnswer
+        guard context.channel.isActive, !closing else { return }
+        var last = !framing.keepAlive || (quiescing && waiting.isEmpty)
         var out = context.channel.allocator.buffer(capacity: 192 + response.body.count)
-        if version == .http1_1 && response.status == .ok && response.contentType == "application/json" {
-            out.writeStaticString("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ")
-        } else {
-            out.writeString("HTTP/\(version.major).\(version.minor) \(response.status.code) \(response.status.reasonPhrase)\r\n")
-            out.writeString("Content-Type: \(response.contentType)\r\nContent-Length: ")
+        Self.encode(response, framing, last: last, into: &out)
+        if quiescing && !last {
+            // Each waiting request is told it was not executed, in its turn; the last answer closes.
+            while let next = waiting.popFirst() {
+                last = waiting.isEmpty
+                switch next {
+                case .request(_, let waitingFraming):
+                    let refused = APIResponse(status: .serviceUnavailable, body: RqliteJSON.error("not executed: the node is shutting down; retry"))
+                    Self.encode(refused, waitingFraming, last: last, into: &out)
+                case .malformed:
+                    Self.encode(APIResponse(status: .badRequest, body: []), Framing(version: .http1_1, keepAlive: false, headersOnly: false), last: true, into: &out)
+                    last = true
+                    waiting.removeAll()
+                }
+            }
         }
-        out.writeString(String(response.body.count))
-        out.writeStaticString("\r\n")
-        if response.outcomeUnknown { out.writeString("X-Apiary-Outcome: unknown\r\n") }
-        if let allow = response.allow { out.writeString("Allow: \(allow)\r\n") }
-        if last { out.writeString("Connection: close\r\n") }
-        out.writeString("\r\n")
-        out.writeBytes(response.body)
         let written = context.writeAndFlush(wrapOutboundOut(out))
         timeouts.responseWritten()
         if last {
             closing = true
             waiting.removeAll()
+            timeouts.stop()
             written.whenComplete { _ in context.close(promise: nil) }
             return
         }
@@ -283,19 +315,52 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         }
     }
 
+    /// Status line, headers and (unless HEAD) body; `last` adds `Connection: close`.
+    static func encode(_ response: APIResponse, _ framing: Framing, last: Bool, into out: inout ByteBuffer) {
+        if framing.version == .http1_1 && response.status == .ok && response.contentType == "application/json" {
+            out.writeStaticString("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ")
+        } else {
+            out.writeString("HTTP/\(framing.version.major).\(framing.version.minor) \(response.status.code) \(response.status.reasonPhrase)\r\n")
+            out.writeString("Content-Type: \(response.contentType)\r\nContent-Length: ")
+        }
+        out.writeString(String(response.body.count))
+        out.writeStaticString("\r\n")
+        if response.outcomeUnknown { out.writeStaticString("X-Apiary-Outcome: unknown\r\n") }
+        if let allow = response.allow { out.writeString("Allow: \(allow)\r\n") }
+        if last { out.writeStaticString("Connection: close\r\n") }
+        out.writeStaticString("\r\n")
+        if !framing.headersOnly { out.writeBytes(response.body) }
+    }
+
     private func sendContinueIfOwed(_ context: ChannelHandlerContext) {
         guard continueOwed, !answering, waiting.isEmpty, let head else { return }
         continueOwed = false
+        // The client sends its body only now: its read deadline starts now, not at its head.
+        timeouts.requestRestarted()
         context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: "HTTP/\(head.version.major).\(head.version.minor) 100 Continue\r\n\r\n")), promise: nil)
     }
 
     /// Backpressure: while whole requests wait for their turn, read no more.
     func read(context: ChannelHandlerContext) {
-        if answering && !waiting.isEmpty || closing {
+        if answering && !waiting.isEmpty || closing || quiescing {
             readHeld = true
         } else {
             context.read()
         }
+    }
+
+    private func timedOut(_ expired: ConnectionTimeouts.Expired, context: ChannelHandlerContext) {
+        guard !closing else { return }
+        if answering {
+            // An answer in progress is not thrown away (a write's outcome would become unknown
+            // to its client): nothing more is read, and the connection closes after it.
+            quiescing = true
+            head = nil
+            return
+        }
+        logger.debug("API connection closed", metadata: ["reason": "\(expired)"])
+        closing = true
+        context.close(promise: nil)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -307,8 +372,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         if event is ChannelShouldQuiesceEvent {
             // Graceful shutdown: an idle connection closes now, a busy one after its answer.
             if answering {
-                closeAfterAnswer = true
-                waiting.removeAll()
+                quiescing = true
             } else {
                 closing = true
                 context.close(promise: nil)
@@ -325,8 +389,10 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             enqueue(.malformed, context: context)
             return
         }
-        // TLS failures (a client with a bad certificate) and resets: the connection is done.
+        // TLS failures (a client with a bad certificate), resets, an overlong undecoded request:
+        // the connection is done.
         logger.debug("API connection error", metadata: ["error": "\(error)"])
+        closing = true
         context.close(promise: nil)
     }
 }
@@ -336,9 +402,14 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
 /// bytes, so a client trickling headers or a body cannot hold a slot forever).
 ///
 /// Requests only note timestamps; one scheduled check per connection fires at the earliest
-/// deadline that may have passed, looks, and closes the connection or re-arms. (A timer
-/// scheduled and cancelled per request cost more than the request's routing.) Loop only.
+/// deadline that may have passed, looks, and re-arms or reports the expiry. (A timer scheduled
+/// and cancelled per request cost more than the request's routing.) Loop only.
 final class ConnectionTimeouts: @unchecked Sendable {
+    enum Expired: CustomStringConvertible {
+        case idle, requestRead
+        var description: String { self == .idle ? "idle timeout" : "request read timeout" }
+    }
+
     private let idle: TimeAmount
     private let requestRead: TimeAmount
     /// When the unfinished request's first bytes arrived (nil between requests).
@@ -349,22 +420,34 @@ final class ConnectionTimeouts: @unchecked Sendable {
     var answering = false
     private var check: Scheduled<Void>?
     private var checkAt = NIODeadline.distantFuture
-    private var channel: (any Channel)?
+    private var loop: (any EventLoop)?
+    private var onExpiry: ((Expired) -> Void)?
 
     init(idleMs: Int64, requestReadMs: Int64) {
         idle = .milliseconds(idleMs)
         requestRead = .milliseconds(requestReadMs)
     }
 
-    func start(_ channel: any Channel) {
-        self.channel = channel
+    func start(_ channel: any Channel, onExpiry: @escaping (Expired) -> Void) {
+        loop = channel.eventLoop
+        self.onExpiry = onExpiry
         arm(at: lastActivity + idle)
     }
 
     func bytesArrived() {
-        let now = NIODeadline.now()
-        lastActivity = now
+        lastActivity = .now()
+        requestStarted()
+    }
+
+    /// A request began (its first bytes, or its head decoded behind an earlier request).
+    func requestStarted() {
         guard requestStartedAt == nil else { return }
+        requestRestarted()
+    }
+
+    /// The request's deadline counts from now (its client was just told to send its body).
+    func requestRestarted() {
+        let now = NIODeadline.now()
         requestStartedAt = now
         if checkAt > now + requestRead { arm(at: now + requestRead) }
     }
@@ -376,32 +459,33 @@ final class ConnectionTimeouts: @unchecked Sendable {
     func stop() {
         check?.cancel()
         check = nil
-        channel = nil
+        loop = nil
+        onExpiry = nil
     }
 
     private func arm(at deadline: NIODeadline) {
-        guard let channel else { return }
+        guard let loop else { return }
         check?.cancel()
         checkAt = deadline
-        check = channel.eventLoop.scheduleTask(deadline: deadline) { [self] in expire() }
+        check = loop.scheduleTask(deadline: deadline) { [self] in expire() }
     }
 
     private func expire() {
         check = nil
-        guard let channel else { return }
+        checkAt = .distantFuture
+        guard let onExpiry else { return }
         let now = NIODeadline.now()
         if let started = requestStartedAt {
-            if now >= started + requestRead { return close(channel) }
+            if now >= started + requestRead {
+                requestStartedAt = nil
+                onExpiry(.requestRead)
+                return arm(at: now + requestRead)
+            }
             return arm(at: started + requestRead)
         }
         if answering { return arm(at: now + idle) }
-        if now >= lastActivity + idle { return close(channel) }
+        if now >= lastActivity + idle { return onExpiry(.idle) }
         arm(at: lastActivity + idle)
-    }
-
-    private func close(_ channel: any Channel) {
-        stop()
-        channel.close(promise: nil)
     }
 }
 
