@@ -312,15 +312,19 @@ final class APIServerTests: XCTestCase {
 
     // MARK: Pipelining
 
+    /// Three requests in one write: a slow read ("slow"), a write with a body, a fast read.
+    func sendSlowReadWriteFastRead(_ client: RawTLSConnection) {
+        let body = #"["INSERT INTO t VALUES(1)"]"#
+        client.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
+            + "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+            + "GET /db/query?q=fast HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n")
+    }
+
     func testPipelinedRequestsAreAnsweredInOrder() async throws {
         let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(400))
         let server = try await startServer(service)
         let client = try await connectRaw(server)
-        let body = #"["INSERT INTO t VALUES(1)"]"#
-        // Three requests in one write: a slow read, a write with a body, a fast read.
-        client.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
-            + "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
-            + "GET /db/query?q=fast HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n")
+        sendSlowReadWriteFastRead(client)
         let answered = await eventually { client.responses.count >= 3 }
         XCTAssertTrue(answered, "responses: \(client.responses.map(\.statusLine))")
         let responses = client.responses
@@ -532,10 +536,7 @@ final class APIServerTests: XCTestCase {
         let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(600))
         let server = try await startServer(service)
         let client = try await connectRaw(server)
-        let body = #"["INSERT INTO t VALUES(1)"]"#
-        client.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
-            + "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
-            + "GET /db/query?q=fast HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n")
+        sendSlowReadWriteFastRead(client)
         let started = await eventually { service.calls.count == 1 }
         XCTAssertTrue(started)
         let closing = Task { await server.close() }
