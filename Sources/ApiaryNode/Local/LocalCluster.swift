@@ -88,6 +88,11 @@ public final class LocalCluster: @unchecked Sendable {
         }
     }
 
+    /// The running process of `spec`, if started (benchmarks read its CPU time).
+    public func processID(of spec: NodeSpec) -> Int32? {
+        lock.withLock { processes[spec.name].map { $0.processIdentifier } }
+    }
+
     public func startBoth() throws {
         try prepareCertificates()
         try start(primary)

@@ -8,7 +8,7 @@ import NIOSSL
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure single-row inserts through the HTTPS API: replicated (sync standby) and single-node, side by side.",
-        discussion: "Prints one line per setup and client count: `apiary-<setup> clients=N tps=X p50_ms=Y p99_ms=Z errors=E`. See docs/benchmarks.md."
+        discussion: "Prints one line per setup and client count: `apiary-<setup> clients=N tps=X p50_ms=Y p99_ms=Z errors=E cpu_us_per_insert=primary:A,standby:B,client:C` (CPU time of each process per insert, steadier than throughput on a shared machine). See docs/benchmarks.md."
     )
 
     @Option(help: "Client counts, comma-separated.") var clients = "1,8,32,64"
@@ -46,9 +46,20 @@ struct Bench: AsyncParsableCommand {
             defer { cluster.stopAll() }
             let target = BenchTarget(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
             try await target.prepare()
+            // CPU per insert is steadier than throughput on a shared VM: it shows what a change
+            // costs or saves even when the run's throughput moves with the machine's mood.
+            var measured: [(String, Int32)] = [("primary", cluster.processID(of: cluster.primary) ?? -1)]
+            if setup == "replicated" { measured.append(("standby", cluster.processID(of: cluster.standby) ?? -1)) }
+            measured.append(("client", getpid()))
             for count in clientCounts {
+                let before = measured.map { CPUTime.ticks(of: $0.1) }
                 let result = try await target.measure(clients: count, seconds: seconds, group: load)
-                print("apiary-\(setup) clients=\(count) tps=\(String(format: "%.1f", result.tps)) p50_ms=\(String(format: "%.3f", result.p50Ms)) p99_ms=\(String(format: "%.3f", result.p99Ms)) errors=\(result.errors)")
+                let inserts = result.tps * result.wallSeconds
+                let cpu = zip(measured, before).map { process, start -> String in
+                    guard let start, let end = CPUTime.ticks(of: process.1), inserts > 0 else { return "\(process.0):?" }
+                    return "\(process.0):" + String(format: "%.1f", Double(end - start) * CPUTime.microsecondsPerTick / inserts)
+                }
+                print("apiary-\(setup) clients=\(count) tps=\(String(format: "%.1f", result.tps)) p50_ms=\(String(format: "%.3f", result.p50Ms)) p99_ms=\(String(format: "%.3f", result.p99Ms)) errors=\(result.errors) cpu_us_per_insert=\(cpu.joined(separator: ","))")
                 fflush(stdout)
             }
         }
@@ -80,7 +91,7 @@ struct BenchTarget {
         guard r.status == 200 else { throw ValidationError("cannot create the bench table: \(r.status) \(r.text)") }
     }
 
-    struct Result { var tps: Double; var p50Ms: Double; var p99Ms: Double; var errors: Int }
+    struct Result { var tps: Double; var p50Ms: Double; var p99Ms: Double; var errors: Int; var wallSeconds: Double }
 
     func measure(clients: Int, seconds: Int, group: any EventLoopGroup) async throws -> Result {
         let body = Array(#"[["INSERT INTO bench(payload) VALUES(?)", "\#(String(repeating: "x", count: 100))"]]"#.utf8)
@@ -98,6 +109,8 @@ struct BenchTarget {
             guard !latencies.isEmpty else { return .nan }
             return latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))]
         }
-        return Result(tps: Double(latencies.count) / wall, p50Ms: percentile(0.5), p99Ms: percentile(0.99), errors: perClient.reduce(0) { $0 + $1.1 })
+        return Result(tps: Double(latencies.count) / wall, p50Ms: percentile(0.5), p99Ms: percentile(0.99), errors: perClient.reduce(0) { $0 + $1.1 },
+                      wallSeconds: wall)
     }
 }
+
