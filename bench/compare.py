@@ -25,6 +25,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(r"^(apiary-replicated|apiary-single|postgres-sync) clients=(\d+) tps=([\d.]+) p50_ms=([\d.]+) p99_ms=([\d.]+)")
+CPU = re.compile(r"cpu_us_per_insert=(\S+)")
 
 
 def run(command):
@@ -37,7 +38,12 @@ def run(command):
         match = LINE.match(line)
         if match:
             setup, clients, tps, p50, p99 = match.groups()
-            figures.append((setup, int(clients), float(tps), float(p50), float(p99)))
+            cpu = CPU.search(line)
+            # Apiary's lines also say each process's CPU time per insert (µs): their sum.
+            parts = cpu.group(1).split(",") if cpu else []
+            values = [float(p.split(":")[1]) for p in parts if p.split(":")[-1].replace(".", "", 1).isdigit()]
+            total = sum(values) if values and len(values) == len(parts) else None
+            figures.append((setup, int(clients), float(tps), float(p50), float(p99), total))
     if process.wait() != 0:
         sys.exit(f"compare: {command[0]} failed with status {process.returncode}")
     return figures
@@ -62,11 +68,11 @@ def main():
         figures = run([args.apiary, "bench", "--clients", args.clients, "--seconds", str(args.seconds)])
         figures += run([os.path.join(ROOT, "bench/postgres-sync-replication.sh"),
                         "--clients", " ".join(map(str, clients)), "--seconds", str(args.seconds)])
-        rounds.append({(setup, n): (tps, p50, p99) for setup, n, tps, p50, p99 in figures})
+        rounds.append({(setup, n): (tps, p50, p99, cpu) for setup, n, tps, p50, p99, cpu in figures})
 
     print(f"\n# median of {args.rounds} round(s), {args.seconds} s per client count")
-    print("| clients | setup | tps | p50 ms | p99 ms |")
-    print("|---:|---|---:|---:|---:|")
+    print("| clients | setup | tps | p50 ms | p99 ms | CPU µs per insert (all processes) |")
+    print("|---:|---|---:|---:|---:|---:|")
     medians = {}
     for n in clients:
         for setup in ("apiary-replicated", "apiary-single", "postgres-sync"):
@@ -74,8 +80,10 @@ def main():
             if not values:
                 continue
             median = tuple(statistics.median(v[i] for v in values) for i in range(3))
+            cpus = [v[3] for v in values if v[3] is not None]
             medians[(setup, n)] = median
-            print(f"| {n} | {setup} | {median[0]:.1f} | {median[1]:.3f} | {median[2]:.3f} |")
+            cpu = f"{statistics.median(cpus):.1f}" if cpus else "n/a"
+            print(f"| {n} | {setup} | {median[0]:.1f} | {median[1]:.3f} | {median[2]:.3f} | {cpu} |")
 
     def ratios(figures):
         throughput = latency = None
