@@ -4,6 +4,9 @@ import XCTest
 @testable import ApiaryStorage
 
 final class LimitsTests: XCTestCase {
+    /// Databases a failed test left deadlocked: never released, so their deinit cannot hang the run.
+    nonisolated(unsafe) static var deadlocked: [TenantDatabase] = []
+
     func open(_ dir: TemporaryDirectory, _ adjust: (inout TenantDatabase.Options) -> Void) throws -> TenantDatabase {
         var options = TenantDatabase.Options()
         adjust(&options)
@@ -83,6 +86,44 @@ final class LimitsTests: XCTestCase {
                           "the retry took the newcomer: \(order)")
         let rows = try await db.rows("SELECT count(*) FROM t")
         XCTAssertEqual(rows, [[.integer(2)]])
+    }
+
+    /// A request refused at once (the queue is full) is answered outside the writer's lock: an
+    /// answer that submits again straight away, as an event loop answering the next pipelined
+    /// request does, must not deadlock on that lock (found in review).
+    func testARefusalAnsweredAtOnceMaySubmitAgain() async throws {
+        let dir = TemporaryDirectory()
+        let db = try open(dir) { $0.queueRequestsMax = 1 }
+        try await db.mustExecute("CREATE TABLE t (x)")
+        let busy = "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000) SELECT -max(x) FROM c"
+        let running = Task { try await db.execute([SQLStatement(busy)]) }
+        try await Task.sleep(for: .milliseconds(50))
+        let queued = Task { try await db.execute([SQLStatement("INSERT INTO t VALUES (1)")]) }
+        try await Task.sleep(for: .milliseconds(20))
+        // The queue is full now: the next request is refused at once, and its answer submits
+        // another one (also refused at once) from inside the callback.
+        let answered = DispatchSemaphore(value: 0)
+        final class Outcome: @unchecked Sendable { var first: String?; var second: String? }
+        let outcome = Outcome()
+        Thread.detachNewThread {
+            db.execute([SQLStatement("INSERT INTO t VALUES (2)")]) { first in
+                outcome.first = (try? first.get()).map { "\($0)" } ?? "\(first)"
+                db.execute([SQLStatement("INSERT INTO t VALUES (3)")]) { second in
+                    outcome.second = (try? second.get()).map { "\($0)" } ?? "\(second)"
+                    answered.signal()
+                }
+            }
+        }
+        guard answered.wait(timeout: .now() + 10) == .success else {
+            // Deadlocked: the writer is stuck too, so closing (even by deinit) would hang; keep it.
+            Self.deadlocked.append(db)
+            return XCTFail("a refusal answered under the writer's lock deadlocked the submit it made")
+        }
+        defer { db.close() }
+        XCTAssertTrue(outcome.first?.contains("queue full") ?? false, outcome.first ?? "nil")
+        XCTAssertTrue(outcome.second?.contains("queue full") ?? false, outcome.second ?? "nil")
+        _ = try await running.value
+        _ = try await queued.value
     }
 
     /// SQLite rolls back the whole transaction on an interrupt; the batch's other requests
