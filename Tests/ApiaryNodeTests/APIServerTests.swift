@@ -576,9 +576,11 @@ final class APIServerTests: XCTestCase {
     /// once recursed once per waiting request).
     func testManyPipelinedRefusalsBehindASlowAnswerAreAnsweredInOrder() async throws {
         let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(300))
-        let server = try await startServer(service)
-        let client = try await connectRaw(server)
         let count = 3000
+        var limits = APIServer.Limits()
+        limits.pipelinedRequestsMax = count
+        let server = try await startServer(service, limits: limits)
+        let client = try await connectRaw(server)
         client.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
             + String(repeating: "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n[]", count: count))
         let answered = await eventually(seconds: 30) { client.responses.count >= count + 1 }
@@ -591,6 +593,26 @@ final class APIServerTests: XCTestCase {
         client.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         let more = await eventually { client.responses.count == count + 2 }
         XCTAssertTrue(more, "the connection stopped reading")
+    }
+
+    /// Requests waiting behind a slow answer are bounded per connection: past the limit the
+    /// waiting ones are refused (503, not executed), the rest are dropped unread, and the
+    /// connection closes after the answer in progress.
+    func testPipelinedRequestsPastTheLimitAreRefused() async throws {
+        let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(300))
+        var limits = APIServer.Limits()
+        limits.pipelinedRequestsMax = 4
+        let server = try await startServer(service, limits: limits)
+        let client = try await connectRaw(server)
+        client.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
+            + String(repeating: "GET /db/query?q=next HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n", count: 10))
+        let closed = await eventually(seconds: 5) { client.isClosed }
+        XCTAssertTrue(closed, "the connection stayed open past the pipelining limit")
+        let responses = client.responses
+        XCTAssertEqual(responses.map(\.status), [200, 503, 503, 503, 503])
+        XCTAssertTrue(responses.last?.body.contains("too many pipelined requests") ?? false, responses.last?.body ?? "")
+        XCTAssertEqual(responses.last?.headers["connection"], "close")
+        XCTAssertEqual(service.calls.map { $0.statements.first?.sql }, ["slow"], "a refused request ran")
     }
 
     /// "100 Continue" for a request waiting behind a slow answer comes after that answer, not

@@ -30,6 +30,10 @@ public final class APIServer: Sendable {
         /// A request must arrive whole within this time once it has started (a client that
         /// trickles its headers or body must not hold a slot forever).
         public var requestReadTimeoutMs: Int64 = 30_000
+        /// Whole requests one connection may have waiting behind the one being answered (each
+        /// holds its headers and body). Past it the waiting ones are refused (503, not executed)
+        /// and the connection closes after the answer in progress.
+        public var pipelinedRequestsMax = 128
         /// How long `close()` lets requests in flight finish.
         public var drainTimeoutMs: Int64 = 5_000
         public init() {}
@@ -80,7 +84,7 @@ public final class APIServer: Sendable {
                         // would otherwise keep every byte that follows.
                         ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes),
                                              maximumBufferSize: APIServer.decoderBufferBytesMax),
-                        APIChannelHandler(routes: routes, logger: logger, timeouts: timeouts),
+                        APIChannelHandler(routes: routes, logger: logger, timeouts: timeouts, pipelinedMax: limits.pipelinedRequestsMax),
                     ]
                     try channel.pipeline.syncOperations.addHandlers(handlers)
                 }
@@ -176,13 +180,17 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     private var waiting = CircularBuffer<Waiting>()
     /// A read the channel asked for, held back while requests wait.
     private var readHeld = false
-    /// No request is answered after the one in progress (graceful shutdown, or the read
-    /// deadline passed during an answer): waiting ones are refused, then the connection closes.
+    /// No request is answered after the one in progress (graceful shutdown, the read deadline
+    /// passed during an answer, too many pipelined): waiting ones are refused, then it closes.
     private var quiescing = false
+    /// Why waiting requests are refused, for their clients.
+    private var refusal = ""
+    private let pipelinedMax: Int
     /// The last answer is written; whatever else arrives is ignored.
     private var closing = false
 
-    init(routes: APIRoutes, logger: Logger, timeouts: ConnectionTimeouts) {
+    init(routes: APIRoutes, logger: Logger, timeouts: ConnectionTimeouts, pipelinedMax: Int) {
+        self.pipelinedMax = pipelinedMax
         self.routes = routes
         self.logger = logger
         self.timeouts = timeouts
@@ -241,6 +249,11 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
 
     private func enqueue(_ next: Waiting, context: ChannelHandlerContext) {
         if answering {
+            guard !quiescing else { return } // read before reading stopped; never run, never answered
+            guard waiting.count < pipelinedMax else {
+                stopAnswering(because: "too many pipelined requests on one connection (limit \(pipelinedMax))")
+                return
+            }
             waiting.append(next)
         } else {
             answer(next, context: context)
@@ -286,7 +299,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
                 last = waiting.isEmpty
                 switch next {
                 case .request(_, let waitingFraming):
-                    let refused = APIResponse(status: .serviceUnavailable, body: RqliteJSON.error("not executed: the node is shutting down; retry"))
+                    let refused = APIResponse(status: .serviceUnavailable, body: RqliteJSON.error("not executed: \(refusal); retry"))
                     Self.encode(refused, waitingFraming, last: last, into: &out)
                 case .malformed:
                     Self.encode(APIResponse(status: .badRequest, body: []), Framing(version: .http1_1, keepAlive: false, headersOnly: false), last: true, into: &out)
@@ -349,12 +362,19 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         }
     }
 
+    /// Called while answering: that answer is the last; requests waiting are refused.
+    private func stopAnswering(because reason: String) {
+        guard !quiescing else { return }
+        quiescing = true
+        refusal = reason
+    }
+
     private func timedOut(_ expired: ConnectionTimeouts.Expired, context: ChannelHandlerContext) {
         guard !closing else { return }
         if answering {
             // An answer in progress is not thrown away (a write's outcome would become unknown
             // to its client): nothing more is read, and the connection closes after it.
-            quiescing = true
+            stopAnswering(because: "the connection's \(expired)")
             head = nil
             return
         }
@@ -372,7 +392,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         if event is ChannelShouldQuiesceEvent {
             // Graceful shutdown: an idle connection closes now, a busy one after its answer.
             if answering {
-                quiescing = true
+                stopAnswering(because: "the node is shutting down")
             } else {
                 closing = true
                 context.close(promise: nil)
