@@ -90,16 +90,7 @@ enum POSIX {
     /// Makes the file's data and size durable. On Darwin plain `fsync` stops at the drive's
     /// cache, so `F_FULLFSYNC` is used there.
     static func fsync(_ fd: Int32, path: String) throws {
-        if let code = faultInjector?(.fsync, path) { throw error("fsync", path: path, errno: code) }
-        while true {
-            #if canImport(Darwin)
-            let rc = fcntl(fd, F_FULLFSYNC)
-            #else
-            let rc = sys_fsync(fd)
-            #endif
-            if rc == 0 { return }
-            if errno != EINTR { throw error("fsync", path: path) }
-        }
+        try flush(fd, path: path, name: "fsync") { sys_fsync($0) }
     }
 
     /// Makes the file's data durable, and its size when that changed, but not its timestamps:
@@ -107,15 +98,20 @@ enum POSIX {
     /// `fsync` adds to every call (fdatasync(2): "a change to the file size ... would require
     /// a metadata flush"). Darwin has no cheaper full flush than `F_FULLFSYNC`.
     static func fdatasync(_ fd: Int32, path: String) throws {
-        if let code = faultInjector?(.fsync, path) { throw error("fdatasync", path: path, errno: code) }
+        try flush(fd, path: path, name: "fdatasync") { sys_fdatasync($0) }
+    }
+
+    /// Runs `call` (retried on EINTR), or `F_FULLFSYNC` on Darwin, with fault injection.
+    private static func flush(_ fd: Int32, path: String, name: String, _ call: (Int32) -> Int32) throws {
+        if let code = faultInjector?(.fsync, path) { throw error(name, path: path, errno: code) }
         while true {
             #if canImport(Darwin)
             let rc = fcntl(fd, F_FULLFSYNC)
             #else
-            let rc = sys_fdatasync(fd)
+            let rc = call(fd)
             #endif
             if rc == 0 { return }
-            if errno != EINTR { throw error("fdatasync", path: path) }
+            if errno != EINTR { throw error(name, path: path) }
         }
     }
 
