@@ -33,11 +33,6 @@ struct APIResponse: Sendable {
     var allow: String?
 }
 
-extension Task {
-    /// Started for its effect alone.
-    func discard() {}
-}
-
 /// The HTTP API (rqlite's, DESIGN §7): `/db/execute`, `/db/query` (tenant by the
 /// `X-Apiary-Tenant` header, or under `/tenants/{tenant}/db/...`), `/readyz`, and with an
 /// operator (or monitor) certificate `/status` and `POST /admin/promote`.
@@ -63,10 +58,11 @@ struct APIRoutes: Sendable {
     func respond(to request: APIRequest, then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {
         let (tenantInPath, route) = Self.route(request.path)
         guard request.method == .POST, route.elementsEqual(["db", "execute"]) else {
-            return Task {
+            Task {
                 let response = await respond(to: request)
                 done { response }
-            }.discard()
+            }
+            return
         }
         let started = ContinuousClock.now
         do {
