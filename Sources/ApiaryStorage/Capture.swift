@@ -36,6 +36,8 @@ final class WALCapture: @unchecked Sendable {
     var lastFailure: (any Error)?
     /// Commits shipped since open, for tests and metrics.
     private(set) var commitsCaptured = 0
+    /// WAL syncs that had to ask the file system for the WAL's size (for tests).
+    private(set) var fileSizeQueries = 0
 
     init(tenant: TenantID, sink: any CommitSink, hashes: PageHashes, pageSize: Int) {
         self.tenant = tenant
@@ -46,21 +48,33 @@ final class WALCapture: @unchecked Sendable {
 
     /// Called by the VFS before SQLite's WAL fsync. Returns APIARY_SYNC_WAL, APIARY_SYNC_SKIP
     /// (the sink made the commit durable in the replication log) or an SQLite error code.
-    func onWALSync(_ file: UnsafeMutablePointer<sqlite3_file>) -> Int32 {
-        var size: sqlite3_int64 = 0
-        guard apiary_file_size(file, &size) == SQLITE_OK else {
-            lastFailure = CaptureError.io("cannot stat WAL")
-            return Int32(APIARY_IOERR_FSTAT)
+    /// - Parameter writtenEnd: where this connection's WAL writes end (-1: unknown), see
+    ///   apiary_vfs.h. The commit's frames end there; only when no commit is found below it is
+    ///   the file's size asked for, so a wrong bound can cost an fstat but never let a commit
+    ///   through unshipped.
+    func onWALSync(_ file: UnsafeMutablePointer<sqlite3_file>, writtenEnd: Int64) -> Int32 {
+        let read = { (offset: Int, count: Int) throws -> [UInt8] in
+            var buffer = [UInt8](repeating: 0, count: count)
+            let rc = buffer.withUnsafeMutableBytes { apiary_file_read(file, $0.baseAddress, Int32(count), sqlite3_int64(offset)) }
+            guard rc == SQLITE_OK else { throw CaptureError.io("cannot read WAL at offset \(offset) (code \(rc))") }
+            return buffer
         }
+        // The header alone: wal.c syncs a new WAL generation's header before its first frame.
+        if writtenEnd == Int64(WALScanner.headerBytes) { return APIARY_SYNC_WAL }
         let commit: WALScanner.Commit
         do {
-            guard let found = try scanner.scan(fileSize: Int(size), read: { offset, count in
-                var buffer = [UInt8](repeating: 0, count: count)
-                let rc = buffer.withUnsafeMutableBytes { apiary_file_read(file, $0.baseAddress, Int32(count), sqlite3_int64(offset)) }
-                guard rc == SQLITE_OK else { throw CaptureError.io("cannot read WAL at offset \(offset) (code \(rc))") }
-                return buffer
-            }) else { return APIARY_SYNC_WAL }
-            commit = found
+            if writtenEnd >= 0, let found = try scanner.scan(fileSize: Int(writtenEnd), read: read) {
+                commit = found
+            } else {
+                var size: sqlite3_int64 = 0
+                guard apiary_file_size(file, &size) == SQLITE_OK else {
+                    lastFailure = CaptureError.io("cannot stat WAL")
+                    return Int32(APIARY_IOERR_FSTAT)
+                }
+                fileSizeQueries += 1
+                guard let found = try scanner.scan(fileSize: Int(size), read: read) else { return APIARY_SYNC_WAL }
+                commit = found
+            }
         } catch {
             lastFailure = error
             return Int32(APIARY_IOERR_FSYNC)
@@ -108,7 +122,7 @@ enum StorageVFS {
         lock.lock()
         defer { lock.unlock() }
         guard !registered else { return }
-        let rc = apiary_vfs_register { file, walPath in
+        let rc = apiary_vfs_register { file, walPath, writtenEnd in
             guard let file, let walPath else { return SQLITE_MISUSE }
             let path = String(cString: walPath)
             guard let capture = StorageVFS.capture(forWAL: path) else {
@@ -116,7 +130,7 @@ enum StorageVFS {
                 // before their first write; anything else syncing a WAL has nothing to ship.
                 return SQLITE_OK
             }
-            return capture.onWALSync(file)
+            return capture.onWALSync(file, writtenEnd: writtenEnd)
         }
         guard rc == SQLITE_OK else { throw SQLiteError(code: rc, message: "cannot register the apiary VFS") }
         registered = true

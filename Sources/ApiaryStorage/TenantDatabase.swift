@@ -231,6 +231,8 @@ public struct WriterAccess {
     }
     public var checksum: UInt64 { capture.hashes.checksum }
     public var commitsCaptured: Int { capture.commitsCaptured }
+    /// WAL syncs that asked the file system for the WAL's size (see `WALCapture.onWALSync`).
+    public var walSizeQueries: Int { capture.fileSizeQueries }
 }
 
 // MARK: - Writer

@@ -9,6 +9,13 @@
 //   half-written padding frame. With it, padToSectorBoundary is 0 and the sync follows the
 //   commit frame directly (wal.c: sqlite3WalFrames "if( isCommit && WAL_SYNC_FLAGS ...").
 //   The unix VFS already reports it by default (SQLITE_POWERSAFE_OVERWRITE=1); we pin it.
+// - a WAL file remembers where the writes made through it end (`writtenEnd`), so that the
+//   hook knows where the commit's frames end without asking the file system its size. An
+//   fstat per commit is not free on Linux 6.13+ (multigrain timestamps): it marks the WAL's
+//   ctime as queried, so SQLite's next WAL write stamps a fine-grained mtime and dirties the
+//   inode every commit, and the replication log's durable write then also writes that inode
+//   table block (ext4 without a journal writes it at every fsync): one more synchronous I/O
+//   per commit, measured at +50 us (docs/benchmarks.md).
 #include "apiary_vfs.h"
 #include <string.h>
 
@@ -16,6 +23,11 @@ typedef struct ApiaryFile {
     sqlite3_file base;
     const char *name; // valid until xClose (sqlite3_vfs docs: xOpen's zFilename)
     int isWAL;
+    // WAL files only: the end of the writes made through this file since the WAL (re)started:
+    // wal.c appends frames in order after the header it writes at offset 0 when the WAL
+    // starts over, and rewrites only frames before its end (walRewriteChecksums). -1 until
+    // the first write: this connection has not written the WAL yet.
+    sqlite3_int64 writtenEnd;
     sqlite3_file *real; // the unix VFS's file, allocated right after this struct
 } ApiaryFile;
 
@@ -29,12 +41,26 @@ static int apiaryClose(sqlite3_file *f) {
     return rc;
 }
 static int apiaryRead(sqlite3_file *f, void *b, int n, sqlite3_int64 o) { return REAL(f)->pMethods->xRead(REAL(f), b, n, o); }
-static int apiaryWrite(sqlite3_file *f, const void *b, int n, sqlite3_int64 o) { return REAL(f)->pMethods->xWrite(REAL(f), b, n, o); }
-static int apiaryTruncate(sqlite3_file *f, sqlite3_int64 s) { return REAL(f)->pMethods->xTruncate(REAL(f), s); }
+static int apiaryWrite(sqlite3_file *f, const void *b, int n, sqlite3_int64 o) {
+    ApiaryFile *p = (ApiaryFile *)f;
+    int rc = p->real->pMethods->xWrite(p->real, b, n, o);
+    if (p->isWAL) {
+        // A failed write leaves the end unknown (it may have written part).
+        if (rc != SQLITE_OK) p->writtenEnd = -1;
+        else if (o == 0 || o + n > p->writtenEnd) p->writtenEnd = o + n;
+    }
+    return rc;
+}
+static int apiaryTruncate(sqlite3_file *f, sqlite3_int64 s) {
+    ApiaryFile *p = (ApiaryFile *)f;
+    int rc = p->real->pMethods->xTruncate(p->real, s);
+    if (p->isWAL && (rc != SQLITE_OK || s < p->writtenEnd)) p->writtenEnd = rc == SQLITE_OK ? s : -1;
+    return rc;
+}
 static int apiarySync(sqlite3_file *f, int flags) {
     ApiaryFile *p = (ApiaryFile *)f;
     if (p->isWAL && walSyncHook) {
-        int rc = walSyncHook(p->real, p->name);
+        int rc = walSyncHook(p->real, p->name, p->writtenEnd);
         if (rc == APIARY_SYNC_SKIP) return SQLITE_OK;
         if (rc != APIARY_SYNC_WAL) return rc;
     }
@@ -70,6 +96,7 @@ static int apiaryOpen(sqlite3_vfs *vfs, const char *name, sqlite3_file *f, int f
     p->real = (sqlite3_file *)&p[1];
     p->name = name;
     p->isWAL = (flags & SQLITE_OPEN_WAL) != 0;
+    p->writtenEnd = -1;
     int rc = unixVFS->xOpen(unixVFS, name, p->real, flags, outFlags);
     // SQLite calls xClose only when pMethods is set, so set it only on success.
     p->base.pMethods = (rc == SQLITE_OK && p->real->pMethods) ? &apiaryIOMethods : 0;

@@ -84,6 +84,25 @@ final class CaptureTests: XCTestCase {
         XCTAssertEqual(try readWithPlainSQLite(sink.replicaPath, "SELECT count(*) FROM t"), [[.integer(80)]])
     }
 
+    /// A commit's frames are found from where SQLite's WAL writes ended, not from the file's
+    /// size: an fstat per commit makes Linux (6.13+, multigrain timestamps) dirty the WAL's
+    /// inode at every commit, and the log's durable write then pays for writing it too.
+    func testCommitsFindTheirFramesWithoutAskingTheFileSystem() async throws {
+        try await db.mustExecute("CREATE TABLE t (x)")
+        try await db.withWriter { try $0.exec("PRAGMA cache_size=20") }
+        for round in 0..<3 {
+            let (queriesBefore, commitsBefore) = try await db.withWriter { ($0.walSizeQueries, $0.commitsCaptured) }
+            for i in 0..<30 { try await db.mustExecute("INSERT INTO t VALUES (?)", [.integer(Int64(round * 100 + i))]) }
+            // A transaction spilling frames before its commit, and one rewriting spilled pages.
+            try await db.execute((0..<400).map { _ in SQLStatement("INSERT INTO t VALUES (zeroblob(2000))") }, transaction: true)
+            try await db.execute([SQLStatement("UPDATE t SET x = zeroblob(1900) WHERE rowid % 3 = 0")], transaction: true)
+            let (queries, commits) = try await db.withWriter { ($0.walSizeQueries, $0.commitsCaptured) }
+            XCTAssertEqual(commits - commitsBefore, 32, "round \(round)")
+            XCTAssertEqual(queries, queriesBefore, "round \(round): commits asked for the WAL's size")
+            try await assertReplicaMatches() // also checkpoints: the next round starts the WAL over
+        }
+    }
+
     func testVacuumShrinksTheReplicaToo() async throws {
         try await db.mustExecute("CREATE TABLE t (x BLOB)")
         try await db.execute((0..<200).map { _ in SQLStatement("INSERT INTO t VALUES (zeroblob(4000))") }, transaction: true)

@@ -15,8 +15,11 @@
 /// - APIARY_SYNC_SKIP: a commit was captured and is durable in the replication log, which is
 ///   the truth the database is redone from after a crash; the WAL fsync is not needed.
 /// - any SQLite error code: fail the sync, and with it the commit.
-/// `real` is the underlying unix file: read it with apiary_file_read.
-typedef int (*apiary_wal_sync_hook)(sqlite3_file *real, const char *walPath);
+/// `real` is the underlying unix file: read it with apiary_file_read. `writtenEnd` is where
+/// the writes made through this connection's WAL file end since the WAL last started over,
+/// or -1 when unknown (nothing written yet, or a write failed): the file's size is then
+/// the only bound.
+typedef int (*apiary_wal_sync_hook)(sqlite3_file *real, const char *walPath, sqlite3_int64 writtenEnd);
 
 #define APIARY_SYNC_WAL 0
 #define APIARY_SYNC_SKIP (-1)
