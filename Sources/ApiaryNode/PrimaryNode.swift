@@ -443,8 +443,8 @@ final class CommitWaiter: @unchecked Sendable {
     func resolve(_ o: Outcome) {
         condition.lock()
         outcome = o
-        condition.signal()
         condition.unlock()
+        condition.signal() // after unlocking, so the writer does not wake only to wait for the lock
     }
 
     func wait(timeoutMs: Int) -> Outcome? {

@@ -29,8 +29,10 @@ public final class BlockingPool: @unchecked Sendable {
     func submit(_ body: @escaping () -> Void) {
         condition.lock()
         work.append(body)
-        condition.signal()
         condition.unlock()
+        // Signalled after unlocking: a thread woken while the lock is still held would only
+        // block again on the lock, one more sleep and wake-up on every hand-off.
+        condition.signal()
     }
 
     /// Whether submitted work waits for a free thread (then long-running users should yield).

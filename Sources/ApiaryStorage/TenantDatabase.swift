@@ -267,30 +267,40 @@ final class TenantWriter: @unchecked Sendable {
     }
 
     func submit(_ job: WriteJob) {
-        let refusal: StorageError? = condition.withLock {
-            guard !stopping else { return StorageError(.closed, "tenant database is closed") }
+        let outcome: Result<Bool, StorageError> = condition.withLock {
+            guard !stopping else { return .failure(StorageError(.closed, "tenant database is closed")) }
             guard jobs.count < options.queueRequestsMax else {
-                return StorageError(.queueFull, "write queue full (\(options.queueRequestsMax) requests waiting); retry later")
+                return .failure(StorageError(.queueFull, "write queue full (\(options.queueRequestsMax) requests waiting); retry later"))
             }
             jobs.append(job)
-            scheduleIfIdle()
-            return nil
+            return .success(claimDrain())
         }
+        switch outcome {
+        case .success(let starts): if starts { startDrain() }
         // Answered outside the lock: the answer may come straight back with another request.
-        if let refusal { job.done(.failure(refusal)) }
+        case .failure(let refusal): job.done(.failure(refusal))
+        }
     }
 
     func submitAdmin(_ work: @escaping (WriterAccess) -> Void) {
-        condition.lock()
-        defer { condition.unlock() }
-        admin.append(work)
-        scheduleIfIdle()
+        let starts: Bool = condition.withLock {
+            admin.append(work)
+            return claimDrain()
+        }
+        if starts { startDrain() }
     }
 
+    /// Whether the caller is the one to start a drain (none runs or is scheduled).
     /// Caller holds `condition`.
-    private func scheduleIfIdle() {
-        guard !scheduled else { return }
+    private func claimDrain() -> Bool {
+        guard !scheduled else { return false }
         scheduled = true
+        return true
+    }
+
+    /// Called after `claimDrain` said so, outside `condition`: the pool thread that takes the
+    /// drain would otherwise wake only to wait for the submitter's lock.
+    private func startDrain() {
         pool.submit { [self] in drainOnce() }
     }
 
