@@ -35,6 +35,9 @@ final class StandbyRecoveryTests: XCTestCase {
             let db = try TenantDatabase(tenant: tenant, path: primaryPath, sink: LogSink(log: log))
             try await db.mustExecute("CREATE TABLE t (x)")
             for i in 0..<30 { try await db.mustExecute("INSERT INTO t VALUES (\(i))") }
+            // Commits that grow the file and touch pages the ones before did not.
+            try await db.mustExecute("CREATE TABLE big (x)")
+            for _ in 0..<10 { try await db.mustExecute("INSERT INTO big VALUES (zeroblob(5000))") }
             db.close()
             log.close()
         }
@@ -45,12 +48,12 @@ final class StandbyRecoveryTests: XCTestCase {
         }()
         XCTAssertGreaterThan(records.count, 30)
 
-        // The standby died while applying: intent says "through the last", the file holds the
-        // first ten records and a torn half of later pages.
-        var partial = PageHashes()
-        for r in records.prefix(10) {
+        // The standby died while applying: the last pass completed through record 10 and the
+        // interrupted one, whose intent says "through the last", had written all but its last
+        // three records (later pages already in the file when the redo starts at 11), then a
+        // torn page of the last.
+        for r in records.dropLast(3) {
             try DatabaseFile.writePages(r.pages, dbSizePages: r.dbSizePages, to: layout.database(tenant))
-            partial.apply(pages: r.pages, dbSizePages: r.dbSizePages)
         }
         let last = records.last!
         if let torn = last.pages.first {
@@ -62,6 +65,42 @@ final class StandbyRecoveryTests: XCTestCase {
         XCTAssertEqual(standby.applied.lsn, last.lsn)
         XCTAssertEqual(standby.hashes.checksum, last.checksum)
         XCTAssertEqual(try DatabaseFile.query(copyOf: layout.database(tenant), "SELECT count(*) FROM t"), [[.integer(30)]])
+        XCTAssertEqual(try DatabaseFile.query(copyOf: layout.database(tenant), "SELECT count(*) FROM big"), [[.integer(10)]])
+    }
+
+    /// A redo still refuses a log whose end does not give the primary's checksum.
+    func testARedoThatEndsAtTheWrongChecksumIsRefused() async throws {
+        let root = NSTemporaryDirectory() + "apiary-standby-" + UUID().uuidString
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let layout = DataLayout(root: root)
+        let tenant = try TenantID("acme")
+        try layout.createTenantDirectory(tenant)
+        do {
+            let log = try ReplicationLog(directory: layout.log(tenant))
+            let db = try TenantDatabase(tenant: tenant, path: root + "/primary.db", sink: LogSink(log: log))
+            try await db.mustExecute("CREATE TABLE t (x)")
+            for i in 0..<5 { try await db.mustExecute("INSERT INTO t VALUES (\(i))") }
+            db.close()
+            log.close()
+        }
+        let records = try { () throws -> [Record] in
+            let log = try ReplicationLog(directory: layout.log(tenant))
+            defer { log.close() }
+            return try log.records(from: 1, countMax: 1000, bytesMax: .max)
+        }()
+        // Applied through the CREATE TABLE; the redo's records (the inserts) leave some page alone.
+        let applied = records[1]
+        for r in records.prefix(2) { try DatabaseFile.writePages(r.pages, dbSizePages: r.dbSizePages, to: layout.database(tenant)) }
+        let rewritten = Set(records.dropFirst(2).flatMap { $0.pages.map(\.number) })
+        guard let untouched = (1...applied.dbSizePages).first(where: { !rewritten.contains($0) }) else {
+            return XCTFail("every page is rewritten by the redo: no page to damage")
+        }
+        // That page changed behind the standby's back: no redo can repair it.
+        try DatabaseFile.Writer(path: layout.database(tenant)).write([Page(number: untouched, bytes: [UInt8](repeating: 0xCD, count: DatabaseFile.pageSize))], dbSizePages: nil)
+        try AppliedState(lsn: applied.lsn, checksum: applied.checksum, applyingThroughLSN: records.last!.lsn).write(to: layout.applied(tenant))
+        XCTAssertThrowsError(try StandbyTenant(id: tenant, layout: layout, logOptions: ReplicationLog.Options())) { error in
+            XCTAssertTrue(String(describing: error).contains("replicas diverged"), "\(error)")
+        }
     }
 
     func testADatabaseThatDisagreesWithItsAppliedStateIsRefused() throws {
