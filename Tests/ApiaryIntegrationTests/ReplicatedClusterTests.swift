@@ -93,13 +93,22 @@ final class ReplicatedClusterTests: XCTestCase {
         let killAt = 3_000
         let cluster = self.cluster!
         let api = self.api
+        let directory = self.directory!
         async let chaos: Void = {
             // Kill the standby once a third of the writes are acknowledged, restart it a second later.
             while acked.count < killAt { try? await Task.sleep(for: .milliseconds(20)) }
             cluster.kill(cluster.standby, signal: SIGKILL)
             try? await Task.sleep(for: .seconds(1))
-            try? cluster.start(cluster.standby)
+            do {
+                try cluster.start(cluster.standby)
+            } catch {
+                let log = (try? String(contentsOfFile: directory + "/logs/node-b.log", encoding: .utf8)) ?? ""
+                XCTFail("the standby did not come back after kill -9: \(error)\n\(log.split(separator: "\n").suffix(10).joined(separator: "\n"))")
+            }
         }()
+        // Without a standby every write waits out --standby-wait-ms: a standby that does not
+        // come back must fail the test, not stall it for hours.
+        let deadline = ContinuousClock.now + .seconds(240)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for client in 0..<clients {
                 group.addTask {
@@ -109,7 +118,9 @@ final class ReplicatedClusterTests: XCTestCase {
                     var attempts = 0
                     while i < writesPerClient {
                         attempts += 1
-                        guard attempts < writesPerClient * 20 else { throw NodeError("client \(client) made no progress") }
+                        guard attempts < writesPerClient * 20, ContinuousClock.now < deadline else {
+                            throw NodeError("client \(client) made no progress (\(i) of \(writesPerClient) writes after \(attempts) attempts)")
+                        }
                         let id = client * 1_000_000 + i
                         let body = Array("[[\"INSERT INTO kv VALUES (?, ?, ?)\", \(id), \(client), \"\(String(repeating: "x", count: 100))\"]]".utf8)
                         let response = try await connection.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: body)

@@ -65,7 +65,8 @@ public final class LocalCluster: @unchecked Sendable {
         environment["APIARY_EXIT_WITH_PARENT"] = String(getpid())
         process.environment = environment
         let logPath = directory + "/logs/\(spec.name).log"
-        FileManager.default.createFile(atPath: logPath, contents: nil)
+        // A restarted node appends: what it said before a crash is the evidence.
+        if !FileManager.default.fileExists(atPath: logPath) { FileManager.default.createFile(atPath: logPath, contents: nil) }
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
         log.seekToEndOfFile()
         let pipe = Pipe()
