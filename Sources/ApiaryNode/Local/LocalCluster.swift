@@ -75,13 +75,24 @@ public final class LocalCluster: @unchecked Sendable {
         let ready = DispatchSemaphore(value: 0)
         let readyLine = "apiary node \(spec.name) ready"
         let seen = LockedFlag()
-        pipe.fileHandleForReading.readabilityHandler = { handle in
-            let data = handle.availableData
-            if data.isEmpty { handle.readabilityHandler = nil; return }
-            log.write(data)
-            if String(decoding: data, as: UTF8.self).contains(readyLine), seen.setOnce() { ready.signal() }
+        let output = pipe.fileHandleForReading
+        // A blocking read loop on a thread of its own, not `readabilityHandler`: tearing down
+        // that handler's dispatch source races its descriptor's close and crashes libdispatch on
+        // Linux now and then (swift-corelibs-libdispatch#949; seen here in a test teardown).
+        let reader = Thread {
+            while true {
+                let data = output.availableData // blocks; empty at the end of the stream
+                if data.isEmpty { break }
+                log.write(data)
+                if String(decoding: data, as: UTF8.self).contains(readyLine), seen.setOnce() { ready.signal() }
+            }
+            try? output.close()
         }
+        reader.name = "apiary-node-output-\(spec.name)"
         try process.run()
+        // The parent's copy of the write end must go, or the reader never sees the end.
+        try? pipe.fileHandleForWriting.close()
+        reader.start()
         lock.withLock { processes[spec.name] = process }
         if ready.wait(timeout: .now() + timeoutSeconds) == .timedOut {
             kill(spec, signal: SIGKILL)
