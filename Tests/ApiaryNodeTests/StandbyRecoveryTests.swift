@@ -21,31 +21,39 @@ final class StandbyRecoveryTests: XCTestCase {
         }
     }
 
-    func testInterruptedApplyIsRedoneFromTheIntent() async throws {
-        let root = NSTemporaryDirectory() + "apiary-standby-" + UUID().uuidString
-        defer { try? FileManager.default.removeItem(atPath: root) }
-        let layout = DataLayout(root: root)
-        let tenant = try TenantID("acme")
-        try layout.createTenantDirectory(tenant)
+    var root: String!
+    var layout: DataLayout!
+    let tenant = try! TenantID("acme")
 
-        // The primary side: commits into the standby's log directory (as if streamed there).
-        let primaryPath = root + "/primary.db"
-        do {
-            let log = try ReplicationLog(directory: layout.log(tenant))
-            let db = try TenantDatabase(tenant: tenant, path: primaryPath, sink: LogSink(log: log))
+    override func setUpWithError() throws {
+        root = NSTemporaryDirectory() + "apiary-standby-" + UUID().uuidString
+        layout = DataLayout(root: root)
+        try layout.createTenantDirectory(tenant)
+    }
+
+    override func tearDownWithError() throws {
+        try? FileManager.default.removeItem(atPath: root)
+    }
+
+    /// Runs `commits` on a primary whose commits go into the standby's log directory (as if
+    /// streamed there), and returns the records.
+    func streamedRecords(_ commits: (TenantDatabase) async throws -> Void) async throws -> [Record] {
+        let log = try ReplicationLog(directory: layout.log(tenant))
+        let db = try TenantDatabase(tenant: tenant, path: root + "/primary.db", sink: LogSink(log: log))
+        try await commits(db)
+        db.close()
+        defer { log.close() }
+        return try log.records(from: 1, countMax: 1000, bytesMax: .max)
+    }
+
+    func testInterruptedApplyIsRedoneFromTheIntent() async throws {
+        let records = try await streamedRecords { db in
             try await db.mustExecute("CREATE TABLE t (x)")
             for i in 0..<30 { try await db.mustExecute("INSERT INTO t VALUES (\(i))") }
             // Commits that grow the file and touch pages the ones before did not.
             try await db.mustExecute("CREATE TABLE big (x)")
             for _ in 0..<10 { try await db.mustExecute("INSERT INTO big VALUES (zeroblob(5000))") }
-            db.close()
-            log.close()
         }
-        let records = try { () throws -> [Record] in
-            let log = try ReplicationLog(directory: layout.log(tenant))
-            defer { log.close() }
-            return try log.records(from: 1, countMax: 1000, bytesMax: .max)
-        }()
         XCTAssertGreaterThan(records.count, 30)
 
         // The standby died while applying: the last pass completed through record 10 and the
@@ -70,24 +78,10 @@ final class StandbyRecoveryTests: XCTestCase {
 
     /// A redo still refuses a log whose end does not give the primary's checksum.
     func testARedoThatEndsAtTheWrongChecksumIsRefused() async throws {
-        let root = NSTemporaryDirectory() + "apiary-standby-" + UUID().uuidString
-        defer { try? FileManager.default.removeItem(atPath: root) }
-        let layout = DataLayout(root: root)
-        let tenant = try TenantID("acme")
-        try layout.createTenantDirectory(tenant)
-        do {
-            let log = try ReplicationLog(directory: layout.log(tenant))
-            let db = try TenantDatabase(tenant: tenant, path: root + "/primary.db", sink: LogSink(log: log))
+        let records = try await streamedRecords { db in
             try await db.mustExecute("CREATE TABLE t (x)")
             for i in 0..<5 { try await db.mustExecute("INSERT INTO t VALUES (\(i))") }
-            db.close()
-            log.close()
         }
-        let records = try { () throws -> [Record] in
-            let log = try ReplicationLog(directory: layout.log(tenant))
-            defer { log.close() }
-            return try log.records(from: 1, countMax: 1000, bytesMax: .max)
-        }()
         // Applied through the CREATE TABLE; the redo's records (the inserts) leave some page alone.
         let applied = records[1]
         for r in records.prefix(2) { try DatabaseFile.writePages(r.pages, dbSizePages: r.dbSizePages, to: layout.database(tenant)) }
@@ -104,11 +98,6 @@ final class StandbyRecoveryTests: XCTestCase {
     }
 
     func testADatabaseThatDisagreesWithItsAppliedStateIsRefused() throws {
-        let root = NSTemporaryDirectory() + "apiary-standby-" + UUID().uuidString
-        defer { try? FileManager.default.removeItem(atPath: root) }
-        let layout = DataLayout(root: root)
-        let tenant = try TenantID("acme")
-        try layout.createTenantDirectory(tenant)
         try DatabaseFile.writePages([Page(number: 1, bytes: [UInt8](repeating: 7, count: DatabaseFile.pageSize))], dbSizePages: 1, to: layout.database(tenant))
         try AppliedState(lsn: 3, checksum: 12345, applyingThroughLSN: 3).write(to: layout.applied(tenant))
         XCTAssertThrowsError(try StandbyTenant(id: tenant, layout: layout, logOptions: ReplicationLog.Options())) { error in
