@@ -63,7 +63,9 @@ final class WALCapture: @unchecked Sendable {
         if writtenEnd == Int64(WALScanner.headerBytes) { return APIARY_SYNC_WAL }
         let commit: WALScanner.Commit
         do {
-            if writtenEnd >= 0, let found = try scanner.scan(fileSize: Int(writtenEnd), read: read) {
+            // (A bound past the file's end, which one writer connection cannot produce, fails
+            // its reads: that too falls back to the file's size rather than failing the commit.)
+            if writtenEnd >= 0, let found = try? scanner.scan(fileSize: Int(writtenEnd), read: read) {
                 commit = found
             } else {
                 var size: sqlite3_int64 = 0
@@ -108,6 +110,18 @@ final class WALCapture: @unchecked Sendable {
     }
 
     func resetPosition() { scanner.reset() }
+
+    /// Called when SQLite reports that one COMMIT failed: stops the process if this capture had
+    /// shipped a commit since `captured` (a `commitsCaptured` value), that is, if SQLite failed
+    /// after the sync hook (wal.c appends to the wal-index after the sync, and that can fail).
+    /// The commit is then durable in the log, maybe on the standby, but SQLite rolled it back:
+    /// database and log disagree, and only the redo at the next open reconciles them. Its
+    /// clients' outcome is unknown, which a dropped connection tells honestly; answering
+    /// "failed" would not be.
+    func stopIfShipped(since captured: Int, failure: any Error) {
+        precondition(commitsCaptured == captured,
+                     "tenant \(tenant): SQLite failed a commit after it was captured and made durable (\(failure)); a restart redoes it from the log")
+    }
 }
 
 // MARK: - The VFS hook

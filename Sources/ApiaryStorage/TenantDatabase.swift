@@ -413,10 +413,12 @@ final class TenantWriter: @unchecked Sendable {
                 culprit.done(.success(Self.notApplied(result)))
                 continue
             }
+            let captured = capture.commitsCaptured
             do {
                 try connection.execPrepared("COMMIT")
             } catch {
                 // The commit failed (capture refused it or I/O): nothing of the batch is visible.
+                capture.stopIfShipped(since: captured, failure: error)
                 try? connection.execPrepared("ROLLBACK")
                 let cause = capture.lastFailure
                 let reason = cause.map { String(describing: $0) } ?? "commit failed: \(error)"

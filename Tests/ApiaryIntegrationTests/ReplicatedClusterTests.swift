@@ -96,7 +96,12 @@ final class ReplicatedClusterTests: XCTestCase {
         let directory = self.directory!
         async let chaos: Void = {
             // Kill the standby once a third of the writes are acknowledged, restart it a second later.
-            while acked.count < killAt { try? await Task.sleep(for: .milliseconds(20)) }
+            // Cancelled when the clients fail first: then stop waiting (a cancelled sleep
+            // returns at once, so the loop would otherwise spin forever).
+            while acked.count < killAt {
+                guard !Task.isCancelled else { return }
+                try? await Task.sleep(for: .milliseconds(20))
+            }
             cluster.kill(cluster.standby, signal: SIGKILL)
             try? await Task.sleep(for: .seconds(1))
             do {

@@ -90,7 +90,9 @@ public final class LocalCluster: @unchecked Sendable {
         }
         reader.name = "apiary-node-output-\(spec.name)"
         try process.run()
-        // The parent's copy of the write end must go, or the reader never sees the end.
+        // The reader sees the end only once every write end is closed. Foundation's `run()`
+        // closes the parent's copy already; closing again is a no-op, kept so the reader's end
+        // does not depend on that detail.
         try? pipe.fileHandleForWriting.close()
         reader.start()
         lock.withLock { processes[spec.name] = process }
