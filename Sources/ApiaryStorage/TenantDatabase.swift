@@ -267,19 +267,19 @@ final class TenantWriter: @unchecked Sendable {
     }
 
     func submit(_ job: WriteJob) {
-        let outcome: Result<Bool, StorageError> = condition.withLock {
-            guard !stopping else { return .failure(StorageError(.closed, "tenant database is closed")) }
+        var startsDrain = false
+        let refusal: StorageError? = condition.withLock {
+            guard !stopping else { return StorageError(.closed, "tenant database is closed") }
             guard jobs.count < options.queueRequestsMax else {
-                return .failure(StorageError(.queueFull, "write queue full (\(options.queueRequestsMax) requests waiting); retry later"))
+                return StorageError(.queueFull, "write queue full (\(options.queueRequestsMax) requests waiting); retry later")
             }
             jobs.append(job)
-            return .success(claimDrain())
+            startsDrain = claimDrain()
+            return nil
         }
-        switch outcome {
-        case .success(let starts): if starts { startDrain() }
+        if startsDrain { startDrain() }
         // Answered outside the lock: the answer may come straight back with another request.
-        case .failure(let refusal): job.done(.failure(refusal))
-        }
+        if let refusal { job.done(.failure(refusal)) }
     }
 
     func submitAdmin(_ work: @escaping (WriterAccess) -> Void) {

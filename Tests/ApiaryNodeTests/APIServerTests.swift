@@ -194,6 +194,11 @@ final class APIServerTests: XCTestCase {
         try? FileManager.default.removeItem(atPath: dir)
     }
 
+    /// A raw `GET /db/query` request for tenant acme, to send (or pipeline) by hand.
+    static func query(_ q: String) -> String {
+        "GET /db/query?q=\(q) HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
+    }
+
     func startServer(_ service: RecordingSQLService, limits: APIServer.Limits = .init()) async throws -> APIServer {
         var logger = Logger(label: "apiary.test.api")
         logger.logLevel = .critical
@@ -315,9 +320,9 @@ final class APIServerTests: XCTestCase {
     /// Three requests in one write: a slow read ("slow"), a write with a body, a fast read.
     func sendSlowReadWriteFastRead(_ client: RawTLSConnection) {
         let body = #"["INSERT INTO t VALUES(1)"]"#
-        client.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
+        client.send(Self.query("slow")
             + "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
-            + "GET /db/query?q=fast HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n")
+            + Self.query("fast"))
     }
 
     func testPipelinedRequestsAreAnsweredInOrder() async throws {
@@ -581,7 +586,7 @@ final class APIServerTests: XCTestCase {
         limits.pipelinedRequestsMax = count
         let server = try await startServer(service, limits: limits)
         let client = try await connectRaw(server)
-        client.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
+        client.send(Self.query("slow")
             + String(repeating: "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n[]", count: count))
         let answered = await eventually(seconds: 30) { client.responses.count >= count + 1 }
         let responses = client.responses
@@ -604,8 +609,8 @@ final class APIServerTests: XCTestCase {
         limits.pipelinedRequestsMax = 4
         let server = try await startServer(service, limits: limits)
         let client = try await connectRaw(server)
-        client.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
-            + String(repeating: "GET /db/query?q=next HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n", count: 10))
+        client.send(Self.query("slow")
+            + String(repeating: Self.query("next"), count: 10))
         let closed = await eventually(seconds: 5) { client.isClosed }
         XCTAssertTrue(closed, "the connection stayed open past the pipelining limit")
         let responses = client.responses
@@ -621,7 +626,7 @@ final class APIServerTests: XCTestCase {
         let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(400))
         let server = try await startServer(service)
         let raw = try await connectRaw(server)
-        raw.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
+        raw.send(Self.query("slow")
             + "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: 12\r\nExpect: 100-continue\r\n\r\n")
         let continued = await eventually(seconds: 5) { String(decoding: raw.collector.bytes, as: UTF8.self).contains("100 Continue") }
         XCTAssertTrue(continued)
@@ -655,7 +660,7 @@ final class APIServerTests: XCTestCase {
         limits.requestReadTimeoutMs = 300
         let server = try await startServer(service, limits: limits)
         let raw = try await connectRaw(server)
-        raw.send("GET /db/query?q=slow HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n"
+        raw.send(Self.query("slow")
             + "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: 100\r\n\r\n[")
         let closed = await eventually(seconds: 5) { raw.isClosed }
         XCTAssertTrue(closed, "the half-sent request kept its connection")

@@ -15,6 +15,8 @@ final class LimitsTests: XCTestCase {
     }
 
     static let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+    /// An insert that never ends on its own.
+    static let endlessInsert = "INSERT INTO t " + endless.replacingOccurrences(of: "SELECT count(*) FROM c", with: "SELECT x FROM c")
 
     func testARunawayQueryIsStoppedAtTheTimeLimitAndTheReaderServesOn() async throws {
         let dir = TemporaryDirectory()
@@ -33,7 +35,7 @@ final class LimitsTests: XCTestCase {
         let db = try open(dir) { $0.statementTimeMs = 200 }
         defer { db.close() }
         try await db.mustExecute("CREATE TABLE t (x)")
-        let results = try await db.execute([SQLStatement("INSERT INTO t " + Self.endless.replacingOccurrences(of: "SELECT count(*) FROM c", with: "SELECT x FROM c"))])
+        let results = try await db.execute([SQLStatement(Self.endlessInsert)])
         guard case .failure(let message) = results[0] else { return XCTFail("an endless insert must be stopped") }
         XCTAssertTrue(message.contains("limit"), message)
         try await db.mustExecute("INSERT INTO t VALUES (1)")
@@ -48,7 +50,7 @@ final class LimitsTests: XCTestCase {
         let db = try open(dir) { $0.statementTimeMs = 600 }
         defer { db.close() }
         try await db.mustExecute("CREATE TABLE t (x)")
-        let runaway = "INSERT INTO t " + Self.endless.replacingOccurrences(of: "SELECT count(*) FROM c", with: "SELECT x FROM c")
+        let runaway = Self.endlessInsert
         // Keeps the writer busy a few hundred ms, well under the limit.
         let busy = "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000) SELECT -max(x) FROM c"
         final class Answers: @unchecked Sendable {
@@ -133,7 +135,7 @@ final class LimitsTests: XCTestCase {
         let db = try open(dir) { $0.statementTimeMs = 300 }
         defer { db.close() }
         try await db.mustExecute("CREATE TABLE t (x)")
-        let runaway = "INSERT INTO t " + Self.endless.replacingOccurrences(of: "SELECT count(*) FROM c", with: "SELECT x FROM c")
+        let runaway = Self.endlessInsert
         let outcomes = try await withThrowingTaskGroup(of: (Int, [StatementResult]).self) { group in
             for i in 0..<20 {
                 group.addTask {
