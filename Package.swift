@@ -33,7 +33,8 @@ let package = Package(
             pkgConfig: "sqlite3",
             providers: [.apt(["libsqlite3-dev"])]
         ),
-        /// Apiary's SQLite VFS: wraps the default unix VFS; the one seam for page capture.
+        /// Apiary's C side of SQLite: the VFS (wraps the default unix VFS; the one seam for page
+        /// capture) and the connection hardening Swift cannot call (variadic sqlite3_db_config).
         .target(name: "CApiaryVFS", dependencies: ["CSQLite"]),
         /// Append-only per-tenant replication log (segment files, CRC32C-framed records).
         .target(name: "ApiaryLog", dependencies: ["ApiaryCore"]),

@@ -87,7 +87,7 @@ final class SQLiteConnection {
         handle = db
         self.path = path
         sqlite3_extended_result_codes(db, 1)
-        sandbox.install(on: db)
+        try sandbox.install(on: db) // on a throw, deinit closes the handle
     }
 
     deinit {
