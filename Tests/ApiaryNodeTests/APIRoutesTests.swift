@@ -277,7 +277,7 @@ final class APIRoutesTests: XCTestCase {
         for (method, uri) in [(HTTPMethod.POST, "/db/execute"), (.POST, "/db/query")] {
             let response = await respond(method, uri, tenant: "acme", body: "", bodyTooLarge: true,
                                          limits: APIRoutes.Limits(bodyBytesMax: 1024))
-            XCTAssertEqual(response.status, .badRequest, uri)
+            XCTAssertEqual(response.status, .payloadTooLarge, uri)
             XCTAssertFalse(response.outcomeUnknown, uri)
             let message = try errorMessage(response)
             XCTAssertTrue(message.contains("larger than 1024 bytes"), message)
@@ -290,7 +290,7 @@ final class APIRoutesTests: XCTestCase {
     func testEachAPIErrorKindHasItsStatus() async throws {
         let cases: [(APIError.Kind, HTTPResponseStatus)] = [
             (.badRequest, .badRequest), (.notFound, .notFound), (.notExecuted, .serviceUnavailable),
-            (.outcomeUnknown, .internalServerError), (.forbidden, .forbidden),
+            (.outcomeUnknown, .internalServerError), (.forbidden, .forbidden), (.tooLarge, .payloadTooLarge),
         ]
         for (kind, status) in cases {
             let service = RecordingSQLService(error: APIError(kind, "the \(kind) message"))

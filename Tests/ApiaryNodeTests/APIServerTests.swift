@@ -397,7 +397,7 @@ final class APIServerTests: XCTestCase {
         XCTAssertEqual(service.calls.map { $0.statements.first?.sql }, ["before"])
     }
 
-    func testOversizedBodyGets400AndTheConnectionGoesOn() async throws {
+    func testOversizedBodyGets413AndTheConnectionGoesOn() async throws {
         let service = RecordingSQLService()
         var limits = APIServer.Limits()
         limits.bodyBytesMax = 64
@@ -407,7 +407,7 @@ final class APIServerTests: XCTestCase {
         let big = Array(("[" + Array(repeating: #""SELECT 1""#, count: 40).joined(separator: ",") + "]").utf8)
         XCTAssertGreaterThan(big.count, 64)
         let refused = try await request(client, .POST, "/db/execute", body: big)
-        XCTAssertEqual(refused.status, 400)
+        XCTAssertEqual(refused.status, 413)
         let message = try XCTUnwrap(try json(refused.body)["error"] as? String)
         XCTAssertTrue(message.contains("larger than 64 bytes"), message)
         XCTAssertTrue(service.calls.isEmpty)
@@ -425,7 +425,7 @@ final class APIServerTests: XCTestCase {
             + "GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         let answered = await eventually { raw.responses.count >= 2 }
         XCTAssertTrue(answered, "\(raw.responses.map(\.statusLine))")
-        XCTAssertEqual(raw.responses.map(\.status), [400, 200])
+        XCTAssertEqual(raw.responses.map(\.status), [413, 200])
         XCTAssertFalse(raw.isClosed)
         XCTAssertEqual(service.calls.count, 1)
     }

@@ -152,7 +152,7 @@ struct APIRoutes: Sendable {
     }
 
     private func body(_ request: APIRequest) throws -> [UInt8] {
-        guard !request.bodyTooLarge else { throw APIError(.badRequest, "request body larger than \(limits.bodyBytesMax) bytes") }
+        guard !request.bodyTooLarge else { throw APIError(.tooLarge, "request body larger than \(limits.bodyBytesMax) bytes") }
         return request.body
     }
 

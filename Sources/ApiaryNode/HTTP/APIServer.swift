@@ -47,11 +47,16 @@ public final class APIServer: Sendable {
     public let port: Int
     private let connections: OpenConnections
     private let drainTimeoutMs: Int64
+    /// How often a connection stopped answering because its client did not read what it was
+    /// sent (backpressure at work; for tests and metrics).
+    public var answersHeldForSlowReaders: Int { heldForSlowReaders.withLock { $0 } }
+    private let heldForSlowReaders: LockedValue<Int>
 
-    private init(channel: any Channel, connections: OpenConnections, drainTimeoutMs: Int64) {
+    private init(channel: any Channel, connections: OpenConnections, drainTimeoutMs: Int64, heldForSlowReaders: LockedValue<Int>) {
         self.channel = channel
         self.connections = connections
         self.drainTimeoutMs = drainTimeoutMs
+        self.heldForSlowReaders = heldForSlowReaders
         port = channel.localAddress?.port ?? 0
     }
 
@@ -66,6 +71,7 @@ public final class APIServer: Sendable {
         let context = try NIOSSLContext(configuration: tls)
         let routes = APIRoutes(service: service, limits: .init(bodyBytesMax: limits.bodyBytesMax, statementsMax: limits.statementsMax), logger: logger)
         let connections = OpenConnections(max: limits.connectionsMax)
+        let heldForSlowReaders = LockedValue(0)
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -84,13 +90,14 @@ public final class APIServer: Sendable {
                         // would otherwise keep every byte that follows.
                         ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes),
                                              maximumBufferSize: APIServer.decoderBufferBytesMax),
-                        APIChannelHandler(routes: routes, logger: logger, timeouts: timeouts, pipelinedMax: limits.pipelinedRequestsMax),
+                        APIChannelHandler(routes: routes, logger: logger, timeouts: timeouts, pipelinedMax: limits.pipelinedRequestsMax,
+                                          heldForSlowReaders: heldForSlowReaders),
                     ]
                     try channel.pipeline.syncOperations.addHandlers(handlers)
                 }
             }
             .bind(host: host, port: port).get()
-        return APIServer(channel: channel, connections: connections, drainTimeoutMs: limits.drainTimeoutMs)
+        return APIServer(channel: channel, connections: connections, drainTimeoutMs: limits.drainTimeoutMs, heldForSlowReaders: heldForSlowReaders)
     }
 
     /// Stops accepting, lets requests in flight finish (answered with `Connection: close`;
@@ -143,7 +150,10 @@ final class OpenConnections: Sendable {
 ///
 /// Requests are answered one at a time, in order (HTTP/1.1 pipelining): whole requests that
 /// arrive meanwhile wait here, and reading stops until they are answered, so a client cannot
-/// queue unbounded work. Malformed HTTP is answered 400 in its turn, then the connection
+/// queue unbounded work. An answer is written only while the channel is writable: a client
+/// that pipelines large results and does not read them stops being answered (and read) once
+/// the socket's buffer and NIO's high-water mark are full, instead of growing the server's
+/// memory by one result per request. Malformed HTTP is answered 400 in its turn, then the connection
 /// closes; so does one asked to close (`Connection: close`, HTTP/1.0, Upgrade, CONNECT). Told
 /// to quiesce (graceful shutdown), it finishes the answer in progress and tells each waiting
 /// request it was not executed (503), so that its client knows a retry is safe.
@@ -188,9 +198,14 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     private let pipelinedMax: Int
     /// The last answer is written; whatever else arrives is ignored.
     private var closing = false
+    /// The last answer is not yet taken by the client (the channel is not writable): nothing
+    /// more is answered or read until it is.
+    private var heldForWritability = false
+    private let heldForSlowReaders: LockedValue<Int>
 
-    init(routes: APIRoutes, logger: Logger, timeouts: ConnectionTimeouts, pipelinedMax: Int) {
+    init(routes: APIRoutes, logger: Logger, timeouts: ConnectionTimeouts, pipelinedMax: Int, heldForSlowReaders: LockedValue<Int>) {
         self.pipelinedMax = pipelinedMax
+        self.heldForSlowReaders = heldForSlowReaders
         self.routes = routes
         self.logger = logger
         self.timeouts = timeouts
@@ -248,7 +263,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     private func enqueue(_ next: Waiting, context: ChannelHandlerContext) {
-        if answering {
+        if answering || heldForWritability {
             guard !quiescing else { return } // read before reading stopped; never run, never answered
             guard waiting.count < pipelinedMax else {
                 stopAnswering(because: "too many pipelined requests on one connection (limit \(pipelinedMax))")
@@ -317,6 +332,17 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             written.whenComplete { _ in context.close(promise: nil) }
             return
         }
+        guard context.channel.isWritable else {
+            // The client has not taken what it was sent: answer nothing more until it does.
+            heldForWritability = true
+            heldForSlowReaders.withLock { $0 += 1 }
+            return
+        }
+        answerNextOrRead(context)
+    }
+
+    /// After an answer: the next waiting request, or reading again.
+    private func answerNextOrRead(_ context: ChannelHandlerContext) {
         if let next = waiting.popFirst() {
             answer(next, context: context)
         } else {
@@ -353,9 +379,19 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: "HTTP/\(head.version.major).\(head.version.minor) 100 Continue\r\n\r\n")), promise: nil)
     }
 
-    /// Backpressure: while whole requests wait for their turn, read no more.
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if heldForWritability, context.channel.isWritable, !closing {
+            heldForWritability = false
+            timeouts.responseWritten() // the client is reading: not idle
+            answerNextOrRead(context)
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Backpressure: while whole requests wait for their turn, or the client does not take
+    /// its answers, read no more.
     func read(context: ChannelHandlerContext) {
-        if answering && !waiting.isEmpty || closing || quiescing {
+        if answering && !waiting.isEmpty || heldForWritability || closing || quiescing {
             readHeld = true
         } else {
             context.read()

@@ -47,6 +47,8 @@ public struct APIError: Error, CustomStringConvertible {
         case outcomeUnknown
         /// The caller lacks the required certificate role (403).
         case forbidden
+        /// The request body is larger than the node accepts (413): split the request.
+        case tooLarge
     }
     public let kind: Kind
     public let message: String
@@ -63,6 +65,7 @@ public struct APIError: Error, CustomStringConvertible {
         case .notExecuted: return .serviceUnavailable
         case .outcomeUnknown: return .internalServerError
         case .forbidden: return .forbidden
+        case .tooLarge: return .payloadTooLarge
         }
     }
 }
