@@ -49,13 +49,32 @@ public final class TenantDatabase: @unchecked Sendable {
         public var resultBytesMax = 64 << 20
         /// How long one tenant statement may run.
         public var statementTimeMs = 5_000
+        /// How long all the statements of one request may run together. Past it a write
+        /// request is undone as a whole and a query stops; without it, a request of many slow
+        /// statements would hold a tenant's writer for hours (invariant 8).
+        public var requestTimeMs = 15_000
         var statementLimits: StatementLimits { StatementLimits(rowsMax: rowsMax, resultBytesMax: resultBytesMax, timeMs: statementTimeMs) }
         /// Read-only connections (and queries running at once) at most.
         public var readersMax = 4
         /// Read-only connections kept open while no query runs: a quiet tenant (there may be
         /// thousands) holds one, not `readersMax` (each is three files and a page cache).
         public var readersIdleMax = 1
+        /// Test seam, empty in production: called with each connection the database opens for
+        /// tenant SQL (the writer's, each reader's) before first use, e.g. to register a SQL
+        /// function that a test uses as a latch.
+        var onConnectionOpened: (@Sendable (OpaquePointer) -> Void)?
+        /// Test seam, empty in production: functions (lower-case names) tenant SQL may call
+        /// beyond the sandbox's allow-list, i.e. those `onConnectionOpened` registers.
+        var extraAllowedFunctions: Set<String> = []
         public init() {}
+
+        /// Opens a connection for tenant SQL, with the test seams applied.
+        func openConnection(path: String, readOnly: Bool) throws -> SQLiteConnection {
+            let connection = try SQLiteConnection(path: path, readOnly: readOnly)
+            connection.sandbox.extraAllowedFunctions = extraAllowedFunctions
+            onConnectionOpened?(connection.handle)
+            return connection
+        }
     }
 
     public let tenant: TenantID
@@ -94,7 +113,7 @@ public final class TenantDatabase: @unchecked Sendable {
         }
         try beforeOpen?(try DatabaseFile.pageHashes(of: path))
 
-        let connection = try SQLiteConnection(path: path, readOnly: false)
+        let connection = try options.openConnection(path: path, readOnly: false)
         try connection.exec("PRAGMA synchronous=FULL")
         try connection.exec("PRAGMA busy_timeout=5000")
         let hashes = try DatabaseFile.pageHashes(of: path)
@@ -170,14 +189,16 @@ public final class TenantDatabase: @unchecked Sendable {
     /// Runs read-only statements on a reader connection (sees only committed, durable data).
     public func query(_ statements: [SQLStatement]) async throws -> [StatementResult] {
         try await readers.run { connection in
-            statements.map { s in
+            let budget = RequestBudget(options: self.options)
+            return statements.map { s in
+                guard let limits = budget.limitsForNextStatement() else { return .failure(budget.spentMessage) }
                 do {
                     connection.sandbox.tenantSQL = true
                     defer { connection.sandbox.tenantSQL = false }
-                    let outcome = try connection.run(s.sql, s.parameters, limits: self.options.statementLimits)
+                    let outcome = try connection.run(s.sql, s.parameters, limits: limits)
                     return .success(outcome)
                 } catch {
-                    return .failure(String(describing: error))
+                    return .failure(budget.message(for: error))
                 }
             }
         }
@@ -448,19 +469,32 @@ final class TenantWriter: @unchecked Sendable {
         do { try connection.execPrepared("SAVEPOINT request") } catch {
             return job.statements.map { _ in .failure("cannot start request: \(error)") }
         }
+        let budget = RequestBudget(options: options)
         // Each statement of a non-transaction request is undone alone when it fails; a lone
         // statement needs no savepoint of its own (the request's is the same thing).
         let perStatement = !job.transaction && job.statements.count > 1
         for statement in job.statements {
+            guard let limits = budget.limitsForNextStatement() else {
+                // Spent between statements: the request is undone as a whole, not cut in two.
+                try? connection.execPrepared("ROLLBACK TO request")
+                try? connection.execPrepared("RELEASE request")
+                return job.statements.map { _ in .failure(budget.spentMessage) }
+            }
             if perStatement { try? connection.execPrepared("SAVEPOINT statement") }
             do {
                 connection.sandbox.tenantSQL = true
                 defer { connection.sandbox.tenantSQL = false }
-                let outcome = try connection.run(statement.sql, statement.parameters, limits: options.statementLimits)
+                let outcome = try connection.run(statement.sql, statement.parameters, limits: limits)
                 results.append(.success(outcome))
                 if perStatement { try? connection.execPrepared("RELEASE statement") }
             } catch {
-                results.append(.failure(String(describing: error)))
+                results.append(.failure(budget.message(for: error)))
+                if sqlite3_get_autocommit(connection.handle) != 0 {
+                    // SQLite rolled the whole transaction back (an interrupt, a full disk): run
+                    // nothing more, or the request's later statements would commit on their own,
+                    // outside the batch, while the request is answered "not applied".
+                    return results + job.statements.dropFirst(results.count).map { _ in .failure("not run: the request was rolled back") }
+                }
                 if !perStatement {
                     try? connection.execPrepared("ROLLBACK TO request")
                     if job.transaction { break }
@@ -472,6 +506,41 @@ final class TenantWriter: @unchecked Sendable {
         }
         try? connection.execPrepared("RELEASE request")
         return results
+    }
+}
+
+/// The run time left to one request: each statement runs within the statement limit or what
+/// is left of the request's, whichever ends first.
+struct RequestBudget {
+    let requestTimeMs: Int
+    let base: StatementLimits
+    let deadlineNs: UInt64
+
+    init(options: TenantDatabase.Options) {
+        requestTimeMs = options.requestTimeMs
+        base = options.statementLimits
+        deadlineNs = monotonicNs() + UInt64(max(options.requestTimeMs, 0)) * 1_000_000
+    }
+
+    /// The limits of the next statement, or nil when the request's time is spent.
+    func limitsForNextStatement() -> StatementLimits? {
+        let now = monotonicNs()
+        guard now < deadlineNs else { return nil }
+        let leftMs = Int((deadlineNs - now + 999_999) / 1_000_000)
+        var limits = base
+        if limits.timeMs == 0 || leftMs < limits.timeMs { limits.timeMs = leftMs }
+        return limits
+    }
+
+    var spentMessage: String { "not applied: the request ran longer than its limit of \(requestTimeMs) ms" }
+
+    /// A statement's error as its client reads it: an interrupt at the request's deadline
+    /// names the request's limit, not the statement's.
+    func message(for error: any Error) -> String {
+        if let error = error as? SQLiteError, error.code == SQLITE_INTERRUPT, monotonicNs() >= deadlineNs {
+            return "request stopped: it ran longer than its limit of \(requestTimeMs) ms"
+        }
+        return String(describing: error)
     }
 }
 
@@ -525,7 +594,7 @@ final class ReaderPool: @unchecked Sendable {
         condition.unlock()
         var openError: (any Error)?
         if connection == nil {
-            do { connection = try SQLiteConnection(path: path, readOnly: true) } catch { openError = error }
+            do { connection = try options.openConnection(path: path, readOnly: true) } catch { openError = error }
         }
         while true {
             condition.lock()
