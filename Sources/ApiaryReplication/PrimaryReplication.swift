@@ -308,6 +308,12 @@ public struct PrimaryReplication: Sendable {
         guard peer.role == .node else {
             return reject(connection, .wrongRole, "only database nodes may replicate")
         }
+        // Decided on the certificate's name, before anything the peer says: only the node the
+        // topology names as this primary's standby may replicate from it.
+        guard let expected = standbyNodeID, expected == peer.nodeID else {
+            return reject(connection, .unexpectedPeer, standbyNodeID.map { "node '\(peer.nodeID)' is not this primary's standby (the standby is '\($0)')" }
+                ?? "no standby is assigned to this primary; node '\(peer.nodeID)' may not replicate from it")
+        }
         guard candidates.count < Self.candidatesMax else {
             return reject(connection, .protocolViolation, "too many handshakes in progress")
         }
@@ -438,9 +444,6 @@ extension PrimaryReplication {
         }
         guard hello.nodeID == peer.nodeID else {
             return reject(connection, .unexpectedPeer, "hello names node '\(hello.nodeID)' but the certificate names '\(peer.nodeID)'")
-        }
-        if let expected = standbyNodeID, expected != peer.nodeID {
-            return reject(connection, .unexpectedPeer, "node '\(peer.nodeID)' is not this primary's standby")
         }
         if hello.epoch < epoch {
             return reject(connection, .staleEpoch, "standby epoch \(hello.epoch) is older than the primary's epoch \(epoch)")

@@ -217,6 +217,16 @@ final class ReplicatedClusterTests: XCTestCase {
         guard case .reject(let reject) = message else { return XCTFail("expected a reject, got \(message)") }
         XCTAssertEqual(reject.code, .wrongRole)
 
+        // A node certificate from our CA, but not the node named as this primary's standby.
+        try CertificateAuthority.load(from: cluster.certificates).issue(PeerIdentity(role: .node, name: "node-c"), into: cluster.certificates)
+        let other = try await rawReplicationConnection(port: cluster.primary.replicationPort,
+                                                       credentials: ClusterCredentials(directory: cluster.certificates, name: "node-c"))
+        XCTAssertTrue(other.handshakeCompleted)
+        XCTAssertTrue(other.closedByServer)
+        guard case .reject(let notStandby) = try WireCodec.decode(frame: other.bytes) else { return XCTFail("expected a reject") }
+        XCTAssertEqual(notStandby.code, .unexpectedPeer)
+        XCTAssertTrue(notStandby.reason.contains("'node-c' is not this primary's standby"), notStandby.reason)
+
         // The real standby is unaffected.
         let report = try await verify()
         XCTAssertTrue(report.consistent, report.text)

@@ -147,7 +147,7 @@ final class PrimaryScenarioTests: XCTestCase {
     }
 
     func testNoStandbyInSyncModeFailsAfterStandbyWaitAsUnavailable() {
-        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig())
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig(), standbyNodeID: "node-b")
         XCTAssertEqual(p.onLocalRecord(tenant, record(1), now: 0), [])
         XCTAssertEqual(p.onTick(now: 499), [], "a commit never fails before standbyWaitMs")
         XCTAssertEqual(p.onTick(now: 500), [.commitFailed(tenant, 1, .standbyUnavailable)])
@@ -237,7 +237,7 @@ final class PrimaryScenarioTests: XCTestCase {
         w.write(UInt16(2))
         w.write([1, 2, 3])
         let message = try WireCodec.decode(body: w.bytes)
-        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig())
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig(), standbyNodeID: "node-b")
         _ = p.onConnected(conn1, peer: standbyPeer, now: 0)
         let actions = p.onMessage(message, from: conn1, now: 1)
         guard case .send(conn1, .reject(let r))? = actions.first else { return XCTFail("\(actions)") }
@@ -249,9 +249,15 @@ final class PrimaryScenarioTests: XCTestCase {
     func testPeersOtherThanTheStandbyNodeAreRejected() {
         var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig(), standbyNodeID: "node-b")
         XCTAssertEqual(sent(p.onConnected(conn1, peer: PeerIdentity(nodeID: "gw", role: .other("gateway")), now: 0)).map(\.kind), ["reject"])
-        _ = p.onConnected(conn2, peer: PeerIdentity(nodeID: "node-c", role: .node), now: 0)
-        let actions = p.onMessage(.hello(Hello(nodeID: "node-c", epoch: Epoch(1), tenants: [])), from: conn2, now: 1)
+        // Refused on its certificate's name, before it says anything.
+        let actions = p.onConnected(conn2, peer: PeerIdentity(nodeID: "node-c", role: .node), now: 0)
+        guard case .send(conn2, .reject(let r))? = actions.first else { return XCTFail("\(actions)") }
+        XCTAssertTrue(r.reason.contains("'node-c' is not this primary's standby (the standby is 'node-b')"), r.reason)
         XCTAssertEqual(actions.last, .closeConnection(conn2, .rejectedPeer(.unexpectedPeer)))
+        XCTAssertEqual(p.onMessage(.hello(Hello(nodeID: "node-c", epoch: Epoch(1), tenants: [])), from: conn2, now: 1), [])
+        // A primary with no standby assigned lets no node replicate.
+        var alone = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .single, config: testConfig())
+        XCTAssertEqual(alone.onConnected(conn1, peer: standbyPeer, now: 0).last, .closeConnection(conn1, .rejectedPeer(.unexpectedPeer)))
     }
 
     func testSilentStandbyIsClosedAfterPeerTimeout() {
@@ -265,7 +271,7 @@ final class PrimaryScenarioTests: XCTestCase {
         var c = testConfig()
         c.pendingCommitsMax = 1
         c.recordBytesMax = 40
-        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: c)
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: c, standbyNodeID: "node-b")
         let big = Record(epoch: Epoch(1), lsn: 1, dbSizePages: 1, checksum: 1, pages: [Page(number: 1, bytes: Array(repeating: 0, count: 64))])
         XCTAssertEqual(p.onLocalRecord(tenant, big, now: 0), [.commitFailed(tenant, 1, .recordTooLarge)])
         XCTAssertEqual(p.onLocalRecord(tenant, record(1), now: 0), [])
@@ -273,7 +279,7 @@ final class PrimaryScenarioTests: XCTestCase {
     }
 
     func testLeavingSyncModeCompletesWaitingCommits() {
-        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig())
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig(), standbyNodeID: "node-b")
         _ = p.onLocalRecord(tenant, record(1), now: 0)
         _ = p.onLocalRecord(tenant, record(2), now: 0)
         XCTAssertEqual(p.onModeChanged(.waitPrimary, now: 1), [.commitDurable(tenant, 1), .commitDurable(tenant, 2)])

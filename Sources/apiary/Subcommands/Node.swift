@@ -28,7 +28,7 @@ struct Node: AsyncParsableCommand {
     @Option(help: "Primary: replication listen address (host:port).") var replication = Address(argument: "127.0.0.1:4002")!
     @Option(help: "Standby: the primary's replication address (host:port).") var primary: Address?
     @Option(help: "Primary: sync (every commit waits for the standby), wait-primary (commits alone, still streams to a standby that connects), or single (no standby).") var mode = "sync"
-    @Option(help: "Primary: the only node name allowed to connect as standby.") var standby: String?
+    @Option(help: "Primary: the only node allowed to connect as standby (by its certificate's name); required unless --mode single.") var standby: String?
     @Option(help: "Primary, sync mode: how long a commit waits for the standby before it fails.") var standbyWaitMs: Int64 = 2000
     @Option(help: "Replication heartbeat interval.") var heartbeatIntervalMs: Int64 = 100
     @Option(help: "A silent replication connection is closed after this long.") var peerTimeoutMs: Int64 = 1000
@@ -40,6 +40,9 @@ struct Node: AsyncParsableCommand {
         guard ["primary", "standby"].contains(role) else { throw ValidationError("--role must be primary or standby") }
         guard ["sync", "wait-primary", "single"].contains(mode) else { throw ValidationError("--mode must be sync, wait-primary or single") }
         if role == "standby" && primary == nil { throw ValidationError("a standby needs --primary host:port") }
+        if role == "primary" && mode != "single" && standby == nil {
+            throw ValidationError("a primary in --mode \(mode) needs --standby NAME: the only node allowed to replicate from it")
+        }
         guard standbyWaitMs > 0, heartbeatIntervalMs > 0, peerTimeoutMs > heartbeatIntervalMs else {
             throw ValidationError("timers must be positive, and --peer-timeout-ms larger than --heartbeat-interval-ms")
         }
