@@ -8,14 +8,20 @@ final class CaptureTests: XCTestCase {
     var dir: TemporaryDirectory!
     var sink: ReplicaSink!
     var db: TenantDatabase!
+    /// `test_gate('name')` in this database's tenant SQL (`SQLGates`).
+    var gates: SQLGates!
 
     override func setUp() async throws {
         dir = TemporaryDirectory()
         sink = ReplicaSink(replicaPath: dir.path + "/replica.db")
-        db = try TenantDatabase(tenant: try TenantID("acme"), path: dir.path + "/acme.db", sink: sink)
+        gates = SQLGates()
+        var options = TenantDatabase.Options()
+        gates.install(on: &options)
+        db = try TenantDatabase(tenant: try TenantID("acme"), path: dir.path + "/acme.db", sink: sink, options: options)
     }
 
     override func tearDown() async throws {
+        gates?.openAll()
         db?.close()
         db = nil
         dir = nil
@@ -179,13 +185,13 @@ final class CaptureTests: XCTestCase {
         try await db.mustExecute("CREATE TABLE t (x)")
         let before = sink.commitCount
         let db = self.db!
-        // Keeps the writer busy for a few hundred ms (well under the statement time limit).
-        let slow = "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT max(x) FROM c"
-        async let first = db.execute([SQLStatement(slow)])
-        try await Task.sleep(for: .milliseconds(50))
-        async let second = db.execute([SQLStatement("INSERT INTO t VALUES (-1)")])
-        async let third = db.execute([SQLStatement("INSERT INTO t VALUES (-2)")])
-        let results = try await [first, second, third]
+        // The writer holds the first request inside its statement until the gate opens.
+        let first = Submitted(db, "INSERT INTO t SELECT 3000000 WHERE test_gate('slow')")
+        try await gates.reached("slow")
+        let second = Submitted(db, "INSERT INTO t VALUES (-1)")
+        let third = Submitted(db, "INSERT INTO t VALUES (-2)")
+        gates.open("slow")
+        let results = try await [first.value, second.value, third.value]
         for r in results {
             guard case .success = r[0] else { return XCTFail("\(r)") }
         }

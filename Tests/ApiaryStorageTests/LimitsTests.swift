@@ -45,14 +45,19 @@ final class LimitsTests: XCTestCase {
 
     /// After SQLite rolls a batch back, its retry takes no requests that arrived meanwhile: a
     /// stream of runaway requests cannot keep a good one from committing (found in review).
+    /// Gates, not sleeps, put each request where the test needs it: no statement's speed matters.
     func testARetryAfterARollbackTakesNoNewcomers() async throws {
         let dir = TemporaryDirectory()
-        let db = try open(dir) { $0.statementTimeMs = 600 }
+        let gates = SQLGates()
+        let db = try open(dir) { $0.statementTimeMs = 300; gates.install(on: &$0) }
         defer { db.close() }
+        defer { gates.openAll() }
         try await db.mustExecute("CREATE TABLE t (x)")
-        let runaway = Self.endlessInsert
-        // Keeps the writer busy a few hundred ms, well under the limit.
-        let busy = "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000) SELECT -max(x) FROM c"
+        // Holds the writer inside the first request of its batch until the test opens the gate.
+        let busy = "INSERT INTO t SELECT -1 WHERE test_gate('busy')"
+        // A runaway that waits at its gate once it runs, then runs into the time limit, which
+        // rolls back the whole transaction.
+        let gatedRunaway = "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c WHERE test_gate('r2')"
         final class Answers: @unchecked Sendable {
             private let lock = NSLock()
             private var names: [String] = []
@@ -60,27 +65,22 @@ final class LimitsTests: XCTestCase {
             var order: [String] { lock.withLock { names } }
         }
         let answered = Answers()
-        func run(_ name: String, _ sql: String) -> Task<[StatementResult], any Error> {
-            Task {
-                let results = try await db.execute([SQLStatement(sql)])
-                answered.add(name)
-                return results
-            }
-        }
-        let first = run("busy", busy)
-        try await Task.sleep(for: .milliseconds(50))
-        // Join the busy request's batch late; the runaway rolls it back.
-        let r2 = run("r2", runaway)
-        try await Task.sleep(for: .milliseconds(10))
-        let good = run("good", "INSERT INTO t VALUES (1)")
-        try await Task.sleep(for: .milliseconds(550))
+        func submit(_ name: String, _ sql: String) -> Submitted { Submitted(db, sql) { answered.add(name) } }
+        let first = submit("busy", busy)
+        try await gates.reached("busy")
+        // Both wait while the busy request runs, so they join its batch late; r2 rolls it back.
+        let r2 = submit("r2", gatedRunaway)
+        let good = submit("good", "INSERT INTO t VALUES (1)")
+        gates.open("busy")
+        try await gates.reached("r2")
         // Arrives while r2 runs: it must wait for the next batch, not join the retry.
-        let r3 = run("r3", runaway)
-        for task in [first, good] {
-            guard case .success = try await task.value[0] else { return XCTFail("a good request failed") }
+        let r3 = submit("r3", Self.endlessInsert)
+        gates.open("r2")
+        for request in [first, good] {
+            guard case .success = try await request.value[0] else { return XCTFail("a good request failed") }
         }
-        for task in [r2, r3] {
-            guard case .failure = try await task.value[0] else { return XCTFail("a runaway request succeeded") }
+        for request in [r2, r3] {
+            guard case .failure = try await request.value[0] else { return XCTFail("a runaway request succeeded") }
         }
         let order = answered.order
         XCTAssertEqual(order.firstIndex(of: "r2"), 0, "\(order)")
@@ -95,13 +95,14 @@ final class LimitsTests: XCTestCase {
     /// request does, must not deadlock on that lock (found in review).
     func testARefusalAnsweredAtOnceMaySubmitAgain() async throws {
         let dir = TemporaryDirectory()
-        let db = try open(dir) { $0.queueRequestsMax = 1 }
+        let gates = SQLGates()
+        let db = try open(dir) { $0.queueRequestsMax = 1; gates.install(on: &$0) }
         try await db.mustExecute("CREATE TABLE t (x)")
-        let busy = "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000) SELECT -max(x) FROM c"
-        let running = Task { try await db.execute([SQLStatement(busy)]) }
-        try await Task.sleep(for: .milliseconds(50))
-        let queued = Task { try await db.execute([SQLStatement("INSERT INTO t VALUES (1)")]) }
-        try await Task.sleep(for: .milliseconds(20))
+        // The writer holds this one inside its statement until the gate opens…
+        let running = Submitted(db, "INSERT INTO t SELECT -1 WHERE test_gate('busy')")
+        try await gates.reached("busy")
+        // …so this one stays in the queue.
+        let queued = Submitted(db, "INSERT INTO t VALUES (1)")
         // The queue is full now: the next request is refused at once, and its answer submits
         // another one (also refused at once) from inside the callback.
         let answered = DispatchSemaphore(value: 0)
@@ -122,8 +123,10 @@ final class LimitsTests: XCTestCase {
             return XCTFail("a refusal answered under the writer's lock deadlocked the submit it made")
         }
         defer { db.close() }
+        defer { gates.openAll() }
         XCTAssertTrue(outcome.first?.contains("queue full") ?? false, outcome.first ?? "nil")
         XCTAssertTrue(outcome.second?.contains("queue full") ?? false, outcome.second ?? "nil")
+        gates.open("busy")
         _ = try await running.value
         _ = try await queued.value
     }
@@ -132,20 +135,24 @@ final class LimitsTests: XCTestCase {
     /// must still be applied (they run again without the culprit).
     func testARunawayRequestDoesNotFailItsNeighboursInTheSameBatch() async throws {
         let dir = TemporaryDirectory()
-        let db = try open(dir) { $0.statementTimeMs = 300 }
+        let gates = SQLGates()
+        let db = try open(dir) { $0.statementTimeMs = 300; gates.install(on: &$0) }
         defer { db.close() }
+        defer { gates.openAll() }
         try await db.mustExecute("CREATE TABLE t (x)")
         let runaway = Self.endlessInsert
-        let outcomes = try await withThrowingTaskGroup(of: (Int, [StatementResult]).self) { group in
-            for i in 0..<20 {
-                group.addTask {
-                    (i, try await db.execute([SQLStatement("INSERT INTO t VALUES (\(i))"), SQLStatement(i == 7 ? runaway : "SELECT 1")]))
-                }
-            }
-            var all: [Int: [StatementResult]] = [:]
-            for try await (i, r) in group { all[i] = r }
-            return all
+        // The writer holds a first request at its gate while all 20 queue: they join its batch,
+        // so the runaway has neighbours in its transaction however the threads are scheduled.
+        let holder = Submitted(db, "SELECT test_gate('hold')")
+        try await gates.reached("hold")
+        let requests = (0..<20).map { i in
+            let pair = [SQLStatement("INSERT INTO t VALUES (\(i))"), SQLStatement(i == 7 ? runaway : "SELECT 1")]
+            return Submitted(db, pair)
         }
+        gates.open("hold")
+        guard case .success = try await holder.value[0] else { return XCTFail("the holding request failed") }
+        var outcomes: [Int: [StatementResult]] = [:]
+        for (i, request) in requests.enumerated() { outcomes[i] = try await request.value }
         for (i, results) in outcomes {
             if i == 7 {
                 guard case .failure(let first) = results[0] else { return XCTFail("the culprit's first statement was undone: \(results)") }

@@ -47,25 +47,34 @@ final class PoolTests: XCTestCase {
     func testABusyTenantYieldsItsThreadWhenAnotherWaits() async throws {
         let dir = TemporaryDirectory()
         let writers = BlockingPool(threads: 1, name: "test-writer-1")
+        let gates = SQLGates()
         var options = TenantDatabase.Options()
         options.batchRequestsMax = 1 // one commit per request: a long line of batches
+        gates.install(on: &options)
         let busy = try TenantDatabase(tenant: try TenantID("busy"), path: dir.path + "/busy.db", sink: ReplicaSink(replicaPath: dir.path + "/rb.db"),
                                       options: options, writerPool: writers)
         let quiet = try TenantDatabase(tenant: try TenantID("quiet"), path: dir.path + "/quiet.db", sink: ReplicaSink(replicaPath: dir.path + "/rq.db"),
                                        writerPool: writers)
         defer { busy.close(); quiet.close() }
+        defer { gates.openAll() }
         try await busy.mustExecute("CREATE TABLE t (x)")
         try await quiet.mustExecute("CREATE TABLE t (x)")
+        // The busy tenant's first write holds the only thread at its gate while 199 more queue.
         let finished = LockedCounter()
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for i in 0..<200 {
-                group.addTask { _ = try await busy.execute([SQLStatement("INSERT INTO t VALUES (\(i))")]); finished.increment() }
-            }
-            // Let the backlog build, then ask for one write elsewhere.
-            while finished.value < 5 { try await Task.sleep(for: .milliseconds(1)) }
-            try await quiet.mustExecute("INSERT INTO t VALUES (1)")
-            XCTAssertLessThan(finished.value, 150, "the quiet tenant waited for most of the busy one's backlog")
-            try await group.waitForAll()
+        let backlog = [Submitted(busy, "INSERT INTO t SELECT 0 WHERE test_gate('first')") { finished.increment() }]
+            + (1..<200).map { i in Submitted(busy, "INSERT INTO t VALUES (\(i))") { finished.increment() } }
+        try await gates.reached("first")
+        // One write elsewhere now waits for the same thread. How many busy writes were answered
+        // before it is read on the writer thread as it is answered, not whenever the test wakes.
+        let finishedBeforeQuiet = LockedCounter()
+        let write = Submitted(quiet, "INSERT INTO t VALUES (1)") {
+            finishedBeforeQuiet.increment(by: finished.value)
+        }
+        gates.open("first")
+        guard case .success = try await write.value[0] else { return XCTFail("the quiet tenant's write failed") }
+        XCTAssertLessThan(finishedBeforeQuiet.value, 150, "the quiet tenant waited for most of the busy one's backlog")
+        for request in backlog {
+            guard case .success = try await request.value[0] else { return XCTFail("a busy tenant's write failed") }
         }
     }
 }
@@ -90,7 +99,7 @@ extension PoolTests {
 final class LockedCounter: @unchecked Sendable {
     private let lock = NSLock()
     private var count = 0
-    func increment() { lock.lock(); count += 1; lock.unlock() }
+    func increment(by n: Int = 1) { lock.lock(); count += n; lock.unlock() }
     var value: Int { lock.lock(); defer { lock.unlock() }; return count }
 }
 
