@@ -172,6 +172,10 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     // Event-loop-only state.
     private var core: StandbyReplication
     private var channels = ReplicationChannels()
+    /// The connection being dialled, until it is reported connected or failed (exactly once:
+    /// a TCP connection whose TLS handshake fails or stalls closes without ever connecting,
+    /// and the core must hear of it, or it waits in "connecting" forever).
+    private var dialling: ConnectionID?
     private var tenants: [TenantID: StandbyTenant] = [:]
     /// Set when storage failed in a way that breaks an invariant: the node stops replicating.
     private(set) var fatal: NodeError?
@@ -237,6 +241,8 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     }
 
     func connected(_ id: ConnectionID, channel: any Channel, peer: ApiaryReplication.PeerIdentity) {
+        guard dialling == id else { channel.close(promise: nil); return } // given up on already
+        dialling = nil
         guard fatal == nil, !promoting else { channel.close(promise: nil); return }
         channels[id] = channel
         logger.info("connected to primary", metadata: ["primary": "\(peer.nodeID)", "connection": "\(id)"])
@@ -252,6 +258,11 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     }
 
     func disconnected(_ id: ConnectionID) {
+        if dialling == id {
+            dialling = nil
+            guard fatal == nil, !promoting else { return }
+            return interpret(core.onConnectFailed(now: monotonicNowMs()))
+        }
         guard channels.forget(id) else { return }
         interpret(core.onDisconnected(id, now: monotonicNowMs()))
     }
@@ -380,11 +391,15 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
 
     private func connect() {
         let id = ids.make()
+        dialling = id
         ClusterTransport.connect(host: primaryHost, port: primaryPort, group: group, credentials: credentials, id: id,
                                  events: self, driverLoop: loop, timeoutMs: core.config.peerTimeoutMs)
             .whenComplete { result in
                 self.loop.execute {
-                    if case .failure = result { self.interpret(self.core.onConnectFailed(now: monotonicNowMs())) }
+                    guard case .failure = result, self.dialling == id else { return }
+                    self.dialling = nil
+                    guard self.fatal == nil, !self.promoting else { return }
+                    self.interpret(self.core.onConnectFailed(now: monotonicNowMs()))
                 }
             }
     }

@@ -40,22 +40,88 @@ final class ConnectionIDs: @unchecked Sendable {
     }
 }
 
+/// Connections whose TLS handshake has not finished, bounded: a peer that connects and sends
+/// nothing (or stalls mid-handshake) must not hold sockets and memory without limit.
+final class UnfinishedHandshakes: Sendable {
+    private let count = LockedValue(0)
+    let max: Int
+    init(max: Int) { self.max = max }
+
+    /// Counts a new connection in until its handshake completes or it closes, or refuses it
+    /// (nil) past `max`.
+    func admit(_ channel: any Channel) -> Slot? {
+        let admitted = count.withLock { n -> Bool in
+            guard n < max else { return false }
+            n += 1
+            return true
+        }
+        guard admitted else { return nil }
+        let slot = Slot(self)
+        channel.closeFuture.whenComplete { _ in slot.release() }
+        return slot
+    }
+
+    var current: Int { count.withLock { $0 } }
+
+    /// One admitted connection's place, given back once.
+    final class Slot: Sendable {
+        private let owner: UnfinishedHandshakes
+        private let released = LockedValue(false)
+        init(_ owner: UnfinishedHandshakes) { self.owner = owner }
+        func release() {
+            guard released.withLock({ done in defer { done = true }; return !done }) else { return }
+            owner.count.withLock { $0 -= 1 }
+        }
+    }
+}
+
 /// Waits for the TLS handshake, reads the peer's identity from its certificate, and only
-/// then reports the connection. A peer without a valid apiary identity is dropped.
+/// then reports the connection. A peer without a valid apiary identity is dropped, and so is
+/// one whose handshake does not finish within `handshakeTimeout` (TCP up, TLS stalled).
 final class PeerIdentityHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = Any
     let id: ConnectionID
     let events: any ConnectionEvents
     let driverLoop: any EventLoop
+    private let handshakeTimeout: TimeAmount
+    private let slot: UnfinishedHandshakes.Slot?
+    private var deadline: Scheduled<Void>?
+    /// The handshake ended (completed, or the connection closed first).
+    private var settled = false
 
-    init(id: ConnectionID, events: any ConnectionEvents, driverLoop: any EventLoop) {
+    /// - Parameter slot: the connection's place among the listener's unfinished handshakes.
+    init(id: ConnectionID, events: any ConnectionEvents, driverLoop: any EventLoop, handshakeTimeout: TimeAmount,
+         slot: UnfinishedHandshakes.Slot?) {
         self.id = id
         self.events = events
         self.driverLoop = driverLoop
+        self.handshakeTimeout = handshakeTimeout
+        self.slot = slot
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let channel = context.channel
+        deadline = context.eventLoop.scheduleTask(in: handshakeTimeout) { channel.close(promise: nil) }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) { settle() }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        settle()
+        context.fireChannelInactive()
+    }
+
+    private func settle() {
+        guard !settled else { return }
+        settled = true
+        deadline?.cancel()
+        deadline = nil
+        slot?.release()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case TLSUserEvent.handshakeCompleted = event {
+            settle()
             let channel = context.channel
             let certificate = try? channel.pipeline.syncOperations.handler(type: NIOSSLHandler.self).peerCertificate
             guard let certificate, let identity = ClusterCredentials.identity(of: certificate) else {
@@ -73,12 +139,20 @@ final class PeerIdentityHandler: ChannelInboundHandler, RemovableChannelHandler 
 
 enum ClusterTransport {
     /// The pipeline every replication connection has, client or server side.
+    /// A TLS handshake must finish within this long, on either side: a peer that connects and
+    /// sends nothing is dropped (and a standby dials again) instead of holding the stream.
+    static let handshakeTimeoutMs: Int64 = 5_000
+    /// Connections a primary lets wait for their handshake at once; more are closed on accept.
+    static let unfinishedHandshakesMax = 16
+
     static func configure(
-        _ channel: any Channel, tls: NIOSSLHandler, id: ConnectionID, events: any ConnectionEvents, driverLoop: any EventLoop
+        _ channel: any Channel, tls: NIOSSLHandler, id: ConnectionID, events: any ConnectionEvents, driverLoop: any EventLoop,
+        slot: UnfinishedHandshakes.Slot? = nil
     ) throws {
         let ops = channel.pipeline.syncOperations
         try ops.addHandler(tls)
-        try ops.addHandler(PeerIdentityHandler(id: id, events: events, driverLoop: driverLoop))
+        try ops.addHandler(PeerIdentityHandler(id: id, events: events, driverLoop: driverLoop,
+                                               handshakeTimeout: .milliseconds(handshakeTimeoutMs), slot: slot))
         try ops.addHandler(ByteToMessageHandler(MessageDecoder(), maximumBufferSize: WireCodec.frameBodyBytesMax + 64))
         try ops.addHandler(MessageEncoder())
         try ops.addHandler(ConnectionHandler(
@@ -93,6 +167,7 @@ enum ClusterTransport {
         ids: ConnectionIDs, events: any ConnectionEvents, driverLoop: any EventLoop
     ) async throws -> any Channel {
         let context = try NIOSSLContext(configuration: credentials.clusterServer())
+        let unfinished = UnfinishedHandshakes(max: unfinishedHandshakesMax)
         // Replication connections live on the driver's own loop: a message reaches the core
         // without a thread hop (a commit's latency is mostly hops and fsyncs).
         return try await ServerBootstrap(group: group, childGroup: driverLoop)
@@ -100,8 +175,10 @@ enum ClusterTransport {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try configure(channel, tls: NIOSSLServerHandler(context: context), id: ids.make(), events: events, driverLoop: driverLoop)
+                guard let slot = unfinished.admit(channel) else { return channel.close() }
+                return channel.eventLoop.makeCompletedFuture {
+                    try configure(channel, tls: NIOSSLServerHandler(context: context), id: ids.make(), events: events, driverLoop: driverLoop,
+                                  slot: slot)
                 }
             }
             .bind(host: host, port: port).get()
