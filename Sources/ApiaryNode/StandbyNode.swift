@@ -493,15 +493,19 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     /// stopped committing, DESIGN §6), and applies every record it holds — including those the
     /// old primary had not yet told it were committed: they may have been acknowledged.
     /// - Returns: the epoch the node was in.
-    func stopForPromotion(leaseDriftMarginMs: Milliseconds = 100) async throws -> Epoch {
-        let (epoch, leaseUntil, tenants) = try await loop.submit { () -> (Epoch, Milliseconds, [StandbyTenant]) in
+    func stopForPromotion() async throws -> Epoch {
+        let (epoch, tenants) = try await loop.submit { () -> (Epoch, [StandbyTenant]) in
             if let fatal = self.fatal { throw fatal }
             self.promoting = true
             self.channels.closeAll()
-            return (self.core.epoch, self.core.leasePromisedUntil, Array(self.tenants.values))
+            return (self.core.epoch, Array(self.tenants.values))
         }.get()
-        let waitMs = leaseUntil + leaseDriftMarginMs - monotonicNowMs()
-        if waitMs > 0 { try await Task.sleep(for: .milliseconds(waitMs)) }
+        // The core says how long the lease still binds; nothing grants a new one meanwhile.
+        while true {
+            let waitMs = try await loop.submit { self.core.promotionWaitMs(now: monotonicNowMs()) }.get()
+            if waitMs == 0 { break }
+            try await Task.sleep(for: .milliseconds(waitMs))
+        }
         for tenant in tenants {
             try await BlockingPool.writers.run {
                 tenant.ioQueue.sync {} // appends in flight finish first

@@ -135,6 +135,10 @@ public struct ReplicationConfig: Hashable, Sendable {
     public var standbyWaitMs: Milliseconds = 2_000
     /// The lease each standby ack grants (DESIGN §6).
     public var leaseMs: Milliseconds = 2_000
+    /// How much longer than its last lease a standby waits before it may be promoted: the two
+    /// nodes measure the lease on their own clocks, which may run at slightly different rates
+    /// (DESIGN §6). Clocks keep running while a machine is suspended (CLOCK_BOOTTIME).
+    public var leaseDriftMarginMs: Milliseconds = 100
     /// After a lost or failed connection the standby waits this long before reconnecting.
     public var reconnectDelayMs: Milliseconds = 200
     /// Records sent to the standby and not yet acked, per tenant.

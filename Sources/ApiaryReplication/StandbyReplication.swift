@@ -116,6 +116,14 @@ public struct StandbyReplication: Sendable {
 
     // MARK: Queries
 
+    /// How long a promotion must still wait (0: it may go ahead): until the last lease this
+    /// standby granted, plus the drift margin, has passed on its own clock, so the old primary
+    /// has stopped committing and serving strong reads before this node starts (invariant 3).
+    /// The caller MUST have stopped the stream first, so that no lease is granted meanwhile.
+    public func promotionWaitMs(now: Milliseconds) -> Milliseconds {
+        max(0, leasePromisedUntil + config.leaseDriftMarginMs - now)
+    }
+
     /// Every tenant the core knows, in no particular order.
     public var tenantIDs: [TenantID] { Array(tenants.keys) }
 

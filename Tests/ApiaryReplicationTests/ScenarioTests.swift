@@ -297,6 +297,22 @@ private func welcomedStandby(_ s: inout StandbyReplication, epoch: Epoch = Epoch
 }
 
 final class StandbyScenarioTests: XCTestCase {
+    /// A promotion waits until the last lease granted, plus the drift margin, has passed.
+    func testPromotionWaitsOutTheLastLeasePlusTheDriftMargin() {
+        var config = testConfig()
+        config.leaseDriftMarginMs = 150
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: config, now: 0)
+        // At start it assumes an earlier incarnation granted a lease just before it stopped.
+        XCTAssertEqual(s.promotionWaitMs(now: 0), 1_000 + 150)
+        welcomedStandby(&s)
+        _ = s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 0, record: record(1))), from: conn1, now: 1)
+        _ = s.onPersisted(tenant, throughLSN: 1, now: 400) // the ack grants a lease until 1_400
+        XCTAssertEqual(s.promotionWaitMs(now: 500), 1_400 + 150 - 500)
+        XCTAssertEqual(s.promotionWaitMs(now: 1_549), 1)
+        XCTAssertEqual(s.promotionWaitMs(now: 1_550), 0)
+        XCTAssertEqual(s.promotionWaitMs(now: 9_999), 0)
+    }
+
     func testPersistThenAckThenApplyOnlyWhatIsCommitted() {
         var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), now: 0)
         welcomedStandby(&s)

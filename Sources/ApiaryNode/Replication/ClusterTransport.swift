@@ -8,9 +8,14 @@ import NIOPosix
 import NIOSSL
 import NIOTLS
 
-/// Monotonic milliseconds for the cores (never the wall clock: it jumps).
+/// Milliseconds for the cores: never the wall clock (it jumps), and CLOCK_BOOTTIME rather
+/// than CLOCK_MONOTONIC, which stops while the machine is suspended: a primary suspended
+/// past its lease must find the lease expired when it wakes, and a standby must count the
+/// suspended time toward the lease it waits out (DESIGN §6).
 func monotonicNowMs() -> Milliseconds {
-    Milliseconds(DispatchTime.now().uptimeNanoseconds / 1_000_000)
+    var now = timespec()
+    clock_gettime(CLOCK_BOOTTIME, &now)
+    return Milliseconds(now.tv_sec) * 1_000 + Milliseconds(now.tv_nsec) / 1_000_000
 }
 
 extension EventLoop {
