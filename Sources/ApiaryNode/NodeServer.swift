@@ -31,6 +31,8 @@ public struct NodeConfiguration: Sendable {
     public var standbyName: String?
     /// The epoch a node starts in when its data directory has none yet.
     public var initialEpoch = Epoch(1)
+    /// `role`, `mode` and `initialEpoch` only bootstrap a node whose data directory holds no
+    /// state yet: after that its durable state decides (`NodeState`).
     public var replication = ReplicationConfig()
     /// Segment size and retention of every tenant's replication log.
     public var log = ReplicationLog.Options()
@@ -57,22 +59,27 @@ public enum NodeServer {
         let layout = DataLayout(root: config.dataDirectory)
         try FileManager.default.createDirectory(atPath: layout.tenantsDirectory, withIntermediateDirectories: true)
         let stateFile = NodeStateFile(path: layout.nodeState)
-        let epoch = try stateFile.readEpoch() ?? config.initialEpoch
-        try stateFile.write(epoch: epoch)
+        let configured = NodeState(role: config.role == .primary ? .primary : .standby, epoch: config.initialEpoch, mode: config.mode)
+        let state = NodeState.atStartup(durable: try stateFile.read(), configured: configured)
+        try stateFile.write(state)
+        if state.role != configured.role || (state.role == .primary && state.mode != configured.mode) {
+            logger.notice("starting as the node's durable state says, not as configured", metadata: ["state": "\(state)", "configured": "\(configured)"])
+        }
 
         // The singleton, which `apiary node` also makes Swift concurrency's executor.
         let group = MultiThreadedEventLoopGroup.singleton
-        let roles = NodeRoles(config: config, layout: layout, group: group, credentials: credentials, logger: logger)
-        switch config.role {
-        case .primary: try await roles.startPrimary(epoch: epoch, mode: config.mode)
-        case .standby: try roles.startStandby(epoch: epoch)
+        let roles = NodeRoles(config: config, state: state, layout: layout, group: group, credentials: credentials, logger: logger)
+        switch state.role {
+        case .primary: try await roles.startPrimary(epoch: state.epoch, mode: state.mode)
+        case .standby: try roles.startStandby(epoch: state.epoch)
+        case .demoted: roles.startDemoted(epoch: state.epoch)
         }
 
         defer { roles.stop() }
         let server = try await APIServer.start(service: roles, credentials: credentials, host: config.apiHost, port: config.apiPort,
                                                group: group, logger: logger)
         // Scripts and tests wait for this line.
-        print("apiary node \(config.name) ready: role=\(config.role.rawValue) api=https://\(config.apiHost):\(server.port)")
+        print("apiary node \(config.name) ready: role=\(state.role.rawValue) epoch=\(state.epoch.rawValue) api=https://\(config.apiHost):\(server.port)")
         fflush(stdout)
         let signal = await terminationSignal()
         logger.notice("shutting down", metadata: ["signal": "\(signal)"])
@@ -146,9 +153,12 @@ final class NodeRoles: SQLService, @unchecked Sendable {
     private var current: (any SQLService)?
     private var standby: StandbyNode?
     private var resources: [() -> Void] = []
+    /// The node's role and epoch, as its state file holds them (written before each change).
+    private var state: NodeState
 
-    init(config: NodeConfiguration, layout: DataLayout, group: any EventLoopGroup, credentials: ClusterCredentials, logger: Logger) {
+    init(config: NodeConfiguration, state: NodeState, layout: DataLayout, group: any EventLoopGroup, credentials: ClusterCredentials, logger: Logger) {
         self.config = config
+        self.state = state
         self.layout = layout
         self.group = group
         self.credentials = credentials
@@ -169,6 +179,7 @@ final class NodeRoles: SQLService, @unchecked Sendable {
         let channel = try await ClusterTransport.listen(host: config.replicationHost, port: config.replicationPort, group: replicationGroup,
                                                         credentials: credentials, ids: ids, events: primary, driverLoop: loop)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in primary.tick() }
+        primary.onSteppedDown = { [weak self] newer in self?.demote(primary, seenEpoch: newer) }
         logger.notice("primary", metadata: ["epoch": "\(epoch)", "mode": "\(mode)", "replication": "\(channel.localAddress.map { "\($0)" } ?? "?")"])
         lock.withLock {
             current = PrimarySQLService(node: primary, epoch: epoch)
@@ -187,6 +198,37 @@ final class NodeRoles: SQLService, @unchecked Sendable {
             standby = node
             resources.append { ticker.cancel() }
         }
+    }
+
+    /// A node that stepped down before a restart: it serves nothing until the monitor makes it
+    /// a standby of the new primary.
+    func startDemoted(epoch: Epoch) {
+        logger.warning("demoted: this node stepped down as primary of epoch \(epoch); it serves nothing until it rejoins as a standby")
+        lock.withLock { current = DemotedSQLService(name: config.name, epoch: epoch, node: nil) }
+    }
+
+    /// The primary's core saw a newer epoch and stopped committing and serving strong reads:
+    /// the node is demoted durably and its API refuses everything from now on. It keeps its
+    /// own epoch (a peer's word does not move it; the monitor tells it the new topology).
+    /// Runs on the replication loop; one fsync, once.
+    private func demote(_ primary: PrimaryNode, seenEpoch newer: Epoch) {
+        let demoted: NodeState? = lock.withLock {
+            guard state.role == .primary else { return nil }
+            return state.steppedDown()
+        }
+        guard let demoted else { return }
+        do {
+            try NodeStateFile(path: layout.nodeState).write(demoted)
+        } catch {
+            // The core has stopped committing either way; a restart would come back as
+            // primary and step down again when it meets the newer epoch.
+            logger.critical("cannot record the demotion", metadata: ["error": "\(error)"])
+        }
+        lock.withLock {
+            state = demoted
+            current = DemotedSQLService(name: config.name, epoch: demoted.epoch, node: primary)
+        }
+        logger.warning("demoted: a peer showed epoch \(newer), newer than this primary's \(demoted.epoch); no more commits or reads here")
     }
 
     func stop() {
@@ -215,17 +257,20 @@ final class NodeRoles: SQLService, @unchecked Sendable {
     /// again (the monitor, next issue, will drive this and the old primary's rejoin).
     func promote() async throws -> [UInt8] {
         guard let node = lock.withLock({ () -> StandbyNode? in
-            guard let s = standby else { return nil }
+            guard let s = standby, state.role == .standby else { return nil }
             standby = nil
             current = nil
             return s
         }) else { throw APIError(.badRequest, "this node is not a standby") }
         let old = try await node.stopForPromotion()
-        let epoch = old.next
-        try NodeStateFile(path: layout.nodeState).write(epoch: epoch)
+        let promoted = NodeState(role: .standby, epoch: old, mode: config.mode).promoted()
+        // Durable before it acts: a restart comes back as this primary, whatever --role says.
+        try NodeStateFile(path: layout.nodeState).write(promoted)
+        lock.withLock { state = promoted }
+        let epoch = promoted.epoch
         for release in lock.withLock({ resources }) { release() }
         lock.withLock { resources.removeAll() }
-        try await startPrimary(epoch: epoch, mode: .single)
+        try await startPrimary(epoch: epoch, mode: promoted.mode)
         logger.notice("promoted to primary", metadata: ["epoch": "\(epoch)"])
         return Array("{\"promoted\":true,\"epoch\":\(epoch.rawValue)}".utf8)
     }
@@ -313,6 +358,32 @@ struct PrimarySQLService: SQLService {
         case .recordTooLarge?: return APIError(.badRequest, rejected.message)
         case .standbyUnavailable?, .overloaded?, .steppedDown?, nil: return APIError(.notExecuted, rejected.message)
         }
+    }
+}
+
+/// The API on a demoted node: it serves nothing (another node is primary in a newer epoch).
+struct DemotedSQLService: SQLService {
+    let name: String
+    let epoch: Epoch
+    /// The primary it was, for status (nil when it started demoted).
+    let node: PrimaryNode?
+
+    static let refusal = "not primary: this node was demoted (a newer epoch exists); send requests to the current primary"
+
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult] {
+        throw APIError(.notExecuted, Self.refusal)
+    }
+
+    func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] {
+        throw APIError(.notExecuted, Self.refusal)
+    }
+
+    func promote() async throws -> [UInt8] { throw APIError(.badRequest, "a demoted node is not promotable: it may lack acknowledged writes") }
+
+    func statusJSON() async -> [UInt8] {
+        let tenants = await node?.status().sorted { $0.tenant < $1.tenant } ?? []
+        let status = NodeStatus(node: name, role: "demoted", epoch: epoch.rawValue, tenants: tenants)
+        return (try? JSONEncoder().encode(status)).map(Array.init) ?? []
     }
 }
 

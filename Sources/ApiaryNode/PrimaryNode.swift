@@ -45,6 +45,8 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     private var core: PrimaryReplication
     private var channels = ReplicationChannels()
     private var waiters: [TenantLSN: CommitWaiter] = [:]
+    /// Told (on the loop) when the core steps down: the node changes its role.
+    var onSteppedDown: ((Epoch) -> Void)?
 
     // Guarded by `tenantsLock`.
     private let tenantsLock = NSLock()
@@ -313,7 +315,9 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             case .commitFailed(let tenant, let lsn, let failure):
                 waiters.removeValue(forKey: TenantLSN(tenant: tenant, lsn: lsn))?.resolve(.failed(failure))
             case .stepDown(let newer):
+                // The core already refuses commits and leases; the node's role changes now.
                 logger.warning("stepping down: a newer epoch exists", metadata: ["epoch": "\(newer)"])
+                onSteppedDown?(newer)
             }
         }
     }
@@ -416,6 +420,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     var holdsLease: Bool {
         get async {
             (try? await loop.submit {
+                guard self.core.steppedDownTo == nil else { return false }
                 guard self.core.mode.waitsForStandby else { return true }
                 return (self.core.leaseGrantedUntil ?? .min) > monotonicNowMs()
             }.get()) ?? false

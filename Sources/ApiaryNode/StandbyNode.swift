@@ -166,7 +166,6 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     let primaryHost: String
     let primaryPort: Int
     let logger: Logger
-    let stateFile: NodeStateFile
     let ids: ConnectionIDs
 
     // Event-loop-only state.
@@ -176,6 +175,8 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     /// a TCP connection whose TLS handshake fails or stalls closes without ever connecting,
     /// and the core must hear of it, or it waits in "connecting" forever).
     private var dialling: ConnectionID?
+    /// The newer epoch a primary last claimed and this node refused to adopt.
+    private var refusedEpoch: Epoch?
     private var tenants: [TenantID: StandbyTenant] = [:]
     /// Set when storage failed in a way that breaks an invariant: the node stops replicating.
     private(set) var fatal: NodeError?
@@ -216,7 +217,6 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         self.logger = logger
         self.ids = ids
         self.logOptions = logOptions
-        stateFile = NodeStateFile(path: layout.nodeState)
         var logs: [TenantID: StandbyTenantLog] = [:]
         for id in try layout.existingTenants() {
             let tenant = try StandbyTenant(id: id, layout: layout, logOptions: logOptions)
@@ -377,13 +377,12 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             case .abandonSnapshot(let tenantID):
                 storage(tenantID, on: \.applyQueue) { _ in try? FileManager.default.removeItem(atPath: self.layout.snapshotScratch(tenantID)) } then: {}
             case .epochStale(let newer):
-                // Until the monitor exists (next issue), a newer epoch announced by the primary
-                // we were configured to follow is taken as confirmed, durably first.
-                do {
-                    try stateFile.write(epoch: newer)
-                    interpret(core.onEpochChanged(newer, now: monotonicNowMs()))
-                } catch {
-                    stop(NodeError("cannot record epoch \(newer): \(error)"))
+                // A peer's word never moves this node's epoch (NodeState.adopting): only the
+                // monitor's or an operator's does. The core has closed the connection; it dials
+                // again and is refused again until then, so say it once per epoch.
+                if refusedEpoch != newer {
+                    refusedEpoch = newer
+                    logger.warning("the primary claims epoch \(newer), newer than this node's \(core.epoch); not following it without the monitor's word")
                 }
             }
         }

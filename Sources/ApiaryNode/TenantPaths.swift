@@ -1,8 +1,9 @@
 import ApiaryCore
+import ApiaryReplication
 import Foundation
 
 /// Where a node keeps things: `<data>/tenants/<tenant>/{db.sqlite,log/,applied}` and
-/// `<data>/node-state` (the node's durable epoch).
+/// `<data>/node-state` (the node's durable role and epoch).
 struct DataLayout {
     let root: String
 
@@ -31,17 +32,17 @@ struct DataLayout {
 struct NodeStateFile {
     let path: String
 
-    func readEpoch() throws -> Epoch? {
+    func read() throws -> DurableNodeState? {
         guard let data = FileManager.default.contents(atPath: path) else { return nil }
-        let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-        guard text.hasPrefix("epoch="), let value = UInt64(text.dropFirst(6)) else {
-            throw NodeError("\(path) is damaged: expected 'epoch=N'")
+        do {
+            return try DurableNodeState(text: String(decoding: data, as: UTF8.self))
+        } catch {
+            throw NodeError("\(path) is damaged (\(error)); the node will not guess its role")
         }
-        return Epoch(value)
     }
 
-    func write(epoch: Epoch) throws {
-        try DurableFile.replace(path, with: Array("epoch=\(epoch.rawValue)\n".utf8))
+    func write(_ state: NodeState) throws {
+        try DurableFile.replace(path, with: Array(state.text.utf8))
     }
 }
 
