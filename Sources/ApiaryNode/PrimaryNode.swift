@@ -102,10 +102,44 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         if isNew && last.lsn > 0 {
             throw NodeError("tenant \(tenant.id): the log reaches lsn \(last.lsn) but the database file is missing")
         }
+        if !isNew { try discardWALCommitsTheLogLacks(tenant, path: path) }
         tenant.database = try TenantDatabase(tenant: tenant.id, path: path, sink: self) { hashes in
             guard !isNew, hashes.checksum != last.checksum else { return }
             try self.redo(tenant, from: hashes.checksum, path: path)
         }
+    }
+
+    /// Cuts the tenant's WAL back to the last state its log holds, before SQLite opens the file.
+    ///
+    /// A commit's frames are in the WAL before its record is durable in the log (the capture
+    /// runs inside SQLite's WAL sync; the page cache is enough, a `kill -9` keeps it), and a
+    /// failed commit's frames were once invalidated only after its record left the log. A
+    /// process that died in such a window left a valid commit in the WAL that the log lacks:
+    /// SQLite's recovery would bring it back at the next open, and the database would match no
+    /// lsn of the log (the redo refuses to start). So: of the states recovery could leave the
+    /// database in (`WALRecovery.states`: the file, then each WAL commit in turn), keep the
+    /// latest whose checksum the log holds and invalidate the frames after it. The log is read
+    /// from its end, as the redo does: normally its last record is the match. When no state
+    /// matches, the WAL is left alone and the redo reports the disagreement.
+    private func discardWALCommitsTheLogLacks(_ tenant: PrimaryTenant, path: String) throws {
+        let states = try WALRecovery.states(ofDatabase: path)
+        guard let recovered = states.last else { return }
+        var latest: [UInt64: WALRecovery.State] = [:]
+        for state in states { latest[state.checksum] = state }
+        let (last, base) = tenant.withLog { ($0.last, $0.base) }
+        var keep = latest[last.checksum]
+        var lsn = last.lsn
+        while keep == nil && lsn > base.lsn + 1 {
+            lsn -= 1
+            guard let record = try tenant.withLog({ try $0.record(at: lsn) }) else { break }
+            keep = latest[record.checksum]
+        }
+        if keep == nil { keep = latest[base.checksum] }
+        guard let keep, keep.commits < recovered.commits else { return }
+        try WALRecovery.discardCommits(after: keep, ofDatabase: path)
+        logger.notice("discarded WAL commits the log lacks", metadata: [
+            "tenant": "\(tenant.id)", "kept": "\(keep.commits)", "discarded": "\(recovered.commits - keep.commits)",
+        ])
     }
 
     /// Brings the database file up to the log's last record. Commits skip SQLite's WAL fsync
@@ -213,6 +247,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             self.waiters[key] = waiter
             self.interpret(self.core.onLocalRecord(id, record, now: monotonicNowMs()))
         }
+        TestExitPoint.reached(.commitBeforeLogSync, tenant: id, lsn: record.lsn)
         tenant.withLog { log in
             do { try log.sync() } catch {
                 // The core may already count the record durable on the standby; there is no
@@ -227,6 +262,13 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             compactLog(tenant, committed: record.lsn)
             return
         case .failed(let failure):
+            // The commit's frames go first, then its record: a crash in between leaves the
+            // record durable in the log and the redo at restart puts the commit back (its
+            // clients were never answered, so its outcome is unknown to them). The other order
+            // leaves a WAL whose valid commit the log lacks, and SQLite's recovery would bring
+            // back a commit that matches no lsn (issue 8).
+            commit.frames?.invalidate()
+            TestExitPoint.reached(.failedCommitHalfUndone, tenant: id, lsn: record.lsn)
             tenant.withLog { log in
                 do { try log.truncate(after: record.lsn - 1) } catch {
                     preconditionFailure("tenant \(id): cannot remove failed record \(record.lsn) from the log: \(error)")

@@ -9,6 +9,41 @@ public struct CapturedCommit: Sendable {
     public var dbSizePages: UInt32
     /// The rolling database checksum after this commit.
     public var checksum: UInt64
+    /// The commit's frames in the WAL file; nil for a new database's first commit, whose pages
+    /// SQLite wrote into the database file itself.
+    public var frames: WALFrames? = nil
+}
+
+/// A captured commit's frames in the WAL file, lent to the sink for the length of its `commit`
+/// call so that it can make them invalid before it forgets a failed commit (see
+/// ``CommitSink/commit(tenant:_:)``).
+public final class WALFrames: @unchecked Sendable {
+    /// SQLite's open WAL file: valid only while the capture hook runs, on the writer thread.
+    private let file: UnsafeMutablePointer<sqlite3_file>
+    private let firstFrameOffset: Int
+    private(set) var isInvalidated = false
+
+    init(file: UnsafeMutablePointer<sqlite3_file>, firstFrameOffset: Int) {
+        self.file = file
+        self.firstFrameOffset = firstFrameOffset
+    }
+
+    /// Makes the commit's frames invalid on disk, durably, so that SQLite's WAL recovery after a
+    /// crash cannot replay them. SQLite does not publish a commit whose sync failed (wal.c never
+    /// appends it to the wal-index), but recovery replays any frame chain with valid salts and
+    /// checksums up to a commit frame; zeroing the first frame's header (its salts) ends the
+    /// valid chain before the commit. Idempotent. MUST be called, if at all, inside the sink's
+    /// `commit`, on its thread. Stops the process if the WAL cannot be written or synced: a
+    /// restart could replay the commit otherwise.
+    public func invalidate() {
+        guard !isInvalidated else { return }
+        let zeros = [UInt8](repeating: 0, count: WALScanner.frameHeaderBytes)
+        let written = zeros.withUnsafeBytes { apiary_file_write(file, $0.baseAddress, Int32(zeros.count), sqlite3_int64(firstFrameOffset)) }
+        let synced = apiary_file_sync(file)
+        precondition(written == SQLITE_OK && synced == SQLITE_OK,
+                     "cannot invalidate the frames of a failed commit at WAL offset \(firstFrameOffset): a restart could replay them")
+        isInvalidated = true
+    }
 }
 
 /// Receives each captured commit of a tenant (the replication layer, or a local log).
@@ -16,7 +51,13 @@ public protocol CommitSink: AnyObject, Sendable {
     /// Makes `commit` durable where the node's mode requires (local log; the standby's log
     /// in sync mode). It runs on the tenant's writer thread and MAY block, boundedly.
     /// Throwing fails the SQLite commit: nothing of it becomes visible, and the thrown
-    /// error's description is what the writing clients are told.
+    /// error's description is what the writing clients are told. The capture then makes the
+    /// commit's frames invalid in the WAL (``WALFrames/invalidate()``) if the sink has not.
+    ///
+    /// A sink that keeps a commit it then fails (the primary's log) MUST call
+    /// `commit.frames?.invalidate()` before it removes the commit from where it keeps it: the
+    /// other order leaves a moment in which the WAL holds a valid commit that is nowhere else,
+    /// and a crash then would have SQLite's recovery bring it back.
     func commit(tenant: TenantID, _ commit: CapturedCommit) throws
 
     /// True when a commit that `commit` accepted is durable without SQLite's WAL fsync: the
@@ -82,11 +123,12 @@ final class WALCapture: @unchecked Sendable {
             return Int32(APIARY_IOERR_FSYNC)
         }
         let checksum = hashes.checksum(afterApplying: commit.pages, dbSizePages: commit.dbSizePages)
+        let frames = WALFrames(file: file, firstFrameOffset: commit.firstFrameOffset)
         do {
-            try sink.commit(tenant: tenant, CapturedCommit(pages: commit.pages, dbSizePages: commit.dbSizePages, checksum: checksum))
+            try sink.commit(tenant: tenant, CapturedCommit(pages: commit.pages, dbSizePages: commit.dbSizePages, checksum: checksum, frames: frames))
         } catch {
             lastFailure = error
-            invalidate(commit, in: file)
+            frames.invalidate()
             return Int32(APIARY_IOERR_FSYNC)
         }
         hashes.apply(pages: commit.pages, dbSizePages: commit.dbSizePages)
@@ -95,18 +137,6 @@ final class WALCapture: @unchecked Sendable {
         commitsCaptured += 1
         lastFailure = nil
         return sink.isDurableOnCommit ? APIARY_SYNC_SKIP : APIARY_SYNC_WAL
-    }
-
-    /// Makes a failed commit's frames invalid on disk. SQLite does not publish them (the sync
-    /// failed, so wal.c never appends them to the wal-index), but WAL recovery after a crash
-    /// would replay any frame chain with valid salts and checksums up to a commit frame.
-    /// Zeroing the first frame's header (its salts) ends the valid chain before the commit.
-    private func invalidate(_ commit: WALScanner.Commit, in file: UnsafeMutablePointer<sqlite3_file>) {
-        let zeros = [UInt8](repeating: 0, count: WALScanner.frameHeaderBytes)
-        let written = zeros.withUnsafeBytes { apiary_file_write(file, $0.baseAddress, Int32(zeros.count), sqlite3_int64(commit.firstFrameOffset)) }
-        let synced = apiary_file_sync(file)
-        precondition(written == SQLITE_OK && synced == SQLITE_OK,
-                     "cannot invalidate the frames of a failed commit at WAL offset \(commit.firstFrameOffset): a restart could replay them")
     }
 
     func resetPosition() { scanner.reset() }

@@ -59,33 +59,20 @@ struct WALScanner {
     ///   restart, or a checkpoint's sync).
     mutating func scan(fileSize: Int, read: (_ offset: Int, _ count: Int) throws -> [UInt8]) throws -> Commit? {
         guard fileSize >= Self.headerBytes else { return nil }
-        let header = try read(0, Self.headerBytes)
-        var r = ByteReader(header)
-        let magic = try r.read(UInt32.self)
-        guard magic == 0x377F_0682 || magic == 0x377F_0683 else {
-            throw CaptureError.walFormat("bad WAL magic \(String(magic, radix: 16))")
+        let header: Header
+        switch try Self.parseHeader(try read(0, Self.headerBytes), pageSize: pageSize) {
+        case .valid(let h): header = h
+        // A header being rewritten; SQLite syncs it before writing frames, so no commit yet.
+        case .badChecksum: return nil
+        case .badMagic(let magic): throw CaptureError.walFormat("bad WAL magic \(String(magic, radix: 16))")
         }
-        let bigEndianWords = magic & 1 == 1
-        let version = try r.read(UInt32.self)
-        guard version == 3_007_000 else { throw CaptureError.walFormat("unknown WAL version \(version)") }
-        let headerPageSize = Int(try r.read(UInt32.self))
-        guard headerPageSize == pageSize else {
-            throw CaptureError.walFormat("WAL page size \(headerPageSize), database uses \(pageSize)")
-        }
-        _ = try r.read(UInt32.self) // checkpoint sequence
-        let salts = (try r.read(UInt32.self), try r.read(UInt32.self))
-        let headerChecksum = (try r.read(UInt32.self), try r.read(UInt32.self))
-        let computed = Self.checksum(header[0..<24], seed: (0, 0), bigEndianWords: bigEndianWords)
-        guard computed == headerChecksum else {
-            // A header being rewritten; SQLite syncs it before writing frames, so no commit yet.
-            return nil
-        }
+        let salts = header.salts
 
         var start: Position
         if let position, position.salts == salts {
             start = position
         } else {
-            start = Position(salts: salts, offset: Self.headerBytes, checksum: headerChecksum)
+            start = Position(salts: salts, offset: Self.headerBytes, checksum: header.checksum)
             position = start // a new generation: nothing of it shipped yet
         }
 
@@ -96,25 +83,107 @@ struct WALScanner {
         var committed: (images: [UInt32: [UInt8]], dbSize: UInt32, next: Position)?
         while offset + frameBytes <= fileSize {
             let frame = try read(offset, frameBytes)
-            var fr = ByteReader(frame)
-            let pageNumber = try fr.read(UInt32.self)
-            let dbSize = try fr.read(UInt32.self)
-            let frameSalts = (try fr.read(UInt32.self), try fr.read(UInt32.self))
-            let stored = (try fr.read(UInt32.self), try fr.read(UInt32.self))
-            guard pageNumber != 0, frameSalts == salts else { break }
-            var sum = Self.checksum(frame[0..<8], seed: running, bigEndianWords: bigEndianWords)
-            sum = Self.checksum(frame[Self.frameHeaderBytes...], seed: sum, bigEndianWords: bigEndianWords)
-            guard sum == stored else { break }
-            running = sum
-            images[pageNumber] = Array(frame[Self.frameHeaderBytes...])
+            guard let valid = try Self.validFrame(frame, header: header, running: running) else { break }
+            running = valid.checksum
+            images[valid.pageNumber] = Array(frame[Self.frameHeaderBytes...])
             offset += frameBytes
-            if dbSize != 0 {
-                committed = (images, dbSize, Position(salts: salts, offset: offset, checksum: running))
+            if valid.dbSize != 0 {
+                committed = (images, valid.dbSize, Position(salts: salts, offset: offset, checksum: running))
             }
         }
         guard let committed else { return nil }
         let pages = committed.images.keys.sorted().map { Page(number: $0, bytes: committed.images[$0]!) }
         return Commit(pages: pages, dbSizePages: committed.dbSize, firstFrameOffset: start.offset, next: committed.next)
+    }
+
+    /// Every commit that SQLite's WAL recovery (`walIndexRecover`) would replay from a WAL, in
+    /// order, from its first frame: recovery validates frames as `scan` does and stops at the
+    /// first invalid one. Used before SQLite opens a database, not while it writes.
+    /// - Parameters:
+    ///   - fileSize: the WAL file's size.
+    ///   - read: reads `count` bytes at `offset`; throws on I/O error.
+    ///   - body: called with each commit's pages (the last image of each) and db size, and the
+    ///     offset of the frame after the commit.
+    /// - Returns: false when recovery would ignore the WAL altogether (too short for a header, a
+    ///   bad magic or header checksum: `walIndexRecover` then recovers no frame).
+    /// - Throws: `CaptureError.walFormat` for a WAL with a valid header that recovery would refuse
+    ///   (an unknown version) or whose page size is not `pageSize`.
+    static func forEachRecoverableCommit(fileSize: Int, pageSize: Int, read: (_ offset: Int, _ count: Int) throws -> [UInt8],
+                                         _ body: (_ pages: [Page], _ dbSizePages: UInt32, _ nextFrameOffset: Int) throws -> Void) throws -> Bool {
+        guard fileSize > Self.headerBytes else { return false }
+        let header: Header
+        switch try parseHeader(try read(0, headerBytes), pageSize: pageSize) {
+        case .valid(let h): header = h
+        case .badMagic, .badChecksum: return false
+        }
+        let frameBytes = frameHeaderBytes + pageSize
+        var offset = headerBytes
+        var running = header.checksum
+        var images: [UInt32: [UInt8]] = [:]
+        while offset + frameBytes <= fileSize {
+            let frame = try read(offset, frameBytes)
+            guard let valid = try validFrame(frame, header: header, running: running) else { break }
+            running = valid.checksum
+            images[valid.pageNumber] = Array(frame[frameHeaderBytes...])
+            offset += frameBytes
+            if valid.dbSize != 0 {
+                try body(images.keys.sorted().map { Page(number: $0, bytes: images[$0]!) }, valid.dbSize, offset)
+                images.removeAll(keepingCapacity: true)
+            }
+        }
+        return true
+    }
+
+    /// A WAL header's fields that frames are checked against.
+    struct Header {
+        var salts: (UInt32, UInt32)
+        var checksum: (UInt32, UInt32)
+        var bigEndianWords: Bool
+    }
+
+    enum HeaderCheck {
+        case valid(Header)
+        /// Not a WAL header (recovery ignores the whole file).
+        case badMagic(UInt32)
+        /// A WAL header whose checksum does not match: one being written (recovery ignores it too).
+        case badChecksum
+    }
+
+    /// Checks a WAL header in the order `walIndexRecover` does: magic, then checksum (either wrong:
+    /// the WAL holds nothing), then version (unknown: SQLite refuses to open the database).
+    /// - Throws: `CaptureError.walFormat` for an unknown version or a page size other than `pageSize`.
+    static func parseHeader(_ header: [UInt8], pageSize: Int) throws -> HeaderCheck {
+        var r = ByteReader(header)
+        let magic = try r.read(UInt32.self)
+        guard magic == 0x377F_0682 || magic == 0x377F_0683 else { return .badMagic(magic) }
+        let bigEndianWords = magic & 1 == 1
+        let version = try r.read(UInt32.self)
+        let headerPageSize = Int(try r.read(UInt32.self))
+        _ = try r.read(UInt32.self) // checkpoint sequence
+        let salts = (try r.read(UInt32.self), try r.read(UInt32.self))
+        let stored = (try r.read(UInt32.self), try r.read(UInt32.self))
+        guard checksum(header[0..<24], seed: (0, 0), bigEndianWords: bigEndianWords) == stored else { return .badChecksum }
+        guard version == 3_007_000 else { throw CaptureError.walFormat("unknown WAL version \(version)") }
+        guard headerPageSize == pageSize else {
+            throw CaptureError.walFormat("WAL page size \(headerPageSize), database uses \(pageSize)")
+        }
+        return .valid(Header(salts: salts, checksum: stored, bigEndianWords: bigEndianWords))
+    }
+
+    /// The frame's page number, db size and cumulative checksum if it is valid after a frame whose
+    /// checksum was `running` (`walDecodeFrame`: salts equal the header's, page number not 0,
+    /// checksum over its first 8 header bytes and its page, seeded with `running`, matches).
+    static func validFrame(_ frame: [UInt8], header: Header, running: (UInt32, UInt32)) throws -> (pageNumber: UInt32, dbSize: UInt32, checksum: (UInt32, UInt32))? {
+        var fr = ByteReader(frame)
+        let pageNumber = try fr.read(UInt32.self)
+        let dbSize = try fr.read(UInt32.self)
+        let frameSalts = (try fr.read(UInt32.self), try fr.read(UInt32.self))
+        let stored = (try fr.read(UInt32.self), try fr.read(UInt32.self))
+        guard pageNumber != 0, frameSalts == header.salts else { return nil }
+        var sum = checksum(frame[0..<8], seed: running, bigEndianWords: header.bigEndianWords)
+        sum = checksum(frame[frameHeaderBytes...], seed: sum, bigEndianWords: header.bigEndianWords)
+        guard sum == stored else { return nil }
+        return (pageNumber, dbSize, sum)
     }
 
     /// Records that `commit` was shipped: the next scan starts after it.

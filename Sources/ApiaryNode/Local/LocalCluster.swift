@@ -10,6 +10,8 @@ public final class LocalCluster: @unchecked Sendable {
         public var apiPort: Int
         public var replicationPort: Int
         public var extraArguments: [String] = []
+        /// Set in the node's environment on top of this process's (tests arm seams with it).
+        public var environment: [String: String] = [:]
     }
 
     public let directory: String
@@ -63,6 +65,7 @@ public final class LocalCluster: @unchecked Sendable {
         // A node started for a demo or a test dies with its parent, even if the parent is killed.
         var environment = ProcessInfo.processInfo.environment
         environment["APIARY_EXIT_WITH_PARENT"] = String(getpid())
+        environment.merge(spec.environment) { _, new in new }
         process.environment = environment
         let logPath = directory + "/logs/\(spec.name).log"
         // A restarted node appends: what it said before a crash is the evidence.

@@ -1,0 +1,41 @@
+import ApiaryCore
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// TEST SEAM for the crash tests (`Tests/ApiaryIntegrationTests/CrashWindowTests.swift`), not
+/// an operator's setting. A node started with `APIARY_TEST_EXIT_AT=<point>` or
+/// `APIARY_TEST_EXIT_AT=<point>@<lsn>` ends itself with `_exit` when a commit (of any tenant; at
+/// that lsn, if given) reaches the point: no cleanup and no flush, the page cache kept, as a
+/// `kill -9` there would. It lets a test stop the process exactly inside a window that no
+/// amount of killing under load reliably hits. Inert unless the variable is set: the check is
+/// one comparison of a value read once at start.
+enum TestExitPoint: String {
+    /// A commit's WAL frames are written and its record appended to the log, but the log has
+    /// not made it durable yet (`PrimaryNode.commit`, just before the log's sync).
+    case commitBeforeLogSync = "commit-before-log-sync"
+    /// A failed commit is half undone (`PrimaryNode.commit`, between the two steps): its WAL
+    /// frames are invalidated, its record is still in the log.
+    case failedCommitHalfUndone = "failed-commit-half-undone"
+
+    static let armed: (point: TestExitPoint, lsn: LSN?)? = {
+        guard let text = ProcessInfo.processInfo.environment["APIARY_TEST_EXIT_AT"] else { return nil }
+        let parts = text.split(separator: "@", maxSplits: 1).map(String.init)
+        guard let point = TestExitPoint(rawValue: parts[0]) else {
+            preconditionFailure("APIARY_TEST_EXIT_AT=\(text): unknown point (a test seam; see TestExitPoint.swift)")
+        }
+        guard parts.count == 2 else { return (point, nil) }
+        guard let lsn = LSN(parts[1]) else { preconditionFailure("APIARY_TEST_EXIT_AT=\(text): bad lsn") }
+        return (point, lsn)
+    }()
+
+    /// Ends the process if the seam is armed for this point (and lsn).
+    static func reached(_ point: TestExitPoint, tenant: TenantID, lsn: LSN) {
+        guard let armed, armed.point == point, armed.lsn == nil || armed.lsn == lsn else { return }
+        // stderr is unbuffered: the line is in the node's log before the process is gone.
+        fputs("test seam APIARY_TEST_EXIT_AT: exiting at \(point.rawValue), tenant \(tenant), lsn \(lsn)\n", stderr)
+        _exit(86)
+    }
+}
