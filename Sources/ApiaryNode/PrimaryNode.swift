@@ -461,11 +461,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     /// only copy and needs none.
     var holdsLease: Bool {
         get async {
-            (try? await loop.submit {
-                guard self.core.steppedDownTo == nil else { return false }
-                guard self.core.mode.waitsForStandby else { return true }
-                return (self.core.leaseGrantedUntil ?? .min) > monotonicNowMs()
-            }.get()) ?? false
+            (try? await loop.submit { self.core.holdsLease(now: monotonicNowMs()) }.get()) ?? false
         }
     }
 

@@ -149,7 +149,7 @@ public struct PrimaryReplication: Sendable {
     public let nodeID: NodeID
     public let epoch: Epoch
     public let config: ReplicationConfig
-    /// When set, only this node may connect as the standby.
+    /// The only node that may connect as the standby; nil: no node may (none is assigned).
     public let standbyNodeID: NodeID?
     public private(set) var mode: ReplicationMode
     /// The newer epoch that made this node step down; nil while it is primary.
@@ -157,6 +157,16 @@ public struct PrimaryReplication: Sendable {
     /// Until when the standby promised not to be promoted, measured on this node's clock
     /// from when the acked record or heartbeat was sent (DESIGN §6). Nil before any grant.
     public private(set) var leaseGrantedUntil: Milliseconds?
+
+    /// Whether this primary may serve strong and linearizable reads at `now` (invariant 5):
+    /// never once it stepped down; in sync mode only while the standby's lease holds (measured
+    /// from when this node sent what earned it, so it ends no later than the standby's own
+    /// count); alone (`single`, `waitPrimary`) no other node can be promoted behind its back.
+    public func holdsLease(now: Milliseconds) -> Bool {
+        guard steppedDownTo == nil else { return false }
+        guard mode.waitsForStandby else { return true }
+        return (leaseGrantedUntil ?? .min) > now
+    }
 
     private var tenants: [TenantID: TenantLog]
     private var candidates: [ConnectionID: Candidate] = [:]

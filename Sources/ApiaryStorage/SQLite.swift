@@ -99,8 +99,13 @@ final class SQLiteConnection {
         SQLiteError(code: sqlite3_extended_errcode(handle), message: String(cString: sqlite3_errmsg(handle)))
     }
 
-    /// Runs SQL that returns no rows we need (pragmas, transaction control).
+    /// Runs Apiary's own SQL that returns no rows we need (pragmas, checkpoints, VACUUM).
+    /// The sandbox allows no attached database (`Sandbox.connectionLimits`), but VACUUM attaches
+    /// a temporary one internally: Apiary's own SQL may, for as long as it runs.
     func exec(_ sql: String) throws {
+        let lifted = !sandbox.tenantSQL
+        if lifted { sqlite3_limit(handle, SQLITE_LIMIT_ATTACHED, 1) }
+        defer { if lifted { sqlite3_limit(handle, SQLITE_LIMIT_ATTACHED, 0) } }
         let rc = sqlite3_exec(handle, sql, nil, nil, nil)
         guard rc == SQLITE_OK else { throw lastError }
     }

@@ -507,7 +507,15 @@ final class Simulation {
 
     private func schedulePrimaryTick() {
         after(params.tickMs) { [unowned self] in
-            if primary.up, primary.core != nil { handlePrimary(primary.core!.onTick(now: primaryNow)) }
+            if primary.up, primary.core != nil {
+                // Invariant 5: in sync mode the primary would serve a strong read only while the
+                // standby still promises, in real time, not to be promoted.
+                if let core = primary.core, core.mode == .sync, core.holdsLease(now: primaryNow),
+                   primaryNow - primaryClockOffset >= standbyPromiseRealUntil {
+                    fail("invariant 5: the primary would serve a strong read at real \(primaryNow - primaryClockOffset)ms, the standby promised only until \(standbyPromiseRealUntil)ms")
+                }
+                handlePrimary(primary.core!.onTick(now: primaryNow))
+            }
             schedulePrimaryTick()
         }
     }

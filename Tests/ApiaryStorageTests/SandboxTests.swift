@@ -110,6 +110,15 @@ final class SandboxTests: XCTestCase {
             }
         }
         XCTAssertFalse(FileManager.default.fileExists(atPath: target), "a statement wrote another file")
+        // Apiary's own VACUUM (admin work on the writer) still runs, and leaves the limit in place.
+        try await db.withWriter { try $0.exec("VACUUM") }
+        for write in [false, true] {
+            let after = try await refusal("VACUUM INTO '\(target)'", write: write)
+            XCTAssertFalse(after.isEmpty)
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: target), "a statement wrote another file after an admin VACUUM")
+        let attachLimit = try await db.withWriter { sqlite3_limit($0.connection.handle, SQLITE_LIMIT_ATTACHED, -1) }
+        XCTAssertEqual(attachLimit, 0)
     }
 
     /// TEMP objects live on one connection: not replicated, lost at failover, and on a reader
