@@ -22,17 +22,16 @@ final class RecordingSQLService: SQLService, @unchecked Sendable {
 
     /// Thrown by every SQL call and by `promote()` when set.
     let error: (any Error)?
-    /// A call whose first statement is this SQL sleeps `slowDelay` before answering.
+    /// A call whose first statement is this SQL waits at `slowGate` until the test opens it.
     let slowSQL: String?
-    let slowDelay: Duration
+    let slowGate = Gate()
     private let lock = NSLock()
     private var recorded: [Call] = []
     private var promotions = 0
 
-    init(error: (any Error)? = nil, slowSQL: String? = nil, slowDelay: Duration = .milliseconds(300)) {
+    init(error: (any Error)? = nil, slowSQL: String? = nil) {
         self.error = error
         self.slowSQL = slowSQL
-        self.slowDelay = slowDelay
     }
 
     var calls: [Call] { lock.withLock { recorded } }
@@ -70,7 +69,7 @@ final class RecordingSQLService: SQLService, @unchecked Sendable {
 
     private func record(_ call: Call) async throws {
         lock.withLock { recorded.append(call) }
-        if let slowSQL, call.statements.first?.sql == slowSQL { try await Task.sleep(for: slowDelay) }
+        if let slowSQL, call.statements.first?.sql == slowSQL { await slowGate.pass() }
         if let error { throw error }
     }
 }

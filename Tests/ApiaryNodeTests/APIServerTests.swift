@@ -171,6 +171,11 @@ final class APIServerTests: XCTestCase {
     var servers: [APIServer] = []
     var clients: [HTTPSConnection] = []
     var rawClients: [RawTLSConnection] = []
+    var services: [RecordingSQLService] = []
+    /// What the servers logged: the signals the tests wait for.
+    var signals: LogSignals!
+    /// Logged when a request is read while an earlier one is answered (it waits its turn).
+    static let readBehind = "API request read while an earlier one is answered"
 
     let insert = Array(#"["INSERT INTO t VALUES(1)"]"#.utf8)
 
@@ -181,15 +186,19 @@ final class APIServerTests: XCTestCase {
         try ca.issue(ApiaryTLS.PeerIdentity(role: .operator, name: "operator"), into: dir)
         try ca.issue(ApiaryTLS.PeerIdentity(role: .monitor, name: "monitor"), into: dir)
         group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        signals = LogSignals()
     }
 
     override func tearDown() async throws {
         for client in clients { await client.close() }
         for client in rawClients { await client.close() }
+        // A test that failed may have left a slow call waiting: closing would wait out the drain.
+        for service in services { service.slowGate.open() }
         for server in servers { await server.close() }
         clients = []
         rawClients = []
         servers = []
+        services = []
         try await group.shutdownGracefully()
         try? FileManager.default.removeItem(atPath: dir)
     }
@@ -200,8 +209,8 @@ final class APIServerTests: XCTestCase {
     }
 
     func startServer(_ service: RecordingSQLService, limits: APIServer.Limits = .init()) async throws -> APIServer {
-        var logger = Logger(label: "apiary.test.api")
-        logger.logLevel = .critical
+        let logger = signals.logger(label: "apiary.test.api")
+        services.append(service)
         let server = try await APIServer.start(service: service, credentials: try ClusterCredentials(directory: dir, name: "node-1"),
                                                host: "127.0.0.1", port: 0, group: group, logger: logger, limits: limits)
         servers.append(server)
@@ -326,10 +335,14 @@ final class APIServerTests: XCTestCase {
     }
 
     func testPipelinedRequestsAreAnsweredInOrder() async throws {
-        let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(400))
+        let service = RecordingSQLService(slowSQL: "slow")
         let server = try await startServer(service)
         let client = try await connectRaw(server)
         sendSlowReadWriteFastRead(client)
+        // The slow read is answered only once the other two were read behind it.
+        let queued = await signals.wait(for: Self.readBehind, count: 2)
+        XCTAssertTrue(queued, "the requests behind the slow one were not read while it was answered")
+        service.slowGate.open()
         let answered = await eventually { client.responses.count >= 3 }
         XCTAssertTrue(answered, "responses: \(client.responses.map(\.statusLine))")
         let responses = client.responses
@@ -509,17 +522,14 @@ final class APIServerTests: XCTestCase {
         // The two admitted connections are unaffected.
         try await expectStatus(200, first, .GET, "/readyz", tenant: nil)
 
-        // Closing one frees its slot (once the server has seen the close).
+        // Closing one frees its slot once the server has seen the close.
         await first.close()
-        var admitted = false
-        for _ in 0..<50 where !admitted {
-            let next = try await connectRaw(server)
-            next.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            _ = await eventually(seconds: 5) { next.isClosed || !next.responses.isEmpty }
-            admitted = next.responses.first?.status == 200
-            if !admitted { try await Task.sleep(for: .milliseconds(50)) }
-        }
-        XCTAssertTrue(admitted, "the slot of a closed connection was not freed")
+        let freed = await eventually { server.openConnectionCount == 1 }
+        XCTAssertTrue(freed, "the server still counts \(server.openConnectionCount) connections")
+        let next = try await connectRaw(server)
+        next.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        _ = await eventually { next.isClosed || !next.responses.isEmpty }
+        XCTAssertEqual(next.responses.first?.status, 200, "the slot of a closed connection was not freed")
         try await expectStatus(200, second, .GET, "/readyz", tenant: nil)
     }
 
@@ -538,13 +548,18 @@ final class APIServerTests: XCTestCase {
     /// Graceful shutdown mid-answer: the answer in progress is written, each request waiting
     /// behind it is told it was not executed (so a retry is safe), then the connection closes.
     func testQuiesceFinishesTheAnswerInProgressAndRefusesTheWaitingOnes() async throws {
-        let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(600))
+        let service = RecordingSQLService(slowSQL: "slow")
         let server = try await startServer(service)
         let client = try await connectRaw(server)
         sendSlowReadWriteFastRead(client)
-        let started = await eventually { service.calls.count == 1 }
-        XCTAssertTrue(started)
+        let started = await service.slowGate.reached()
+        let queued = await signals.wait(for: Self.readBehind, count: 2)
+        XCTAssertTrue(started && queued, "the slow read was not answered with two requests waiting behind it")
         let closing = Task { await server.close() }
+        // The slow answer is given only once the connection was told to quiesce.
+        let told = await signals.wait(for: "the node is shutting down")
+        XCTAssertTrue(told, "the connection answering was not told to quiesce")
+        service.slowGate.open()
         let closed = await eventually { client.isClosed }
         await closing.value
         XCTAssertTrue(closed)
@@ -580,7 +595,7 @@ final class APIServerTests: XCTestCase {
     /// answered, in order, with reading held back meanwhile (found in review: answers given at
     /// once recursed once per waiting request).
     func testManyPipelinedRefusalsBehindASlowAnswerAreAnsweredInOrder() async throws {
-        let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(300))
+        let service = RecordingSQLService(slowSQL: "slow")
         let count = 3000
         var limits = APIServer.Limits()
         limits.pipelinedRequestsMax = count
@@ -588,6 +603,10 @@ final class APIServerTests: XCTestCase {
         let client = try await connectRaw(server)
         client.send(Self.query("slow")
             + String(repeating: "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n[]", count: count))
+        // The refusals wait behind the slow answer: it is given only once they are being read.
+        let behind = await signals.wait(for: Self.readBehind)
+        XCTAssertTrue(behind, "no request was read behind the slow one")
+        service.slowGate.open()
         let answered = await eventually(seconds: 30) { client.responses.count >= count + 1 }
         let responses = client.responses
         XCTAssertTrue(answered, "\(responses.count) answers")
@@ -604,13 +623,17 @@ final class APIServerTests: XCTestCase {
     /// waiting ones are refused (503, not executed), the rest are dropped unread, and the
     /// connection closes after the answer in progress.
     func testPipelinedRequestsPastTheLimitAreRefused() async throws {
-        let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(300))
+        let service = RecordingSQLService(slowSQL: "slow")
         var limits = APIServer.Limits()
         limits.pipelinedRequestsMax = 4
         let server = try await startServer(service, limits: limits)
         let client = try await connectRaw(server)
         client.send(Self.query("slow")
             + String(repeating: Self.query("next"), count: 10))
+        // The slow answer is given only once the connection has seen too many behind it.
+        let limited = await signals.wait(for: "too many pipelined requests")
+        XCTAssertTrue(limited, "the pipelining limit was not reached while the slow read was answered")
+        service.slowGate.open()
         let closed = await eventually(seconds: 5) { client.isClosed }
         XCTAssertTrue(closed, "the connection stayed open past the pipelining limit")
         let responses = client.responses
@@ -623,11 +646,15 @@ final class APIServerTests: XCTestCase {
     /// "100 Continue" for a request waiting behind a slow answer comes after that answer, not
     /// in the middle of the byte stream of responses.
     func testContinueForAWaitingRequestFollowsTheAnswerBeforeIt() async throws {
-        let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(400))
+        let service = RecordingSQLService(slowSQL: "slow")
         let server = try await startServer(service)
         let raw = try await connectRaw(server)
         raw.send(Self.query("slow")
             + "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: 12\r\nExpect: 100-continue\r\n\r\n")
+        // The slow answer is given only once the request asking to continue was read behind it.
+        let behind = await signals.wait(for: Self.readBehind)
+        XCTAssertTrue(behind, "the request asking to continue was not read while the slow one was answered")
+        service.slowGate.open()
         let continued = await eventually(seconds: 5) { String(decoding: raw.collector.bytes, as: UTF8.self).contains("100 Continue") }
         XCTAssertTrue(continued)
         let text = String(decoding: raw.collector.bytes, as: UTF8.self)
@@ -655,13 +682,17 @@ final class APIServerTests: XCTestCase {
     /// throw that answer away (a write's outcome would become unknown): it is written, then the
     /// connection closes (found in review).
     func testTheReadDeadlineDoesNotCutAnAnswerInProgress() async throws {
-        let service = RecordingSQLService(slowSQL: "slow", slowDelay: .milliseconds(900))
+        let service = RecordingSQLService(slowSQL: "slow")
         var limits = APIServer.Limits()
         limits.requestReadTimeoutMs = 300
         let server = try await startServer(service, limits: limits)
         let raw = try await connectRaw(server)
         raw.send(Self.query("slow")
             + "POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: 100\r\n\r\n[")
+        // The slow answer is given only once the half-sent request's read deadline has passed.
+        let expired = await signals.wait(for: "the connection's request read timeout")
+        XCTAssertTrue(expired, "the read deadline did not pass while the slow read was answered")
+        service.slowGate.open()
         let closed = await eventually(seconds: 5) { raw.isClosed }
         XCTAssertTrue(closed, "the half-sent request kept its connection")
         XCTAssertEqual(raw.responses.map(\.status), [200], "the answer in progress was lost")

@@ -51,6 +51,8 @@ public final class APIServer: Sendable {
     /// sent (backpressure at work; for tests and metrics).
     public var answersHeldForSlowReaders: Int { heldForSlowReaders.withLock { $0 } }
     private let heldForSlowReaders: LockedValue<Int>
+    /// Connections open now, each counted until its close completes (for tests and metrics).
+    public var openConnectionCount: Int { connections.count }
 
     private init(channel: any Channel, connections: OpenConnections, drainTimeoutMs: Int64, heldForSlowReaders: LockedValue<Int>) {
         self.channel = channel
@@ -135,6 +137,8 @@ final class OpenConnections: Sendable {
         if added { channel.closeFuture.whenComplete { _ in self.open.withLock { _ = $0.channels.removeValue(forKey: id) } } }
         return added
     }
+
+    var count: Int { open.withLock { $0.channels.count } }
 
     /// Refuses new connections from now on and returns the open ones.
     func closeAll() -> [any Channel] {
@@ -227,6 +231,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         guard !closing else { return }
         switch unwrapInboundIn(data) {
         case .head(let h):
+            if answering || heldForWritability { logger.trace("API request read while an earlier one is answered") }
             head = h
             body = nil
             bodyTooLarge = false
@@ -403,6 +408,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         guard !quiescing else { return }
         quiescing = true
         refusal = reason
+        logger.debug("API connection closes after the answer in progress", metadata: ["reason": "\(reason)"])
     }
 
     private func timedOut(_ expired: ConnectionTimeouts.Expired, context: ChannelHandlerContext) {
