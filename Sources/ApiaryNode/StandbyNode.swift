@@ -23,6 +23,9 @@ final class StandbyTenant: @unchecked Sendable {
     let applyQueue: DispatchQueue
     let databasePath: String
     let appliedPath: String
+    /// A snapshot being received; and the marker of one being installed (`SnapshotInstall.swift`).
+    let scratchPath: String
+    let installMarkerPath: String
     var hashes: PageHashes
     /// Touched on `applyQueue` only.
     var applied: AppliedState {
@@ -39,16 +42,24 @@ final class StandbyTenant: @unchecked Sendable {
     let published = LockedValue(AppliedState())
     let ioQueue: DispatchQueue
 
-    init(id: TenantID, layout: DataLayout, logOptions: ReplicationLog.Options) throws {
+    init(id: TenantID, layout: DataLayout, logOptions: ReplicationLog.Options, logger: Logger = Logger(label: "apiary.standby")) throws {
         self.id = id
         try layout.createTenantDirectory(id)
         unguardedLog = try ReplicationLog(directory: layout.log(id), options: logOptions)
         databasePath = layout.database(id)
         appliedPath = layout.applied(id)
-        applied = try AppliedState.read(from: appliedPath)
-        hashes = try DatabaseFile.pageHashes(of: databasePath)
+        scratchPath = layout.snapshotScratch(id)
+        installMarkerPath = layout.snapshotInstallMarker(id)
         ioQueue = DispatchQueue(label: "apiary.standby.\(id).log")
         applyQueue = DispatchQueue(label: "apiary.standby.\(id).apply")
+        // Read from the files below, once a snapshot install a crash interrupted is finished:
+        // until then the database and the applied state may disagree.
+        applied = AppliedState()
+        hashes = PageHashes()
+        if try !finishOrUndoInterruptedSnapshotInstall(logger: logger) {
+            applied = try AppliedState.read(from: appliedPath)
+            hashes = try DatabaseFile.pageHashes(of: databasePath)
+        }
         let initial = applied
         published.withLock { $0 = initial }
         try recover()
@@ -219,7 +230,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         self.logOptions = logOptions
         var logs: [TenantID: StandbyTenantLog] = [:]
         for id in try layout.existingTenants() {
-            let tenant = try StandbyTenant(id: id, layout: layout, logOptions: logOptions)
+            let tenant = try StandbyTenant(id: id, layout: layout, logOptions: logOptions, logger: logger)
             tenants[id] = tenant
             var tail: [RecordSummary] = []
             let lastLSN = tenant.withLog { $0.last.lsn }
@@ -359,23 +370,23 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                 } then: {}
             case .beginSnapshot(let tenantID, _, _):
                 storage(tenantID, on: \.applyQueue) { tenant in
-                    let scratch = self.layout.snapshotScratch(tenantID)
-                    try? FileManager.default.removeItem(atPath: scratch)
-                    guard FileManager.default.createFile(atPath: scratch, contents: nil) else { throw NodeError("cannot create \(scratch)") }
+                    // Empty: pages of an earlier, unfinished snapshot must not mix into this one.
+                    try tenant.discardSnapshotScratch()
+                    _ = try DatabaseFile.Writer(path: tenant.scratchPath) // creates it
                 } then: {}
             case .writeSnapshotPages(let tenantID, let pages):
                 // Backpressure: stop reading from the primary while snapshot writes lag, so the
                 // queue of chunks (~1 MiB each) stays bounded (invariant 8).
                 snapshotChunksQueued += 1
                 if snapshotChunksQueued == Self.snapshotChunksQueuedMax { setReading(false) }
-                storage(tenantID, on: \.applyQueue) { _ in try DatabaseFile.Writer(path: self.layout.snapshotScratch(tenantID)).write(pages, dbSizePages: nil) } then: {
+                storage(tenantID, on: \.applyQueue) { tenant in try DatabaseFile.Writer(path: tenant.scratchPath).write(pages, dbSizePages: nil) } then: {
                     self.snapshotChunksQueued -= 1
                     if self.snapshotChunksQueued == Self.snapshotChunksQueuedMax / 2 { self.setReading(true) }
                 }
             case .installSnapshot(let tenantID, let lsn, let dbSizePages, let checksum):
                 installSnapshot(tenantID, lsn: lsn, dbSizePages: dbSizePages, checksum: checksum)
             case .abandonSnapshot(let tenantID):
-                storage(tenantID, on: \.applyQueue) { _ in try? FileManager.default.removeItem(atPath: self.layout.snapshotScratch(tenantID)) } then: {}
+                storage(tenantID, on: \.applyQueue) { tenant in try tenant.discardSnapshotScratch() } then: {}
             case .epochStale(let newer):
                 // A peer's word never moves this node's epoch (NodeState.adopting): only the
                 // monitor's or an operator's does. The core has closed the connection; it dials
@@ -411,21 +422,20 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         tenant.ioPending += 1
         tenant.ioQueue.async { tenant.applyQueue.sync {
             defer { self.loop.execute { tenant.ioPending -= 1 } }
-            let scratch = self.layout.snapshotScratch(tenantID)
             do {
-                try DatabaseFile.writePages([], dbSizePages: dbSizePages, to: scratch) // cut to size, fsync
-                let hashes = try DatabaseFile.pageHashes(of: scratch)
+                try DatabaseFile.writePages([], dbSizePages: dbSizePages, to: tenant.scratchPath) // cut to size, fsync
+                let hashes = try DatabaseFile.pageHashes(of: tenant.scratchPath)
                 guard hashes.checksum == checksum else {
-                    try? FileManager.default.removeItem(atPath: scratch)
+                    try tenant.discardSnapshotScratch()
                     self.loop.execute { self.interpret(self.core.onSnapshotFailed(tenantID, now: monotonicNowMs())) }
                     return
                 }
-                let state = AppliedState(lsn: lsn, checksum: checksum, applyingThroughLSN: lsn)
-                try DurableFile.rename(scratch, to: tenant.databasePath)
-                try tenant.withLog { try $0.reset(base: epoch, lsn: lsn, checksum: checksum) }
-                try state.write(to: tenant.appliedPath)
-                tenant.hashes = hashes
-                tenant.applied = state
+                TestExitPoint.reached(.snapshotScratchVerified, tenant: tenantID, lsn: lsn)
+                // From here the install only moves forward, after a crash too (SnapshotInstall.swift).
+                let marker = SnapshotInstallMarker(epoch: epoch, lsn: lsn, checksum: checksum)
+                try marker.write(to: tenant.installMarkerPath)
+                TestExitPoint.reached(.snapshotMarkerWritten, tenant: tenantID, lsn: lsn)
+                try tenant.completeSnapshotInstall(marker, verified: hashes)
                 // Applies asked for before belong to the replaced history.
                 tenant.applyTarget.withLock { $0.lsn = lsn; $0.checksum = checksum }
                 self.logger.notice("installed a snapshot", metadata: ["tenant": "\(tenantID)", "lsn": "\(lsn)", "pages": "\(dbSizePages)"])
@@ -470,7 +480,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private func tenantOrCreate(_ id: TenantID) -> StandbyTenant? {
         if let t = tenants[id] { return t }
         do {
-            let t = try StandbyTenant(id: id, layout: layout, logOptions: logOptions)
+            let t = try StandbyTenant(id: id, layout: layout, logOptions: logOptions, logger: logger)
             tenants[id] = t
             return t
         } catch {

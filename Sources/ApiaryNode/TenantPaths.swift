@@ -2,7 +2,8 @@ import ApiaryCore
 import ApiaryReplication
 import Foundation
 
-/// Where a node keeps things: `<data>/tenants/<tenant>/{db.sqlite,log/,applied}` and
+/// Where a node keeps things: `<data>/tenants/<tenant>/{db.sqlite,log/,applied}` (and, while a
+/// snapshot is received or installed, `snapshot.tmp` and `snapshot.install`) and
 /// `<data>/node-state` (the node's durable role and epoch).
 struct DataLayout {
     let root: String
@@ -13,6 +14,8 @@ struct DataLayout {
     func log(_ t: TenantID) -> String { tenantDirectory(t) + "/log" }
     func applied(_ t: TenantID) -> String { tenantDirectory(t) + "/applied" }
     func snapshotScratch(_ t: TenantID) -> String { tenantDirectory(t) + "/snapshot.tmp" }
+    /// A standby's snapshot install in progress (`SnapshotInstall.swift`).
+    func snapshotInstallMarker(_ t: TenantID) -> String { tenantDirectory(t) + "/snapshot.install" }
     var nodeState: String { root + "/node-state" }
 
     /// Tenants that exist on disk (directories with a valid tenant name).
@@ -62,7 +65,18 @@ enum DurableFile {
     /// Renames durably: the directory entry is fsynced too, or the rename may not survive a crash.
     static func rename(_ from: String, to: String) throws {
         guard Glibc.rename(from, to) == 0 else { throw NodeError("cannot rename \(from) to \(to): \(String(cString: strerror(errno)))") }
-        let directory = (to as NSString).deletingLastPathComponent
+        try syncDirectory(of: to)
+    }
+
+    /// Removes `path` durably (its directory is fsynced); a file that is gone already is not an
+    /// error, so a step that removes a file can run again after a crash.
+    static func remove(_ path: String) throws {
+        guard unlink(path) == 0 || errno == ENOENT else { throw NodeError("cannot remove \(path): \(String(cString: strerror(errno)))") }
+        try syncDirectory(of: path)
+    }
+
+    private static func syncDirectory(of path: String) throws {
+        let directory = (path as NSString).deletingLastPathComponent
         let dir = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard dir >= 0 else { throw NodeError("cannot open \(directory): \(String(cString: strerror(errno)))") }
         defer { close(dir) }

@@ -7,8 +7,8 @@ import Glibc
 
 /// TEST SEAM for the crash tests (`Tests/ApiaryIntegrationTests/CrashWindowTests.swift`), not
 /// an operator's setting. A node started with `APIARY_TEST_EXIT_AT=<point>` or
-/// `APIARY_TEST_EXIT_AT=<point>@<lsn>` ends itself with `_exit` when a commit (of any tenant; at
-/// that lsn, if given) reaches the point: no cleanup and no flush, the page cache kept, as a
+/// `APIARY_TEST_EXIT_AT=<point>@<lsn>` ends itself with `_exit` when a commit or a snapshot
+/// install (of any tenant; at that lsn, if given) reaches the point: no cleanup and no flush, the page cache kept, as a
 /// `kill -9` there would. It lets a test stop the process exactly inside a window that no
 /// amount of killing under load reliably hits. Inert unless the variable is set: the check is
 /// one comparison of a value read once at start.
@@ -19,6 +19,19 @@ enum TestExitPoint: String {
     /// A failed commit is half undone (`PrimaryNode.commit`, between the two steps): its WAL
     /// frames are invalidated, its record is still in the log.
     case failedCommitHalfUndone = "failed-commit-half-undone"
+
+    // The steps of a snapshot install on a standby (`StandbyNode.installSnapshot`,
+    // `StandbyTenant.completeSnapshotInstall`; `SnapshotInstallTests`), at the snapshot's lsn.
+    /// The scratch file holds the whole snapshot, cut to size, fsynced and verified; no marker yet.
+    case snapshotScratchVerified = "snapshot-scratch-verified"
+    /// The install marker is durable; the database is still the old one.
+    case snapshotMarkerWritten = "snapshot-marker-written"
+    /// The scratch file has replaced the database; the log and the applied state are the old ones.
+    case snapshotRenamed = "snapshot-renamed"
+    /// The log is reset to start after the snapshot; the applied state is the old one.
+    case snapshotLogReset = "snapshot-log-reset"
+    /// The applied state is the snapshot's; the marker is not removed yet.
+    case snapshotAppliedWritten = "snapshot-applied-written"
 
     static let armed: (point: TestExitPoint, lsn: LSN?)? = {
         guard let text = ProcessInfo.processInfo.environment["APIARY_TEST_EXIT_AT"] else { return nil }

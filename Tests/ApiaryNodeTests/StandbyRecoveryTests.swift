@@ -104,6 +104,72 @@ final class StandbyRecoveryTests: XCTestCase {
             XCTAssertTrue(String(describing: error).contains("resync this standby"), "\(error)")
         }
     }
+
+    // MARK: - Snapshot installs a crash interrupted (SnapshotInstall.swift; end to end: SnapshotInstallTests)
+
+    /// The standby's database and applied state at record `appliedIndex`, its log holding
+    /// every record, and the scratch file holding a snapshot of the last: the state a crash
+    /// leaves just after the install marker became durable.
+    func interruptedInstall(_ records: [Record], appliedIndex: Int) throws -> SnapshotInstallMarker {
+        for r in records.prefix(appliedIndex + 1) { try DatabaseFile.writePages(r.pages, dbSizePages: r.dbSizePages, to: layout.database(tenant)) }
+        let applied = records[appliedIndex]
+        try AppliedState(lsn: applied.lsn, checksum: applied.checksum, applyingThroughLSN: applied.lsn).write(to: layout.applied(tenant))
+        for r in records { try DatabaseFile.writePages(r.pages, dbSizePages: r.dbSizePages, to: layout.snapshotScratch(tenant)) }
+        let marker = SnapshotInstallMarker(epoch: Epoch(1), lsn: records.last!.lsn, checksum: records.last!.checksum)
+        try marker.write(to: layout.snapshotInstallMarker(tenant))
+        return marker
+    }
+
+    func testAnInstallWithADurableMarkerIsFinishedAtStartAndAgainAfterACrashBeforeTheMarkerWentAway() async throws {
+        let records = try await streamedRecords { db in
+            try await db.mustExecute("CREATE TABLE t (x)")
+            for i in 0..<10 { try await db.mustExecute("INSERT INTO t VALUES (\(i))") }
+        }
+        let marker = try interruptedInstall(records, appliedIndex: 3)
+        for pass in 1...2 {
+            let standby = try StandbyTenant(id: tenant, layout: layout, logOptions: ReplicationLog.Options())
+            XCTAssertEqual(standby.applied, AppliedState(lsn: marker.lsn, checksum: marker.checksum, applyingThroughLSN: marker.lsn), "pass \(pass)")
+            XCTAssertEqual(standby.hashes.checksum, marker.checksum)
+            XCTAssertEqual(standby.withLog { $0.last.lsn }, marker.lsn)
+            XCTAssertEqual(standby.withLog { $0.firstRetainedLSN }, nil, "the log starts after the snapshot")
+            standby.withLog { $0.close() }
+            XCTAssertFalse(FileManager.default.fileExists(atPath: layout.snapshotScratch(tenant)))
+            XCTAssertFalse(FileManager.default.fileExists(atPath: layout.snapshotInstallMarker(tenant)))
+            XCTAssertEqual(try DatabaseFile.query(copyOf: layout.database(tenant), "SELECT count(*) FROM t"), [[.integer(10)]])
+            // As if the node died after writing the applied state, before removing the marker:
+            // every step runs again (no scratch to rename, a log reset already, ...).
+            try marker.write(to: layout.snapshotInstallMarker(tenant))
+        }
+    }
+
+    func testAMarkerWhoseDatabaseIsNotTheSnapshotIsRefused() async throws {
+        let records = try await streamedRecords { db in
+            try await db.mustExecute("CREATE TABLE t (x)")
+            for i in 0..<5 { try await db.mustExecute("INSERT INTO t VALUES (\(i))") }
+        }
+        _ = try interruptedInstall(records, appliedIndex: 2)
+        // The scratch is gone, so it was renamed: but the database is still the old one.
+        try FileManager.default.removeItem(atPath: layout.snapshotScratch(tenant))
+        XCTAssertThrowsError(try StandbyTenant(id: tenant, layout: layout, logOptions: ReplicationLog.Options())) { error in
+            XCTAssertTrue(String(describing: error).contains("resync this standby"), "\(error)")
+        }
+        XCTAssertTrue(FileManager.default.fileExists(atPath: layout.snapshotInstallMarker(tenant)), "the marker stays")
+    }
+
+    func testAScratchFileWithoutAMarkerIsRemovedAtStart() async throws {
+        let records = try await streamedRecords { db in
+            try await db.mustExecute("CREATE TABLE t (x)")
+            for i in 0..<5 { try await db.mustExecute("INSERT INTO t VALUES (\(i))") }
+        }
+        _ = try interruptedInstall(records, appliedIndex: 2)
+        try FileManager.default.removeItem(atPath: layout.snapshotInstallMarker(tenant)) // died before the marker
+        let standby = try StandbyTenant(id: tenant, layout: layout, logOptions: ReplicationLog.Options())
+        XCTAssertEqual(standby.applied.lsn, records[2].lsn, "the old state stands")
+        XCTAssertEqual(standby.hashes.checksum, records[2].checksum)
+        XCTAssertEqual(standby.withLog { $0.last.lsn }, records.last!.lsn, "the log is untouched")
+        standby.withLog { $0.close() }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: layout.snapshotScratch(tenant)))
+    }
 }
 
 extension TenantDatabase {

@@ -58,7 +58,46 @@ public final class LocalCluster: @unchecked Sendable {
     }
 
     /// Starts a node and waits (bounded) until it prints its ready line.
+    /// - Throws: if it does not within `timeoutSeconds`, or exits before (at once, not after the timeout).
     public func start(_ spec: NodeSpec, timeoutSeconds: Double = 30) throws {
+        let launched = try launch(spec)
+        if launched.readyOrEnded.wait(timeout: .now() + timeoutSeconds) == .timedOut {
+            kill(spec, signal: SIGKILL)
+            throw NodeError("\(spec.name) did not become ready within \(timeoutSeconds)s; see \(launched.logPath)")
+        }
+        guard launched.ready.isSet else {
+            kill(spec) // reaps it; it has exited already
+            throw NodeError("\(spec.name) exited before it became ready; see \(launched.logPath)")
+        }
+    }
+
+    /// Starts a node that is expected to end by itself (a test seam stops it), ready or not, and
+    /// waits (bounded) until it has.
+    /// - Returns: its exit status.
+    /// - Throws: if it is still running after `timeoutSeconds` (it is then killed).
+    @discardableResult
+    public func runUntilExit(_ spec: NodeSpec, timeoutSeconds: Double = 60) throws -> Int32 {
+        let launched = try launch(spec)
+        if launched.ended.wait(timeout: .now() + timeoutSeconds) == .timedOut {
+            kill(spec, signal: SIGKILL)
+            throw NodeError("\(spec.name) was still running after \(timeoutSeconds)s; see \(launched.logPath)")
+        }
+        let process = lock.withLock { processes.removeValue(forKey: spec.name) }
+        process?.waitUntilExit() // its output has ended: it has exited or is about to
+        return process?.terminationStatus ?? -1
+    }
+
+    private struct Launched {
+        let logPath: String
+        /// Set when the node printed its ready line.
+        let ready: LockedFlag
+        /// Signalled once, at the ready line or at the end of the node's output, whichever is first.
+        let readyOrEnded: DispatchSemaphore
+        /// Signalled at the end of the node's output (it has exited).
+        let ended: DispatchSemaphore
+    }
+
+    private func launch(_ spec: NodeSpec) throws -> Launched {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments(spec)
@@ -75,9 +114,11 @@ public final class LocalCluster: @unchecked Sendable {
         let pipe = Pipe()
         process.standardOutput = pipe
         process.standardError = log
-        let ready = DispatchSemaphore(value: 0)
+        let readyOrEnded = DispatchSemaphore(value: 0)
+        let ended = DispatchSemaphore(value: 0)
         let readyLine = "apiary node \(spec.name) ready"
         let seen = LockedFlag()
+        let signalled = LockedFlag()
         let output = pipe.fileHandleForReading
         // A blocking read loop on a thread of its own, not `readabilityHandler`: tearing down
         // that handler's dispatch source races its descriptor's close and crashes libdispatch on
@@ -87,9 +128,11 @@ public final class LocalCluster: @unchecked Sendable {
                 let data = output.availableData // blocks; empty at the end of the stream
                 if data.isEmpty { break }
                 log.write(data)
-                if String(decoding: data, as: UTF8.self).contains(readyLine), seen.setOnce() { ready.signal() }
+                if String(decoding: data, as: UTF8.self).contains(readyLine), seen.setOnce(), signalled.setOnce() { readyOrEnded.signal() }
             }
             try? output.close()
+            if signalled.setOnce() { readyOrEnded.signal() }
+            ended.signal()
         }
         reader.name = "apiary-node-output-\(spec.name)"
         try process.run()
@@ -99,10 +142,7 @@ public final class LocalCluster: @unchecked Sendable {
         try? pipe.fileHandleForWriting.close()
         reader.start()
         lock.withLock { processes[spec.name] = process }
-        if ready.wait(timeout: .now() + timeoutSeconds) == .timedOut {
-            kill(spec, signal: SIGKILL)
-            throw NodeError("\(spec.name) did not become ready within \(timeoutSeconds)s; see \(logPath)")
-        }
+        return Launched(logPath: logPath, ready: seen, readyOrEnded: readyOrEnded, ended: ended)
     }
 
     /// The running process of `spec`, if started (benchmarks read its CPU time).
@@ -146,4 +186,5 @@ final class LockedFlag: @unchecked Sendable {
     private var set = false
     /// True the first time only.
     func setOnce() -> Bool { lock.withLock { defer { set = true }; return !set } }
+    var isSet: Bool { lock.withLock { set } }
 }
