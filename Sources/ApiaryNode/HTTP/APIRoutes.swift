@@ -15,6 +15,10 @@ struct APIRequest: Sendable {
     var body: [UInt8]
     /// The body passed ``APIRoutes/Limits/bodyBytesMax`` and was dropped unread.
     var bodyTooLarge = false
+    /// The node's memory budget had no room for the body: it was dropped unread.
+    var memoryShort = false
+    /// Bytes of the node's memory budget this request's body holds until it is answered.
+    var reservedBytes = 0
     /// From the TLS client certificate, if any (applications present none).
     var peer: ApiaryTLS.PeerIdentity?
 
@@ -153,6 +157,7 @@ struct APIRoutes: Sendable {
 
     private func body(_ request: APIRequest) throws -> [UInt8] {
         guard !request.bodyTooLarge else { throw APIError(.tooLarge, "request body larger than \(limits.bodyBytesMax) bytes") }
+        guard !request.memoryShort else { throw APIError(.notExecuted, "not executed: the node is short of memory for request bodies; retry later") }
         return request.body
     }
 

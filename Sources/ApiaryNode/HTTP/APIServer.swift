@@ -36,6 +36,11 @@ public final class APIServer: Sendable {
         public var pipelinedRequestsMax = 128
         /// How long `close()` lets requests in flight finish.
         public var drainTimeoutMs: Int64 = 5_000
+        /// Memory the node's clients may make it hold at once: open connections, request
+        /// bodies until answered, answers until the socket took them (``MemoryBudget``).
+        public var memoryBudgetBytes = 1 << 30
+        /// What one open connection is charged (TLS records, the decoder's buffer).
+        public var connectionMemoryBytes = 64 << 10
         public init() {}
     }
 
@@ -53,9 +58,14 @@ public final class APIServer: Sendable {
     private let heldForSlowReaders: LockedValue<Int>
     /// Connections open now, each counted until its close completes (for tests and metrics).
     public var openConnectionCount: Int { connections.count }
+    /// Bytes of the memory budget in use now (for tests and metrics).
+    public var memoryInUseBytes: Int { memory.usedBytes }
+    private let memory: MemoryBudget
 
-    private init(channel: any Channel, connections: OpenConnections, drainTimeoutMs: Int64, heldForSlowReaders: LockedValue<Int>) {
+    private init(channel: any Channel, connections: OpenConnections, drainTimeoutMs: Int64, heldForSlowReaders: LockedValue<Int>,
+                 memory: MemoryBudget) {
         self.channel = channel
+        self.memory = memory
         self.connections = connections
         self.drainTimeoutMs = drainTimeoutMs
         self.heldForSlowReaders = heldForSlowReaders
@@ -74,11 +84,17 @@ public final class APIServer: Sendable {
         let routes = APIRoutes(service: service, limits: .init(bodyBytesMax: limits.bodyBytesMax, statementsMax: limits.statementsMax), logger: logger)
         let connections = OpenConnections(max: limits.connectionsMax)
         let heldForSlowReaders = LockedValue(0)
+        let memory = MemoryBudget(bytesMax: limits.memoryBudgetBytes)
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
+                guard memory.tryReserve(limits.connectionMemoryBytes) else {
+                    logger.warning("API connection refused: the node's memory budget is spent", metadata: ["budget": "\(limits.memoryBudgetBytes)"])
+                    return channel.close()
+                }
+                channel.closeFuture.whenComplete { _ in memory.release(limits.connectionMemoryBytes) }
                 guard connections.add(channel) else {
                     logger.warning("API connection refused: too many open", metadata: ["max": "\(limits.connectionsMax)"])
                     return channel.close()
@@ -93,13 +109,14 @@ public final class APIServer: Sendable {
                         ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes),
                                              maximumBufferSize: APIServer.decoderBufferBytesMax),
                         APIChannelHandler(routes: routes, logger: logger, timeouts: timeouts, pipelinedMax: limits.pipelinedRequestsMax,
-                                          heldForSlowReaders: heldForSlowReaders),
+                                          heldForSlowReaders: heldForSlowReaders, memory: memory),
                     ]
                     try channel.pipeline.syncOperations.addHandlers(handlers)
                 }
             }
             .bind(host: host, port: port).get()
-        return APIServer(channel: channel, connections: connections, drainTimeoutMs: limits.drainTimeoutMs, heldForSlowReaders: heldForSlowReaders)
+        return APIServer(channel: channel, connections: connections, drainTimeoutMs: limits.drainTimeoutMs, heldForSlowReaders: heldForSlowReaders,
+                         memory: memory)
     }
 
     /// Stops accepting, lets requests in flight finish (answered with `Connection: close`;
@@ -206,8 +223,16 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     /// more is answered or read until it is.
     private var heldForWritability = false
     private let heldForSlowReaders: LockedValue<Int>
+    private let memory: MemoryBudget
+    /// Budget held by the body being read, and by the request being answered.
+    private var readingReserved = 0
+    private var answeringReserved = 0
+    /// The node's budget had no room for the body being read: it is dropped, answered 503.
+    private var memoryShort = false
 
-    init(routes: APIRoutes, logger: Logger, timeouts: ConnectionTimeouts, pipelinedMax: Int, heldForSlowReaders: LockedValue<Int>) {
+    init(routes: APIRoutes, logger: Logger, timeouts: ConnectionTimeouts, pipelinedMax: Int, heldForSlowReaders: LockedValue<Int>,
+         memory: MemoryBudget) {
+        self.memory = memory
         self.pipelinedMax = pipelinedMax
         self.heldForSlowReaders = heldForSlowReaders
         self.routes = routes
@@ -225,6 +250,27 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         timeouts.stop()
+        // Bodies read and never answered give their budget back.
+        var held = readingReserved + answeringReserved
+        for case .request(let request, _) in waiting { held += request.reservedBytes }
+        readingReserved = 0
+        answeringReserved = 0
+        waiting.removeAll()
+        if held > 0 { memory.release(held) }
+    }
+
+    /// Grows the reading body's reservation to `bytes`, or drops the body if the node's
+    /// budget has no room (it is answered 503, not executed).
+    private func reserveBody(_ bytes: Int) {
+        guard bytes > readingReserved, !memoryShort else { return }
+        if memory.tryReserve(bytes - readingReserved) {
+            readingReserved = bytes
+        } else {
+            memoryShort = true
+            body = nil
+            memory.release(readingReserved)
+            readingReserved = 0
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -235,6 +281,10 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             head = h
             body = nil
             bodyTooLarge = false
+            memoryShort = false
+            if let length = h.headers.first(name: "content-length").flatMap(Int.init), length > 0, length <= routes.limits.bodyBytesMax {
+                reserveBody(length) // before the body arrives: refused, it is never kept
+            }
             // A request read with an earlier one starts its deadline now, not at its next bytes.
             timeouts.requestStarted()
             // Clients that ask first (curl for larger bodies) would otherwise wait ~1 s.
@@ -242,11 +292,18 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
                 && (h.headers.first(name: "content-length").flatMap(Int.init) ?? 0) <= routes.limits.bodyBytesMax
             sendContinueIfOwed(context)
         case .body(var chunk):
-            guard !bodyTooLarge else { return }
+            guard !bodyTooLarge, !memoryShort else { return }
             if (body?.readableBytes ?? 0) + chunk.readableBytes > routes.limits.bodyBytesMax {
-                // Dropped unread to the end (within the read timeout), then answered 400.
+                // Dropped unread to the end (within the read timeout), then answered 413.
                 bodyTooLarge = true
                 body = nil
+                memory.release(readingReserved)
+                readingReserved = 0
+                return
+            }
+            reserveBody((body?.readableBytes ?? 0) + chunk.readableBytes)
+            if memoryShort {
+                return
             } else if body == nil {
                 body = chunk
             } else {
@@ -258,8 +315,10 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             self.head = nil
             continueOwed = false
             let request = APIRequest(method: head.method, uri: head.uri, headers: head.headers,
-                                     body: body.map { Array($0.readableBytesView) } ?? [], bodyTooLarge: bodyTooLarge)
+                                     body: body.map { Array($0.readableBytesView) } ?? [], bodyTooLarge: bodyTooLarge,
+                                     memoryShort: memoryShort, reservedBytes: readingReserved)
             body = nil
+            readingReserved = 0 // the request holds it now
             // After an Upgrade or CONNECT request NIO's decoder parses nothing more: answer and close.
             let upgrade = head.method == .CONNECT || head.headers.contains(name: "upgrade")
             let framing = Framing(version: head.version, keepAlive: head.isKeepAlive && !upgrade, headersOnly: head.method == .HEAD)
@@ -269,6 +328,9 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
 
     private func enqueue(_ next: Waiting, context: ChannelHandlerContext) {
         if answering || heldForWritability {
+            if case .request(let dropped, _) = next, quiescing || waiting.count >= pipelinedMax {
+                memory.release(dropped.reservedBytes) // never run, never answered
+            }
             guard !quiescing else { return } // read before reading stopped; never run, never answered
             guard waiting.count < pipelinedMax else {
                 stopAnswering(because: "too many pipelined requests on one connection (limit \(pipelinedMax))")
@@ -287,6 +349,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         }
         answering = true
         timeouts.answering = true
+        answeringReserved = request.reservedBytes
         if request.path == "/status" || request.path == "/admin/promote" {
             // Verified against the cluster CA during the handshake (optionalVerification).
             if let certificate = try? context.pipeline.syncOperations.nioSSL_peerCertificate() {
@@ -309,6 +372,8 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     private func write(_ response: APIResponse, _ framing: Framing, context: ChannelHandlerContext) {
         answering = false
         timeouts.answering = false
+        memory.release(answeringReserved)
+        answeringReserved = 0
         guard context.channel.isActive, !closing else { return }
         var last = !framing.keepAlive || (quiescing && waiting.isEmpty)
         var out = context.channel.allocator.buffer(capacity: 192 + response.body.count)
@@ -318,21 +383,26 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             while let next = waiting.popFirst() {
                 last = waiting.isEmpty
                 switch next {
-                case .request(_, let waitingFraming):
+                case .request(let waitingRequest, let waitingFraming):
+                    memory.release(waitingRequest.reservedBytes)
                     let refused = APIResponse(status: .serviceUnavailable, body: RqliteJSON.error("not executed: \(refusal); retry"))
                     Self.encode(refused, waitingFraming, last: last, into: &out)
                 case .malformed:
                     Self.encode(APIResponse(status: .badRequest, body: []), Framing(version: .http1_1, keepAlive: false, headersOnly: false), last: true, into: &out)
                     last = true
-                    waiting.removeAll()
+                    dropWaiting()
                 }
             }
         }
+        // The answer is counted until the socket has taken it (or the connection is gone).
+        let outBytes = out.readableBytes
+        memory.reserve(outBytes)
         let written = context.writeAndFlush(wrapOutboundOut(out))
+        written.whenComplete { [memory] _ in memory.release(outBytes) }
         timeouts.responseWritten()
         if last {
             closing = true
-            waiting.removeAll()
+            dropWaiting()
             timeouts.stop()
             written.whenComplete { _ in context.close(promise: nil) }
             return
@@ -344,6 +414,14 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             return
         }
         answerNextOrRead(context)
+    }
+
+    /// Forgets the waiting requests (never to be answered), giving their budget back.
+    private func dropWaiting() {
+        var held = 0
+        for case .request(let request, _) in waiting { held += request.reservedBytes }
+        waiting.removeAll()
+        if held > 0 { memory.release(held) }
     }
 
     /// After an answer: the next waiting request, or reading again.

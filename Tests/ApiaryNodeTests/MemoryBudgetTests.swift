@@ -1,0 +1,125 @@
+import ApiaryTLS
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import XCTest
+@testable import ApiaryNode
+
+/// Bodies, answers and connections of all clients count against one memory budget per node
+/// (invariant 8): past it new work is refused (503, or a closed connection), the node serves on,
+/// and everything given back returns the budget to where it was.
+final class MemoryBudgetTests: XCTestCase {
+    var dir: String!
+    var group: MultiThreadedEventLoopGroup!
+    var server: APIServer!
+    var service: RecordingSQLService!
+    var raws: [RawTLSConnection] = []
+    static let connectionBytes = 64 << 10
+
+    func start(budget: Int) async throws {
+        dir = NSTemporaryDirectory() + "apiary-budget-" + UUID().uuidString
+        let ca = try CertificateAuthority.create(in: dir)
+        try ca.issue(ApiaryTLS.PeerIdentity(role: .node, name: "node-1"), into: dir)
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        var logger = Logger(label: "apiary.test.budget")
+        logger.logLevel = .critical
+        var limits = APIServer.Limits()
+        limits.memoryBudgetBytes = budget
+        limits.connectionMemoryBytes = Self.connectionBytes
+        service = RecordingSQLService()
+        server = try await APIServer.start(service: service, credentials: try ClusterCredentials(directory: dir, name: "node-1"),
+                                           host: "127.0.0.1", port: 0, group: group, logger: logger, limits: limits)
+    }
+
+    override func tearDown() async throws {
+        for raw in raws { await raw.close() }
+        await server?.close()
+        try await group?.shutdownGracefully()
+        if let dir { try? FileManager.default.removeItem(atPath: dir) }
+    }
+
+    func connect() async throws -> RawTLSConnection {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .file(dir + "/ca.pem")
+        let raw = try await RawTLSConnection.connect(port: server.port, tls: tls, group: group)
+        raws.append(raw)
+        return raw
+    }
+
+    /// A write request whose body is `bytes` long (a valid rqlite body), split in head and body.
+    static func request(bodyBytes bytes: Int) -> (head: String, body: String) {
+        let padding = String(repeating: "x", count: bytes - #"["SELECT ''"]"#.utf8.count)
+        let body = #"["SELECT '"# + padding + #"'"]"#
+        return ("POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: \(body.utf8.count)\r\n\r\n", body)
+    }
+
+    func testABodyTheBudgetCannotHoldIsRefusedUnreadAndTheNodeServesOn() async throws {
+        try await start(budget: 2 << 20)
+        let raw = try await connect()
+        let big = Self.request(bodyBytes: 3 << 20) // under the 8 MiB body limit, over the budget
+        raw.send(big.head + big.body)
+        raw.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        let answered = await eventually(seconds: 30) { raw.responses.count >= 2 }
+        XCTAssertTrue(answered, "\(raw.responses.map(\.statusLine))")
+        XCTAssertEqual(raw.responses.map(\.status), [503, 200])
+        XCTAssertTrue(raw.responses[0].body.contains("short of memory"), raw.responses[0].body)
+        XCTAssertTrue(service.calls.isEmpty, "a refused request must not run")
+        let settled = await eventually { self.server.memoryInUseBytes == Self.connectionBytes }
+        XCTAssertTrue(settled, "budget in use \(server.memoryInUseBytes), expected one connection's \(Self.connectionBytes)")
+    }
+
+    func testConcurrentBodiesShareOneBudget() async throws {
+        try await start(budget: (5 << 20) / 2) // 2.5 MiB
+        let a = try await connect()
+        let b = try await connect()
+        let request = Self.request(bodyBytes: 3 << 19) // 1.5 MiB each: one fits, two do not
+        // A's head arrives with part of its body: its whole length is held from the head on.
+        a.send(request.head + String(request.body.prefix(1000)))
+        let held = await eventually { self.server.memoryInUseBytes >= (3 << 19) }
+        XCTAssertTrue(held, "A's body was never counted: \(server.memoryInUseBytes)")
+        b.send(request.head + request.body)
+        let refused = await eventually(seconds: 30) { b.responses.count == 1 }
+        XCTAssertTrue(refused)
+        XCTAssertEqual(b.responses.first?.status, 503, b.responses.first?.body ?? "")
+
+        // A completes and is answered; its budget comes back, and B's retry fits.
+        a.send(String(request.body.dropFirst(1000)))
+        let aAnswered = await eventually(seconds: 30) { a.responses.count == 1 }
+        XCTAssertTrue(aAnswered)
+        XCTAssertEqual(a.responses.first?.status, 200, a.responses.first?.body ?? "")
+        let released = await eventually { self.server.memoryInUseBytes == 2 * Self.connectionBytes }
+        XCTAssertTrue(released, "in use: \(server.memoryInUseBytes)")
+        b.send(request.head + request.body)
+        let bAnswered = await eventually(seconds: 30) { b.responses.count == 2 }
+        XCTAssertTrue(bAnswered)
+        XCTAssertEqual(b.responses.last?.status, 200, b.responses.last?.body ?? "")
+        XCTAssertEqual(service.calls.count, 2)
+    }
+
+    func testConnectionsPastTheBudgetAreClosedAndItsReturnLetsThemIn() async throws {
+        try await start(budget: 3 * Self.connectionBytes)
+        var open: [RawTLSConnection] = []
+        for _ in 0..<3 { open.append(try await connect()) }
+        for raw in open { raw.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n") }
+        let served = await eventually { open.allSatisfy { $0.responses.count == 1 } }
+        XCTAssertTrue(served)
+
+        // The fourth is closed at accept: its handshake never completes.
+        let fourth = try? await connect()
+        if let fourth {
+            let closed = await eventually { fourth.isClosed }
+            XCTAssertTrue(closed, "a connection past the budget was kept open")
+            XCTAssertFalse(fourth.collector.handshakeCompleted)
+        }
+        await open[0].close()
+        let freed = await eventually { self.server.memoryInUseBytes == 2 * Self.connectionBytes }
+        XCTAssertTrue(freed, "in use: \(server.memoryInUseBytes)")
+        let again = try await connect()
+        again.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        let answered = await eventually { again.responses.count == 1 }
+        XCTAssertTrue(answered)
+        XCTAssertEqual(again.responses.first?.status, 200)
+    }
+}
