@@ -26,6 +26,8 @@ let package = Package(
         .target(name: "ApiaryCore", dependencies: ["CApiaryCRC"]),
         /// Primary⇄standby replication protocol: messages and state machines. Events in, actions out.
         .target(name: "ApiaryReplication", dependencies: ["ApiaryCore"]),
+        /// The health monitor's decisions (DESIGN §6): node goals, promotion, the epoch. Events in, actions out.
+        .target(name: "ApiaryMonitor", dependencies: ["ApiaryCore", "ApiaryReplication"]),
 
         // MARK: Storage
         .systemLibrary(
@@ -58,6 +60,8 @@ let package = Package(
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Logging", package: "swift-log"),
+            // scrypt for stored passwords (memory-hard, BoringSSL's implementation).
+            .product(name: "_CryptoExtras", package: "swift-crypto"),
         ]),
         .executableTarget(name: "apiary", dependencies: [
             "ApiaryNode", "ApiaryTLS",
@@ -71,6 +75,7 @@ let package = Package(
         .testTarget(name: "ApiaryCoreTests", dependencies: ["ApiaryCore"]),
         .testTarget(name: "ApiaryLogTests", dependencies: ["ApiaryLog"]),
         .testTarget(name: "ApiaryReplicationTests", dependencies: ["ApiaryReplication"]),
+        .testTarget(name: "ApiaryMonitorTests", dependencies: ["ApiaryMonitor", "ApiaryReplication", "ApiaryCore"]),
         .testTarget(name: "ApiaryStorageTests", dependencies: ["ApiaryStorage", "CSQLite"]),
         .testTarget(name: "ApiaryTLSTests", dependencies: [
             "ApiaryTLS",

@@ -12,6 +12,18 @@ public struct TenantID: Hashable, Comparable, Sendable, CustomStringConvertible 
         self.rawValue = rawValue
     }
 
+    /// The cluster's own database (tenants, users): stored and replicated like a tenant's, and
+    /// named so that no client can name it (a tenant id cannot start with '_').
+    public static let system = TenantID(unchecked: "_system")
+
+    private init(unchecked rawValue: String) { self.rawValue = rawValue }
+
+    /// A tenant id as storage and replication know them: any valid tenant id, or ``system``.
+    /// Clients' names MUST go through ``init(_:)`` instead.
+    public init(stored rawValue: String) throws {
+        if rawValue == Self.system.rawValue { self = .system } else { try self.init(rawValue) }
+    }
+
     public static func isValid(_ s: String) -> Bool {
         let bytes = Array(s.utf8)
         guard !bytes.isEmpty, bytes.count <= lengthMax else { return false }

@@ -31,6 +31,8 @@ public struct NodeConfiguration: Sendable {
     public var standbyName: String?
     /// The epoch a node starts in when its data directory has none yet.
     public var initialEpoch = Epoch(1)
+    /// Tenants a primary may hold (its system database not counted).
+    public var tenantsMax = 10_000
     /// `role`, `mode` and `initialEpoch` only bootstrap a node whose data directory holds no
     /// state yet: after that its durable state decides (`NodeState`).
     public var replication = ReplicationConfig()
@@ -76,7 +78,7 @@ public enum NodeServer {
         }
 
         defer { roles.stop() }
-        let server = try await APIServer.start(service: roles, credentials: credentials, host: config.apiHost, port: config.apiPort,
+        let server = try await APIServer.start(service: roles, accounts: roles, credentials: credentials, host: config.apiHost, port: config.apiPort,
                                                group: group, logger: logger)
         // Scripts and tests wait for this line.
         print("apiary node \(config.name) ready: role=\(state.role.rawValue) epoch=\(state.epoch.rawValue) api=https://\(config.apiHost):\(server.port)")
@@ -139,7 +141,7 @@ public enum NodeServer {
 }
 
 /// The node's current role behind the API; a standby becomes a primary by promotion.
-final class NodeRoles: SQLService, @unchecked Sendable {
+final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
     let config: NodeConfiguration
     let layout: DataLayout
     let group: any EventLoopGroup
@@ -155,6 +157,8 @@ final class NodeRoles: SQLService, @unchecked Sendable {
     private var resources: [() -> Void] = []
     /// The node's role and epoch, as its state file holds them (written before each change).
     private var state: NodeState
+    /// Accounts, served by the primary only (from the replicated system database).
+    private var accountStore: AccountStore?
 
     init(config: NodeConfiguration, state: NodeState, layout: DataLayout, group: any EventLoopGroup, credentials: ClusterCredentials, logger: Logger) {
         self.config = config
@@ -180,9 +184,11 @@ final class NodeRoles: SQLService, @unchecked Sendable {
                                                         credentials: credentials, ids: ids, events: primary, driverLoop: loop)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in primary.tick() }
         primary.onSteppedDown = { [weak self] newer in self?.demote(primary, seenEpoch: newer) }
+        primary.tenantsMax = config.tenantsMax
         logger.notice("primary", metadata: ["epoch": "\(epoch)", "mode": "\(mode)", "replication": "\(channel.localAddress.map { "\($0)" } ?? "?")"])
         lock.withLock {
             current = PrimarySQLService(node: primary, epoch: epoch)
+            accountStore = AccountStore(node: primary)
             resources.append { ticker.cancel(); channel.close(promise: nil) }
         }
     }
@@ -227,6 +233,7 @@ final class NodeRoles: SQLService, @unchecked Sendable {
         lock.withLock {
             state = demoted
             current = DemotedSQLService(name: config.name, epoch: demoted.epoch, node: primary)
+            accountStore = nil
         }
         logger.warning("demoted: a peer showed epoch \(newer), newer than this primary's \(demoted.epoch); no more commits or reads here")
     }
@@ -252,6 +259,30 @@ final class NodeRoles: SQLService, @unchecked Sendable {
         guard let s = try? service else { return RqliteJSON.error("node is changing roles") }
         return await s.statusJSON()
     }
+
+    // MARK: Accounts (the primary's)
+
+    private var accounts: AccountStore {
+        get throws {
+            guard let store = lock.withLock({ accountStore }) else {
+                throw APIError(.notExecuted, "not primary: accounts and sign-in are served by the primary")
+            }
+            return store
+        }
+    }
+
+    func cachedAuthentication(_ credentials: Credentials) -> UserPrincipal? {
+        lock.withLock { accountStore }?.cachedAuthentication(credentials)
+    }
+
+    func authenticate(_ credentials: Credentials) async throws -> UserPrincipal? { try await accounts.authenticate(credentials) }
+    func createTenant(_ tenant: TenantID) async throws { try await accounts.createTenant(tenant) }
+    func listTenants() async throws -> [TenantID] { try await accounts.listTenants() }
+    func dropTenant(_ tenant: TenantID) async throws { try await accounts.dropTenant(tenant) }
+    func createUser(_ name: String, tenant: TenantID, role: UserRole, password: String) async throws {
+        try await accounts.createUser(name, tenant: tenant, role: role, password: password)
+    }
+    func listUsers(tenant: TenantID) async throws -> [(name: String, role: UserRole)] { try await accounts.listUsers(tenant: tenant) }
 
     /// Standby → primary of epoch + 1, committing alone (`single`) until a standby is set up
     /// again (the monitor, next issue, will drive this and the old primary's rejoin).
@@ -336,6 +367,8 @@ struct PrimarySQLService: SQLService {
         } catch let rejected as CommitRejected {
             // Creating the tenant replicates its first commit: its refusal says why to the client.
             throw Self.apiError(rejected)
+        } catch let full as PrimaryNode.TenantLimitReached {
+            throw APIError(.capacity, full.description)
         } catch {
             node.logger.error("tenant unavailable", metadata: ["tenant": "\(tenant)", "error": "\(error)"])
             throw APIError(.notExecuted, "tenant unavailable (details in the node's log); retry later")

@@ -177,13 +177,19 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         logger.notice("redid logged commits missing from the database", metadata: ["tenant": "\(tenant.id)", "from": "\(start + 1)", "through": "\(last.lsn)"])
     }
 
+    /// Tenants this node may hold (its system database not counted): each holds files and a
+    /// writer connection open. Set before the node serves.
+    var tenantsMax = 10_000
+
     /// The tenant, created on first use (its bootstrap commit replicates like any other).
+    /// - Throws: `TenantLimitReached` when creating it would pass `tenantsMax`.
     func tenant(_ id: TenantID, create: Bool) async throws -> PrimaryTenant? {
-        enum Found { case ready(PrimaryTenant), wait(Task<PrimaryTenant, any Error>), absent }
+        enum Found { case ready(PrimaryTenant), wait(Task<PrimaryTenant, any Error>), absent, full }
         let found: Found = tenantsLock.withLock {
             if let t = tenants[id], opening[id] == nil { return .ready(t) }
             if let task = opening[id] { return .wait(task) }
             guard create else { return .absent }
+            guard id == .system || tenants.keys.filter({ $0 != .system }).count < tenantsMax else { return .full }
             let task = Task {
                 try await BlockingPool.writers.run {
                     let tenant = try Self.openTenantLog(id, layout: self.layout, options: self.logOptions)
@@ -204,10 +210,16 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         switch found {
         case .ready(let t): return t
         case .absent: return nil
+        case .full: throw TenantLimitReached(max: tenantsMax)
         case .wait(let task):
             defer { tenantsLock.withLock { opening[id] = nil } }
             return try await task.value
         }
+    }
+
+    struct TenantLimitReached: Error, CustomStringConvertible {
+        let max: Int
+        var description: String { "this node holds its maximum of \(max) tenants; drop one or add a cell" }
     }
 
     /// The tenant if it is open and ready (no waiting: for callers on event loops).

@@ -22,7 +22,7 @@ struct DataLayout {
     func existingTenants() throws -> [TenantID] {
         guard FileManager.default.fileExists(atPath: tenantsDirectory) else { return [] }
         return try FileManager.default.contentsOfDirectory(atPath: tenantsDirectory)
-            .compactMap { try? TenantID($0) }.sorted()
+            .compactMap { try? TenantID(stored: $0) }.sorted()
     }
 
     func createTenantDirectory(_ t: TenantID) throws {

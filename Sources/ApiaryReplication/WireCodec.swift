@@ -327,7 +327,7 @@ extension WireCodec {
 
     private static func readTenant(_ r: inout ByteReader) throws -> TenantID {
         let raw = try r.readString(lengthMax: TenantID.lengthMax)
-        guard let tenant = try? TenantID(raw) else { throw DecodeError("invalid tenant id on the wire") }
+        guard let tenant = try? TenantID(stored: raw) else { throw DecodeError("invalid tenant id on the wire") }
         return tenant
     }
 

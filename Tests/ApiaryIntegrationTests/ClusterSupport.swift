@@ -40,15 +40,23 @@ func portIsFree(_ port: Int) -> Bool {
     return withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
 }
 
-/// An application's view: HTTPS connections to the primary's API with the cluster CA trusted.
+/// HTTPS connections to a node's API with the cluster CA trusted, as the cluster operator (its
+/// certificate: it may name any tenant by header, and its writes create tenants) or, with
+/// `asOperator: false`, as an application with no certificate (which needs credentials).
 struct APIClient {
     let host = "127.0.0.1"
     let port: Int
     let caPath: String
+    var asOperator = true
 
     func connect() async throws -> HTTPSConnection {
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.trustRoots = .file(caPath)
+        if asOperator {
+            let operatorCredentials = try ClusterCredentials(directory: (caPath as NSString).deletingLastPathComponent, name: "operator")
+            tls.certificateChain = operatorCredentials.certificateChain.map { .certificate($0) }
+            tls.privateKey = .privateKey(operatorCredentials.privateKey)
+        }
         return try await HTTPSConnection.connect(host: host, port: port, tls: tls, group: MultiThreadedEventLoopGroup.singleton)
     }
 }

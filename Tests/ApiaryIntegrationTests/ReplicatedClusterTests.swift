@@ -282,14 +282,14 @@ final class ReplicatedClusterTests: XCTestCase {
     }
 
     func testOnlyAnOperatorMayPromote() async throws {
-        let connection = try await api.connect()
+        let connection = try await APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem", asOperator: false).connect()
         let response = try await connection.request(.POST, "/admin/promote")
         XCTAssertEqual(response.status, 403)
         await connection.close()
     }
 
     func testStatusNeedsAnOperatorCertificate() async throws {
-        let connection = try await api.connect()
+        let connection = try await APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem", asOperator: false).connect()
         let response = try await connection.request(.GET, "/status")
         XCTAssertEqual(response.status, 403)
         XCTAssertFalse(response.text.contains("acme"))

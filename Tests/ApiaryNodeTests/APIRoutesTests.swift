@@ -95,7 +95,7 @@ final class APIRoutesTests: XCTestCase {
         let request = APIRequest(method: method, uri: uri, headers: headers, body: Array(body.utf8),
                                  bodyTooLarge: bodyTooLarge, peer: peer)
         // The server's entry point: writes answered by callback, the rest through a task.
-        let routes = APIRoutes(service: service ?? self.service!, limits: limits)
+        let routes = APIRoutes(service: service ?? self.service!, accounts: nil, limits: limits)
         return await withCheckedContinuation { done in routes.respond(to: request) { make in done.resume(returning: make()) } }
     }
 
@@ -328,7 +328,7 @@ final class APIRoutesTests: XCTestCase {
         }
         let request = APIRequest(method: .POST, uri: "/db/execute", headers: ["X-Apiary-Tenant": "acme"],
                                  body: Array(#"["SELECT 1", "SELECT * FROM nope"]"#.utf8))
-        let response = await APIRoutes(service: FailingStatement()).respond(to: request)
+        let response = await APIRoutes(service: FailingStatement(), accounts: nil).respond(to: request)
         XCTAssertEqual(response.status, .ok)
         XCTAssertFalse(response.outcomeUnknown)
         let results = try results(response)

@@ -211,7 +211,7 @@ final class APIServerTests: XCTestCase {
     func startServer(_ service: RecordingSQLService, limits: APIServer.Limits = .init()) async throws -> APIServer {
         let logger = signals.logger(label: "apiary.test.api")
         services.append(service)
-        let server = try await APIServer.start(service: service, credentials: try ClusterCredentials(directory: dir, name: "node-1"),
+        let server = try await APIServer.start(service: service, accounts: nil, credentials: try ClusterCredentials(directory: dir, name: "node-1"),
                                                host: "127.0.0.1", port: 0, group: group, logger: logger, limits: limits)
         servers.append(server)
         XCTAssertNotEqual(server.port, 0)

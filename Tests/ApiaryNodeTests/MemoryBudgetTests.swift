@@ -29,7 +29,7 @@ final class MemoryBudgetTests: XCTestCase {
         limits.memoryBudgetBytes = budget
         limits.connectionMemoryBytes = Self.connectionBytes
         service = RecordingSQLService()
-        server = try await APIServer.start(service: service, credentials: try ClusterCredentials(directory: dir, name: "node-1"),
+        server = try await APIServer.start(service: service, accounts: nil, credentials: try ClusterCredentials(directory: dir, name: "node-1"),
                                            host: "127.0.0.1", port: 0, group: group, logger: logger, limits: limits)
     }
 

@@ -43,7 +43,7 @@ final class SlowReaderTests: XCTestCase {
         var logger = Logger(label: "apiary.test.slow-reader")
         logger.logLevel = .critical
         let service = LargeResultService()
-        let server = try await APIServer.start(service: service, credentials: try ClusterCredentials(directory: dir, name: "node-1"),
+        let server = try await APIServer.start(service: service, accounts: nil, credentials: try ClusterCredentials(directory: dir, name: "node-1"),
                                                host: "127.0.0.1", port: 0, group: group, logger: logger)
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.trustRoots = .file(dir + "/ca.pem")

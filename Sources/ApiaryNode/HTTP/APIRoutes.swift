@@ -35,11 +35,18 @@ struct APIResponse: Sendable {
     var contentType = "application/json"
     /// For 405: the methods the path takes (RFC 9110 requires `Allow`).
     var allow: String?
+    /// For 401: ask for HTTP basic auth (RFC 9110 requires `WWW-Authenticate`).
+    var asksForCredentials = false
 }
 
-/// The HTTP API (rqlite's, DESIGN §7): `/db/execute`, `/db/query` (tenant by the
-/// `X-Apiary-Tenant` header, or under `/tenants/{tenant}/db/...`), `/readyz`, and with an
-/// operator (or monitor) certificate `/status` and `POST /admin/promote`.
+/// The HTTP API (rqlite's, DESIGN §7): `/db/execute`, `/db/query`, `/readyz`; accounts under
+/// `/admin/tenants`; and with an operator (or monitor) certificate `/status` and
+/// `POST /admin/promote`.
+///
+/// Every request but `/readyz` is authenticated (DESIGN §8): an application by HTTP basic auth
+/// (its user names its tenant: no header needed, and one naming another tenant is refused),
+/// a cluster operator by its certificate (it names the tenant by the `X-Apiary-Tenant` header
+/// or a `/tenants/{tenant}/db/...` path).
 ///
 /// Pure request → response over an `SQLService`, so that tests call it without a socket;
 /// `APIServer` carries it over HTTPS.
@@ -50,6 +57,9 @@ struct APIRoutes: Sendable {
     }
 
     let service: any SQLService
+    /// Who may do what. Nil only in unit tests of the HTTP layer itself: every request then
+    /// acts as an operator (a node always passes its accounts; `APIServer.start` requires them).
+    let accounts: (any AccountService)?
     var limits = Limits()
     /// Where unexpected errors are told in full (clients get no internals: paths, file names).
     var logger = Logger(label: "apiary.api")
@@ -70,7 +80,16 @@ struct APIRoutes: Sendable {
         }
         let started = ContinuousClock.now
         do {
-            let tenant = try Self.tenantID(request, tenantInPath)
+            guard let principal = try cachedPrincipal(request) else {
+                // Not verified lately: the slow path (the accounts database, scrypt).
+                Task {
+                    let response = await respond(to: request)
+                    done { response }
+                }
+                return
+            }
+            let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
+            try Access.check(principal, may: .write)
             let statements = try parse(try body(request))
             let transaction = try Self.formValue("transaction", in: request.query) != nil
             service.execute(tenant: tenant, statements, transaction: transaction) { result in
@@ -102,6 +121,8 @@ struct APIRoutes: Sendable {
             return await sql { try await execute(request, tenantInPath) }
         case (["db", "query"], .GET), (["db", "query"], .POST):
             return await sql { try await query(request, tenantInPath) }
+        case (let path, let method) where path.first == "admin" && path.dropFirst().first == "tenants" && tenantInPath == nil:
+            return await admin(request, Array(path.dropFirst(2)), method)
         case (["readyz"], .GET) where tenantInPath == nil, (["readyz"], .HEAD) where tenantInPath == nil:
             return APIResponse(status: .ok, body: Array("ok\n".utf8), contentType: "text/plain")
         case (["status"], .GET) where tenantInPath == nil:
@@ -133,14 +154,18 @@ struct APIRoutes: Sendable {
     }
 
     private func execute(_ request: APIRequest, _ tenantInPath: Substring?) async throws -> [StatementResult] {
-        let tenant = try Self.tenantID(request, tenantInPath)
+        let principal = try await self.principal(request)
+        let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
+        try Access.check(principal, may: .write)
         let statements = try parse(try body(request))
         let transaction = try Self.formValue("transaction", in: request.query) != nil
         return try await service.execute(tenant: tenant, statements, transaction: transaction)
     }
 
     private func query(_ request: APIRequest, _ tenantInPath: Substring?) async throws -> [StatementResult] {
-        let tenant = try Self.tenantID(request, tenantInPath)
+        let principal = try await self.principal(request)
+        let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
+        try Access.check(principal, may: .read)
         let levelName = try Self.formValue("level", in: request.query) ?? "weak"
         guard let level = ReadLevel(rawValue: levelName) else {
             throw APIError(.badRequest, "unknown level '\(levelName.prefix(40))': use none, weak, strong or linearizable")
@@ -183,7 +208,7 @@ struct APIRoutes: Sendable {
             let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
             return APIResponse(status: .ok, body: RqliteJSON.response(results, timeSeconds: seconds))
         } catch let error as APIError {
-            return APIResponse(status: error.status, body: RqliteJSON.error(error.message), outcomeUnknown: error.kind == .outcomeUnknown)
+            return Self.response(error)
         } catch {
             logger.error("request failed unexpectedly", metadata: ["error": "\(error)"])
             return APIResponse(status: .internalServerError, body: RqliteJSON.error("outcome unknown: internal error (details in the node's log)"), outcomeUnknown: true)
@@ -192,10 +217,111 @@ struct APIRoutes: Sendable {
 
     static let tenantHeader = "X-Apiary-Tenant"
 
-    static func tenantID(_ request: APIRequest, _ inPath: Substring?) throws -> TenantID {
-        let raw = inPath.map(String.init) ?? request.headers.first(name: tenantHeader)
-        guard let raw else { throw APIError(.badRequest, "no tenant: send the X-Apiary-Tenant header or use /tenants/{tenant}/db/...") }
-        do { return try TenantID(raw) } catch { throw APIError(.badRequest, String(describing: error)) }
+    /// The tenant a request names, if any (its path, else its header).
+    static func tenantName(_ request: APIRequest, _ inPath: Substring?) -> String? {
+        inPath.map(String.init) ?? request.headers.first(name: tenantHeader)
+    }
+
+    static func response(_ error: APIError) -> APIResponse {
+        APIResponse(status: error.status, body: RqliteJSON.error(error.message), outcomeUnknown: error.kind == .outcomeUnknown,
+                    asksForCredentials: error.kind == .unauthorized)
+    }
+
+    // MARK: Authentication
+
+    /// Who sent `request`: its credentials (an application), else an operator certificate.
+    /// - Throws: `APIError(.unauthorized)` for none or wrong ones.
+    func principal(_ request: APIRequest) async throws -> Principal {
+        guard let accounts else { return .clusterOperator("tests") }
+        if let credentials = try Credentials.from(request.headers) {
+            guard let user = try await accounts.authenticate(credentials) else { throw APIError(.unauthorized, "wrong user name or password") }
+            return .user(user)
+        }
+        return try Self.certificatePrincipal(request)
+    }
+
+    /// ``principal(_:)`` without waiting: nil when the credentials were not verified lately.
+    func cachedPrincipal(_ request: APIRequest) throws -> Principal? {
+        guard let accounts else { return .clusterOperator("tests") }
+        if let credentials = try Credentials.from(request.headers) {
+            return accounts.cachedAuthentication(credentials).map { .user($0) }
+        }
+        return try Self.certificatePrincipal(request)
+    }
+
+    static func certificatePrincipal(_ request: APIRequest) throws -> Principal {
+        guard let peer = request.peer, peer.role == .operator else {
+            throw APIError(.unauthorized, "credentials needed: HTTP basic auth with a user name and password")
+        }
+        return .clusterOperator(peer.name)
+    }
+
+    // MARK: Accounts
+
+    /// `/admin/tenants[/{tenant}[/users]]`.
+    private func admin(_ request: APIRequest, _ path: [Substring], _ method: HTTPMethod) async -> APIResponse {
+        do {
+            guard let accounts else { throw APIError(.notFound, "no accounts on this server") }
+            let principal = try await self.principal(request)
+            switch (path.count, method) {
+            case (0, .GET):
+                try Access.check(principal, may: .manageTenants)
+                let names = try await accounts.listTenants().map(\.rawValue)
+                return APIResponse(status: .ok, body: Self.json(["tenants": names]))
+            case (0, .POST):
+                try Access.check(principal, may: .manageTenants)
+                let name = try Self.field("name", in: try body(request))
+                let tenant: TenantID
+                do { tenant = try TenantID(name) } catch { throw APIError(.badRequest, String(describing: error)) }
+                try await accounts.createTenant(tenant)
+                return APIResponse(status: .created, body: Self.json(["tenant": tenant.rawValue]))
+            case (1, .DELETE):
+                try Access.check(principal, may: .manageTenants)
+                let tenant = try Self.tenant(path[0])
+                try await accounts.dropTenant(tenant)
+                return APIResponse(status: .ok, body: Self.json(["dropped": tenant.rawValue]))
+            case (2, .GET) where path[1] == "users":
+                let tenant = try Self.tenant(path[0])
+                try Access.check(principal, may: .manageUsers(tenant))
+                let users = try await accounts.listUsers(tenant: tenant).map { ["name": $0.name, "role": $0.role.rawValue] }
+                return APIResponse(status: .ok, body: Self.json(["users": users]))
+            case (2, .POST) where path[1] == "users":
+                let tenant = try Self.tenant(path[0])
+                try Access.check(principal, may: .manageUsers(tenant))
+                let fields = try body(request)
+                let name = try Self.field("name", in: fields), password = try Self.field("password", in: fields)
+                let roleName = try Self.field("role", in: fields)
+                guard let role = UserRole(rawValue: roleName) else { throw APIError(.badRequest, "role must be admin, writer or reader") }
+                try await accounts.createUser(name, tenant: tenant, role: role, password: password)
+                return APIResponse(status: .created, body: Self.json(["user": name, "tenant": tenant.rawValue, "role": role.rawValue]))
+            case (0, _): return Self.methodNotAllowed(request, allow: "GET, POST")
+            case (1, _): return Self.methodNotAllowed(request, allow: "DELETE")
+            case (2, _) where path[1] == "users": return Self.methodNotAllowed(request, allow: "GET, POST")
+            default: throw APIError(.notFound, "no such endpoint: \(request.path.prefix(200))")
+            }
+        } catch let error as APIError {
+            return Self.response(error)
+        } catch {
+            logger.error("account request failed unexpectedly", metadata: ["error": "\(error)"])
+            return APIResponse(status: .internalServerError, body: RqliteJSON.error("outcome unknown: internal error (details in the node's log)"), outcomeUnknown: true)
+        }
+    }
+
+    static func tenant(_ name: Substring) throws -> TenantID {
+        do { return try TenantID(String(name)) } catch { throw APIError(.notFound, "no such tenant") }
+    }
+
+    /// A string field of a small JSON object body (never logged: it may hold a password).
+    static func field(_ name: String, in body: [UInt8]) throws -> String {
+        guard let object = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] else {
+            throw APIError(.badRequest, "the body must be a JSON object")
+        }
+        guard let value = object[name] as? String else { throw APIError(.badRequest, "the body needs a string field '\(name)'") }
+        return value
+    }
+
+    static func json(_ object: [String: Any]) -> [UInt8] {
+        (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])).map(Array.init) ?? Array("{}".utf8)
     }
 
     static func methodNotAllowed(_ request: APIRequest, allow: String) -> APIResponse {

@@ -75,13 +75,16 @@ public final class APIServer: Sendable {
     /// Listens on `host:port`. Client certificates are optional (applications use none); when
     /// one is presented it must chain to the cluster CA, and its role unlocks `/status` and
     /// `/admin/promote`.
-    public static func start(service: any SQLService, credentials: ClusterCredentials, host: String, port: Int,
+    /// - Parameter accounts: who may do what (a node's accounts); nil only for tests of the
+    ///   HTTP layer itself, where every request acts as an operator.
+    public static func start(service: any SQLService, accounts: (any AccountService)?, credentials: ClusterCredentials, host: String, port: Int,
                              group: any EventLoopGroup, logger: Logger, limits: Limits = Limits()) async throws -> APIServer {
         var tls = credentials.clientFacingServer()
         tls.certificateVerification = .optionalVerification
         tls.trustRoots = .certificates([credentials.clusterCA])
         let context = try NIOSSLContext(configuration: tls)
-        let routes = APIRoutes(service: service, limits: .init(bodyBytesMax: limits.bodyBytesMax, statementsMax: limits.statementsMax), logger: logger)
+        let routes = APIRoutes(service: service, accounts: accounts, limits: .init(bodyBytesMax: limits.bodyBytesMax, statementsMax: limits.statementsMax),
+                               logger: logger)
         let connections = OpenConnections(max: limits.connectionsMax)
         let heldForSlowReaders = LockedValue(0)
         let memory = MemoryBudget(bytesMax: limits.memoryBudgetBytes)
@@ -229,6 +232,9 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     private var answeringReserved = 0
     /// The node's budget had no room for the body being read: it is dropped, answered 503.
     private var memoryShort = false
+    /// The client's certificate identity (operators, monitors), read at the first request.
+    private var peer: ApiaryTLS.PeerIdentity?
+    private var peerRead = false
 
     init(routes: APIRoutes, logger: Logger, timeouts: ConnectionTimeouts, pipelinedMax: Int, heldForSlowReaders: LockedValue<Int>,
          memory: MemoryBudget) {
@@ -350,12 +356,15 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         answering = true
         timeouts.answering = true
         answeringReserved = request.reservedBytes
-        if request.path == "/status" || request.path == "/admin/promote" {
-            // Verified against the cluster CA during the handshake (optionalVerification).
+        if !peerRead {
+            // Verified against the cluster CA during the handshake (optionalVerification);
+            // read once per connection.
+            peerRead = true
             if let certificate = try? context.pipeline.syncOperations.nioSSL_peerCertificate() {
-                request.peer = ClusterCredentials.identity(of: certificate)
+                peer = ClusterCredentials.identity(of: certificate)
             }
         }
+        request.peer = peer
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context), eventLoop: loop)
         routes.respond(to: request) { makeResponse in
@@ -449,6 +458,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         out.writeStaticString("\r\n")
         if response.outcomeUnknown { out.writeStaticString("X-Apiary-Outcome: unknown\r\n") }
         if let allow = response.allow { out.writeString("Allow: \(allow)\r\n") }
+        if response.asksForCredentials { out.writeStaticString("WWW-Authenticate: Basic realm=\"apiary\", charset=\"UTF-8\"\r\n") }
         if last { out.writeStaticString("Connection: close\r\n") }
         out.writeStaticString("\r\n")
         if !framing.headersOnly { out.writeBytes(response.body) }

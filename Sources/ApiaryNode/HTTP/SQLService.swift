@@ -49,6 +49,12 @@ public struct APIError: Error, CustomStringConvertible {
         case forbidden
         /// The request body is larger than the node accepts (413): split the request.
         case tooLarge
+        /// No credentials, or wrong ones (401, with `WWW-Authenticate`).
+        case unauthorized
+        /// The thing to create exists already (409).
+        case conflict
+        /// The node is at a capacity limit that a retry will not change (507).
+        case capacity
     }
     public let kind: Kind
     public let message: String
@@ -66,6 +72,9 @@ public struct APIError: Error, CustomStringConvertible {
         case .outcomeUnknown: return .internalServerError
         case .forbidden: return .forbidden
         case .tooLarge: return .payloadTooLarge
+        case .unauthorized: return .unauthorized
+        case .conflict: return .conflict
+        case .capacity: return .insufficientStorage
         }
     }
 }

@@ -33,7 +33,7 @@ struct Bench: AsyncParsableCommand {
         let root = dir ?? (NSTemporaryDirectory() + "apiary-bench-\(getpid())")
         defer { if !keep { try? FileManager.default.removeItem(atPath: root) } }
         print("# machine: nproc=\(ProcessInfo.processInfo.activeProcessorCount) \(cpuModel()) fs=\(root)")
-        print("# workload: one INSERT of a 100-byte payload per request, HTTPS keep-alive, \(seconds)s per client count, \(clientThreads) client thread(s)")
+        print("# workload: one INSERT of a 100-byte payload per request, HTTPS keep-alive, HTTP basic auth, \(seconds)s per client count, \(clientThreads) client thread(s)")
         let load = MultiThreadedEventLoopGroup(numberOfThreads: clientThreads)
         for (index, setup) in setupList.enumerated() {
             let primaryArgs = setup == "single" ? ["--mode", "single"] : []
@@ -44,7 +44,7 @@ struct Bench: AsyncParsableCommand {
             try cluster.start(cluster.primary)
             if setup == "replicated" { try cluster.start(cluster.standby) }
             defer { cluster.stopAll() }
-            let target = BenchTarget(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
+            var target = BenchTarget(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
             try await target.prepare()
             // CPU per insert is steadier than throughput on a shared VM: it shows what a change
             // costs or saves even when the run's throughput moves with the machine's mood.
@@ -76,7 +76,8 @@ struct Bench: AsyncParsableCommand {
 struct BenchTarget {
     let port: Int
     let caPath: String
-    static let tenant = ("X-Apiary-Tenant", "bench")
+    /// The bench user's `Authorization` header: the load signs in as an application does.
+    var authorization = ""
 
     func connect() async throws -> HTTPSConnection {
         var tls = TLSConfiguration.makeClientConfiguration()
@@ -84,9 +85,16 @@ struct BenchTarget {
         return try await HTTPSConnection.connect(host: "127.0.0.1", port: port, tls: tls, group: MultiThreadedEventLoopGroup.singleton)
     }
 
-    func prepare() async throws {
+    /// Creates the tenant and a writer (as the operator), then the table (as that writer).
+    mutating func prepare() async throws {
+        let accounts = try AccountsClient(certificatesDirectory: (caPath as NSString).deletingLastPathComponent, host: "127.0.0.1", port: port)
+        try await accounts.createTenant("bench")
+        let password = AccountsClient.randomPassword()
+        try await accounts.createUser("bench-writer", tenant: "bench", role: "writer", password: password)
+        authorization = AccountsClient.basicAuthorization(user: "bench-writer", password: password)
         let c = try await connect()
-        let r = try await c.request(.POST, "/db/execute", headers: [Self.tenant], body: Array(#"["CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)"]"#.utf8))
+        let r = try await c.request(.POST, "/db/execute", headers: [("Authorization", authorization)],
+                                    body: Array(#"["CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)"]"#.utf8))
         await c.close()
         guard r.status == 200 else { throw ValidationError("cannot create the bench table: \(r.status) \(r.text)") }
     }
@@ -95,7 +103,7 @@ struct BenchTarget {
 
     func measure(clients: Int, seconds: Int, group: any EventLoopGroup) async throws -> Result {
         let body = Array(#"[["INSERT INTO bench(payload) VALUES(?)", "\#(String(repeating: "x", count: 100))"]]"#.utf8)
-        let head = "POST /db/execute HTTP/1.1\r\nHost: 127.0.0.1\r\n\(Self.tenant.0): \(Self.tenant.1)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n\r\n"
+        let head = "POST /db/execute HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: \(authorization)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n\r\n"
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.trustRoots = .file(caPath)
         let start = ContinuousClock.now

@@ -8,7 +8,7 @@ import NIOPosix
 struct Ctl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Operate a cluster (with an operator certificate).",
-        subcommands: [Verify.self, Status.self, Promote.self]
+        subcommands: [Verify.self, Status.self, Promote.self, Tenant.self, User.self]
     )
 
     /// Where the operator's certificate is: shared by every `ctl` subcommand.

@@ -16,16 +16,26 @@ struct Up: AsyncParsableCommand {
         try cluster.startBoth()
         let ca = cluster.certificates + "/ca.pem"
         let p = cluster.primary.apiPort, s = cluster.standby.apiPort
+        // A tenant and its first user, made as the cluster operator (a new password each run).
+        let accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: p)
+        try await accounts.createTenant("demo")
+        let user = "demo-\(Int.random(in: 1000...9999))", password = AccountsClient.randomPassword()
+        try await accounts.createUser(user, tenant: "demo", role: "admin", password: password)
         print("""
 
         Apiary demo cluster is up (data, certificates and logs in \(directory)):
           primary node-a  https://127.0.0.1:\(p)   (zone A)
           standby node-b  https://127.0.0.1:\(s)  (zone B, synchronous replica)
 
-        Write and read (tenant "demo"):
-          curl --cacert \(ca) -H 'X-Apiary-Tenant: demo' -H 'Content-Type: application/json' \\
+        Tenant "demo", user \(user) (role admin), password \(password)
+        Write and read (the user's credentials name its tenant):
+          curl --cacert \(ca) -u '\(user):\(password)' -H 'Content-Type: application/json' \\
                https://localhost:\(p)/db/execute -d '["CREATE TABLE IF NOT EXISTS hello (id INTEGER PRIMARY KEY, msg TEXT)", ["INSERT INTO hello(msg) VALUES(?)", "hi from zone A"]]'
-          curl --cacert \(ca) -H 'X-Apiary-Tenant: demo' -G https://localhost:\(p)/db/query --data-urlencode 'q=SELECT * FROM hello'
+          curl --cacert \(ca) -u '\(user):\(password)' -G https://localhost:\(p)/db/query --data-urlencode 'q=SELECT * FROM hello'
+
+        More tenants and users (as the cluster operator):
+          \(CommandLine.arguments[0]) ctl tenant create acme --node 127.0.0.1:\(p) --certs \(cluster.certificates)
+          \(CommandLine.arguments[0]) ctl user create alice --tenant acme --role writer --node 127.0.0.1:\(p) --certs \(cluster.certificates)
 
         Prove both replicas are identical:
           \(CommandLine.arguments[0]) ctl verify --certs \(cluster.certificates) --primary 127.0.0.1:\(p) --standby 127.0.0.1:\(s)

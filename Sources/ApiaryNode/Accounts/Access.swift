@@ -1,0 +1,122 @@
+import ApiaryCore
+import Foundation
+import NIOHTTP1
+
+/// A user's role within its tenant (DESIGN §8; the whitepaper's finer roles come later).
+public enum UserRole: String, Sendable, CaseIterable, Codable {
+    /// Reads, writes, and manages the tenant's users.
+    case admin
+    /// Reads and writes.
+    case writer
+    /// Reads only.
+    case reader
+
+    var mayWrite: Bool { self != .reader }
+    var mayManageUsers: Bool { self == .admin }
+}
+
+/// What a client presented to prove who it is.
+public enum Credentials: Hashable, Sendable {
+    /// HTTP basic auth, as rqlite clients send it (`http://user:pass@host`).
+    case basic(user: String, password: String)
+
+    /// Reads the `Authorization` header; nil when there is none.
+    /// - Throws: `APIError(.unauthorized)` for a header that is present but malformed.
+    static func from(_ headers: HTTPHeaders) throws -> Credentials? {
+        guard let value = headers.first(name: "authorization") else { return nil }
+        let parts = value.split(separator: " ", maxSplits: 1)
+        guard parts.count == 2, parts[0].lowercased() == "basic", parts[1].utf8.count <= 4096,
+              let decoded = Data(base64Encoded: String(parts[1])), let text = String(data: decoded, encoding: .utf8),
+              let colon = text.firstIndex(of: ":") else {
+            throw APIError(.unauthorized, "malformed Authorization header: use HTTP basic auth")
+        }
+        let user = String(text[..<colon]), password = String(text[text.index(after: colon)...])
+        guard !user.isEmpty, user.utf8.count <= UserName.lengthMax, password.utf8.count <= Passwords.lengthMax else {
+            throw APIError(.unauthorized, "wrong user name or password")
+        }
+        return .basic(user: user, password: password)
+    }
+}
+
+/// A user name: 1...64 characters of `[a-z0-9._@-]`, unique in the cluster (so that it alone
+/// names its tenant: a rqlite client sends only a user name and a password).
+enum UserName {
+    static let lengthMax = 64
+    static func isValid(_ s: String) -> Bool {
+        let bytes = Array(s.utf8)
+        guard !bytes.isEmpty, bytes.count <= lengthMax else { return false }
+        return bytes.allSatisfy { b in
+            (b >= 0x61 && b <= 0x7A) || (b >= 0x30 && b <= 0x39) || b == 0x2E || b == 0x5F || b == 0x40 || b == 0x2D
+        }
+    }
+}
+
+/// An authenticated application user.
+public struct UserPrincipal: Hashable, Sendable {
+    public var name: String
+    public var tenant: TenantID
+    public var role: UserRole
+}
+
+/// Who a request is from.
+enum Principal: Sendable {
+    /// A cluster operator, by its certificate: may name any tenant (scripts, drills, tests).
+    case clusterOperator(String)
+    case user(UserPrincipal)
+}
+
+/// What a request wants to do, for the access decision.
+enum Intent: Sendable {
+    case read, write, manageUsers(TenantID), manageTenants
+}
+
+/// The access decisions (invariant 7): pure, so that each rule is tested alone.
+enum Access {
+    /// The tenant a request acts on: a user's own tenant (a header or path naming another is
+    /// refused, never followed); an operator's named one.
+    static func tenant(for principal: Principal, named: String?) throws -> TenantID {
+        switch principal {
+        case .clusterOperator:
+            guard let named else { throw APIError(.badRequest, "no tenant: send the X-Apiary-Tenant header or use /tenants/{tenant}/db/...") }
+            do { return try TenantID(named) } catch { throw APIError(.badRequest, String(describing: error)) }
+        case .user(let user):
+            if let named, named != user.tenant.rawValue {
+                throw APIError(.forbidden, "these credentials are not for the tenant named in the request")
+            }
+            return user.tenant
+        }
+    }
+
+    /// Throws `APIError(.forbidden)` unless `principal` may do `intent`.
+    static func check(_ principal: Principal, may intent: Intent) throws {
+        guard case .user(let user) = principal else { return } // operators may do everything
+        switch intent {
+        case .read: return
+        case .write:
+            guard user.role.mayWrite else { throw APIError(.forbidden, "role \(user.role.rawValue) may not write") }
+        case .manageUsers(let tenant):
+            guard user.role.mayManageUsers, user.tenant == tenant else {
+                throw APIError(.forbidden, "only an admin of the tenant (or a cluster operator) manages its users")
+            }
+        case .manageTenants:
+            throw APIError(.forbidden, "only a cluster operator (its certificate) manages tenants")
+        }
+    }
+}
+
+/// Accounts as the API needs them: authentication and administration. The primary serves
+/// them from the replicated system database; other roles refuse (not primary).
+public protocol AccountService: Sendable {
+    /// The user `credentials` prove, or nil when they are wrong (an unknown user and a wrong
+    /// password get the same answer after the same work).
+    /// - Throws: `APIError(.notExecuted)` when this node cannot tell (not the primary, busy).
+    func authenticate(_ credentials: Credentials) async throws -> UserPrincipal?
+    /// A recent successful ``authenticate(_:)`` of the same credentials, from memory (no I/O,
+    /// for the write path's event loop); nil: call ``authenticate(_:)``.
+    func cachedAuthentication(_ credentials: Credentials) -> UserPrincipal?
+    func createTenant(_ tenant: TenantID) async throws
+    func listTenants() async throws -> [TenantID]
+    func dropTenant(_ tenant: TenantID) async throws
+    func createUser(_ name: String, tenant: TenantID, role: UserRole, password: String) async throws
+    func listUsers(tenant: TenantID) async throws -> [(name: String, role: UserRole)]
+}

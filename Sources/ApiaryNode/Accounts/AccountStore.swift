@@ -1,0 +1,187 @@
+import ApiaryCore
+import ApiaryStorage
+import Crypto
+import Foundation
+
+/// Users, and dropped tenants, in the system database (`TenantID.system`): stored, captured
+/// and replicated like a tenant's data, so accounts survive a failover. Lives on the primary.
+///
+/// A tenant exists when its database does (created by `createTenant`, or by a cluster
+/// operator's first write to it); dropping one refuses every request to it from then on
+/// (its files stay until tenant deletion is replicated: a later issue).
+final class AccountStore: AccountService, @unchecked Sendable {
+    private let node: PrimaryNode
+    private let cache = CredentialCache()
+    /// scrypt runs here: two at a time (32 MiB each), never on event loops or the SQL pools.
+    private static let kdf = BlockingPool(threads: 2, name: "apiary-kdf")
+    private let kdfWaiting = LockedValue(0)
+    static let kdfWaitingMax = 256
+    private let schemaReady = LockedValue(false)
+
+    static let schema = [
+        "CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, tenant TEXT NOT NULL, role TEXT NOT NULL, password TEXT NOT NULL, created_ms INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS dropped_tenants (name TEXT PRIMARY KEY, dropped_ms INTEGER NOT NULL)",
+    ]
+
+    init(node: PrimaryNode) { self.node = node }
+
+    // MARK: The system database
+
+    private func database() async throws -> TenantDatabase {
+        guard let system = try await node.tenant(.system, create: true) else { throw APIError(.notExecuted, "accounts unavailable; retry later") }
+        if !schemaReady.withLock({ $0 }) {
+            let results = try await system.database.execute(Self.schema.map { SQLStatement($0) }, transaction: true)
+            for case .failure(let message) in results { throw APIError(.notExecuted, "accounts unavailable (\(message)); retry later") }
+            schemaReady.withLock { $0 = true }
+        }
+        return system.database
+    }
+
+    private func rows(_ sql: String, _ parameters: [SQLValue]) async throws -> [[SQLValue]] {
+        let results = try await database().query([SQLStatement(sql, parameters)])
+        guard case .success(let outcome) = results.first else { throw APIError(.notExecuted, "accounts unavailable; retry later") }
+        return outcome.rows
+    }
+
+    private func write(_ statements: [SQLStatement]) async throws -> [StatementResult] {
+        do {
+            return try await database().execute(statements, transaction: true)
+        } catch let error as StorageError {
+            throw PrimarySQLService.apiError(error)
+        }
+    }
+
+    func isDropped(_ tenant: TenantID) async throws -> Bool {
+        try await !rows("SELECT 1 FROM dropped_tenants WHERE name = ?", [.text(tenant.rawValue)]).isEmpty
+    }
+
+    // MARK: Authentication
+
+    func cachedAuthentication(_ credentials: Credentials) -> UserPrincipal? { cache[credentials] }
+
+    func authenticate(_ credentials: Credentials) async throws -> UserPrincipal? {
+        if let known = cache[credentials] { return known }
+        guard case .basic(let user, let password) = credentials else { return nil }
+        let found = try await rows("SELECT tenant, role, password FROM users WHERE name = ?", [.text(user)]).first
+        let verified = try await checkPassword(password, against: found.flatMap { row in
+            if case .text(let stored) = row[2] { return stored } else { return nil }
+        })
+        guard verified, let row = found, case .text(let tenantName) = row[0], case .text(let roleName) = row[1],
+              let tenant = try? TenantID(tenantName), let role = UserRole(rawValue: roleName) else { return nil }
+        guard try await !isDropped(tenant) else { return nil }
+        let principal = UserPrincipal(name: user, tenant: tenant, role: role)
+        cache[credentials] = principal
+        return principal
+    }
+
+    /// Runs scrypt on its own small pool, bounded in what may wait for it.
+    private func checkPassword(_ password: String, against stored: String?) async throws -> Bool {
+        guard kdfWaiting.withLock({ waiting -> Bool in
+            guard waiting < Self.kdfWaitingMax else { return false }
+            waiting += 1
+            return true
+        }) else { throw APIError(.notExecuted, "too many logins at once; retry later") }
+        defer { kdfWaiting.withLock { $0 -= 1 } }
+        return try await Self.kdf.run {
+            guard let stored else {
+                Passwords.verifyAgainstNothing(password)
+                return false
+            }
+            return Passwords.verify(password, against: stored)
+        }
+    }
+
+    // MARK: Administration
+
+    func createTenant(_ tenant: TenantID) async throws {
+        guard try await !isDropped(tenant) else { throw APIError(.conflict, "tenant \(tenant) was dropped; its name is not reused") }
+        do {
+            _ = try await node.tenant(tenant, create: true)
+        } catch let error as StorageError {
+            throw PrimarySQLService.apiError(error)
+        } catch let rejected as CommitRejected {
+            throw PrimarySQLService.apiError(rejected)
+        } catch let full as PrimaryNode.TenantLimitReached {
+            throw APIError(.capacity, full.description)
+        }
+    }
+
+    func listTenants() async throws -> [TenantID] {
+        let dropped = Set(try await rows("SELECT name FROM dropped_tenants", []).compactMap { row -> String? in
+            if case .text(let name) = row[0] { return name } else { return nil }
+        })
+        return try node.layout.existingTenants().filter { $0 != .system && !dropped.contains($0.rawValue) }
+    }
+
+    func dropTenant(_ tenant: TenantID) async throws {
+        guard try node.layout.existingTenants().contains(tenant) else { throw APIError(.notFound, "no such tenant") }
+        let results = try await write([
+            SQLStatement("INSERT OR IGNORE INTO dropped_tenants (name, dropped_ms) VALUES (?, ?)", [.text(tenant.rawValue), .integer(Self.nowMs())]),
+            SQLStatement("DELETE FROM users WHERE tenant = ?", [.text(tenant.rawValue)]),
+        ])
+        for case .failure(let message) in results { throw APIError(.notExecuted, "not dropped (\(message)); retry") }
+        cache.removeAll()
+    }
+
+    func createUser(_ name: String, tenant: TenantID, role: UserRole, password: String) async throws {
+        guard UserName.isValid(name) else { throw APIError(.badRequest, "a user name is 1...64 characters of a-z, 0-9, '.', '_', '@' or '-'") }
+        guard password.utf8.count >= 12, password.utf8.count <= Passwords.lengthMax else {
+            throw APIError(.badRequest, "a password has 12...\(Passwords.lengthMax) bytes")
+        }
+        guard try node.layout.existingTenants().contains(tenant), try await !isDropped(tenant) else { throw APIError(.notFound, "no such tenant") }
+        let hashed = try await Self.kdf.run { try Passwords.hash(password) }
+        let results = try await write([SQLStatement("INSERT INTO users (name, tenant, role, password, created_ms) VALUES (?, ?, ?, ?, ?)",
+                                                    [.text(name), .text(tenant.rawValue), .text(role.rawValue), .text(hashed), .integer(Self.nowMs())])])
+        if case .failure(let message)? = results.first {
+            throw message.contains("UNIQUE") ? APIError(.conflict, "user \(name) exists") : APIError(.notExecuted, "user not created (\(message)); retry")
+        }
+        cache.removeAll()
+    }
+
+    func listUsers(tenant: TenantID) async throws -> [(name: String, role: UserRole)] {
+        try await rows("SELECT name, role FROM users WHERE tenant = ? ORDER BY name", [.text(tenant.rawValue)]).compactMap { row in
+            guard case .text(let name) = row[0], case .text(let role) = row[1], let r = UserRole(rawValue: role) else { return nil }
+            return (name, r)
+        }
+    }
+
+    private static func nowMs() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
+}
+
+/// Credentials verified lately, so that a client's requests cost one scrypt per minute, not one
+/// each (authentication must not cost throughput). Keyed by a SHA-256 of the credentials:
+/// the cache holds no password. Bounded; cleared whenever an account changes on this node.
+final class CredentialCache: @unchecked Sendable {
+    static let entriesMax = 10_000
+    static let lifetimeNs: UInt64 = 60 * 1_000_000_000
+    private let lock = NSLock()
+    private var entries: [SHA256Digest: (principal: UserPrincipal, expiresNs: UInt64)] = [:]
+
+    private static func key(_ credentials: Credentials) -> SHA256Digest {
+        switch credentials {
+        case .basic(let user, let password): return SHA256.hash(data: Array(("basic\0" + user + "\0" + password).utf8))
+        }
+    }
+
+    subscript(credentials: Credentials) -> UserPrincipal? {
+        get {
+            let key = Self.key(credentials)
+            let now = DispatchTime.now().uptimeNanoseconds
+            return lock.withLock {
+                guard let entry = entries[key] else { return nil }
+                guard entry.expiresNs > now else { entries[key] = nil; return nil }
+                return entry.principal
+            }
+        }
+        set {
+            let key = Self.key(credentials)
+            let expires = DispatchTime.now().uptimeNanoseconds + Self.lifetimeNs
+            lock.withLock {
+                if entries.count >= Self.entriesMax { entries.removeAll() }
+                entries[key] = newValue.map { ($0, expires) }
+            }
+        }
+    }
+
+    func removeAll() { lock.withLock { entries.removeAll() } }
+}

@@ -1,0 +1,167 @@
+import ApiaryNode
+import Foundation
+import NIOHTTP1
+import XCTest
+
+/// Tenants, users and authentication on real nodes (issue: anyone who reached a node's API port
+/// could read and change any tenant with plain curl and no credentials).
+final class AccountsTests: XCTestCase {
+    var directory: String!
+    var cluster: LocalCluster!
+    var accounts: AccountsClient!
+    static let passwords = ["alice": "alice-password-1", "bob": "bob-password-22", "ann": "ann-password-333", "gina": "gina-password-4444"]
+
+    override func setUp() async throws {
+        directory = NSTemporaryDirectory() + "apiary-accounts-" + UUID().uuidString
+        cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort())
+        try cluster.startBoth()
+        accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: cluster.primary.apiPort)
+        try await accounts.createTenant("acme")
+        try await accounts.createTenant("globex")
+        try await accounts.createUser("alice", tenant: "acme", role: "writer", password: Self.passwords["alice"]!)
+        try await accounts.createUser("bob", tenant: "acme", role: "reader", password: Self.passwords["bob"]!)
+        try await accounts.createUser("ann", tenant: "acme", role: "admin", password: Self.passwords["ann"]!)
+        try await accounts.createUser("gina", tenant: "globex", role: "writer", password: Self.passwords["gina"]!)
+    }
+
+    override func tearDown() async throws {
+        cluster?.stopAll()
+        if let directory { try? FileManager.default.removeItem(atPath: directory) }
+    }
+
+    /// A request as an application sends it: no client certificate, maybe basic auth.
+    func send(_ method: HTTPMethod, _ path: String, as user: String? = nil, password: String? = nil, headers: [(String, String)] = [],
+              body: String? = nil, port: Int? = nil) async throws -> HTTPSConnection.Response {
+        let c = try await APIClient(port: port ?? cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem", asOperator: false).connect()
+        defer { Task { await c.close() } }
+        var all = headers
+        if let user { all.append(("Authorization", AccountsClient.basicAuthorization(user: user, password: password ?? Self.passwords[user]!))) }
+        return try await c.request(method, path, headers: all, body: body.map { Array($0.utf8) })
+    }
+
+    func testNoOrWrongCredentialsAre401AndReadyzIsOpen() async throws {
+        let none = try await send(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: #"["CREATE TABLE t (x)"]"#)
+        XCTAssertEqual(none.status, 401, none.text)
+        XCTAssertEqual(none.header("WWW-Authenticate")?.hasPrefix("Basic"), true)
+        let noneRead = try await send(.GET, "/db/query?q=SELECT+1", headers: [("X-Apiary-Tenant", "acme")])
+        XCTAssertEqual(noneRead.status, 401, noneRead.text)
+        let wrong = try await send(.GET, "/db/query?q=SELECT+1", as: "alice", password: "not-alices-password")
+        XCTAssertEqual(wrong.status, 401, wrong.text)
+        let unknown = try await send(.GET, "/db/query?q=SELECT+1", as: "mallory", password: "whatever-it-is-1")
+        XCTAssertEqual(unknown.status, 401, unknown.text)
+        XCTAssertEqual(wrong.text, unknown.text, "a wrong password and an unknown user must look the same")
+        let malformed = try await send(.GET, "/db/query?q=SELECT+1", headers: [("Authorization", "Basic !!!not-base64")])
+        XCTAssertEqual(malformed.status, 401, malformed.text)
+        let ready = try await send(.GET, "/readyz")
+        XCTAssertEqual(ready.status, 200)
+        XCTAssertFalse(wrong.text.contains("not-alices-password"), "the answer must not echo a password")
+    }
+
+    func testTheUsersCredentialsNameItsTenantAndNoOther() async throws {
+        // No header needed: alice's tenant is acme.
+        let created = try await send(.POST, "/db/execute", as: "alice", body: #"["CREATE TABLE t (x)", "INSERT INTO t VALUES ('acme-secret')"]"#)
+        XCTAssertEqual(created.status, 200, created.text)
+        let read = try await send(.GET, "/db/query?q=SELECT+x+FROM+t", as: "alice")
+        XCTAssertTrue(read.text.contains("acme-secret"), read.text)
+
+        // Naming another tenant, by header or path, is refused, not followed.
+        let byHeader = try await send(.GET, "/db/query?q=SELECT+1", as: "alice", headers: [("X-Apiary-Tenant", "globex")])
+        XCTAssertEqual(byHeader.status, 403, byHeader.text)
+        let byPath = try await send(.GET, "/tenants/globex/db/query?q=SELECT+1", as: "alice")
+        XCTAssertEqual(byPath.status, 403, byPath.text)
+        // Gina (globex) sees nothing of acme's.
+        let other = try await send(.GET, "/db/query?q=SELECT+x+FROM+t", as: "gina")
+        XCTAssertEqual(other.status, 200)
+        XCTAssertFalse(other.text.contains("acme-secret"), other.text)
+        XCTAssertTrue(other.text.contains("no such table"), other.text)
+    }
+
+    func testRolesReaderCannotWriteWriterCannotAdminister() async throws {
+        _ = try await send(.POST, "/db/execute", as: "alice", body: #"["CREATE TABLE t (x)"]"#)
+        let readerWrites = try await send(.POST, "/db/execute", as: "bob", body: #"["INSERT INTO t VALUES (1)"]"#)
+        XCTAssertEqual(readerWrites.status, 403, readerWrites.text)
+        let readerReads = try await send(.GET, "/db/query?q=SELECT+count(*)+FROM+t", as: "bob")
+        XCTAssertEqual(readerReads.status, 200, readerReads.text)
+        XCTAssertTrue(readerReads.text.contains("[[0]]"), readerReads.text)
+
+        let newUser = #"{"name": "carl", "role": "reader", "password": "carl-password-55"}"#
+        let writerAdministers = try await send(.POST, "/admin/tenants/acme/users", as: "alice", body: newUser)
+        XCTAssertEqual(writerAdministers.status, 403, writerAdministers.text)
+        let adminOfOther = try await send(.POST, "/admin/tenants/globex/users", as: "ann", body: newUser)
+        XCTAssertEqual(adminOfOther.status, 403, adminOfOther.text)
+        let adminMakesTenant = try await send(.POST, "/admin/tenants", as: "ann", body: #"{"name": "initech"}"#)
+        XCTAssertEqual(adminMakesTenant.status, 403, adminMakesTenant.text)
+        let admin = try await send(.POST, "/admin/tenants/acme/users", as: "ann", body: newUser)
+        XCTAssertEqual(admin.status, 201, admin.text)
+        let carl = try await send(.GET, "/db/query?q=SELECT+1", as: "carl", password: "carl-password-55")
+        XCTAssertEqual(carl.status, 200, carl.text)
+        let duplicate = try await send(.POST, "/admin/tenants/acme/users", as: "ann", body: newUser)
+        XCTAssertEqual(duplicate.status, 409, duplicate.text)
+        let weak = try await send(.POST, "/admin/tenants/acme/users", as: "ann", body: #"{"name": "dan", "role": "reader", "password": "short"}"#)
+        XCTAssertEqual(weak.status, 400, weak.text)
+    }
+
+    func testADroppedTenantsUsersAreRefused() async throws {
+        let before = try await send(.GET, "/db/query?q=SELECT+1", as: "gina")
+        XCTAssertEqual(before.status, 200, before.text)
+        let dropped = try await accounts.request(.DELETE, "/admin/tenants/globex")
+        XCTAssertEqual(dropped.status, 200, dropped.text)
+        let after = try await send(.GET, "/db/query?q=SELECT+1", as: "gina")
+        XCTAssertEqual(after.status, 401, after.text)
+        let list = try await accounts.request(.GET, "/admin/tenants")
+        XCTAssertTrue(list.text.contains("acme") && !list.text.contains("globex"), list.text)
+        XCTAssertFalse(list.text.contains("_system"), "the system database is not a tenant: \(list.text)")
+        let again = try await accounts.request(.POST, "/admin/tenants", json: ["name": "globex"])
+        XCTAssertEqual(again.status, 409, again.text)
+    }
+
+    /// Accounts live in the replicated system database: after a failover the same credentials
+    /// work on the new primary.
+    func testAccountsSurviveAFailover() async throws {
+        let write = try await send(.POST, "/db/execute", as: "alice", body: #"["CREATE TABLE t (x)", "INSERT INTO t VALUES (1)"]"#)
+        XCTAssertEqual(write.status, 200, write.text)
+        cluster.kill(cluster.primary)
+        let promote = Process()
+        promote.executableURL = URL(fileURLWithPath: try apiaryExecutable())
+        promote.arguments = ["ctl", "promote", "--node", "127.0.0.1:\(cluster.standby.apiPort)", "--certs", cluster.certificates]
+        promote.standardOutput = Pipe()
+        try promote.run()
+        promote.waitUntilExit()
+        XCTAssertEqual(promote.terminationStatus, 0)
+        let read = try await send(.GET, "/db/query?q=SELECT+count(*)+FROM+t", as: "alice", port: cluster.standby.apiPort)
+        XCTAssertEqual(read.status, 200, read.text)
+        XCTAssertTrue(read.text.contains("[[1]]"), read.text)
+        let wrong = try await send(.GET, "/db/query?q=SELECT+1", as: "alice", password: "not-alices-password", port: cluster.standby.apiPort)
+        XCTAssertEqual(wrong.status, 401, wrong.text)
+    }
+}
+
+/// A node holds a bounded number of tenants (invariant 8): past it, creating one is refused
+/// with a clear error, by the admin API and by an operator's first write alike.
+final class TenantLimitTests: XCTestCase {
+    func testTenantsPastTheNodesLimitAreRefused() async throws {
+        let directory = NSTemporaryDirectory() + "apiary-tenant-limit-" + UUID().uuidString
+        let cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
+                                   primaryArguments: ["--mode", "single", "--tenants-max", "2"])
+        defer {
+            cluster.stopAll()
+            try? FileManager.default.removeItem(atPath: directory)
+        }
+        try cluster.prepareCertificates()
+        try cluster.start(cluster.primary)
+        let accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: cluster.primary.apiPort)
+        try await accounts.createTenant("one")
+        // Users live in the system database, which does not count as a tenant.
+        try await accounts.createUser("uno", tenant: "one", role: "writer", password: "uno-password-1")
+        try await accounts.createTenant("two")
+        let third = try await accounts.request(.POST, "/admin/tenants", json: ["name": "three"])
+        XCTAssertEqual(third.status, 507, third.text)
+        XCTAssertTrue(third.text.contains("maximum of 2 tenants"), third.text)
+        let c = try await APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem").connect()
+        let write = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "four")], body: Array(#"["CREATE TABLE t (x)"]"#.utf8))
+        XCTAssertEqual(write.status, 507, write.text)
+        let existing = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "two")], body: Array(#"["CREATE TABLE t (x)"]"#.utf8))
+        XCTAssertEqual(existing.status, 200, existing.text)
+        await c.close()
+    }
+}
