@@ -28,8 +28,6 @@ let package = Package(
         .target(name: "ApiaryReplication", dependencies: ["ApiaryCore"]),
         /// The health monitor's decisions (DESIGN §6): node goals, promotion, the epoch. Events in, actions out.
         .target(name: "ApiaryMonitor", dependencies: ["ApiaryCore", "ApiaryReplication"]),
-        /// The health monitor's decisions (DESIGN §6): node goals, promotion, the epoch. Events in, actions out.
-        .target(name: "ApiaryMonitor", dependencies: ["ApiaryCore", "ApiaryReplication"]),
 
         // MARK: Storage
         .systemLibrary(
@@ -77,7 +75,6 @@ let package = Package(
         .testTarget(name: "ApiaryCoreTests", dependencies: ["ApiaryCore"]),
         .testTarget(name: "ApiaryLogTests", dependencies: ["ApiaryLog"]),
         .testTarget(name: "ApiaryReplicationTests", dependencies: ["ApiaryReplication"]),
-        .testTarget(name: "ApiaryMonitorTests", dependencies: ["ApiaryMonitor", "ApiaryReplication", "ApiaryCore"]),
         .testTarget(name: "ApiaryMonitorTests", dependencies: ["ApiaryMonitor", "ApiaryReplication", "ApiaryCore"]),
         .testTarget(name: "ApiaryStorageTests", dependencies: ["ApiaryStorage", "CSQLite"]),
         .testTarget(name: "ApiaryTLSTests", dependencies: [
