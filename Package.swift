@@ -44,6 +44,10 @@ let package = Package(
         .target(name: "ApiaryStorage", dependencies: ["ApiaryCore", "CSQLite", "CApiaryVFS"]),
 
         // MARK: Shells
+        /// libsystemd (sd_notify): readiness, status, stopping and watchdog pings.
+        .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
+        /// Process lifecycle every role shares: telling systemd how the process is doing.
+        .target(name: "ApiaryLifecycle", dependencies: ["CSystemd"]),
         /// The cluster's CA, certificates and every TLS configuration, in one place.
         .target(name: "ApiaryTLS", dependencies: [
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -53,7 +57,7 @@ let package = Package(
         ]),
         /// A node process: storage + log + replication over mTLS + the HTTPS client endpoint.
         .target(name: "ApiaryNode", dependencies: [
-            "ApiaryCore", "ApiaryReplication", "ApiaryLog", "ApiaryStorage", "ApiaryTLS",
+            "ApiaryCore", "ApiaryReplication", "ApiaryLog", "ApiaryStorage", "ApiaryTLS", "ApiaryLifecycle",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOTLS", package: "swift-nio"),
@@ -77,6 +81,7 @@ let package = Package(
         .testTarget(name: "ApiaryReplicationTests", dependencies: ["ApiaryReplication"]),
         .testTarget(name: "ApiaryMonitorTests", dependencies: ["ApiaryMonitor", "ApiaryReplication", "ApiaryCore"]),
         .testTarget(name: "ApiaryStorageTests", dependencies: ["ApiaryStorage", "CSQLite"]),
+        .testTarget(name: "ApiaryLifecycleTests", dependencies: ["ApiaryLifecycle"]),
         .testTarget(name: "ApiaryTLSTests", dependencies: [
             "ApiaryTLS",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -1,4 +1,5 @@
 import ApiaryCore
+import ApiaryLifecycle
 import ApiaryLog
 import ApiaryReplication
 import ApiaryStorage
@@ -80,11 +81,20 @@ public enum NodeServer {
         defer { roles.stop() }
         let server = try await APIServer.start(service: roles, accounts: roles, credentials: credentials, host: config.apiHost, port: config.apiPort,
                                                group: group, logger: logger)
-        // Scripts and tests wait for this line.
+        // Scripts and tests wait for this line; systemd (Type=notify) for READY=1.
         print("apiary node \(config.name) ready: role=\(state.role.rawValue) epoch=\(state.epoch.rawValue) api=https://\(config.apiHost):\(server.port)")
         fflush(stdout)
+        ServiceManager.ready(status: roles.statusLine)
+        var watchdog: Watchdog?
+        if let intervalMs = ServiceManager.watchdogIntervalMs() {
+            watchdog = Watchdog(intervalMs: intervalMs) { await roles.isHealthy(withinMs: intervalMs / 2) }
+            watchdog?.start()
+            logger.info("systemd watchdog on", metadata: ["intervalMs": "\(intervalMs)"])
+        }
         let signal = await terminationSignal()
         logger.notice("shutting down", metadata: ["signal": "\(signal)"])
+        ServiceManager.stopping()
+        watchdog?.stop()
         await server.close()
     }
 
@@ -235,6 +245,7 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
             current = DemotedSQLService(name: config.name, epoch: demoted.epoch, node: primary)
             accountStore = nil
         }
+        ServiceManager.status(statusLine)
         logger.warning("demoted: a peer showed epoch \(newer), newer than this primary's \(demoted.epoch); no more commits or reads here")
     }
 
@@ -258,6 +269,27 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
     func statusJSON() async -> [UInt8] {
         guard let s = try? service else { return RqliteJSON.error("node is changing roles") }
         return await s.statusJSON()
+    }
+
+    // MARK: Health
+
+    /// What `systemctl status` shows: role and epoch.
+    var statusLine: String {
+        let state = lock.withLock { self.state }
+        return "\(state.description); api \(config.apiHost):\(config.apiPort)"
+    }
+
+    /// The watchdog's check: every API event loop and the replication loop run a task, and
+    /// the SQL writer pool runs a job (the commit path's threads), each within `withinMs`. A
+    /// hung loop or a writer pool stuck on all its threads stops the pings, and systemd
+    /// restarts the process.
+    func isHealthy(withinMs: Int64) async -> Bool {
+        var loops: [any EventLoop] = Array(group.makeIterator())
+        loops += Array(replicationGroup.makeIterator())
+        for loop in loops {
+            guard (try? await loop.submit { true }.get()) == true else { return false }
+        }
+        return (try? await BlockingPool.writers.run { true }) == true
     }
 
     // MARK: Accounts (the primary's)
@@ -302,6 +334,7 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         for release in lock.withLock({ resources }) { release() }
         lock.withLock { resources.removeAll() }
         try await startPrimary(epoch: epoch, mode: promoted.mode)
+        ServiceManager.status(statusLine)
         logger.notice("promoted to primary", metadata: ["epoch": "\(epoch)"])
         return Array("{\"promoted\":true,\"epoch\":\(epoch.rawValue)}".utf8)
     }
