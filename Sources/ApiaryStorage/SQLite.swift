@@ -5,7 +5,7 @@ import Glibc
 #endif
 
 /// A value in or out of SQLite, with SQLite's five storage classes.
-public enum SQLValue: Hashable, Sendable {
+public enum SQLValue: Hashable, Sendable, Codable {
     case null
     case integer(Int64)
     case real(Double)
@@ -261,7 +261,7 @@ public struct StatementLimits: Sendable, Equatable {
 }
 
 /// What one statement did.
-public struct StatementOutcome: Sendable, Equatable {
+public struct StatementOutcome: Sendable, Equatable, Codable {
     public var columns: [String] = []
     /// Declared column types, lower-cased ("" for expressions), as rqlite reports `types`.
     public var declaredTypes: [String] = []

@@ -134,6 +134,16 @@ final class Sandbox {
         guard tenantSQL else { return SQLITE_OK }
         // `CREATE TABLE temp.x` is authorized as SQLITE_CREATE_TABLE in database "temp".
         if let database, strcmp(database, "temp") == 0 { return SQLITE_DENY }
+        // Apiary's own tables (idempotency keys, `Idempotency`): only Apiary reads, writes,
+        // drops, alters, indexes or hangs triggers on them. The table is the callback's first
+        // string for reads, writes, CREATE and DROP TABLE; its second for indexes, triggers and
+        // ALTER TABLE (whose first is the database).
+        switch action {
+        case SQLITE_CREATE_INDEX, SQLITE_DROP_INDEX, SQLITE_CREATE_TRIGGER, SQLITE_DROP_TRIGGER, SQLITE_ALTER_TABLE:
+            if Self.isApiaryTable(arg2) { return SQLITE_DENY }
+        default:
+            if Self.isApiaryTable(arg1) { return SQLITE_DENY }
+        }
         switch action {
         case SQLITE_TRANSACTION, SQLITE_SAVEPOINT, SQLITE_ATTACH, SQLITE_DETACH:
             return SQLITE_DENY
@@ -167,6 +177,12 @@ final class Sandbox {
         default:
             return SQLITE_OK
         }
+    }
+
+    /// Tables named `_apiary…` (case-insensitive, as SQLite's names are) belong to Apiary.
+    private static func isApiaryTable(_ name: UnsafePointer<CChar>?) -> Bool {
+        guard let name else { return false }
+        return strncasecmp(name, "_apiary", 7) == 0
     }
 
     private static func lowercased(_ string: UnsafePointer<CChar>?) -> String {

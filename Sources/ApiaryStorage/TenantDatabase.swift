@@ -23,7 +23,7 @@ public struct SQLStatement: Sendable, Equatable {
 }
 
 /// The outcome of one statement: rqlite reports these side by side in `results`.
-public enum StatementResult: Sendable, Equatable {
+public enum StatementResult: Sendable, Equatable, Codable {
     case success(StatementOutcome)
     case failure(String)
 }
@@ -49,6 +49,10 @@ public final class TenantDatabase: @unchecked Sendable {
         public var resultBytesMax = 64 << 20
         /// How long one tenant statement may run.
         public var statementTimeMs = 5_000
+        /// How long an idempotency key is kept (then a retry with it runs again).
+        public var idempotencyKeyLifetimeMs: Int64 = 24 * 3_600_000
+        /// Idempotency keys kept per tenant at most; past it the oldest are dropped first.
+        public var idempotencyKeysMax = 100_000
         /// How long all the statements of one request may run together. Past it a write
         /// request is undone as a whole and a query stops; without it, a request of many slow
         /// statements would hold a tenant's writer for hours (invariant 8).
@@ -170,20 +174,28 @@ public final class TenantDatabase: @unchecked Sendable {
     /// the rest. Either way the request never affects another request in the same batch.
     /// - Throws: `StorageError` when the whole request failed: the queue is full, the commit
     ///   failed (the message says whether its outcome is unknown), the database is closed.
-    public func execute(_ statements: [SQLStatement], transaction: Bool = false) async throws -> [StatementResult] {
+    public func execute(_ statements: [SQLStatement], transaction: Bool = false, idempotencyKey: String? = nil) async throws -> [StatementResult] {
         try await withCheckedThrowingContinuation { continuation in
-            execute(statements, transaction: transaction) { continuation.resume(with: $0) }
+            execute(statements, transaction: transaction, idempotencyKey: idempotencyKey) { continuation.resume(with: $0) }
         }
     }
 
     /// ``execute(_:transaction:)`` for callers on an event loop: `done` runs on the writer
     /// thread (or at once for a refused request) and must only hand the result on.
-    public func execute(_ statements: [SQLStatement], transaction: Bool = false,
+    /// - Parameter idempotencyKey: when given, the request runs at most once while the key is
+    ///   kept (``Options/idempotencyKeyLifetimeMs``): the key and the request's results are
+    ///   stored in the same transaction as its writes, so a retry (also on another node after a
+    ///   failover) gets the first results instead of applying again. A request whose commit
+    ///   failed stored nothing, so its retry runs.
+    public func execute(_ statements: [SQLStatement], transaction: Bool = false, idempotencyKey: String? = nil,
                         then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
         for s in statements where s.byteCount > options.statementBytesMax {
             return done(.failure(StorageError(.badRequest, "statement of \(s.byteCount) bytes exceeds the limit of \(options.statementBytesMax)")))
         }
-        writer.submit(WriteJob(statements: statements, transaction: transaction, done: done))
+        if let key = idempotencyKey, key.isEmpty || key.utf8.count > Idempotency.keyBytesMax {
+            return done(.failure(StorageError(.badRequest, "an idempotency key has 1...\(Idempotency.keyBytesMax) bytes")))
+        }
+        writer.submit(WriteJob(statements: statements, transaction: transaction, idempotencyKey: idempotencyKey, done: done))
     }
 
     /// Runs read-only statements on a reader connection (sees only committed, durable data).
@@ -261,8 +273,10 @@ public struct WriterAccess {
 struct WriteJob {
     var statements: [SQLStatement]
     var transaction: Bool
+    /// A client's idempotency key: the request runs at most once while the key is kept.
+    var idempotencyKey: String? = nil
     var done: @Sendable (Result<[StatementResult], any Error>) -> Void
-    var byteCount: Int { statements.reduce(0) { $0 + $1.byteCount } }
+    var byteCount: Int { statements.reduce(0) { $0 + $1.byteCount } + (idempotencyKey?.utf8.count ?? 0) }
 }
 
 /// The tenant's one writer: a mailbox drained on the shared writer pool, one batch at a time,
@@ -278,6 +292,8 @@ final class TenantWriter: @unchecked Sendable {
     private var admin: [(WriterAccess) -> Void] = []
     private var scheduled = false
     private var stopping = false
+    /// Writer thread only.
+    private lazy var idempotency = Idempotency(lifetimeMs: options.idempotencyKeyLifetimeMs, keysMax: options.idempotencyKeysMax)
 
     init(connection: SQLiteConnection, capture: WALCapture, sqlitePath: String, options: TenantDatabase.Options, pool: BlockingPool) {
         self.connection = connection
@@ -469,6 +485,18 @@ final class TenantWriter: @unchecked Sendable {
         do { try connection.execPrepared("SAVEPOINT request") } catch {
             return job.statements.map { _ in .failure("cannot start request: \(error)") }
         }
+        if let key = job.idempotencyKey {
+            do {
+                if let first = try idempotency.firstResults(for: key, on: connection) {
+                    try? connection.execPrepared("RELEASE request")
+                    return first
+                }
+            } catch {
+                try? connection.execPrepared("ROLLBACK TO request")
+                try? connection.execPrepared("RELEASE request")
+                return job.statements.map { _ in .failure("not applied: the idempotency key could not be checked (\(error))") }
+            }
+        }
         let budget = RequestBudget(options: options)
         // Each statement of a non-transaction request is undone alone when it fails; a lone
         // statement needs no savepoint of its own (the request's is the same thing).
@@ -502,6 +530,16 @@ final class TenantWriter: @unchecked Sendable {
                     try? connection.execPrepared("ROLLBACK TO statement")
                     try? connection.execPrepared("RELEASE statement")
                 }
+            }
+        }
+        if let key = job.idempotencyKey, sqlite3_get_autocommit(connection.handle) == 0 {
+            // In the request's savepoint: stored exactly when the request's writes are.
+            do {
+                try idempotency.remember(key, results: results, on: connection)
+            } catch {
+                try? connection.execPrepared("ROLLBACK TO request")
+                try? connection.execPrepared("RELEASE request")
+                return job.statements.map { _ in .failure("not applied: the idempotency key could not be stored (\(error))") }
             }
         }
         try? connection.execPrepared("RELEASE request")

@@ -1,0 +1,64 @@
+import CSQLite
+import Foundation
+
+/// Idempotency keys of one tenant (DESIGN §3): each key with its request's results, in the
+/// tenant's own database, written in the same transaction as the request's writes, so the
+/// two are durable, replicated and visible together: a retry after a timeout or a failover
+/// finds the key exactly when the first try's writes exist.
+///
+/// The table is Apiary's, not the tenant's: tenant SQL may not touch it (the sandbox refuses
+/// it by name). Keys expire after `lifetimeMs`; past `keysMax` the oldest go first. Writer
+/// thread only.
+struct Idempotency {
+    static let table = "_apiary_idempotency"
+    static let keyBytesMax = 256
+
+    let lifetimeMs: Int64
+    let keysMax: Int
+    private var storedSinceTrim = 0
+
+    init(lifetimeMs: Int64, keysMax: Int) {
+        self.lifetimeMs = lifetimeMs
+        self.keysMax = keysMax
+    }
+
+    /// The results the key's first request got, if the key is kept and unexpired.
+    mutating func firstResults(for key: String, on connection: SQLiteConnection) throws -> [StatementResult]? {
+        try ensureTable(connection)
+        let rows = try connection.run("SELECT results FROM \(Self.table) WHERE key = ? AND expires_ms > ?",
+                                      [.text(key), .integer(Self.nowMs())]).rows
+        guard case .blob(let bytes)? = rows.first?.first else { return nil }
+        return try JSONDecoder().decode([StatementResult].self, from: Data(bytes))
+    }
+
+    /// Stores the key with `results` (in the caller's transaction), and now and then drops
+    /// expired keys and the oldest past `keysMax`.
+    mutating func remember(_ key: String, results: [StatementResult], on connection: SQLiteConnection) throws {
+        try ensureTable(connection)
+        let encoded = try JSONEncoder().encode(results)
+        let now = Self.nowMs()
+        _ = try connection.run("INSERT OR REPLACE INTO \(Self.table) (key, results, expires_ms) VALUES (?, ?, ?)",
+                               [.text(key), .blob(Array(encoded)), .integer(now + lifetimeMs)])
+        // Expired keys go a few at a time with each new one: bounded work per request.
+        _ = try connection.run("DELETE FROM \(Self.table) WHERE key IN (SELECT key FROM \(Self.table) WHERE expires_ms <= ? LIMIT 16)",
+                               [.integer(now)])
+        storedSinceTrim += 1
+        if storedSinceTrim >= max(1, keysMax / 100) {
+            storedSinceTrim = 0
+            let count = try connection.scalar("SELECT count(*) FROM \(Self.table)")
+            if count > keysMax {
+                _ = try connection.run("DELETE FROM \(Self.table) WHERE key IN (SELECT key FROM \(Self.table) ORDER BY expires_ms LIMIT ?)",
+                                       [.integer(count - Int64(keysMax))])
+            }
+        }
+    }
+
+    /// Every time, not once: a table made in a transaction that then failed to commit is gone
+    /// (the statements are prepared once and do nothing when the table exists).
+    private func ensureTable(_ connection: SQLiteConnection) throws {
+        _ = try connection.run("CREATE TABLE IF NOT EXISTS \(Self.table) (key TEXT PRIMARY KEY, results BLOB NOT NULL, expires_ms INTEGER NOT NULL)")
+        _ = try connection.run("CREATE INDEX IF NOT EXISTS \(Self.table)_expiry ON \(Self.table) (expires_ms)")
+    }
+
+    static func nowMs() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
+}
