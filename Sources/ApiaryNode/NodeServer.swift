@@ -253,13 +253,13 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         for release in lock.withLock({ resources }) { release() }
     }
 
-    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult] {
-        try await service.execute(tenant: tenant, statements, transaction: transaction)
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?) async throws -> [StatementResult] {
+        try await service.execute(tenant: tenant, statements, transaction: transaction, idempotencyKey: idempotencyKey)
     }
 
-    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool,
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?,
                  then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
-        do { try service.execute(tenant: tenant, statements, transaction: transaction, then: done) } catch { done(.failure(error)) }
+        do { try service.execute(tenant: tenant, statements, transaction: transaction, idempotencyKey: idempotencyKey, then: done) } catch { done(.failure(error)) }
     }
 
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] {
@@ -345,25 +345,25 @@ struct PrimarySQLService: SQLService {
     let node: PrimaryNode
     let epoch: Epoch
 
-    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult] {
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?) async throws -> [StatementResult] {
         guard let t = try await openTenant(tenant, create: true) else { throw APIError(.notFound, "no such tenant") }
         do {
-            return try await t.database.execute(statements, transaction: transaction)
+            return try await t.database.execute(statements, transaction: transaction, idempotencyKey: idempotencyKey)
         } catch let error as StorageError {
             throw Self.apiError(error)
         }
     }
 
-    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool,
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?,
                  then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
         guard let t = node.openedTenant(tenant) else {
             // First use: opening replicates the tenant's first commit; the async path does it.
             Task {
-                do { done(.success(try await execute(tenant: tenant, statements, transaction: transaction))) } catch { done(.failure(error)) }
+                do { done(.success(try await execute(tenant: tenant, statements, transaction: transaction, idempotencyKey: idempotencyKey))) } catch { done(.failure(error)) }
             }
             return
         }
-        t.database.execute(statements, transaction: transaction) { result in
+        t.database.execute(statements, transaction: transaction, idempotencyKey: idempotencyKey) { result in
             done(result.mapError { error -> any Error in (error as? StorageError).map(Self.apiError) ?? error })
         }
     }
@@ -436,7 +436,7 @@ struct DemotedSQLService: SQLService {
 
     static let refusal = "not primary: this node was demoted (a newer epoch exists); send requests to the current primary"
 
-    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult] {
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?) async throws -> [StatementResult] {
         throw APIError(.notExecuted, Self.refusal)
     }
 
@@ -457,7 +457,7 @@ struct DemotedSQLService: SQLService {
 struct StandbySQLService: SQLService {
     let node: StandbyNode
 
-    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult] {
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?) async throws -> [StatementResult] {
         throw APIError(.notExecuted, "not primary: this node is a standby; send writes to the primary")
     }
 

@@ -37,7 +37,7 @@ final class RecordingSQLService: SQLService, @unchecked Sendable {
     var calls: [Call] { lock.withLock { recorded } }
     var promoteCount: Int { lock.withLock { promotions } }
 
-    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult] {
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?) async throws -> [StatementResult] {
         try await record(Call(kind: .execute(transaction: transaction), tenant: tenant.rawValue, statements: statements))
         return statements.indices.map { i in
             var outcome = StatementOutcome()
@@ -319,7 +319,7 @@ final class APIRoutesTests: XCTestCase {
     func testStatementFailuresAreReportedInResults() async throws {
         // A failure of one statement is not a failure of the request: 200 with an "error" entry.
         final class FailingStatement: SQLService, @unchecked Sendable {
-            func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult] {
+            func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?) async throws -> [StatementResult] {
                 [.success(StatementOutcome()), .failure("no such table: nope")]
             }
             func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] { [] }

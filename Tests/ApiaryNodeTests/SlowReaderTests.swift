@@ -21,7 +21,7 @@ final class SlowReaderTests: XCTestCase {
         private var count = 0
         var queries: Int { lock.withLock { count } }
 
-        func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult] { [] }
+        func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?) async throws -> [StatementResult] { [] }
         func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] {
             lock.withLock { count += 1 }
             var outcome = StatementOutcome()

@@ -92,7 +92,8 @@ struct APIRoutes: Sendable {
             try Access.check(principal, may: .write)
             let statements = try parse(try body(request))
             let transaction = try Self.formValue("transaction", in: request.query) != nil
-            service.execute(tenant: tenant, statements, transaction: transaction) { result in
+            let idempotencyKey = try Self.idempotencyKey(request)
+            service.execute(tenant: tenant, statements, transaction: transaction, idempotencyKey: idempotencyKey) { result in
                 done { sqlResponse(result, started: started) }
             }
         } catch {
@@ -159,7 +160,8 @@ struct APIRoutes: Sendable {
         try Access.check(principal, may: .write)
         let statements = try parse(try body(request))
         let transaction = try Self.formValue("transaction", in: request.query) != nil
-        return try await service.execute(tenant: tenant, statements, transaction: transaction)
+        let idempotencyKey = try Self.idempotencyKey(request)
+        return try await service.execute(tenant: tenant, statements, transaction: transaction, idempotencyKey: idempotencyKey)
     }
 
     private func query(_ request: APIRequest, _ tenantInPath: Substring?) async throws -> [StatementResult] {
@@ -216,6 +218,15 @@ struct APIRoutes: Sendable {
     }
 
     static let tenantHeader = "X-Apiary-Tenant"
+    static let idempotencyHeader = "Idempotency-Key"
+
+    /// The request's `Idempotency-Key` (1...256 bytes), if any: a write that carries one runs
+    /// at most once while the primary keeps the key, and a retry gets the first answer.
+    static func idempotencyKey(_ request: APIRequest) throws -> String? {
+        guard let key = request.headers.first(name: idempotencyHeader) else { return nil }
+        guard !key.isEmpty, key.utf8.count <= 256 else { throw APIError(.badRequest, "an Idempotency-Key has 1...256 bytes") }
+        return key
+    }
 
     /// The tenant a request names, if any (its path, else its header).
     static func tenantName(_ request: APIRequest, _ inPath: Substring?) -> String? {

@@ -11,11 +11,11 @@ public enum ReadLevel: String, Sendable {
 
 /// What the HTTP API needs from a node. Errors thrown are `APIError`s.
 public protocol SQLService: Sendable {
-    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool) async throws -> [StatementResult]
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?) async throws -> [StatementResult]
     /// The same for the API's event loops, without a task per request (the insert path's
     /// hottest: a task cost as much as routing, parsing and answering together). `done` may
     /// run on any thread and must only hand the result on.
-    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool,
+    func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?,
                  then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void)
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult]
     /// Operator-only status (tenant names, positions): JSON bytes.
@@ -26,10 +26,10 @@ public protocol SQLService: Sendable {
 }
 
 extension SQLService {
-    public func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool,
+    public func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?,
                         then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
         Task {
-            do { done(.success(try await execute(tenant: tenant, statements, transaction: transaction))) } catch { done(.failure(error)) }
+            do { done(.success(try await execute(tenant: tenant, statements, transaction: transaction, idempotencyKey: idempotencyKey))) } catch { done(.failure(error)) }
         }
     }
 }
