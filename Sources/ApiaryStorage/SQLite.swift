@@ -113,53 +113,100 @@ final class SQLiteConnection {
     /// Runs one fixed statement that returns no rows (savepoints), prepared once.
     func execPrepared(_ sql: String) throws {
         let mode = sandbox.tenantSQL
-        let statement = try prepare(sql)
+        let (statement, rest) = try prepare(sql)
+        precondition(rest == nil, "execPrepared takes one statement: \(sql)")
         defer { statements.checkIn(statement, sql: sql, tenantSQL: mode) }
         let rc = sqlite3_step(statement)
         guard rc == SQLITE_DONE || rc == SQLITE_ROW else { throw lastError }
     }
 
-    /// A prepared statement for `sql`, from the cache or new; the caller MUST check it back in.
-    private func prepare(_ sql: String) throws -> OpaquePointer {
-        if let cached = statements.checkOut(sql: sql, tenantSQL: sandbox.tenantSQL) { return cached }
+    /// The first statement of `sql`, from the cache or new, and the byte offset of the SQL
+    /// that follows it when there is more than whitespace and semicolons (nil otherwise). The
+    /// caller MUST check a statement with no `rest` back in and finalize one with a `rest`:
+    /// only SQL of a single statement is cached (its key is the whole text).
+    /// - Throws: `EmptyStatement` when `sql` holds no statement at all (empty, or comments).
+    private func prepare(_ sql: String) throws -> (statement: OpaquePointer, rest: Int?) {
+        if let cached = statements.checkOut(sql: sql, tenantSQL: sandbox.tenantSQL) { return (cached, nil) }
         var statement: OpaquePointer?
-        var tail: UnsafePointer<CChar>?
-        let rc = sqlite3_prepare_v2(handle, sql, -1, &statement, &tail)
-        guard rc == SQLITE_OK else { throw lastError }
-        guard let statement else { throw EmptyStatement() }
-        if let tail, tail.pointee != 0, !String(cString: tail).allSatisfy({ $0.isWhitespace || $0 == ";" }) {
-            sqlite3_finalize(statement)
-            throw SQLiteError(code: SQLITE_ERROR, message: "one statement per entry: found more SQL after the first statement")
+        let rest: Int? = try sql.withCString { base in
+            var tail: UnsafePointer<CChar>?
+            let rc = sqlite3_prepare_v2(handle, base, -1, &statement, &tail)
+            guard rc == SQLITE_OK else { throw lastError }
+            guard var p = tail else { return nil }
+            // Bounded by the C string's end; SQLite's tail never points before `base`.
+            while p.pointee != 0 {
+                switch UInt8(bitPattern: p.pointee) {
+                case UInt8(ascii: " "), UInt8(ascii: "\t"), UInt8(ascii: "\n"), UInt8(ascii: "\r"), 0x0B, 0x0C, UInt8(ascii: ";"): p += 1
+                default: return base.distance(to: tail!)
+                }
+            }
+            return nil
         }
-        return statement
+        guard let statement else {
+            // Nothing but comments or empty statements (";") before `rest`, if any.
+            guard let rest, rest > 0 else { throw EmptyStatement() }
+            return try prepare(String(decoding: sql.utf8.dropFirst(rest), as: UTF8.self))
+        }
+        return (statement, rest)
     }
 
     private struct EmptyStatement: Error {}
 
-    /// Runs one statement with positional parameters; returns its rows and effects, within `limits`.
-    func run(_ sql: String, _ parameters: [SQLValue] = [], limits: StatementLimits = .none) throws -> StatementOutcome {
+    /// Runs one entry of SQL, usually one statement, with its parameters; returns its rows and
+    /// effects, within `limits`.
+    ///
+    /// An entry may hold several statements separated by semicolons, as rqlite's SQLite driver
+    /// runs them: in order, each taking its positional parameters from where the one before
+    /// stopped; the outcome is the last statement's (its rows, its changes), the time the
+    /// whole entry's. Statements after the first are judged by the same authorizer.
+    /// - Parameters:
+    ///   - parameters: the values, in order.
+    ///   - names: nil when every value is positional; otherwise one per value, "" for a
+    ///     positional one, else the name the client gave it (bound to `:name`, `@name` or
+    ///     `$name` in whichever statements use it; a name no statement uses is ignored).
+    /// - Throws: `SQLiteError`; a statement given fewer or more positional values than it has
+    ///   parameters is refused (`SQLITE_RANGE`) before it runs.
+    func run(_ sql: String, _ parameters: [SQLValue] = [], names: [String]? = nil, limits: StatementLimits = .none) throws -> StatementOutcome {
         if limits.timeMs > 0 {
             sandbox.deadlineNs = monotonicNs() + UInt64(limits.timeMs) * 1_000_000
         }
         defer { sandbox.deadlineNs = 0 }
         do {
-            return try runUnlimitedTime(sql, parameters, limits: limits)
+            return try runUnlimitedTime(sql, ParameterValues(values: parameters, names: names), limits: limits)
         } catch let error as SQLiteError where error.code == SQLITE_INTERRUPT {
             throw SQLiteError(code: SQLITE_INTERRUPT, message: "statement stopped: it ran longer than the limit of \(limits.timeMs) ms")
         }
     }
 
-    private func runUnlimitedTime(_ sql: String, _ parameters: [SQLValue], limits: StatementLimits) throws -> StatementOutcome {
+    private func runUnlimitedTime(_ sql: String, _ parameters: ParameterValues, limits: StatementLimits) throws -> StatementOutcome {
+        let started = monotonicNs()
         let mode = sandbox.tenantSQL
-        let statement: OpaquePointer
-        do { statement = try prepare(sql) } catch is EmptyStatement { return StatementOutcome() } // empty SQL or only a comment
-        defer { statements.checkIn(statement, sql: sql, tenantSQL: mode) }
-        let expected = Int(sqlite3_bind_parameter_count(statement))
-        guard expected == parameters.count else {
-            throw SQLiteError(code: SQLITE_RANGE, message: "statement has \(expected) parameters, \(parameters.count) given")
+        var parameters = parameters
+        var outcome = StatementOutcome()
+        var readOnly = true
+        var text = sql
+        // Each pass consumes at least one byte of `text` (`rest` > 0), so this ends.
+        while true {
+            let prepared: (statement: OpaquePointer, rest: Int?)
+            do { prepared = try prepare(text) } catch is EmptyStatement { break } // empty SQL or only a comment
+            let statement = prepared.statement
+            defer {
+                if prepared.rest == nil { statements.checkIn(statement, sql: text, tenantSQL: mode) } else { sqlite3_finalize(statement) }
+            }
+            try parameters.bind(statement, with: bind)
+            outcome = try step(statement, limits: limits)
+            readOnly = readOnly && outcome.isReadOnly
+            guard let rest = prepared.rest, rest > 0 else { break }
+            text = String(decoding: text.utf8.dropFirst(rest), as: UTF8.self)
         }
-        for (i, value) in parameters.enumerated() { try bind(value, at: Int32(i + 1), in: statement) }
+        try parameters.checkAllUsed()
+        outcome.isReadOnly = readOnly
+        outcome.timeNs = monotonicNs() - started
+        return outcome
+    }
 
+    /// Runs one bound statement to its end, keeping its rows within `limits`.
+    private func step(_ statement: OpaquePointer, limits: StatementLimits) throws -> StatementOutcome {
         var outcome = StatementOutcome()
         var resultBytes = 0
         var columns = 0
@@ -239,6 +286,76 @@ final class SQLiteConnection {
     }
 }
 
+/// The values of one entry's parameters and which of them each statement takes: the values
+/// the client named go to `:name`, `@name` or `$name` wherever those appear, the others in
+/// order (each statement takes as many as it has parameters left, from where the previous
+/// one stopped).
+struct ParameterValues {
+    let values: [SQLValue]
+    let names: [String]?
+    /// Index in `values` of the next positional value to hand out.
+    private var next = 0
+    /// Parameters of the statements so far, for the error message.
+    private var parameterCount = 0
+    /// Named values by name (the last of a repeated name wins), built on first use.
+    private var byName: [String: SQLValue]?
+
+    init(values: [SQLValue], names: [String]?) {
+        precondition(names == nil || names!.count == values.count, "one name per value: \(names!.count) for \(values.count)")
+        self.values = values
+        self.names = names
+    }
+
+    private var positionalCount: Int { names.map { $0.reduce(0) { $1.isEmpty ? $0 + 1 : $0 } } ?? values.count }
+
+    /// Binds `statement`'s parameters with `bind(value, index, statement)`.
+    /// - Throws: `SQLiteError(SQLITE_RANGE)` when a parameter has no value.
+    mutating func bind(_ statement: OpaquePointer, with bind: (SQLValue, Int32, OpaquePointer) throws -> Void) throws {
+        let count = Int(sqlite3_bind_parameter_count(statement))
+        parameterCount += count
+        guard count > 0 else { return }
+        guard let names else {
+            // All positional: the insert path's case.
+            guard values.count - next >= count else { throw tooFew() }
+            for i in 0..<count { try bind(values[next + i], Int32(i + 1), statement) }
+            next += count
+            return
+        }
+        if byName == nil {
+            var map: [String: SQLValue] = [:]
+            for (name, value) in zip(names, values) where !name.isEmpty { map[name] = value }
+            byName = map
+        }
+        for index in 1...count {
+            if let cName = sqlite3_bind_parameter_name(statement, Int32(index)),
+               [UInt8(ascii: ":"), UInt8(ascii: "@"), UInt8(ascii: "$")].contains(UInt8(bitPattern: cName.pointee)),
+               let value = byName?[String(cString: cName + 1)] {
+                try bind(value, Int32(index), statement)
+                continue
+            }
+            while next < values.count, !names[next].isEmpty { next += 1 }
+            guard next < values.count else {
+                let label = sqlite3_bind_parameter_name(statement, Int32(index)).map { String(cString: $0) } ?? "?"
+                throw SQLiteError(code: SQLITE_RANGE, message: "no value for parameter \(index) (\(label)): \(positionalCount) positional values given, named ones: \(names.filter { !$0.isEmpty }.joined(separator: ", "))")
+            }
+            try bind(values[next], Int32(index), statement)
+            next += 1
+        }
+    }
+
+    /// - Throws: `SQLiteError(SQLITE_RANGE)` when positional values are left over: a client
+    ///   that sends more values than parameters has a bug that running would hide.
+    func checkAllUsed() throws {
+        var left = next
+        if let names { while left < values.count, !names[left].isEmpty { left += 1 } }
+        guard left >= values.count else { throw tooFew() }
+    }
+
+    private func tooFew() -> SQLiteError {
+        SQLiteError(code: SQLITE_RANGE, message: "statement has \(parameterCount) parameters, \(positionalCount) given")
+    }
+}
+
 /// The monotonic clock, in nanoseconds.
 func monotonicNs() -> UInt64 {
     var ts = timespec()
@@ -269,5 +386,13 @@ public struct StatementOutcome: Sendable, Equatable, Codable {
     public var rowsAffected = 0
     public var lastInsertID: Int64 = 0
     public var isReadOnly = true
+    /// How long the statement ran, in nanoseconds (rqlite's per-result `time`). Not part of
+    /// what the statement did: outcomes compare equal whatever it is.
+    public var timeNs: UInt64 = 0
     public init() {}
+
+    public static func == (a: StatementOutcome, b: StatementOutcome) -> Bool {
+        a.columns == b.columns && a.declaredTypes == b.declaredTypes && a.rows == b.rows
+            && a.rowsAffected == b.rowsAffected && a.lastInsertID == b.lastInsertID && a.isReadOnly == b.isReadOnly
+    }
 }

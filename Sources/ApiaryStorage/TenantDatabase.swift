@@ -3,16 +3,21 @@ import CApiaryVFS
 import CSQLite
 import Foundation
 
-/// One SQL statement with positional parameters, as a client sent it.
+/// One entry of SQL with its parameters, as a client sent it (see `SQLiteConnection.run`).
 public struct SQLStatement: Sendable, Equatable {
     public var sql: String
     public var parameters: [SQLValue]
-    public init(_ sql: String, _ parameters: [SQLValue] = []) {
+    /// nil when every parameter is positional; otherwise one name per parameter, "" for a
+    /// positional one (rqlite's named parameters, `["... :name", {"name": value}]`).
+    public var parameterNames: [String]?
+    public init(_ sql: String, _ parameters: [SQLValue] = [], names: [String]? = nil) {
+        precondition(names == nil || names!.count == parameters.count, "one name per parameter")
         self.sql = sql
         self.parameters = parameters
+        self.parameterNames = names
     }
     var byteCount: Int {
-        sql.utf8.count + parameters.reduce(0) { total, value in
+        sql.utf8.count + (parameterNames?.reduce(0) { $0 + $1.utf8.count } ?? 0) + parameters.reduce(0) { total, value in
             switch value {
             case .text(let s): return total + s.utf8.count
             case .blob(let b): return total + b.count
@@ -207,7 +212,7 @@ public final class TenantDatabase: @unchecked Sendable {
                 do {
                     connection.sandbox.tenantSQL = true
                     defer { connection.sandbox.tenantSQL = false }
-                    let outcome = try connection.run(s.sql, s.parameters, limits: limits)
+                    let outcome = try connection.run(s.sql, s.parameters, names: s.parameterNames, limits: limits)
                     return .success(outcome)
                 } catch {
                     return .failure(budget.message(for: error))
@@ -512,7 +517,7 @@ final class TenantWriter: @unchecked Sendable {
             do {
                 connection.sandbox.tenantSQL = true
                 defer { connection.sandbox.tenantSQL = false }
-                let outcome = try connection.run(statement.sql, statement.parameters, limits: limits)
+                let outcome = try connection.run(statement.sql, statement.parameters, names: statement.parameterNames, limits: limits)
                 results.append(.success(outcome))
                 if perStatement { try? connection.execPrepared("RELEASE statement") }
             } catch {
