@@ -136,3 +136,18 @@ func executeEach(_ statements: [String], tenant: String, on connection: HTTPSCon
         XCTAssertEqual(r.status, 200, r.text, file: file, line: line)
     }
 }
+
+extension LocalCluster {
+    /// `apiary ctl promote` on `spec`, as an operator's failover drill runs it: its exit status
+    /// and what it printed.
+    func promoteWithCtl(_ spec: NodeSpec) throws -> (status: Int32, output: String) {
+        let promote = Process()
+        promote.executableURL = URL(fileURLWithPath: try apiaryExecutable())
+        promote.arguments = ["ctl", "promote", "--node", "127.0.0.1:\(spec.apiPort)", "--certs", certificates]
+        let output = Pipe()
+        promote.standardOutput = output
+        try promote.run()
+        promote.waitUntilExit()
+        return (promote.terminationStatus, String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
+    }
+}

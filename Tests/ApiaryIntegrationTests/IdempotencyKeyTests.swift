@@ -40,13 +40,8 @@ final class IdempotencyKeyTests: XCTestCase {
 
         // The primary dies; the retry goes to the promoted standby, which holds the key with the write.
         cluster.kill(cluster.primary)
-        let promote = Process()
-        promote.executableURL = URL(fileURLWithPath: try apiaryExecutable())
-        promote.arguments = ["ctl", "promote", "--node", "127.0.0.1:\(standby)", "--certs", cluster.certificates]
-        promote.standardOutput = Pipe()
-        try promote.run()
-        promote.waitUntilExit()
-        XCTAssertEqual(promote.terminationStatus, 0)
+        let promoted = try cluster.promoteWithCtl(cluster.standby)
+        XCTAssertEqual(promoted.status, 0, promoted.output)
         let afterFailover = try await send(standby, insert, key: "order-17")
         XCTAssertEqual(afterFailover.status, 200, afterFailover.text)
         XCTAssertEqual(try results(afterFailover), try results(first), "the key must survive the failover")

@@ -258,16 +258,9 @@ final class ReplicatedClusterTests: XCTestCase {
         cluster.kill(cluster.primary, signal: SIGKILL)
 
         // The operator's CLI, as a failover drill would run it.
-        let promote = Process()
-        promote.executableURL = URL(fileURLWithPath: try apiaryExecutable())
-        promote.arguments = ["ctl", "promote", "--node", "127.0.0.1:\(cluster.standby.apiPort)", "--certs", cluster.certificates]
-        let output = Pipe()
-        promote.standardOutput = output
-        try promote.run()
-        promote.waitUntilExit()
-        let promoted = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        XCTAssertEqual(promote.terminationStatus, 0, promoted)
-        XCTAssertTrue(promoted.contains("\"epoch\":2"), promoted)
+        let promoted = try cluster.promoteWithCtl(cluster.standby)
+        XCTAssertEqual(promoted.status, 0, promoted.output)
+        XCTAssertTrue(promoted.output.contains("\"epoch\":2"), promoted.output)
 
         let newPrimary = try await APIClient(port: cluster.standby.apiPort, caPath: cluster.certificates + "/ca.pem").connect()
         let rows = try await newPrimary.request(.GET, "/db/query?q=SELECT%20id%20FROM%20kv", headers: [("X-Apiary-Tenant", "acme")])

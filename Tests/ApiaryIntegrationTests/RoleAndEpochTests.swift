@@ -48,13 +48,8 @@ final class RoleAndEpochTests: XCTestCase {
         let created = try await write(cluster.primary, "CREATE TABLE t (x)")
         XCTAssertEqual(created.status, 200, created.text)
         cluster.kill(cluster.primary)
-        let promote = Process()
-        promote.executableURL = URL(fileURLWithPath: try apiaryExecutable())
-        promote.arguments = ["ctl", "promote", "--node", "127.0.0.1:\(cluster.standby.apiPort)", "--certs", cluster.certificates]
-        promote.standardOutput = Pipe()
-        try promote.run()
-        promote.waitUntilExit()
-        XCTAssertEqual(promote.terminationStatus, 0)
+        let promoted = try cluster.promoteWithCtl(cluster.standby)
+        XCTAssertEqual(promoted.status, 0, promoted.output)
 
         cluster.kill(cluster.standby) // kill -9: no chance to tidy up
         try cluster.start(cluster.standby) // still `--role standby --primary …` on its command line
