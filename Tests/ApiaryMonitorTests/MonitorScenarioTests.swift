@@ -244,6 +244,49 @@ final class MonitorScenarioTests: XCTestCase {
         cluster.assertClean()
     }
 
+    func testAHeldUpReportFromBeforeTheLastGoalDoesNotMakeTheStandbyPromotable() {
+        // a's heartbeat "primary, standby in sync" is held up in the network. Meanwhile the stream
+        // breaks (a goes wait_primary and commits alone), heals, and a is told primary again but
+        // has not acted on it. The old report then arrives: it names an older goal, so it does
+        // not count, though its state matches the goal's name.
+        let cluster = SimCluster()
+        cluster.converge()
+        cluster.delayHeartbeat("a")
+        cluster.applyAnswersAtOnce = false
+        cluster.cutStream()
+        cluster.now += 50
+        cluster.heartbeat("a")
+        XCTAssertEqual(cluster.goal(.a), .waitPrimary)
+        cluster.keeperStep("a")
+        cluster.keeperStep("b")
+        cluster.commit(acme) // alone
+        cluster.healStream()
+        var rounds = 0
+        while cluster.goal(.a) != .primary {
+            rounds += 1
+            guard rounds < 20 else { return XCTFail("a never told primary again: \(cluster.state.nodes)") }
+            cluster.now += 50
+            cluster.replicate()
+            cluster.heartbeat("b")
+            cluster.keeperStep("b")
+            cluster.heartbeat("a")
+        }
+        cluster.keeperStep("b")
+        cluster.now += 50
+        cluster.heartbeat("b")
+        XCTAssertEqual(cluster.node(.a).reached?.state, .waitPrimary)
+        XCTAssertEqual(cluster.node(.b).reached?.state, .secondary)
+        XCTAssertFalse(cluster.promotable(.b))
+        cluster.deliverDelayedHeartbeat("a", index: 0)
+        XCTAssertFalse(cluster.promotable(.b), "a report from before the last goal made b promotable")
+        cluster.keeperStep("a")
+        cluster.now += 50
+        cluster.heartbeat("a")
+        cluster.heartbeat("b")
+        XCTAssertTrue(cluster.promotable(.b))
+        cluster.assertClean()
+    }
+
     // MARK: Operator commands
 
     func testSwitchoverIsRefusedWhileTheStandbyIsNotInSync() {

@@ -54,7 +54,7 @@ final class MonitorSimulationTests: XCTestCase {
             "goal maintenance", "goal demoted", "rejoined", "promotion applied", "forced promotion applied",
             "heartbeat refused", "accepted switchover", "refused switchover", "accepted failover", "refused failover",
             "accepted maintenance", "refused maintenance", "accepted promote", "refused promote", "commit primary",
-            "commit wait_primary", "monitor restarted", "converged",
+            "commit wait_primary", "monitor restarted", "converged", "stale heartbeat delivered",
         ]
         if failed.isEmpty && seedCount >= 1_000 {
             for key in mustHappen where (totals[key] ?? 0) == 0 {
@@ -144,7 +144,9 @@ struct MonitorRun {
         roll -= commandPercent
         if roll < badInputPercent { return badInput(node) }
         switch random.int(0...99) {
-        case 0..<40: cluster.heartbeat(node)
+        case 0..<36: cluster.heartbeat(node)
+        case 36..<38: cluster.delayHeartbeat(node)
+        case 38..<40: cluster.deliverDelayedHeartbeat(node, index: random.int(0...3))
         case 40..<55: cluster.keeperStep(node)
         case 55..<72: cluster.commit(random.chance(0.7) ? acme : globex)
         case 72..<85: cluster.replicate(records: LSN(random.int(1...20)))

@@ -198,6 +198,26 @@ final class SimCluster {
         return actions
     }
 
+    /// Reports sent and held up in the network (a stalled connection), per node, oldest first.
+    private(set) var delayed: [NodeID: [NodeReport]] = [:]
+
+    /// Node `i` sends a heartbeat that the network holds up: it arrives later, out of order.
+    func delayHeartbeat(_ i: NodeID) {
+        guard let n = nodes[i], n.alive, n.monitorLink else { return }
+        delayed[i, default: []].append(report(of: i))
+        if delayed[i]!.count > 4 { delayed[i]!.removeFirst() }
+        log("\(i)'s heartbeat held up in the network")
+    }
+
+    /// A held-up heartbeat of node `i` arrives now (after newer ones).
+    func deliverDelayedHeartbeat(_ i: NodeID, index: Int) {
+        guard var held = delayed[i], !held.isEmpty else { return }
+        let report = held.remove(at: index % held.count)
+        delayed[i] = held
+        bump("stale heartbeat delivered")
+        heartbeat(i, report: report)
+    }
+
     /// What node `i` would report now.
     func report(of i: NodeID) -> NodeReport {
         let n = nodes[i]!
