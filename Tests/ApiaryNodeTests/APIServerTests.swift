@@ -285,7 +285,7 @@ final class APIServerTests: XCTestCase {
 
         let ready = try await request(client, .GET, "/readyz", tenant: nil)
         XCTAssertEqual(ready.status, 200)
-        XCTAssertEqual(ready.text, "ok\n")
+        XCTAssertEqual(ready.text, "[+]node ok\n[+]leader ok\n[+]store ok")
 
         let missing = try await request(client, .GET, "/nope")
         XCTAssertEqual(missing.status, 404)
@@ -387,7 +387,7 @@ final class APIServerTests: XCTestCase {
         XCTAssertEqual(responses.count, 1)
         XCTAssertTrue(responses.first?.statusLine.hasPrefix("HTTP/1.0 200") ?? false, "\(responses.map(\.statusLine))")
         XCTAssertEqual(responses.first?.headers["connection"], "close")
-        XCTAssertEqual(responses.first?.body, "ok\n")
+        XCTAssertEqual(responses.first?.body, "[+]node ok\n[+]leader ok\n[+]store ok")
     }
 
     func testMalformedHTTPGets400AndIsClosed() async throws {
@@ -579,15 +579,15 @@ final class APIServerTests: XCTestCase {
         let server = try await startServer(RecordingSQLService())
         let client = try await connectRaw(server)
         client.send("HEAD /readyz HTTP/1.1\r\nHost: localhost\r\n\r\nGET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        let answered = await eventually { String(decoding: client.collector.bytes, as: UTF8.self).hasSuffix("ok\n") }
+        let answered = await eventually { String(decoding: client.collector.bytes, as: UTF8.self).hasSuffix("store ok") }
         XCTAssertTrue(answered, String(decoding: client.collector.bytes, as: UTF8.self))
         let text = String(decoding: client.collector.bytes, as: UTF8.self)
         let blocks = text.components(separatedBy: "\r\n\r\n")
         XCTAssertEqual(blocks.count, 3, text)
         XCTAssertTrue(blocks[0].hasPrefix("HTTP/1.1 200"), text)
-        XCTAssertTrue(blocks[0].lowercased().contains("content-length: 3"), text)
+        XCTAssertTrue(blocks[0].lowercased().contains("content-length: 35"), text)
         XCTAssertTrue(blocks[1].hasPrefix("HTTP/1.1 200"), "the HEAD answer carried a body: \(text)")
-        XCTAssertEqual(blocks[2], "ok\n")
+        XCTAssertEqual(blocks[2], "[+]node ok\n[+]leader ok\n[+]store ok")
         XCTAssertFalse(client.isClosed)
     }
 

@@ -22,8 +22,8 @@ final class RqliteJSONTests: XCTestCase {
             ("not json", "JSON array"),
             (#"{"a": 1}"#, "JSON array"),
             ("[]", "no statements"),
-            (#"[["SELECT ?", {"named": 1}]]"#, "named parameters"),
-            (#"[["SELECT ?", [1, 2]]]"#, "nested values"),
+            (#"[["SELECT ?", {"named": {"x": 1}}]]"#, "nested objects"),
+            (#"[["SELECT ?", [1, 2000]]]"#, "an array is a BLOB of byte values"),
             ("[1]", "JSON array"),
         ] {
             XCTAssertThrowsError(try parse(body), body) { error in
@@ -37,7 +37,7 @@ final class RqliteJSONTests: XCTestCase {
     func testResponsesFollowRqlitesFormat() throws {
         var read = StatementOutcome()
         read.columns = ["id", "name"]
-        read.declaredTypes = ["integer", "text"]
+        read.declaredTypes = ["integer", "blob"]
         read.rows = [[.integer(1), .text("fi\"ona\n")], [.null, .blob([1, 2])]]
         var write = StatementOutcome()
         write.lastInsertID = 5
@@ -48,7 +48,7 @@ final class RqliteJSONTests: XCTestCase {
         XCTAssertEqual(results[0]["last_insert_id"] as? Int, 5)
         XCTAssertEqual(results[0]["rows_affected"] as? Int, 1)
         XCTAssertEqual(results[1]["columns"] as? [String], ["id", "name"])
-        XCTAssertEqual(results[1]["types"] as? [String], ["integer", "text"])
+        XCTAssertEqual(results[1]["types"] as? [String], ["integer", "blob"])
         let values = results[1]["values"] as! [[Any]]
         XCTAssertEqual(values[0][1] as? String, "fi\"ona\n")
         XCTAssertEqual(values[1][1] as? String, "AQI=", "blobs are base64 as in rqlite")

@@ -113,10 +113,35 @@ final class RqliteRequestParserTests: XCTestCase {
         assertRejected(#"["a",  x]"#, "(at byte offset 7)")
     }
 
-    func testObjectsAndArraysAsParametersAreRejectedByName() {
-        let sql = String(repeating: "SELECT ?, ", count: 5)
-        assertRejected(#"[["\#(sql)", 1, {"a": 1}]]"#, "parameter 2 of '\(sql.prefix(40))': named parameters and nested values are not supported")
-        assertRejected(#"["x", ["SELECT ?", []]]"#, "parameter 1 of 'SELECT ?': named parameters")
+    /// rqlite's named values: an object's members, bound by name; positional ones may come
+    /// before and after.
+    func testObjectsHoldNamedValues() throws {
+        let statements = try parse(#"[["INSERT INTO foo(name, age) VALUES(:name, :age)", {"name": "fiona", "age": 20}], ["SELECT ?, :a", 1, { "a" : null }], ["SELECT 1", {}]]"#)
+        assertExactly(statements, [
+            SQLStatement("INSERT INTO foo(name, age) VALUES(:name, :age)", [.text("fiona"), .integer(20)], names: ["name", "age"]),
+            SQLStatement("SELECT ?, :a", [.integer(1), .null], names: ["", "a"]),
+            SQLStatement("SELECT 1", [], names: []),
+        ])
+        XCTAssertNil(try parse(#"[["SELECT ?", 1]]"#)[0].parameterNames, "no names, no array: the insert path's case")
+        assertRejected(#"[["SELECT :a", {"a": {"b": 1}}]]"#, "parameter a of 'SELECT :a': nested objects are not supported")
+        assertRejected(#"[["SELECT :a", {"": 1}]]"#, "empty name")
+        for bad in [#"{"a" 1}"#, #"{"a": 1,}"#, #"{a: 1}"#, #"{"a": 1"#, #"{,}"#, #"{"a": }"#] {
+            assertRejected(#"[["s", "# + bad + "]]", malformed)
+        }
+    }
+
+    /// rqlite's BLOB parameters: an array of byte values, or a string that is an SQLite BLOB
+    /// literal (`x'…'`, as its `db.ParseHex` reads one).
+    func testByteArraysAndBlobLiteralsAreBlobs() throws {
+        assertExactly(try parameters(#"[83,81,76,105,116,101], [], [ 0 , 255 ], "x'53514C'", " X'00ff' ", "x''", {"b": [1]}"#),
+                      [.blob(Array("SQLite".utf8)), .blob([]), .blob([0, 255]), .blob(Array("SQL".utf8)), .blob([0, 255]), .blob([]), .blob([1])])
+        // Not BLOB literals: text.
+        assertExactly(try parameters(#""x'5'", "x'zz'", "x'00", "'00'", "xx'00'", "x'00'y", "hex""#),
+                      [.text("x'5'"), .text("x'zz'"), .text("x'00"), .text("'00'"), .text("xx'00'"), .text("x'00'y"), .text("hex")])
+        for bad in ["[256]", "[-1]", "[1.5]", "[1e2]", "[01]", "[\"a\"]", "[null]", "[[1]]", "[{}]", "[1,]", "[,1]"] {
+            assertRejected(#"[["s", "# + bad + "]]", "an array is a BLOB of byte values")
+        }
+        assertRejected(#"[["s", [1 2]]]"#, malformed)
     }
 
     func testStatementCountLimit() throws {
@@ -194,8 +219,23 @@ final class RqliteRequestParserTests: XCTestCase {
         for (item, statement) in zip(items, statements) {
             let values = (item as? [Any]) ?? [item]
             XCTAssertEqual((values.first as? String).map { Array($0.utf8) }, Array(statement.sql.utf8), label, file: file, line: line)
-            XCTAssertEqual(values.count - 1, statement.parameters.count, label, file: file, line: line)
-            for (value, parameter) in zip(values.dropFirst(), statement.parameters) {
+            // An object's members are named values; JSONSerialization's dictionaries keep no
+            // order (and the last of a repeated name), so they are compared by name.
+            var positional: [Any] = []
+            var named: [String: Any] = [:]
+            for value in values.dropFirst() {
+                if let object = value as? [String: Any] { named.merge(object) { $1 } } else { positional.append(value) }
+            }
+            let names = statement.parameterNames ?? Array(repeating: "", count: statement.parameters.count)
+            var ours: [(Any, SQLValue)] = []
+            var ourNamed: [String: SQLValue] = [:]
+            for (name, parameter) in zip(names, statement.parameters) {
+                if name.isEmpty { ours.append((NSNull(), parameter)) } else { ourNamed[name] = parameter }
+            }
+            XCTAssertEqual(positional.count, ours.count, label, file: file, line: line)
+            XCTAssertEqual(Set(named.keys), Set(ourNamed.keys), label, file: file, line: line)
+            let pairs = zip(positional, ours.map(\.1)).map { ($0, $1) } + ourNamed.compactMap { name, p in named[name].map { ($0, p) } }
+            for (value, parameter) in pairs {
                 switch parameter {
                 case .null: XCTAssertTrue(value is NSNull, label, file: file, line: line)
                 case .text(let s): XCTAssertEqual((value as? String).map { Array($0.utf8) }, Array(s.utf8), label, file: file, line: line)
@@ -203,7 +243,13 @@ final class RqliteRequestParserTests: XCTestCase {
                 case .real(let d):
                     let theirs = (value as? NSNumber)?.doubleValue ?? .nan
                     XCTAssertLessThanOrEqual(abs(theirs - d), abs(d) * 1e-12, "\(label): \(theirs) vs \(d)", file: file, line: line)
-                case .blob: XCTFail("no JSON value is a blob", file: file, line: line)
+                case .blob(let b):
+                    // An array of byte values, or a string that is an SQLite BLOB literal.
+                    if let array = value as? [NSNumber] {
+                        XCTAssertEqual(array.map(\.intValue), b.map(Int.init), label, file: file, line: line)
+                    } else {
+                        XCTAssertEqual((value as? String).flatMap(RqliteRequestParser.blobLiteral), b, label, file: file, line: line)
+                    }
                 }
             }
         }
@@ -218,7 +264,7 @@ func assertExactly(_ actual: @autoclosure () throws -> [SQLValue], _ expected: [
 func assertExactly(_ actual: @autoclosure () throws -> [SQLStatement], _ expected: [SQLStatement], _ message: String = "", file: StaticString = #filePath, line: UInt = #line) {
     func key(_ statements: [SQLStatement]) -> [[String]] {
         statements.map { s in
-            ["\(Array(s.sql.utf8))"] + s.parameters.map { p in
+            ["\(Array(s.sql.utf8))", "\(s.parameterNames ?? ["no names"])"] + s.parameters.map { p in
                 switch p {
                 case .text(let t): return "text \(Array(t.utf8))"
                 case .real(let d): return "real \(d) \(d.bitPattern)"
@@ -260,13 +306,28 @@ enum BodyGenerator {
                 parts.append(sqlJSON)
                 continue
             }
-            var items = [sqlJSON], parameters: [SQLValue] = []
+            var items = [sqlJSON], parameters: [SQLValue] = [], names: [String]?
             for _ in 0..<Int.random(in: 0...5, using: &r) {
+                if Int.random(in: 0..<6, using: &r) == 0 {
+                    // Named values, in an object (unique names: JSONSerialization keeps one).
+                    if names == nil { names = Array(repeating: "", count: parameters.count) }
+                    var members: [String] = []
+                    for _ in 0..<Int.random(in: 0...3, using: &r) {
+                        let name = "n\(names!.count)"
+                        let (json, value) = parameter(&r)
+                        members.append(#"""# + name + #"""# + whitespace(&r) + ":" + whitespace(&r) + json)
+                        parameters.append(value)
+                        names!.append(name)
+                    }
+                    items.append("{" + whitespace(&r) + members.joined(separator: "," + whitespace(&r)) + whitespace(&r) + "}")
+                    continue
+                }
                 let (json, value) = parameter(&r)
                 items.append(json)
                 parameters.append(value)
+                names?.append("")
             }
-            statements.append(SQLStatement(sql, parameters))
+            statements.append(SQLStatement(sql, parameters, names: names))
             parts.append(array(items, &r))
         }
         return (Array((whitespace(&r) + array(parts, &r) + whitespace(&r)).utf8), statements)
@@ -293,6 +354,10 @@ enum BodyGenerator {
         case 4:
             let text = ["1.000", "1E3", "-0e0", "2.5e+2", "123456789012345678901234567890"].randomElement(using: &r)!
             return (text, .real(Double(text)!))
+        case 5:
+            let bytes = (0..<Int.random(in: 0...4, using: &r)).map { _ in UInt8.random(in: 0...255, using: &r) }
+            if Bool.random(using: &r) { return ("[" + bytes.map { String($0) }.joined(separator: ",") + "]", .blob(bytes)) }
+            return (#""x'"# + bytes.map { String(format: "%02x", $0) }.joined() + #"'""#, .blob(bytes))
         default:
             let (json, s) = string(&r)
             return (json, .text(s))

@@ -22,9 +22,19 @@ struct APIRequest: Sendable {
     /// From the TLS client certificate, if any (applications present none).
     var peer: ApiaryTLS.PeerIdentity?
 
-    // Searched as UTF-8 ('?' is ASCII): a Character search costs grapheme breaking per byte.
-    var path: Substring { uri[..<(uri.utf8.firstIndex(of: UInt8(ascii: "?")) ?? uri.endIndex)] }
-    var query: Substring? { uri.utf8.firstIndex(of: UInt8(ascii: "?")).map { uri[uri.utf8.index(after: $0)...] } }
+    var path: Substring { let t = target; return t[..<(t.utf8.firstIndex(of: UInt8(ascii: "?")) ?? t.endIndex)] }
+    var query: Substring? { let t = target; return t.utf8.firstIndex(of: UInt8(ascii: "?")).map { t[t.utf8.index(after: $0)...] } }
+
+    /// The target from its path on. A target in absolute form (`https://host:4001/db/query?q=…`,
+    /// as clients send through proxies; RFC 9112 §3.2.2: a server MUST accept it) loses its
+    /// scheme and authority; "" when it has no path. Searched as UTF-8 (the delimiters are
+    /// ASCII): a Character search costs grapheme breaking per byte.
+    private var target: Substring {
+        guard uri.utf8.first != UInt8(ascii: "/"), let scheme = uri.range(of: "://") else { return uri[...] }
+        let authority = uri[scheme.upperBound...]
+        guard let end = authority.utf8.firstIndex(where: { $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: "?") }) else { return "" }
+        return authority[end...]
+    }
 }
 
 struct APIResponse: Sendable {
@@ -39,9 +49,10 @@ struct APIResponse: Sendable {
     var asksForCredentials = false
 }
 
-/// The HTTP API (rqlite's, DESIGN §7): `/db/execute`, `/db/query`, `/readyz`; accounts under
-/// `/admin/tenants`; and with an operator (or monitor) certificate `/status` and
-/// `POST /admin/promote`.
+/// The HTTP API (rqlite's, DESIGN §7; docs/rqlite-compatibility.md): `/db/execute`,
+/// `/db/query`, `/db/request`, `/readyz`, `/nodes`, `/status`; accounts under
+/// `/admin/tenants`; and with an operator (or monitor) certificate Apiary's own `/status`
+/// and `POST /admin/promote`.
 ///
 /// Every request but `/readyz` is authenticated (DESIGN §8): an application by HTTP basic auth
 /// (its user names its tenant: no header needed, and one naming another tenant is refused),
@@ -63,6 +74,8 @@ struct APIRoutes: Sendable {
     var limits = Limits()
     /// Where unexpected errors are told in full (clients get no internals: paths, file names).
     var logger = Logger(label: "apiary.api")
+    /// The node's summary for `/readyz`, `/status` and `/nodes`, fetched at most once a second.
+    let summaryCache = NodeSummaryCache()
 
     /// The answer to `request`, given to `done` on whichever thread finishes the work, as a
     /// closure that makes it: the writer thread that finishes a write only hands the answer
@@ -90,11 +103,11 @@ struct APIRoutes: Sendable {
             }
             let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
             try Access.check(principal, may: .write)
-            let statements = try parse(try body(request))
-            let transaction = try Self.formValue("transaction", in: request.query) != nil
+            let options = try RqliteQuery.parse(request.query)
+            let statements = try self.statements(request)
             let idempotencyKey = try Self.idempotencyKey(request)
-            service.execute(tenant: tenant, statements, transaction: transaction, idempotencyKey: idempotencyKey) { result in
-                done { sqlResponse(result, started: started) }
+            service.execute(tenant: tenant, statements, transaction: options.transaction, idempotencyKey: idempotencyKey) { result in
+                done { sqlResponse(result, started: started, format: options.format) }
             }
         } catch {
             done { sqlResponse(.failure(error), started: started) }
@@ -118,17 +131,37 @@ struct APIRoutes: Sendable {
     func respond(to request: APIRequest) async -> APIResponse {
         let (tenantInPath, route) = Self.route(request.path)
         switch (Array(route), request.method) {
+        case (_, .OPTIONS):
+            // rqlite answers OPTIONS on any path before authentication (CORS preflight).
+            return APIResponse(status: .ok, body: [], contentType: "text/plain", allow: "OPTIONS, GET, POST")
         case (["db", "execute"], .POST):
-            return await sql { try await execute(request, tenantInPath) }
+            return await sql(request) { try await execute(request, tenantInPath, $0) }
         case (["db", "query"], .GET), (["db", "query"], .POST):
-            return await sql { try await query(request, tenantInPath) }
+            return await sql(request, allRows: true) { try await query(request, tenantInPath, $0) }
+        case (["db", "request"], .POST):
+            return await sql(request) { try await unified(request, tenantInPath, $0) }
         case (let path, let method) where path.first == "admin" && path.dropFirst().first == "tenants" && tenantInPath == nil:
             return await admin(request, Array(path.dropFirst(2)), method)
         case (["readyz"], .GET) where tenantInPath == nil, (["readyz"], .HEAD) where tenantInPath == nil:
-            return APIResponse(status: .ok, body: Array("ok\n".utf8), contentType: "text/plain")
+            do {
+                return RqliteNodeEndpoints.readyz(await summary(), try RqliteQuery.parse(request.query))
+            } catch {
+                return Self.response(error as? APIError ?? APIError(.badRequest, "\(error)"))
+            }
         case (["status"], .GET) where tenantInPath == nil:
-            guard Self.allowed(request.peer, [.operator, .monitor]) else { return Self.forbidden([.operator, .monitor]) }
-            return APIResponse(status: .ok, body: await service.statusJSON())
+            if Self.allowed(request.peer, [.operator, .monitor]) { return APIResponse(status: .ok, body: await service.statusJSON()) }
+            // An application that signs in gets rqlite's layout, about the node only.
+            guard (try? Credentials.from(request.headers)) != nil else { return Self.forbidden([.operator, .monitor]) }
+            return await nodeEndpoint(request) { summary, options in
+                RqliteNodeEndpoints.status(summary, options, host: request.headers.first(name: "host"), startedAt: summaryCache.startedAt, now: Date())
+            }
+        case (["nodes"], .GET) where tenantInPath == nil:
+            if Self.allowed(request.peer, [.monitor]) {
+                return RqliteNodeEndpoints.nodes(await summary(), (try? RqliteQuery.parse(request.query)) ?? RqliteQuery(), host: request.headers.first(name: "host"))
+            }
+            return await nodeEndpoint(request) { summary, options in
+                RqliteNodeEndpoints.nodes(summary, options, host: request.headers.first(name: "host"))
+            }
         case (["admin", "promote"], .POST) where tenantInPath == nil:
             guard Self.allowed(request.peer, [.operator]) else { return Self.forbidden([.operator]) }
             do {
@@ -139,13 +172,13 @@ struct APIRoutes: Sendable {
                 logger.error("promotion failed unexpectedly", metadata: ["error": "\(error)"])
                 return APIResponse(status: .internalServerError, body: RqliteJSON.error("promotion failed, outcome unknown: internal error (details in the node's log)"), outcomeUnknown: true)
             }
-        case (["db", "execute"], _):
+        case (["db", "execute"], _), (["db", "request"], _):
             return Self.methodNotAllowed(request, allow: "POST")
         case (["db", "query"], _):
             return Self.methodNotAllowed(request, allow: "GET, POST")
         case (["readyz"], _) where tenantInPath == nil:
             return Self.methodNotAllowed(request, allow: "GET, HEAD")
-        case (["status"], _) where tenantInPath == nil:
+        case (["status"], _) where tenantInPath == nil, (["nodes"], _) where tenantInPath == nil:
             return Self.methodNotAllowed(request, allow: "GET")
         case (["admin", "promote"], _) where tenantInPath == nil:
             return Self.methodNotAllowed(request, allow: "POST")
@@ -154,32 +187,85 @@ struct APIRoutes: Sendable {
         }
     }
 
-    private func execute(_ request: APIRequest, _ tenantInPath: Substring?) async throws -> [StatementResult] {
+    // MARK: SQL (rqlite's data API)
+
+    private func execute(_ request: APIRequest, _ tenantInPath: Substring?, _ options: RqliteQuery) async throws -> [StatementResult] {
         let principal = try await self.principal(request)
         let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
         try Access.check(principal, may: .write)
-        let statements = try parse(try body(request))
-        let transaction = try Self.formValue("transaction", in: request.query) != nil
+        let statements = try self.statements(request)
         let idempotencyKey = try Self.idempotencyKey(request)
-        return try await service.execute(tenant: tenant, statements, transaction: transaction, idempotencyKey: idempotencyKey)
+        return try await service.execute(tenant: tenant, statements, transaction: options.transaction, idempotencyKey: idempotencyKey)
     }
 
-    private func query(_ request: APIRequest, _ tenantInPath: Substring?) async throws -> [StatementResult] {
+    /// `GET` takes the statement from `q`; `POST` from its body, or from `q` when it has none.
+    private func query(_ request: APIRequest, _ tenantInPath: Substring?, _ options: RqliteQuery) async throws -> [StatementResult] {
         let principal = try await self.principal(request)
         let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
         try Access.check(principal, may: .read)
-        let levelName = try Self.formValue("level", in: request.query) ?? "weak"
-        guard let level = ReadLevel(rawValue: levelName) else {
-            throw APIError(.badRequest, "unknown level '\(levelName.prefix(40))': use none, weak, strong or linearizable")
-        }
         let statements: [SQLStatement]
-        if request.method == .GET {
-            guard let q = try Self.formValue("q", in: request.query) else { throw APIError(.badRequest, "GET /db/query needs ?q=SQL") }
+        if request.method == .GET || (request.body.isEmpty && options.q != nil && !request.bodyTooLarge && !request.memoryShort) {
+            guard let q = options.q else { throw APIError(.badRequest, "GET /db/query needs ?q=SQL") }
             statements = [SQLStatement(q)]
         } else {
-            statements = try parse(try body(request))
+            statements = try self.statements(request)
         }
-        return try await service.query(tenant: tenant, statements, level: level)
+        return try await service.query(tenant: tenant, statements, level: options.level)
+    }
+
+    /// rqlite's unified endpoint, reads and writes together. A request of reads only (each
+    /// entry one `SELECT`, `VALUES` or `EXPLAIN`, ``isRead(_:)``) is served like `/db/query`,
+    /// at the requested level, and needs the right to read; any other goes to the tenant's
+    /// writer like `/db/execute` (its reads see the latest commit, and its own writes) and
+    /// needs the right to write. Either way each result is rows when its statement returned
+    /// columns, else a write's counts.
+    private func unified(_ request: APIRequest, _ tenantInPath: Substring?, _ options: RqliteQuery) async throws -> [StatementResult] {
+        let principal = try await self.principal(request)
+        let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
+        let statements = try self.statements(request)
+        if statements.allSatisfy({ Self.isRead($0.sql) }) {
+            try Access.check(principal, may: .read)
+            return try await service.query(tenant: tenant, statements, level: options.level)
+        }
+        try Access.check(principal, may: .write)
+        let idempotencyKey = try Self.idempotencyKey(request)
+        return try await service.execute(tenant: tenant, statements, transaction: options.transaction, idempotencyKey: idempotencyKey)
+    }
+
+    /// Whether `sql` is surely one read: it starts (after blanks and comments) with `SELECT`,
+    /// `VALUES` or `EXPLAIN`, and no semicolon is followed by more. A wrong "no" costs a trip
+    /// through the writer; a wrong "yes" would fail on a read-only connection, so anything
+    /// doubtful (`WITH`, which may write; `PRAGMA`, which may set) is no.
+    static func isRead(_ sql: String) -> Bool {
+        var bytes = sql.utf8[...]
+        // Skip blanks and comments (bounded: each pass drops at least one byte).
+        while let first = bytes.first {
+            if first == 0x20 || (0x09...0x0D).contains(first) {
+                bytes = bytes.dropFirst()
+            } else if bytes.starts(with: "--".utf8) {
+                bytes = bytes.drop(while: { $0 != UInt8(ascii: "\n") })
+            } else if bytes.starts(with: "/*".utf8) {
+                guard let end = bytes.dropFirst(2).firstRange(of: "*/".utf8) else { return false }
+                bytes = bytes[end.upperBound...]
+            } else {
+                break
+            }
+        }
+        let word = bytes.prefix(while: { (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0 | 0x20) })
+        guard ["select", "values", "explain"].contains(String(decoding: word, as: UTF8.self).lowercased()) else { return false }
+        guard let semicolon = bytes.firstIndex(of: UInt8(ascii: ";")) else { return true }
+        return bytes[bytes.index(after: semicolon)...].allSatisfy { $0 == 0x20 || (0x09...0x0D).contains($0) || $0 == UInt8(ascii: ";") }
+    }
+
+    /// The request's statements: its body as rqlite's JSON, or (`Content-Type: text/plain`, as
+    /// rqlite takes it) the whole body as one entry of SQL.
+    private func statements(_ request: APIRequest) throws -> [SQLStatement] {
+        let body = try body(request)
+        if let type = request.headers.first(name: "content-type"), type.lowercased().hasPrefix("text/plain") {
+            guard let sql = String(validating: body, as: UTF8.self), !sql.isEmpty else { throw APIError(.badRequest, "a text/plain body must be SQL in UTF-8") }
+            return [SQLStatement(sql)]
+        }
+        return try parse(body)
     }
 
     private func body(_ request: APIRequest) throws -> [UInt8] {
@@ -192,28 +278,58 @@ struct APIRoutes: Sendable {
         do { return try RqliteJSON.statements(fromBody: body, statementsMax: limits.statementsMax) } catch let e as RqliteRequestError { throw APIError(.badRequest, e.description) }
     }
 
-    /// Runs an SQL request and answers in rqlite's format, with a status that says what the
-    /// client may do (retry, or not: DESIGN §7).
-    private func sql(_ body: () async throws -> [StatementResult]) async -> APIResponse {
+    /// Runs an SQL request and answers in rqlite's format (as its query parameters ask), with
+    /// a status that says what the client may do (retry, or not: DESIGN §7).
+    /// - Parameter allRows: `/db/query`: every result is rows, even without columns.
+    private func sql(_ request: APIRequest, allRows: Bool = false, _ body: (RqliteQuery) async throws -> [StatementResult]) async -> APIResponse {
         let started = ContinuousClock.now
         do {
-            return sqlResponse(.success(try await body()), started: started)
+            var options = try RqliteQuery.parse(request.query)
+            options.format.allRows = allRows
+            let format = options.format
+            do {
+                return sqlResponse(.success(try await body(options)), started: started, format: format)
+            } catch {
+                return sqlResponse(.failure(error), started: started, format: format)
+            }
         } catch {
             return sqlResponse(.failure(error), started: started)
         }
     }
 
-    private func sqlResponse(_ result: Result<[StatementResult], any Error>, started: ContinuousClock.Instant) -> APIResponse {
+    private func sqlResponse(_ result: Result<[StatementResult], any Error>, started: ContinuousClock.Instant,
+                             format: RqliteJSON.Format = RqliteJSON.Format()) -> APIResponse {
         do {
             let results = try result.get()
             let elapsed = ContinuousClock.now - started
             let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-            return APIResponse(status: .ok, body: RqliteJSON.response(results, timeSeconds: seconds))
+            return APIResponse(status: .ok, body: RqliteJSON.response(results, format: format, timeSeconds: seconds))
         } catch let error as APIError {
             return Self.response(error)
         } catch {
             logger.error("request failed unexpectedly", metadata: ["error": "\(error)"])
             return APIResponse(status: .internalServerError, body: RqliteJSON.error("outcome unknown: internal error (details in the node's log)"), outcomeUnknown: true)
+        }
+    }
+
+    // MARK: rqlite's node endpoints
+
+    /// The node's summary, asked of the service at most once a second.
+    private func summary() async -> NodeSummary? {
+        let service = self.service
+        return await summaryCache.summary { await service.summary() }
+    }
+
+    /// `/status` and `/nodes` for an application: any user of any tenant who signs in (they
+    /// tell about the node, never about a tenant), or an operator.
+    private func nodeEndpoint(_ request: APIRequest, _ answer: (NodeSummary?, RqliteQuery) -> APIResponse) async -> APIResponse {
+        do {
+            _ = try await principal(request)
+            return answer(await summary(), try RqliteQuery.parse(request.query))
+        } catch let error as APIError {
+            return Self.response(error)
+        } catch {
+            return Self.response(APIError(.badRequest, "\(error)"))
         }
     }
 

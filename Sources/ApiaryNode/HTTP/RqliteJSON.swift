@@ -2,14 +2,38 @@ import ApiaryCore
 import ApiaryStorage
 import Foundation
 
-/// rqlite's JSON request and response formats, so that existing rqlite clients work.
+/// rqlite's JSON request and response formats, so that existing rqlite clients work unchanged
+/// (docs/rqlite-compatibility.md).
 ///
 /// A request body is a JSON array of statements; each is either an SQL string or an array of
-/// the SQL string followed by its positional parameters:
+/// the SQL string followed by its parameters (`RqliteRequestParser` has the grammar):
 /// `["CREATE TABLE foo (id INTEGER)", ["INSERT INTO foo VALUES(?)", 1]]`.
 /// A response is `{"results": [...]}` with one entry per statement: `last_insert_id` and
-/// `rows_affected` for writes, `columns`, `types` and `values` for reads, or `error`.
+/// `rows_affected` for writes (each left out when 0, as rqlite does), `columns`, `types` and
+/// `values` for reads (or `types` and `rows` in the associative form), or `error`.
 public enum RqliteJSON {
+    /// How a response is written: rqlite's query parameters.
+    public struct Format: Sendable, Equatable {
+        /// `?associative`: rows as objects keyed by column, `types` as an object.
+        public var associative = false
+        /// `?timings`: each result's `time` and the request's, in seconds.
+        public var timings = false
+        /// `?pretty`: indented as Go's `json.MarshalIndent(v, "", "    ")` writes it.
+        public var pretty = false
+        /// `?blob_array`: BLOBs as arrays of byte values rather than base64 strings.
+        public var blobsAsArrays = false
+        /// Results of `/db/query` are rows even without columns; `/db/execute` and
+        /// `/db/request` report a statement as rows only when it returned columns.
+        public var allRows = false
+        public init(associative: Bool = false, timings: Bool = false, pretty: Bool = false, blobsAsArrays: Bool = false, allRows: Bool = false) {
+            self.associative = associative
+            self.timings = timings
+            self.pretty = pretty
+            self.blobsAsArrays = blobsAsArrays
+            self.allRows = allRows
+        }
+    }
+
     /// Parses a request body into statements (see `RqliteRequestParser` for the grammar).
     /// - Throws: `RqliteRequestError` with a message naming what is wrong and where.
     public static func statements(fromBody body: [UInt8], statementsMax: Int) throws -> [SQLStatement] {
@@ -17,41 +41,169 @@ public enum RqliteJSON {
     }
 
     /// Encodes results as rqlite does.
-    public static func response(_ results: [StatementResult], timeSeconds: Double? = nil) -> [UInt8] {
-        var out = "{\"results\":["
+    /// - Parameter timeSeconds: the request's run time, written only with `format.timings`.
+    public static func response(_ results: [StatementResult], format: Format = Format(), timeSeconds: Double? = nil) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(64)
+        out += Array(#"{"results":["#.utf8)
         for (i, result) in results.enumerated() {
-            if i > 0 { out += "," }
-            switch result {
-            case .failure(let message):
-                out += "{\"error\":\(quote(message))}"
-            case .success(let o) where !o.columns.isEmpty:
-                out += "{\"columns\":[" + o.columns.map(quote).joined(separator: ",") + "]"
-                out += ",\"types\":[" + o.declaredTypes.map(quote).joined(separator: ",") + "]"
-                if !o.rows.isEmpty {
-                    out += ",\"values\":[" + o.rows.map { "[" + $0.map(value).joined(separator: ",") + "]" }.joined(separator: ",") + "]"
-                }
-                out += "}"
-            case .success(let o):
-                out += "{\"last_insert_id\":\(o.lastInsertID),\"rows_affected\":\(o.rowsAffected)}"
-            }
+            if i > 0 { out.append(UInt8(ascii: ",")) }
+            encode(result, format, into: &out)
         }
-        out += "]"
-        if let timeSeconds { out += ",\"time\":\(timeSeconds)" }
-        out += "}"
-        return Array(out.utf8)
+        out.append(UInt8(ascii: "]"))
+        if format.timings, let timeSeconds, timeSeconds > 0 {
+            out += Array(#","time":"#.utf8)
+            out += Array(goFloat(timeSeconds).utf8)
+        }
+        out.append(UInt8(ascii: "}"))
+        return format.pretty ? indent(out) : out
     }
 
     /// `{"error": message}` for a request that failed as a whole.
     public static func error(_ message: String) -> [UInt8] { Array("{\"error\":\(quote(message))}".utf8) }
 
-    static func value(_ v: SQLValue) -> String {
+    // MARK: Results
+
+    private static func encode(_ result: StatementResult, _ format: Format, into out: inout [UInt8]) {
+        switch result {
+        case .failure(let message):
+            out += Array("{\"error\":\(quote(message))}".utf8)
+        case .success(let o) where format.allRows || !o.columns.isEmpty:
+            let types = reportedTypes(o)
+            var fields: [String] = []
+            if format.associative {
+                // Go writes a map's keys sorted, and a repeated column name keeps its last value.
+                var lastIndex: [String: Int] = [:]
+                for (i, c) in o.columns.enumerated() { lastIndex[c] = i }
+                let keys = lastIndex.keys.sorted()
+                if !keys.isEmpty {
+                    fields.append("\"types\":{" + keys.map { quote($0) + ":" + quote(types[lastIndex[$0]!]) }.joined(separator: ",") + "}")
+                }
+                let rows = o.rows.map { row in
+                    "{" + keys.map { key -> String in
+                        let i = lastIndex[key]!
+                        return quote(key) + ":" + value(row[i], declaredType: o.declaredTypes[i], format)
+                    }.joined(separator: ",") + "}"
+                }
+                fields.append("\"rows\":[" + rows.joined(separator: ",") + "]")
+            } else {
+                if !o.columns.isEmpty {
+                    fields.append("\"columns\":[" + o.columns.map(quote).joined(separator: ",") + "]")
+                    fields.append("\"types\":[" + types.map(quote).joined(separator: ",") + "]")
+                }
+                if !o.rows.isEmpty {
+                    let rows = o.rows.map { row in
+                        "[" + row.indices.map { value(row[$0], declaredType: o.declaredTypes[$0], format) }.joined(separator: ",") + "]"
+                    }
+                    fields.append("\"values\":[" + rows.joined(separator: ",") + "]")
+                }
+            }
+            if format.timings, o.timeNs > 0 { fields.append("\"time\":" + goFloat(Double(o.timeNs) / 1e9)) }
+            out += Array(("{" + fields.joined(separator: ",") + "}").utf8)
+        case .success(let o):
+            var fields: [String] = []
+            if o.lastInsertID != 0 { fields.append("\"last_insert_id\":\(o.lastInsertID)") }
+            if o.rowsAffected != 0 { fields.append("\"rows_affected\":\(o.rowsAffected)") }
+            if format.timings, o.timeNs > 0 { fields.append("\"time\":" + goFloat(Double(o.timeNs) / 1e9)) }
+            if format.associative { fields.append("\"rows\":null") }
+            out += Array(("{" + fields.joined(separator: ",") + "}").utf8)
+        }
+    }
+
+    /// The declared types, lower-cased; a column without one (an expression) is named after
+    /// its value in the first row, as rqlite does ("" while there is no row or it is NULL).
+    static func reportedTypes(_ o: StatementOutcome) -> [String] {
+        o.declaredTypes.enumerated().map { i, declared in
+            guard declared.isEmpty, let first = o.rows.first, i < first.count else { return declared }
+            switch first[i] {
+            case .null: return ""
+            case .integer: return "integer"
+            case .real: return "real"
+            case .text: return "text"
+            case .blob: return "blob"
+            }
+        }
+    }
+
+    // MARK: Values
+
+    /// One value as rqlite writes it, which depends on the column's declared type the way
+    /// its SQLite driver (mattn/go-sqlite3) and `db.normalizeRowParameters` make it:
+    /// - `date`, `datetime` and `timestamp` columns: text in one of SQLite's time formats, and
+    ///   integers (Unix seconds, or milliseconds past ±10^12), become RFC 3339 times in Go's
+    ///   form (`2006-01-02T15:04:05.999999999Z07:00`), which clients parse (pyrqlite's
+    ///   TIMESTAMP converter needs the `T`). Text that is no time is left as it is (rqlite
+    ///   turns it into `0001-01-01T00:00:00Z`, losing it).
+    /// - `boolean` columns: integers become `true` (> 0) or `false`.
+    /// - a BLOB in a column of text affinity (`text`, `varchar…`, `clob`, `json`, …) is
+    ///   text (invalid UTF-8 replaced); elsewhere base64, or an array of bytes with
+    ///   `blob_array`. (rqlite also sends a BLOB from an expression as text, garbling it;
+    ///   Apiary sends it as a BLOB and says `blob` in `types`.)
+    /// - REAL as Go writes a float64 (`1` for 1.0, exponents past 1e21 or below 1e-6); not
+    ///   finite (SQLite can hold ±Inf) → null, where rqlite fails the whole response.
+    static func value(_ v: SQLValue, declaredType: String, _ format: Format = Format()) -> String {
         switch v {
         case .null: return "null"
-        case .integer(let i): return String(i)
-        case .real(let d): return d.isFinite ? "\(d)" : "null"
-        case .text(let s): return quote(s)
-        case .blob(let b): return quote(Data(b).base64EncodedString()) // as rqlite does
+        case .integer(let i):
+            if isTimeType(declaredType), let time = RqliteTime.fromUnix(i) { return quote(time) }
+            if declaredType == "boolean" { return i > 0 ? "true" : "false" }
+            return String(i)
+        case .real(let d): return d.isFinite ? goFloat(d) : "null"
+        case .text(let s):
+            if isTimeType(declaredType), let time = RqliteTime.normalized(s) { return quote(time) }
+            return quote(s)
+        case .blob(let b):
+            if !declaredType.isEmpty, isTextType(declaredType) { return quote(String(decoding: b, as: UTF8.self)) }
+            if format.blobsAsArrays { return "[" + b.map { String($0) }.joined(separator: ",") + "]" }
+            return quote(Data(b).base64EncodedString())
         }
+    }
+
+    static func isTimeType(_ declared: String) -> Bool {
+        declared == "timestamp" || declared == "datetime" || declared == "date"
+    }
+
+    /// rqlite's `isTextType`: SQLite's text affinity, by the declared type's name.
+    static func isTextType(_ t: String) -> Bool {
+        t == "text" || t == "json" || t == "" || t.hasPrefix("varchar") || t.hasPrefix("varying character")
+            || t.hasPrefix("nchar") || t.hasPrefix("native character") || t.hasPrefix("nvarchar") || t.hasPrefix("clob")
+    }
+
+    /// A float64 as Go's `encoding/json` writes it: the shortest digits that read back the
+    /// same, plain for 1e-6 <= |d| < 1e21 (`1`, not `1.0`), otherwise with an exponent
+    /// (`1e+21`, `1e-7`). JSON readers that tell integers from floats (Python's) then see
+    /// what they would see from rqlite.
+    static func goFloat(_ d: Double) -> String {
+        if d == 0 { return d.sign == .minus ? "-0" : "0" }
+        // Swift's description has the shortest round-trip digits; only their layout differs.
+        var text = Substring(d.magnitude.description)
+        var exponent = 0
+        if let e = text.firstIndex(where: { $0 == "e" || $0 == "E" }) {
+            exponent = Int(text[text.index(after: e)...]) ?? 0
+            text = text[..<e]
+        }
+        var digits = ""
+        var pointAt = text.count
+        for (i, c) in text.enumerated() {
+            if c == "." { pointAt = i } else { digits.append(c) }
+        }
+        // value = 0.<digits> × 10^decimalExponent, with no leading or trailing zeros.
+        var decimalExponent = pointAt + exponent
+        while digits.hasPrefix("0") { digits.removeFirst(); decimalExponent -= 1 }
+        while digits.hasSuffix("0") { digits.removeLast() }
+        let sign = d.sign == .minus ? "-" : ""
+        let magnitude = d.magnitude
+        if magnitude < 1e-6 || magnitude >= 1e21 {
+            let mantissa = digits.count > 1 ? String(digits.first!) + "." + digits.dropFirst() : digits
+            let e = decimalExponent - 1
+            let exponentText = e < 0 ? "-" + String(-e) : "+" + (e < 10 ? "0" : "") + String(e)
+            // Go writes at least two exponent digits, then cleans "e-07" to "e-7" only.
+            return sign + mantissa + "e" + exponentText
+        }
+        if decimalExponent <= 0 { return sign + "0." + String(repeating: "0", count: -decimalExponent) + digits }
+        if decimalExponent >= digits.count { return sign + digits + String(repeating: "0", count: decimalExponent - digits.count) }
+        let split = digits.index(digits.startIndex, offsetBy: decimalExponent)
+        return sign + digits[..<split] + "." + digits[split...]
     }
 
     static func quote(_ s: String) -> String {
@@ -64,11 +216,188 @@ public enum RqliteJSON {
             case "\n": out += "\\n"
             case "\r": out += "\\r"
             case "\t": out += "\\t"
+            case "\u{2028}": out += "\\u2028" // as Go writes them: JavaScript's line separators
+            case "\u{2029}": out += "\\u2029"
             case _ where scalar.value < 0x20: out += String(format: "\\u%04x", scalar.value)
             default: out.unicodeScalars.append(scalar)
             }
         }
         return out + "\""
+    }
+
+    // MARK: Pretty printing
+
+    /// `json` (compact, valid, as this file writes it) indented as Go's `json.Indent(dst,
+    /// src, "", "    ")`: one member or element a line, `[]` and `{}` kept on one line.
+    static func indent(_ json: [UInt8]) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(json.count * 2)
+        var depth = 0
+        var inString = false
+        var escaped = false
+        var i = 0
+        func newline(_ out: inout [UInt8], _ depth: Int) {
+            out.append(UInt8(ascii: "\n"))
+            for _ in 0..<depth { out += [0x20, 0x20, 0x20, 0x20] }
+        }
+        while i < json.count {
+            let c = json[i]
+            if inString {
+                out.append(c)
+                if escaped { escaped = false } else if c == UInt8(ascii: "\\") { escaped = true } else if c == UInt8(ascii: "\"") { inString = false }
+                i += 1
+                continue
+            }
+            switch c {
+            case UInt8(ascii: "\""):
+                inString = true
+                out.append(c)
+            case UInt8(ascii: "{"), UInt8(ascii: "["):
+                out.append(c)
+                let close = c == UInt8(ascii: "{") ? UInt8(ascii: "}") : UInt8(ascii: "]")
+                if i + 1 < json.count, json[i + 1] == close {
+                    out.append(close)
+                    i += 1
+                } else {
+                    depth += 1
+                    newline(&out, depth)
+                }
+            case UInt8(ascii: "}"), UInt8(ascii: "]"):
+                depth -= 1
+                newline(&out, depth)
+                out.append(c)
+            case UInt8(ascii: ","):
+                out.append(c)
+                newline(&out, depth)
+            case UInt8(ascii: ":"):
+                out += [c, 0x20]
+            default:
+                out.append(c)
+            }
+            i += 1
+        }
+        return out
+    }
+}
+
+/// rqlite's (Go's) handling of time values in `date`, `datetime` and `timestamp` columns.
+enum RqliteTime {
+    /// `text` in one of SQLite's time formats (go-sqlite3's `SQLiteTimestampFormats`, after
+    /// one trailing `Z` is dropped) as Go's RFC 3339 with nanoseconds, or nil when it is none:
+    /// `YYYY-MM-DD`, optionally followed by ` ` or `T` and `HH:MM`, `HH:MM:SS`, fractional
+    /// seconds (`.` or `,`, at most 9 digits kept) and an offset `±hh:mm` after seconds.
+    static func normalized(_ text: String) -> String? {
+        var b = Array(text.utf8)
+        if b.last == UInt8(ascii: "Z") { b.removeLast() }
+        var i = 0
+        func digits(_ n: Int) -> Int? {
+            guard i + n <= b.count else { return nil }
+            var v = 0
+            for k in i..<i + n {
+                guard (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b[k]) else { return nil }
+                v = v * 10 + Int(b[k] - UInt8(ascii: "0"))
+            }
+            i += n
+            return v
+        }
+        func take(_ c: UInt8) -> Bool {
+            guard i < b.count, b[i] == c else { return false }
+            i += 1
+            return true
+        }
+        guard let year = digits(4), take(UInt8(ascii: "-")), let month = digits(2), take(UInt8(ascii: "-")), let day = digits(2),
+              (1...12).contains(month), (1...daysIn(month: month, year: year)).contains(day) else { return nil }
+        var hour = 0, minute = 0, second = 0, nanos = 0, offsetMinutes = 0
+        if i < b.count {
+            guard take(UInt8(ascii: " ")) || take(UInt8(ascii: "T")) else { return nil }
+            // Go's "15" takes one or two digits.
+            guard let h1 = digits(1) else { return nil }
+            hour = h1
+            if let h2 = digits(1) { hour = hour * 10 + h2 }
+            guard take(UInt8(ascii: ":")), let m = digits(2), hour < 24, m < 60 else { return nil }
+            minute = m
+            if take(UInt8(ascii: ":")) {
+                guard let s = digits(2), s < 60 else { return nil }
+                second = s
+                if i + 1 < b.count, b[i] == UInt8(ascii: ".") || b[i] == UInt8(ascii: ","), (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b[i + 1]) {
+                    i += 1
+                    var count = 0
+                    while i < b.count, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b[i]) {
+                        if count < 9 { nanos = nanos * 10 + Int(b[i] - UInt8(ascii: "0")); count += 1 }
+                        i += 1
+                    }
+                    for _ in count..<9 { nanos *= 10 }
+                }
+                if i < b.count {
+                    let sign: Int
+                    if take(UInt8(ascii: "+")) { sign = 1 } else if take(UInt8(ascii: "-")) { sign = -1 } else { return nil }
+                    guard let oh = digits(2), take(UInt8(ascii: ":")), let om = digits(2), oh < 24, om < 60 else { return nil }
+                    offsetMinutes = sign * (oh * 60 + om)
+                }
+            }
+        }
+        guard i == b.count else { return nil }
+        return format(year: year, month: month, day: day, hour: hour, minute: minute, second: second, nanos: nanos, offsetMinutes: offsetMinutes)
+    }
+
+    /// An integer in a time column as go-sqlite3 reads it: Unix milliseconds when its
+    /// magnitude passes 10^12, else Unix seconds, in UTC; nil when the year is outside
+    /// 0...9999 (Go cannot write it; rqlite fails the response) or milliseconds overflow.
+    static func fromUnix(_ value: Int64) -> String? {
+        var seconds = value
+        var nanos: Int64 = 0
+        if value > 1_000_000_000_000 || value < -1_000_000_000_000 {
+            guard case (let ns, false) = value.multipliedReportingOverflow(by: 1_000_000) else { return nil }
+            seconds = ns / 1_000_000_000
+            nanos = ns % 1_000_000_000
+            if nanos < 0 { nanos += 1_000_000_000; seconds -= 1 }
+        }
+        // Days from the civil calendar (Howard Hinnant's algorithm), in UTC.
+        let (days, secondOfDay) = floorDivide(seconds, 86_400)
+        let z = days + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let day = doy - (153 * mp + 2) / 5 + 1
+        let month = mp < 10 ? mp + 3 : mp - 9
+        let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
+        guard (0...9999).contains(year) else { return nil }
+        return format(year: Int(year), month: Int(month), day: Int(day), hour: Int(secondOfDay / 3600), minute: Int(secondOfDay % 3600 / 60),
+                      second: Int(secondOfDay % 60), nanos: Int(nanos), offsetMinutes: 0)
+    }
+
+    private static func floorDivide(_ a: Int64, _ b: Int64) -> (Int64, Int64) {
+        let q = a / b, r = a % b
+        return r < 0 ? (q - 1, r + b) : (q, r)
+    }
+
+    private static func daysIn(month: Int, year: Int) -> Int {
+        switch month {
+        case 2: return year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) ? 29 : 28
+        case 4, 6, 9, 11: return 30
+        default: return 31
+        }
+    }
+
+    /// Go's `time.RFC3339Nano`: fraction without trailing zeros (none when 0), `Z` for UTC.
+    private static func format(year: Int, month: Int, day: Int, hour: Int, minute: Int, second: Int, nanos: Int, offsetMinutes: Int) -> String {
+        func two(_ v: Int) -> String { v < 10 ? "0\(v)" : "\(v)" }
+        var out = String(repeating: "0", count: max(0, 4 - String(year).count)) + "\(year)-\(two(month))-\(two(day))T\(two(hour)):\(two(minute)):\(two(second))"
+        if nanos > 0 {
+            var fraction = String(nanos)
+            fraction = String(repeating: "0", count: 9 - fraction.count) + fraction
+            while fraction.hasSuffix("0") { fraction.removeLast() }
+            out += "." + fraction
+        }
+        if offsetMinutes == 0 {
+            out += "Z"
+        } else {
+            let m = abs(offsetMinutes)
+            out += (offsetMinutes < 0 ? "-" : "+") + two(m / 60) + ":" + two(m % 60)
+        }
+        return out
     }
 }
 

@@ -13,16 +13,22 @@ import ApiaryStorage
 /// leading UTF-8 byte-order mark, whitespace wherever JSON allows it:
 ///
 ///     body      = '[' statement (',' statement)* ']'      ; "[]" parses, then fails as empty
-///     statement = string | '[' string (',' parameter)* ']'
-///     parameter = 'null' | 'true' | 'false' | number | string
+///     statement = string | '[' string (',' argument)* ']'
+///     argument  = value | '{' (string ':' value (',' string ':' value)*)? '}'   ; named values
+///     value     = 'null' | 'true' | 'false' | number | string | bytes
+///     bytes     = '[' (integer (',' integer)*)? ']'        ; each 0...255: a BLOB
 ///
-/// No trailing commas, no comments, no NaN or Infinity. Parameters map to SQLite values:
-/// null → NULL; true/false → 1/0; a number with neither fraction nor exponent that fits in
-/// Int64 → INTEGER; any other number → REAL, and one beyond Double's range is an error (as
-/// rqlite does: it tries Go's ParseInt on the number's text, then ParseFloat, so `1.0` and
-/// `1e3` are REAL); string → TEXT. An object or array as a parameter is rejected by name.
-/// Statement arrays are one level deep, so the parser needs no recursion; every loop advances
-/// `index`, so work is bounded by the body size, which the HTTP layer caps.
+/// No trailing commas, no comments, no NaN or Infinity. Values map to SQLite values as rqlite
+/// maps them (its `http/request_parser.go`): null → NULL; true/false → 1/0; a number with
+/// neither fraction nor exponent that fits in Int64 → INTEGER; any other number → REAL, and
+/// one beyond Double's range is an error (rqlite tries Go's ParseInt on the number's text,
+/// then ParseFloat, so `1.0` and `1e3` are REAL); a string → TEXT, except one that is an
+/// SQLite BLOB literal (`x'53514C'`, blanks around it allowed) → that BLOB; an array of
+/// byte values → BLOB. An object's members are named values, bound to `:name`, `@name` or
+/// `$name`; a statement may mix them with positional ones.
+/// Nesting is at most three levels deep (body, statement, object or bytes), so the parser
+/// needs no recursion; every loop advances `index`, so work is bounded by the body size,
+/// which the HTTP layer caps.
 struct RqliteRequestParser {
     /// Array subscripts, not unsafe pointers, on purpose: this reads untrusted network input,
     /// and a bounds check is cheap next to a read past the end.
@@ -73,31 +79,119 @@ struct RqliteRequestParser {
         guard peek() == UInt8(ascii: "\"") else { throw malformed() }
         let sql = try string()
         var parameters: [SQLValue] = []
+        // Only made when a value is named: the insert path's statements have none.
+        var names: [String]?
         skipWhitespace()
         while consume(UInt8(ascii: ",")) {
             skipWhitespace()
-            parameters.append(try parameter(position: parameters.count + 1, sql: sql))
+            if consume(UInt8(ascii: "{")) {
+                if names == nil { names = Array(repeating: "", count: parameters.count) }
+                skipWhitespace()
+                if !consume(UInt8(ascii: "}")) {
+                    repeat {
+                        skipWhitespace()
+                        guard peek() == UInt8(ascii: "\"") else { throw malformed() }
+                        let name = try string()
+                        guard !name.isEmpty else { throw RqliteRequestError("a named value of '\(sql.prefix(40))' has an empty name") }
+                        skipWhitespace()
+                        try expect(UInt8(ascii: ":"))
+                        skipWhitespace()
+                        parameters.append(try value(name: name, sql: sql))
+                        names!.append(name)
+                        skipWhitespace()
+                    } while consume(UInt8(ascii: ","))
+                    try expect(UInt8(ascii: "}"))
+                }
+            } else {
+                parameters.append(try value(name: String(parameters.count + 1), sql: sql))
+                names?.append("")
+            }
             skipWhitespace()
         }
         try expect(UInt8(ascii: "]"))
-        return SQLStatement(sql, parameters)
+        return SQLStatement(sql, parameters, names: names)
     }
 
-    private mutating func parameter(position: Int, sql: String) throws -> SQLValue {
+    /// One value at `index`; `name` (a position or the client's name) is for error messages.
+    private mutating func value(name: @autoclosure () -> String, sql: String) throws -> SQLValue {
         switch peek() {
         case UInt8(ascii: "n"): try literal("null"); return .null
         case UInt8(ascii: "t"): try literal("true"); return .integer(1)
         case UInt8(ascii: "f"): try literal("false"); return .integer(0)
-        case UInt8(ascii: "\""): return .text(try string())
+        case UInt8(ascii: "\""):
+            let text = try string()
+            return Self.blobLiteral(text).map(SQLValue.blob) ?? .text(text)
         case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"):
             guard let value = try number() else {
-                throw RqliteRequestError("parameter \(position) of '\(sql.prefix(40))': number is out of range for a 64-bit float")
+                throw RqliteRequestError("parameter \(name()) of '\(sql.prefix(40))': number is out of range for a 64-bit float")
             }
             return value
-        case UInt8(ascii: "["), UInt8(ascii: "{"):
-            throw RqliteRequestError("parameter \(position) of '\(sql.prefix(40))': named parameters and nested values are not supported")
+        case UInt8(ascii: "["):
+            index += 1
+            return .blob(try bytes(name: name(), sql: sql))
+        case UInt8(ascii: "{"):
+            throw RqliteRequestError("parameter \(name()) of '\(sql.prefix(40))': nested objects are not supported (an object's members are named values)")
         default: throw malformed()
         }
+    }
+
+    /// The rest of a byte array (just after its '['): integers 0...255, as rqlite takes a BLOB.
+    private mutating func bytes(name: String, sql: String) throws -> [UInt8] {
+        var blob: [UInt8] = []
+        skipWhitespace()
+        if consume(UInt8(ascii: "]")) { return blob }
+        repeat {
+            skipWhitespace()
+            let start = index
+            var byte = 0
+            while isDigit(peek()), byte <= 255 {
+                byte = byte * 10 + Int(bytes[index] - UInt8(ascii: "0"))
+                index += 1
+            }
+            let digits = index - start
+            // JSON allows no leading zero; rqlite takes only integers (Go's ParseInt) of 0...255.
+            guard digits > 0, byte <= 255, digits == 1 || bytes[start] != UInt8(ascii: "0"), !isDigit(peek()),
+                  peek() != UInt8(ascii: "."), peek() != UInt8(ascii: "e"), peek() != UInt8(ascii: "E") else {
+                throw RqliteRequestError("parameter \(name) of '\(sql.prefix(40))': an array is a BLOB of byte values, each an integer 0...255")
+            }
+            blob.append(UInt8(byte))
+            skipWhitespace()
+        } while consume(UInt8(ascii: ","))
+        try expect(UInt8(ascii: "]"))
+        return blob
+    }
+
+    /// The bytes of an SQLite BLOB literal (`X'53514C'`, blanks around it allowed), or nil when
+    /// `text` is not one, as rqlite's `db.ParseHex` decides. Cheap for other text: it looks at
+    /// the first non-blank byte only.
+    static func blobLiteral(_ text: String) -> [UInt8]? {
+        var utf8 = text.utf8[...]
+        while let first = utf8.first, isBlank(first) { utf8 = utf8.dropFirst() }
+        guard let first = utf8.first, first == UInt8(ascii: "x") || first == UInt8(ascii: "X") else { return nil }
+        while let last = utf8.last, isBlank(last) { utf8 = utf8.dropLast() }
+        let hex = utf8.dropFirst()
+        guard hex.count >= 2, hex.first == UInt8(ascii: "'"), hex.last == UInt8(ascii: "'") else { return nil }
+        let digits = hex.dropFirst().dropLast()
+        guard digits.count % 2 == 0 else { return nil }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(digits.count / 2)
+        var high: UInt8?
+        for c in digits {
+            let nibble: UInt8
+            switch c {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): nibble = c - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): nibble = c - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): nibble = c - UInt8(ascii: "A") + 10
+            default: return nil
+            }
+            if let h = high { bytes.append(h << 4 | nibble); high = nil } else { high = nibble }
+        }
+        return bytes
+    }
+
+    /// Go's `strings.TrimSpace` blanks that can appear in UTF-8 as one byte.
+    private static func isBlank(_ byte: UInt8) -> Bool {
+        byte == 0x20 || (0x09...0x0D).contains(byte)
     }
 
     // MARK: Tokens
@@ -211,7 +305,7 @@ struct RqliteRequestParser {
         }
         // Checked here, not left to the caller, so that `1e999x` is malformed, not out of range.
         switch peek() {
-        case UInt8(ascii: ","), UInt8(ascii: "]"), UInt8(ascii: " "), UInt8(ascii: "\n"), UInt8(ascii: "\r"), UInt8(ascii: "\t"): break
+        case UInt8(ascii: ","), UInt8(ascii: "]"), UInt8(ascii: "}"), UInt8(ascii: " "), UInt8(ascii: "\n"), UInt8(ascii: "\r"), UInt8(ascii: "\t"): break
         default: throw malformed()
         }
         if isInteger && !overflowed {

@@ -20,6 +20,9 @@ public protocol SQLService: Sendable {
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult]
     /// Operator-only status (tenant names, positions): JSON bytes.
     func statusJSON() async -> [UInt8]
+    /// This node's name, role and epoch (rqlite's `/readyz`, `/status`, `/nodes`); nil while
+    /// it changes roles. The default derives it from ``statusJSON()``.
+    func summary() async -> NodeSummary?
     /// Operator-only: make this standby the primary of a new epoch (DESIGN §6, manual until
     /// the monitor exists). Returns a JSON report.
     func promote() async throws -> [UInt8]
@@ -79,3 +82,39 @@ public struct APIError: Error, CustomStringConvertible {
     }
 }
 
+/// What rqlite's `/readyz`, `/status` and `/nodes` say about a node.
+public struct NodeSummary: Sendable, Equatable {
+    /// The node's name (its certificate's).
+    public var name: String
+    /// `primary`, `standby` or `demoted`.
+    public var role: String
+    public var epoch: UInt64
+    /// Why the node cannot serve, when it knows (a standby that stopped replicating).
+    public var error: String?
+    public init(name: String, role: String, epoch: UInt64, error: String? = nil) {
+        self.name = name
+        self.role = role
+        self.epoch = epoch
+        self.error = error
+    }
+}
+
+extension SQLService {
+    /// This node's name, role and epoch; nil while it changes roles.
+    ///
+    /// Derived from ``statusJSON()``, which lists every tenant's positions (work on the
+    /// replication loop in proportion to the tenants): a service SHOULD answer this from
+    /// what it holds. `APIRoutes` asks at most once a second (`NodeSummaryCache`).
+    public func summary() async -> NodeSummary? {
+        guard let status = try? JSONDecoder().decode(SummaryFields.self, from: Data(await statusJSON())), let role = status.role else { return nil }
+        return NodeSummary(name: status.node ?? "", role: role, epoch: status.epoch ?? 0, error: status.error)
+    }
+}
+
+/// The fields of a status that make its summary (others ignored, all optional).
+private struct SummaryFields: Decodable {
+    var node: String?
+    var role: String?
+    var epoch: UInt64?
+    var error: String?
+}

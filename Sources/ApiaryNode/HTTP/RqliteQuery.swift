@@ -1,0 +1,123 @@
+/// The query parameters of an rqlite request (rqlite's `http/query_params.go`), parsed once.
+///
+/// Flags count when present, whatever their value (`?transaction`, `?transaction=false` alike,
+/// as rqlite's `HasKey`); names are case-sensitive; the first of a repeated name wins. What
+/// rqlite validates is validated the same way (400 with rqlite's message): durations
+/// (`timeout`, `freshness`, `db_timeout`, `linearizable_timeout`), integers (`retries`,
+/// `trailing_logs`), an empty `q`, `freshness_strict` without `freshness`. Apiary refuses an
+/// unknown `level` (rqlite reads it as `weak`): guessing would serve a read at a weaker level
+/// than the client asked for.
+///
+/// Parameters that change nothing on Apiary are accepted and ignored: `redirect` (a primary
+/// serves everything itself), `freshness`/`freshness_strict` (reads come from the primary,
+/// never stale), `retries`, `timeout`, `db_timeout` and `linearizable_timeout` (the node's own
+/// per-statement and per-request limits apply), `noparse`, `norwrandom`, `norwtime` (rqlite
+/// rewrites `RANDOM()` and time functions because it replicates statements; Apiary replicates
+/// pages), `raft_index`, `wait`. `queue` is run as an ordinary, synchronous write.
+struct RqliteQuery: Sendable, Equatable {
+    var transaction = false
+    var level = ReadLevel.weak
+    var q: String?
+    var format = RqliteJSON.Format()
+    /// `/readyz`: only whether the node answers.
+    var noLeader = false
+    /// `/readyz`: also whether the node has applied all it committed.
+    var sync = false
+    /// `/nodes`: `ver=2` is the list form; the default is rqlite's legacy map.
+    var version: String?
+    /// `/status`: a dotted path to one part of the answer.
+    var key: String?
+
+    static let durationParameters: Set<Substring> = ["timeout", "freshness", "db_timeout", "linearizable_timeout"]
+    static let integerParameters: Set<Substring> = ["retries", "trailing_logs"]
+
+    /// - Throws: `APIError(.badRequest)` for what rqlite refuses, invalid %-encoding and an
+    ///   unknown level.
+    static func parse(_ query: Substring?) throws -> RqliteQuery {
+        var result = RqliteQuery()
+        guard let query, !query.isEmpty else { return result }
+        var seen: Set<Substring> = []
+        var freshness = false, freshnessStrict = false
+        // Bounded by the query's length (the HTTP layer bounds the request target).
+        for pair in query.split(separator: "&", omittingEmptySubsequences: true) {
+            let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let name = parts[0]
+            guard seen.insert(name).inserted else { continue }
+            // Every value is decoded, flags' too: `transaction=%zz` is refused rather than guessed.
+            var decoded = ""
+            if parts.count == 2 {
+                guard let text = String(parts[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding else {
+                    throw APIError(.badRequest, "query parameter '\(name.prefix(40))' is not valid %-encoding")
+                }
+                decoded = text
+            }
+            func value() -> String { decoded }
+            switch name {
+            case "transaction": result.transaction = true
+            case "timings": result.format.timings = true
+            case "pretty": result.format.pretty = true
+            case "associative": result.format.associative = true
+            case "blob_array": result.format.blobsAsArrays = true
+            case "noleader": result.noLeader = true
+            case "sync": result.sync = true
+            case "freshness_strict": freshnessStrict = true
+            case "ver": result.version = value()
+            case "key": result.key = value()
+            case "qualify_columns":
+                throw APIError(.badRequest, "qualify_columns is not supported: name the columns with AS in the query")
+            case "q":
+                let q = value()
+                guard !q.isEmpty else { throw APIError(.badRequest, "query parameter not set") }
+                result.q = q
+            case "level":
+                let text = value()
+                switch text.lowercased() {
+                case "", "weak", "auto": result.level = .weak
+                case "none": result.level = .none
+                case "strong": result.level = .strong
+                case "linearizable": result.level = .linearizable
+                default:
+                    throw APIError(.badRequest, "unknown level '\(text.prefix(40))': use none, weak, strong, linearizable or auto")
+                }
+            case _ where durationParameters.contains(name):
+                if name == "freshness" { freshness = true }
+                guard isGoDuration(value()) else { throw APIError(.badRequest, "\(name) is not a valid duration") }
+            case _ where integerParameters.contains(name):
+                guard Int(value()) != nil else { throw APIError(.badRequest, "\(name) is not a valid integer") }
+            default:
+                break
+            }
+        }
+        if freshnessStrict, !freshness { throw APIError(.badRequest, "freshness_strict requires freshness") }
+        return result
+    }
+
+    /// Whether `text` is what Go's `time.ParseDuration` accepts: an optional sign, then one or
+    /// more decimal numbers each with a unit (ns, us, µs, μs, ms, s, m, h), or just `0`.
+    static func isGoDuration(_ text: String) -> Bool {
+        var s = Substring(text)
+        if s.first == "-" || s.first == "+" { s = s.dropFirst() }
+        if s == "0" { return true }
+        guard !s.isEmpty else { return false }
+        let units = ["ns", "us", "µs", "μs", "ms", "s", "m", "h"]
+        while !s.isEmpty {
+            let whole = s.prefix(while: \.isASCIIDigit)
+            s = s.dropFirst(whole.count)
+            var fraction: Substring = ""
+            if s.first == "." {
+                s = s.dropFirst()
+                fraction = s.prefix(while: \.isASCIIDigit)
+                s = s.dropFirst(fraction.count)
+            }
+            guard !whole.isEmpty || !fraction.isEmpty else { return false }
+            // Longest unit first: "ms" before "m".
+            guard let unit = units.sorted(by: { $0.count > $1.count }).first(where: { s.hasPrefix($0) }) else { return false }
+            s = s.dropFirst(unit.count)
+        }
+        return true
+    }
+}
+
+private extension Character {
+    var isASCIIDigit: Bool { ("0"..."9").contains(self) }
+}
