@@ -34,6 +34,10 @@ public struct NodeConfiguration: Sendable {
     public var initialEpoch = Epoch(1)
     /// Tenants a primary may hold (its system database not counted).
     public var tenantsMax = 10_000
+    /// The certificate and key (PEM) applications see on the API; the node's cluster
+    /// certificate when nil.
+    public var apiCertificatePath: String?
+    public var apiKeyPath: String?
     /// `role`, `mode` and `initialEpoch` only bootstrap a node whose data directory holds no
     /// state yet: after that its durable state decides (`NodeState`).
     public var replication = ReplicationConfig()
@@ -79,7 +83,9 @@ public enum NodeServer {
         }
 
         defer { roles.stop() }
-        let server = try await APIServer.start(service: roles, accounts: roles, credentials: credentials, host: config.apiHost, port: config.apiPort,
+        let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
+        let server = try await APIServer.start(service: roles, accounts: roles, credentials: credentials, certificate: apiCertificate,
+                                               host: config.apiHost, port: config.apiPort,
                                                group: group, logger: logger)
         // Scripts and tests wait for this line; systemd (Type=notify) for READY=1.
         print("apiary node \(config.name) ready: role=\(state.role.rawValue) epoch=\(state.epoch.rawValue) api=https://\(config.apiHost):\(server.port)")

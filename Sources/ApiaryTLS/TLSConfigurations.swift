@@ -59,10 +59,13 @@ public struct ClusterCredentials: Sendable {
     }
 
     /// The HTTPS endpoint applications use: TLS 1.2/1.3 with modern AEAD suites only.
-    public func clientFacingServer() -> TLSConfiguration {
+    /// - Parameter presenting: the certificate applications see, when the operator chose one
+    ///   (for example from a public CA, so that clients need no cluster CA); the node's
+    ///   cluster certificate otherwise.
+    public func clientFacingServer(presenting: ServerCertificate? = nil) -> TLSConfiguration {
         var c = TLSConfiguration.makeServerConfiguration(
-            certificateChain: certificateChain.map { .certificate($0) },
-            privateKey: .privateKey(privateKey)
+            certificateChain: (presenting?.chain ?? certificateChain).map { .certificate($0) },
+            privateKey: .privateKey(presenting?.privateKey ?? privateKey)
         )
         c.minimumTLSVersion = .tlsv12
         c.cipherSuiteValues = [
@@ -79,5 +82,22 @@ public struct ClusterCredentials: Sendable {
     public static func identity(of peer: NIOSSLCertificate) -> PeerIdentity? {
         guard let der = try? peer.toDERBytes(), let certificate = try? Certificate(derEncoded: der) else { return nil }
         return PeerIdentity(certificate: certificate)
+    }
+}
+
+/// A certificate and key from files of the operator's choosing (PEM: the leaf first, then any
+/// intermediates), for the endpoint applications connect to.
+public struct ServerCertificate: Sendable {
+    public let chain: [NIOSSLCertificate]
+    public let privateKey: NIOSSLPrivateKey
+
+    public init(certificatePath: String, keyPath: String) throws {
+        do {
+            chain = try NIOSSLCertificate.fromPEMFile(certificatePath)
+            privateKey = try NIOSSLPrivateKey(file: keyPath, format: .pem)
+        } catch {
+            throw TLSSetupError("cannot load the API certificate (\(certificatePath), \(keyPath)): \(error)")
+        }
+        guard !chain.isEmpty else { throw TLSSetupError("\(certificatePath) holds no certificate") }
     }
 }

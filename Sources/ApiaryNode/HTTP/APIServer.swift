@@ -77,9 +77,13 @@ public final class APIServer: Sendable {
     /// `/admin/promote`.
     /// - Parameter accounts: who may do what (a node's accounts); nil only for tests of the
     ///   HTTP layer itself, where every request acts as an operator.
-    public static func start(service: any SQLService, accounts: (any AccountService)?, credentials: ClusterCredentials, host: String, port: Int,
+    /// - Parameter certificate: what applications see (the operator's choice); the node's
+    ///   cluster certificate when nil. Client certificates are checked against the cluster CA
+    ///   either way.
+    public static func start(service: any SQLService, accounts: (any AccountService)?, credentials: ClusterCredentials,
+                             certificate: ServerCertificate? = nil, host: String, port: Int,
                              group: any EventLoopGroup, logger: Logger, limits: Limits = Limits()) async throws -> APIServer {
-        var tls = credentials.clientFacingServer()
+        var tls = credentials.clientFacingServer(presenting: certificate)
         tls.certificateVerification = .optionalVerification
         tls.trustRoots = .certificates([credentials.clusterCA])
         let context = try NIOSSLContext(configuration: tls)

@@ -34,6 +34,8 @@ struct Node: AsyncParsableCommand {
     @Option(help: "A silent replication connection is closed after this long.") var peerTimeoutMs: Int64 = 1000
     @Option(help: "Standby: how much longer than its last granted lease it waits before a promotion (clock-rate drift between the nodes).") var leaseDriftMarginMs: Int64 = 100
     @Option(help: "Primary: tenants this node may hold; creating more is refused (507).") var tenantsMax = 10_000
+    @Option(help: "The certificate (PEM, leaf first) applications see on the API, e.g. from a public CA; default: the node's cluster certificate.") var apiCertificate: String?
+    @Option(help: "The private key (PEM) of --api-certificate.") var apiKey: String?
     @Option(help: "Replication log segment size.") var logSegmentBytesMax = 64 << 20
     @Option(help: "Replication log kept per tenant beyond what is applied; a standby further behind gets a snapshot.") var logRetainedBytesMax = 256 << 20
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
@@ -46,6 +48,7 @@ struct Node: AsyncParsableCommand {
             throw ValidationError("a primary in --mode \(mode) needs --standby NAME: the only node allowed to replicate from it")
         }
         guard tenantsMax > 0 else { throw ValidationError("--tenants-max must be positive") }
+        guard (apiCertificate == nil) == (apiKey == nil) else { throw ValidationError("--api-certificate and --api-key go together") }
         guard standbyWaitMs > 0, heartbeatIntervalMs > 0, peerTimeoutMs > heartbeatIntervalMs, leaseDriftMarginMs >= 0 else {
             throw ValidationError("timers must be positive, and --peer-timeout-ms larger than --heartbeat-interval-ms")
         }
@@ -78,6 +81,8 @@ struct Node: AsyncParsableCommand {
         config.replication.peerTimeoutMs = peerTimeoutMs
         config.replication.leaseDriftMarginMs = leaseDriftMarginMs
         config.tenantsMax = tenantsMax
+        config.apiCertificatePath = apiCertificate
+        config.apiKeyPath = apiKey
         config.log.segmentBytesMax = logSegmentBytesMax
         config.log.retainedBytesMax = logRetainedBytesMax
         var logger = Logger(label: "apiary.node.\(name)")
