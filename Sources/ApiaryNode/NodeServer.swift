@@ -273,7 +273,7 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
     }
 
     func statusJSON() async -> [UInt8] {
-        guard let s = try? service else { return RqliteJSON.error("node is changing roles") }
+        guard let s = try? service else { return RqliteJSON.error("node is changing roles", code: .notExecuted) }
         return await s.statusJSON()
     }
 

@@ -113,7 +113,10 @@ final class APIRoutesTests: XCTestCase {
     /// The `{"error": ...}` message of a request that failed as a whole.
     func errorMessage(_ response: APIResponse, file: StaticString = #filePath, line: UInt = #line) throws -> String {
         let object = try json(response, file: file, line: line)
-        XCTAssertEqual(Array(object.keys), ["error"], file: file, line: line)
+        // Every failed request: rqlite's message, Apiary's stable code, and whether a retry is safe.
+        XCTAssertEqual(Set(object.keys), ["error", "code", "retry_safe"], file: file, line: line)
+        let code = try XCTUnwrap(ErrorCode(rawValue: object["code"] as? String ?? ""), "unknown code \(object)", file: file, line: line)
+        XCTAssertEqual(object["retry_safe"] as? Bool, code.retrySafe, file: file, line: line)
         return try XCTUnwrap(object["error"] as? String, file: file, line: line)
     }
 
@@ -287,11 +290,14 @@ final class APIRoutesTests: XCTestCase {
     // MARK: Service errors → statuses
 
     func testEachAPIErrorKindHasItsStatus() async throws {
-        let cases: [(APIError.Kind, HTTPResponseStatus)] = [
-            (.badRequest, .badRequest), (.notFound, .notFound), (.notExecuted, .serviceUnavailable),
-            (.outcomeUnknown, .internalServerError), (.forbidden, .forbidden), (.tooLarge, .payloadTooLarge),
+        let cases: [(APIError.Kind, HTTPResponseStatus, String, Bool)] = [
+            (.badRequest, .badRequest, "bad_request", false), (.notFound, .notFound, "not_found", false),
+            (.notExecuted, .serviceUnavailable, "not_executed", true), (.outcomeUnknown, .internalServerError, "outcome_unknown", false),
+            (.forbidden, .forbidden, "forbidden", false), (.tooLarge, .payloadTooLarge, "too_large", false),
+            (.unauthorized, .unauthorized, "unauthorized", false), (.conflict, .conflict, "conflict", false),
+            (.capacity, .insufficientStorage, "capacity", false),
         ]
-        for (kind, status) in cases {
+        for (kind, status, code, retrySafe) in cases {
             let service = RecordingSQLService(error: APIError(kind, "the \(kind) message"))
             for (method, uri, body) in [(HTTPMethod.POST, "/db/execute", #"["DELETE FROM t"]"#),
                                         (.GET, "/db/query?q=SELECT+1", ""), (.POST, "/db/query", #"["SELECT 1"]"#)] {
@@ -299,6 +305,9 @@ final class APIRoutesTests: XCTestCase {
                 XCTAssertEqual(response.status, status, "\(kind) \(uri)")
                 XCTAssertEqual(response.outcomeUnknown, kind == .outcomeUnknown, "\(kind) \(uri)")
                 XCTAssertEqual(try errorMessage(response), "the \(kind) message")
+                let object = try json(response)
+                XCTAssertEqual(object["code"] as? String, code, "\(kind)")
+                XCTAssertEqual(object["retry_safe"] as? Bool, retrySafe, "\(kind)")
             }
             XCTAssertEqual(service.calls.count, 3)
         }

@@ -167,10 +167,10 @@ struct APIRoutes: Sendable {
             do {
                 return APIResponse(status: .ok, body: try await service.promote())
             } catch let error as APIError {
-                return APIResponse(status: error.status, body: RqliteJSON.error(error.message), outcomeUnknown: error.kind == .outcomeUnknown)
+                return Self.response(error)
             } catch {
                 logger.error("promotion failed unexpectedly", metadata: ["error": "\(error)"])
-                return APIResponse(status: .internalServerError, body: RqliteJSON.error("promotion failed, outcome unknown: internal error (details in the node's log)"), outcomeUnknown: true)
+                return APIResponse(status: .internalServerError, body: RqliteJSON.error("promotion failed, outcome unknown: internal error (details in the node's log)", code: .outcomeUnknown), outcomeUnknown: true)
             }
         case (["db", "execute"], _), (["db", "request"], _):
             return Self.methodNotAllowed(request, allow: "POST")
@@ -183,7 +183,7 @@ struct APIRoutes: Sendable {
         case (["admin", "promote"], _) where tenantInPath == nil:
             return Self.methodNotAllowed(request, allow: "POST")
         default:
-            return APIResponse(status: .notFound, body: RqliteJSON.error("no such endpoint: \(request.path.prefix(200))"))
+            return APIResponse(status: .notFound, body: RqliteJSON.error("no such endpoint: \(request.path.prefix(200))", code: .notFound))
         }
     }
 
@@ -308,7 +308,7 @@ struct APIRoutes: Sendable {
             return Self.response(error)
         } catch {
             logger.error("request failed unexpectedly", metadata: ["error": "\(error)"])
-            return APIResponse(status: .internalServerError, body: RqliteJSON.error("outcome unknown: internal error (details in the node's log)"), outcomeUnknown: true)
+            return APIResponse(status: .internalServerError, body: RqliteJSON.error("outcome unknown: internal error (details in the node's log)", code: .outcomeUnknown), outcomeUnknown: true)
         }
     }
 
@@ -350,7 +350,7 @@ struct APIRoutes: Sendable {
     }
 
     static func response(_ error: APIError) -> APIResponse {
-        APIResponse(status: error.status, body: RqliteJSON.error(error.message), outcomeUnknown: error.kind == .outcomeUnknown,
+        APIResponse(status: error.status, body: RqliteJSON.error(error.message, code: error.code), outcomeUnknown: error.kind == .outcomeUnknown,
                     asksForCredentials: error.kind == .unauthorized)
     }
 
@@ -430,7 +430,7 @@ struct APIRoutes: Sendable {
             return Self.response(error)
         } catch {
             logger.error("account request failed unexpectedly", metadata: ["error": "\(error)"])
-            return APIResponse(status: .internalServerError, body: RqliteJSON.error("outcome unknown: internal error (details in the node's log)"), outcomeUnknown: true)
+            return APIResponse(status: .internalServerError, body: RqliteJSON.error("outcome unknown: internal error (details in the node's log)", code: .outcomeUnknown), outcomeUnknown: true)
         }
     }
 
@@ -452,7 +452,7 @@ struct APIRoutes: Sendable {
     }
 
     static func methodNotAllowed(_ request: APIRequest, allow: String) -> APIResponse {
-        APIResponse(status: .methodNotAllowed, body: RqliteJSON.error("\(request.method) is not allowed on \(request.path): use \(allow)"), allow: allow)
+        APIResponse(status: .methodNotAllowed, body: RqliteJSON.error("\(request.method) is not allowed on \(request.path): use \(allow)", code: .methodNotAllowed), allow: allow)
     }
 
     static func allowed(_ peer: ApiaryTLS.PeerIdentity?, _ roles: Set<ClusterRole>) -> Bool {
@@ -461,7 +461,7 @@ struct APIRoutes: Sendable {
     }
 
     static func forbidden(_ roles: Set<ClusterRole>) -> APIResponse {
-        APIResponse(status: .forbidden, body: RqliteJSON.error("this endpoint needs a cluster certificate with role \(roles.map(\.rawValue).sorted().joined(separator: " or "))"))
+        APIResponse(status: .forbidden, body: RqliteJSON.error("this endpoint needs a cluster certificate with role \(roles.map(\.rawValue).sorted().joined(separator: " or "))", code: .forbidden))
     }
 
     /// A query-string value decoded as HTML forms encode it ('+' is a space), as curl's

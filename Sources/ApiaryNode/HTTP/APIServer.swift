@@ -355,7 +355,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     private func answer(_ next: Waiting, context: ChannelHandlerContext) {
         guard case .request(var request, let framing) = next else {
             // Malformed HTTP: nothing after it can be trusted to be where it seems.
-            return write(APIResponse(status: .badRequest, body: []), Framing(version: .http1_1, keepAlive: false, headersOnly: false), context: context)
+            return write(Self.malformed, Framing(version: .http1_1, keepAlive: false, headersOnly: false), context: context)
         }
         answering = true
         timeouts.answering = true
@@ -398,10 +398,10 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
                 switch next {
                 case .request(let waitingRequest, let waitingFraming):
                     memory.release(waitingRequest.reservedBytes)
-                    let refused = APIResponse(status: .serviceUnavailable, body: RqliteJSON.error("not executed: \(refusal); retry"))
+                    let refused = APIResponse(status: .serviceUnavailable, body: RqliteJSON.error("not executed: \(refusal); retry", code: .notExecuted))
                     Self.encode(refused, waitingFraming, last: last, into: &out)
                 case .malformed:
-                    Self.encode(APIResponse(status: .badRequest, body: []), Framing(version: .http1_1, keepAlive: false, headersOnly: false), last: true, into: &out)
+                    Self.encode(Self.malformed, Framing(version: .http1_1, keepAlive: false, headersOnly: false), last: true, into: &out)
                     last = true
                     dropWaiting()
                 }
@@ -449,6 +449,9 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             }
         }
     }
+
+    /// The answer to bytes that are not HTTP/1.1 (the connection closes after it).
+    static let malformed = APIResponse(status: .badRequest, body: RqliteJSON.error("malformed HTTP request", code: .badRequest))
 
     /// Status line, headers and (unless HEAD) body; `last` adds `Connection: close`.
     static func encode(_ response: APIResponse, _ framing: Framing, last: Bool, into out: inout ByteBuffer) {

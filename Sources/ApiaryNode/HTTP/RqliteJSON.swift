@@ -60,7 +60,11 @@ public enum RqliteJSON {
     }
 
     /// `{"error": message}` for a request that failed as a whole.
-    public static func error(_ message: String) -> [UInt8] { Array("{\"error\":\(quote(message))}".utf8) }
+    /// A failed request's body: rqlite's `error` message, and Apiary's stable `code` and
+    /// whether the request may be sent again as it is (`retry_safe`).
+    public static func error(_ message: String, code: ErrorCode) -> [UInt8] {
+        Array("{\"error\":\(quote(message)),\"code\":\"\(code.rawValue)\",\"retry_safe\":\(code.retrySafe)}".utf8)
+    }
 
     // MARK: Results
 

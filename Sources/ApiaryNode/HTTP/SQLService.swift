@@ -37,6 +37,27 @@ extension SQLService {
     }
 }
 
+/// The stable, machine-readable reason of a failed request, in every non-200 JSON answer
+/// (`{"error": message, "code": code, "retry_safe": bool}`): programs act on the code, people
+/// read the message. Codes are never renamed; new ones may be added.
+public enum ErrorCode: String, Sendable, CaseIterable {
+    case badRequest = "bad_request"
+    case unauthorized
+    case forbidden
+    case notFound = "not_found"
+    case methodNotAllowed = "method_not_allowed"
+    case conflict
+    case tooLarge = "too_large"
+    /// Not applied: the same request may be sent again as it is.
+    case notExecuted = "not_executed"
+    /// May or may not be applied: only a request with an `Idempotency-Key` may be sent again.
+    case outcomeUnknown = "outcome_unknown"
+    case capacity
+
+    /// Whether sending the same request again can never apply it twice.
+    public var retrySafe: Bool { self == .notExecuted }
+}
+
 /// A request that failed as a whole, with the HTTP status that says what the client may do.
 public struct APIError: Error, CustomStringConvertible {
     public enum Kind: Sendable {
@@ -66,6 +87,20 @@ public struct APIError: Error, CustomStringConvertible {
         self.message = message
     }
     public var description: String { message }
+
+    var code: ErrorCode {
+        switch kind {
+        case .badRequest: return .badRequest
+        case .notFound: return .notFound
+        case .notExecuted: return .notExecuted
+        case .outcomeUnknown: return .outcomeUnknown
+        case .forbidden: return .forbidden
+        case .tooLarge: return .tooLarge
+        case .unauthorized: return .unauthorized
+        case .conflict: return .conflict
+        case .capacity: return .capacity
+        }
+    }
 
     var status: HTTPResponseStatus {
         switch kind {
