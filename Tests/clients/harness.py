@@ -1,0 +1,174 @@
+"""Starts a real Apiary node for the rqlite client tests, runs them, stops it.
+
+What a user does, with the commands the README gives: `apiary certs init`, `apiary certs
+issue`, `apiary node --mode single` on loopback, `apiary ctl tenant create`, `apiary ctl user
+create --password-stdin`. The clients then connect with only a host, a port and credentials;
+the cluster CA is trusted through SSL_CERT_FILE (Python's default TLS context reads it), so no
+client is configured beyond what its README shows.
+
+rqdb speaks plain HTTP and sends no credentials (it has no option for either), so it reaches
+the node through a sidecar (`sidecar.py`) that adds TLS and basic auth, as a deployment
+would put stunnel or nginx beside such a client.
+
+Run through run.sh, which makes the virtual environment.
+"""
+
+import argparse
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+READY_TIMEOUT_S = 120
+
+
+def run(apiary, *args, stdin=None):
+    """Runs an apiary subcommand; its output is the test's evidence when it fails."""
+    done = subprocess.run([apiary, *args], input=stdin, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"apiary {' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+class Node:
+    """One `apiary node --mode single` process; its output goes to a log file."""
+
+    def __init__(self, apiary, directory):
+        self.apiary = apiary
+        self.directory = directory
+        self.certs = os.path.join(directory, "certs")
+        self.log_path = os.path.join(directory, "node.log")
+        run(apiary, "certs", "init", "--dir", self.certs)
+        run(apiary, "certs", "issue", "--dir", self.certs, "--role", "node", "--name", "n1")
+        run(apiary, "certs", "issue", "--dir", self.certs, "--role", "operator", "--name", "operator")
+        env = dict(os.environ, APIARY_EXIT_WITH_PARENT=str(os.getpid()))
+        self.process = subprocess.Popen(
+            [apiary, "node", "--name", "n1", "--role", "primary", "--mode", "single",
+             "--data", os.path.join(directory, "data"), "--certs", self.certs,
+             "--api", "127.0.0.1:0", "--replication", "127.0.0.1:0"],
+            # Unbuffered: select() must see every line that has not been read yet.
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, bufsize=0)
+        self.port = self._wait_until_ready()
+        self._copier = threading.Thread(target=self._copy_output, daemon=True)
+        self._copier.start()
+
+    def _wait_until_ready(self):
+        """Reads the node's output up to its ready line (`... ready: ... api=https://h:p`)."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        seen = b""
+        with open(self.log_path, "ab") as log:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"the node did not become ready within {READY_TIMEOUT_S}s:\n{seen.decode(errors='replace')}")
+                ready, _, _ = select.select([self.process.stdout], [], [], left)
+                if not ready:
+                    continue
+                line = self.process.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"the node exited before it became ready:\n{seen.decode(errors='replace')}")
+                log.write(line)
+                seen += line
+                text = line.decode(errors="replace")
+                if " ready: " in text and "api=https://" in text:
+                    return int(text.rsplit(":", 1)[1].strip())
+
+    def _copy_output(self):
+        with open(self.log_path, "ab") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+
+    def ctl(self, *args, stdin=None):
+        return run(self.apiary, "ctl", *args, "--node", f"127.0.0.1:{self.port}", "--certs", self.certs, stdin=stdin)
+
+    def log_tail(self, lines=60):
+        try:
+            with open(self.log_path, errors="replace") as log:
+                return "".join(log.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--apiary", required=True)
+    parser.add_argument("--keep", action="store_true", help="keep the node's directory")
+    options, unittest_args = parser.parse_known_args()
+
+    directory = tempfile.mkdtemp(prefix="apiary-clients-")
+    node = None
+    sidecar = None
+    ok = False
+    try:
+        node = Node(options.apiary, directory)
+        users = {}
+        for tenant in ("acme", "globex"):
+            node.ctl("tenant", "create", tenant)
+        for name, tenant, role in (("acme-writer", "acme", "writer"), ("acme-reader", "acme", "reader"),
+                                   ("globex-writer", "globex", "writer")):
+            password = secrets.token_urlsafe(18)
+            node.ctl("user", "create", name, "--tenant", tenant, "--role", role, "--password-stdin", stdin=password + "\n")
+            users[name] = password
+
+        import sidecar as sidecar_module  # noqa: E402 (after the environment is ready)
+        ca = os.path.join(node.certs, "ca.pem")
+        sidecar = sidecar_module.Sidecar(upstream_port=node.port, ca_path=ca,
+                                         user="acme-writer", password=users["acme-writer"])
+
+        os.environ.update({
+            # The cluster CA, for Python's default TLS context (http.client, aiohttp).
+            "SSL_CERT_FILE": ca,
+            "APIARY_HOST": "127.0.0.1",
+            "APIARY_PORT": str(node.port),
+            "APIARY_CA": ca,
+            "APIARY_WRITER": "acme-writer",
+            "APIARY_WRITER_PASSWORD": users["acme-writer"],
+            "APIARY_READER": "acme-reader",
+            "APIARY_READER_PASSWORD": users["acme-reader"],
+            "APIARY_OTHER_TENANT_WRITER": "globex-writer",
+            "APIARY_OTHER_TENANT_WRITER_PASSWORD": users["globex-writer"],
+            "RQDB_HOST": f"127.0.0.1:{sidecar.port}",
+        })
+        sys.path.insert(0, HERE)
+        program = unittest.main(module=None, argv=["clients", "discover", "-s", HERE, "-p", "test_*.py", "-v", *unittest_args],
+                                exit=False)
+        ok = program.result.wasSuccessful() and program.result.testsRun > 0
+        if program.result.testsRun == 0:
+            print("no tests ran", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 (reported, then the run fails)
+        print(f"harness failed: {error}", file=sys.stderr)
+    finally:
+        if sidecar:
+            sidecar.stop()
+        if node:
+            node.stop()
+            if not ok:
+                print("---- node log (tail) ----\n" + node.log_tail(), file=sys.stderr)
+        if options.keep:
+            print(f"kept {directory}", file=sys.stderr)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    main()

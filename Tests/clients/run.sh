@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs real rqlite client libraries from PyPI (pinned in requirements.txt) against a real
+# Apiary node: pyrqlite, sqlalchemy-rqlite with SQLAlchemy 2.0, rqdb (sync and async).
+#
+#   Tests/clients/run.sh [unittest arguments, e.g. -k blob]
+#
+# Makes (once per requirements.txt) a virtual environment in .build/clients-venv, then
+# harness.py starts a node (apiary certs, apiary node --mode single on loopback), creates a
+# tenant and users with apiary ctl, and runs the test_*.py files here with unittest.
+# Environment: APIARY (the binary; default .build/debug/apiary), PYTHON (default python3),
+# APIARY_CLIENTS_VENV (where the environment lives).
+# Exit status: 0 passed; 77 skipped because PyPI cannot be reached (nothing was tested);
+# anything else failed. ApiaryIntegrationTests/RqliteClientsTests runs this in `swift test`.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+apiary="${APIARY:-$root/.build/debug/apiary}"
+python="${PYTHON:-python3}"
+venv="${APIARY_CLIENTS_VENV:-$root/.build/clients-venv}"
+
+[[ -x "$apiary" ]] || { echo "no apiary binary at $apiary: run swift build first" >&2; exit 1; }
+command -v "$python" >/dev/null || { echo "$python not found: install python3 and python3-venv (scripts/install-system-packages)" >&2; exit 1; }
+
+mkdir -p "$(dirname "$venv")"
+# One run at a time makes or updates the environment.
+exec 9>"$venv.lock"
+flock 9
+stamp="$venv/.requirements-$(sha256sum "$here/requirements.txt" | cut -c1-16)"
+if [[ ! -e "$stamp" ]]; then
+    rm -rf "$venv"
+    "$python" -m venv "$venv" || { echo "cannot make a virtual environment with $python (Debian: apt-get install python3-venv)" >&2; exit 1; }
+    # Skip only when the package index cannot be reached at all; any other failure fails.
+    if ! probe=$("$venv/bin/python" -m pip index versions pyrqlite --disable-pip-version-check 2>&1); then
+        echo "SKIP: cannot reach the Python package index (PyPI) to install the rqlite clients:"
+        echo "$probe" | tail -5
+        rm -rf "$venv"
+        exit 77
+    fi
+    "$venv/bin/python" -m pip install --disable-pip-version-check --quiet --no-input -r "$here/requirements.txt"
+    touch "$stamp"
+fi
+flock -u 9
+
+exec "$venv/bin/python" "$here/harness.py" --apiary "$apiary" "$@"
