@@ -545,7 +545,7 @@ public struct MonitorCore: Sendable {
 
     /// A broken invariant is a bug in this core: crash rather than persist it (CONVENTIONS).
     private func checkInvariants(before: MonitorState, forcedPromotion: Bool) {
-        do { try state.validate() } catch { preconditionFailure("monitor core would persist an invalid state: \(error); before: \(before.nodes); after: \(state.nodes)") }
+        do { try state.validateNodes() } catch { preconditionFailure("monitor core would persist an invalid state: \(error); before: \(before.nodes); after: \(state.nodes)") }
         precondition(state.epoch >= before.epoch, "epoch went back from \(before.epoch) to \(state.epoch)")
         let oldWriter = before.writer!.id, newWriter = state.writer!.id
         if state.epoch != before.epoch {

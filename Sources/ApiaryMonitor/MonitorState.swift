@@ -159,6 +159,14 @@ public struct MonitorState: Hashable, Sendable {
     /// - Throws: ``MonitorStateError`` saying what is wrong. A damaged state MUST stop the
     ///   monitor rather than let it decide from it.
     public func validate() throws {
+        try validateNodes()
+        for (a, b) in zip(events, events.dropFirst()) where b.sequence != a.sequence + 1 {
+            throw MonitorStateError("event #\(b.sequence) follows #\(a.sequence)")
+        }
+    }
+
+    /// ``validate()`` without the history: what every decision MUST keep.
+    func validateNodes() throws {
         guard (1...2).contains(nodes.count) else { throw MonitorStateError("a formation holds 1 or 2 nodes, not \(nodes.count)") }
         guard Set(nodes.map(\.id)).count == nodes.count else { throw MonitorStateError("a node id appears twice") }
         let writers = nodes.filter { $0.goal.isWriter }
@@ -185,9 +193,6 @@ public struct MonitorState: Hashable, Sendable {
         guard !writer.promotable else { throw MonitorStateError("the writer \(writer.id) is marked promotable") }
         guard nodes.allSatisfy({ $0.goalSequence > 0 }), Set(nodes.map(\.goalSequence)).count == nodes.count else {
             throw MonitorStateError("goal sequences must be positive and distinct")
-        }
-        for (a, b) in zip(events, events.dropFirst()) where b.sequence != a.sequence + 1 {
-            throw MonitorStateError("event #\(b.sequence) follows #\(a.sequence)")
         }
     }
 }

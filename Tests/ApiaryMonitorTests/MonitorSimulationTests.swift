@@ -220,6 +220,7 @@ struct MonitorRun {
         }
         if !cluster.streamUp { cluster.healStream() }
         for _ in 0..<1_500 {
+            cluster.bump("heal rounds")
             for i in cluster.ids {
                 let record = cluster.state.node(i)!
                 if record.maintenanceRequested || record.goal == .maintenance { cluster.maintenance(i == "a" ? .a : .b, false) }
