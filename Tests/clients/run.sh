@@ -29,16 +29,33 @@ stamp="$venv/.requirements-$(sha256sum "$here/requirements.txt" | cut -c1-16)"
 if [[ ! -e "$stamp" ]]; then
     rm -rf "$venv"
     "$python" -m venv "$venv" || { echo "cannot make a virtual environment with $python (Debian: apt-get install python3-venv)" >&2; exit 1; }
-    # Skip only when the package index cannot be reached at all; any other failure fails.
-    if ! probe=$("$venv/bin/python" -m pip index versions pyrqlite --disable-pip-version-check 2>&1); then
-        echo "SKIP: cannot reach the Python package index (PyPI) to install the rqlite clients:"
-        echo "$probe" | tail -5
+    if ! "$venv/bin/python" -m pip install --disable-pip-version-check --quiet --no-input -r "$here/requirements.txt"; then
+        # Skip only when the package index cannot be reached at all; any other failure fails.
+        index=${PIP_INDEX_URL:-$("$venv/bin/python" -m pip config get global.index-url 2>/dev/null || true)}
+        index=${index:-https://pypi.org/simple}
         rm -rf "$venv"
-        exit 77
+        if ! reason=$("$python" - "$index" <<'PY'
+import sys, urllib.error, urllib.request
+url = sys.argv[1].rstrip("/") + "/pyrqlite/"
+try:
+    urllib.request.urlopen(url, timeout=20).read(1)
+except urllib.error.HTTPError:
+    pass  # the index answered: reachable
+except Exception as error:
+    print(f"{url}: {error}")
+    sys.exit(1)
+PY
+        ); then
+            echo "SKIP: cannot reach the Python package index to install the rqlite clients: $reason"
+            exit 77
+        fi
+        echo "pip install -r $here/requirements.txt failed, though the package index answers" >&2
+        exit 1
     fi
-    "$venv/bin/python" -m pip install --disable-pip-version-check --quiet --no-input -r "$here/requirements.txt"
     touch "$stamp"
 fi
 flock -u 9
 
+# No __pycache__ in the source tree.
+export PYTHONDONTWRITEBYTECODE=1
 exec "$venv/bin/python" "$here/harness.py" --apiary "$apiary" "$@"
