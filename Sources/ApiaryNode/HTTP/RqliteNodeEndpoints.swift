@@ -77,7 +77,6 @@ enum RqliteNodeEndpoints {
             "voter": true,
             "reachable": summary != nil,
             "leader": summary?.role == "primary",
-            "time": 0,
         ]
         if let host { node["api_addr"] = "https://" + host }
         if let error = summary?.error { node["error"] = error }
