@@ -67,8 +67,17 @@ let package = Package(
             // scrypt for stored passwords (memory-hard, BoringSSL's implementation).
             .product(name: "_CryptoExtras", package: "swift-crypto"),
         ]),
+        /// The monitor process: the SQLite store, the mTLS heartbeat/status endpoint, the tick.
+        .target(name: "ApiaryMonitorService", dependencies: [
+            "ApiaryMonitor", "ApiaryCore", "ApiaryReplication", "ApiaryTLS", "ApiaryLifecycle", "CSQLite",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(name: "apiary", dependencies: [
-            "ApiaryNode", "ApiaryTLS",
+            "ApiaryNode", "ApiaryTLS", "ApiaryMonitorService",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -80,6 +89,13 @@ let package = Package(
         .testTarget(name: "ApiaryLogTests", dependencies: ["ApiaryLog"]),
         .testTarget(name: "ApiaryReplicationTests", dependencies: ["ApiaryReplication"]),
         .testTarget(name: "ApiaryMonitorTests", dependencies: ["ApiaryMonitor", "ApiaryReplication", "ApiaryCore"]),
+        .testTarget(name: "ApiaryMonitorServiceTests", dependencies: [
+            "ApiaryMonitorService", "ApiaryMonitor", "ApiaryCore", "ApiaryReplication", "ApiaryTLS", "ApiaryNode", "CSQLite",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ]),
         .testTarget(name: "ApiaryStorageTests", dependencies: ["ApiaryStorage", "CSQLite"]),
         .testTarget(name: "ApiaryLifecycleTests", dependencies: ["ApiaryLifecycle"]),
         .testTarget(name: "ApiaryTLSTests", dependencies: [
