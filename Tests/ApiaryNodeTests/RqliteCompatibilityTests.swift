@@ -259,6 +259,11 @@ final class RqliteCompatibilityTests: XCTestCase {
         XCTAssertEqual(service.calls.last?.statements, [SQLStatement("SELECT 4")], "a body wins over q")
     }
 
+    func testPlainTextContentTypes() {
+        for type in ["text/plain", "TEXT/Plain; charset=utf-8", "text/plain;charset=UTF-8"] { XCTAssertTrue(APIRoutes.isPlainText(type), type) }
+        for type in ["application/json", "text/plai", "text\u{0F}plain", "", "text/html"] { XCTAssertFalse(APIRoutes.isPlainText(type), type) }
+    }
+
     func testOptionsIsAnsweredOnAnyPath() async {
         let response = await respond(.OPTIONS, "/db/execute", headers: [], service: RecordingSQLService())
         XCTAssertEqual(response.status, .ok)

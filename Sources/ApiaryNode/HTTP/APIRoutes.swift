@@ -261,11 +261,23 @@ struct APIRoutes: Sendable {
     /// rqlite takes it) the whole body as one entry of SQL.
     private func statements(_ request: APIRequest) throws -> [SQLStatement] {
         let body = try body(request)
-        if let type = request.headers.first(name: "content-type"), type.lowercased().hasPrefix("text/plain") {
+        if let type = request.headers.first(name: "content-type"), Self.isPlainText(type) {
             guard let sql = String(validating: body, as: UTF8.self), !sql.isEmpty else { throw APIError(.badRequest, "a text/plain body must be SQL in UTF-8") }
             return [SQLStatement(sql)]
         }
         return try parse(body)
+    }
+
+    /// Whether a Content-Type is `text/plain` (any case, any parameters), without making a
+    /// lower-cased copy: every write asks.
+    static func isPlainText(_ contentType: String) -> Bool {
+        let prefix = "text/plain".utf8
+        var value = contentType.utf8.makeIterator()
+        for expected in prefix {
+            guard let byte = value.next(),
+                  byte == expected || ((UInt8(ascii: "a")...UInt8(ascii: "z")).contains(expected) && byte | 0x20 == expected) else { return false }
+        }
+        return true
     }
 
     private func body(_ request: APIRequest) throws -> [UInt8] {

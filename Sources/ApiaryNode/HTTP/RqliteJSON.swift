@@ -105,12 +105,28 @@ public enum RqliteJSON {
             if format.timings, o.timeNs > 0 { fields.append("\"time\":" + goFloat(Double(o.timeNs) / 1e9)) }
             out += Array(("{" + fields.joined(separator: ",") + "}").utf8)
         case .success(let o):
-            var fields: [String] = []
-            if o.lastInsertID != 0 { fields.append("\"last_insert_id\":\(o.lastInsertID)") }
-            if o.rowsAffected != 0 { fields.append("\"rows_affected\":\(o.rowsAffected)") }
-            if format.timings, o.timeNs > 0 { fields.append("\"time\":" + goFloat(Double(o.timeNs) / 1e9)) }
-            if format.associative { fields.append("\"rows\":null") }
-            out += Array(("{" + fields.joined(separator: ",") + "}").utf8)
+            // The insert path's answer: written straight into `out`, no strings in between.
+            out.append(UInt8(ascii: "{"))
+            var first = true
+            func key(_ name: StaticString, _ out: inout [UInt8]) {
+                if !first { out.append(UInt8(ascii: ",")) }
+                first = false
+                name.withUTF8Buffer { out.append(contentsOf: $0) }
+            }
+            if o.lastInsertID != 0 {
+                key(#""last_insert_id":"#, &out)
+                out.append(contentsOf: String(o.lastInsertID).utf8)
+            }
+            if o.rowsAffected != 0 {
+                key(#""rows_affected":"#, &out)
+                out.append(contentsOf: String(o.rowsAffected).utf8)
+            }
+            if format.timings, o.timeNs > 0 {
+                key(#""time":"#, &out)
+                out.append(contentsOf: goFloat(Double(o.timeNs) / 1e9).utf8)
+            }
+            if format.associative { key(#""rows":null"#, &out) }
+            out.append(UInt8(ascii: "}"))
         }
     }
 
