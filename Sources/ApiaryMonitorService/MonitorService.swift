@@ -1,0 +1,164 @@
+import ApiaryCore
+import ApiaryMonitor
+import ApiaryReplication
+import ApiaryTLS
+import Foundation
+import Logging
+import NIOCore
+
+/// The shell around ``MonitorCore``: owns the store and the clock, feeds the core heartbeats and
+/// ticks, and carries out its actions strictly in order: a `persist` is durable before anything
+/// after it happens, so an answer never tells a node something a restarted monitor would not
+/// know. It decides nothing itself.
+///
+/// Every call takes one lock and may fsync (the store): callers MUST NOT call it from an event
+/// loop (``MonitorHTTPServer`` runs it on a thread pool).
+public final class MonitorService: @unchecked Sendable {
+    /// An HTTP answer: status and JSON body.
+    public struct Reply: Sendable {
+        public var status: Int
+        public var body: [UInt8]
+        init<T: Encodable>(_ status: Int, _ value: T) {
+            self.status = status
+            body = JSON.encode(value)
+        }
+        static func error(_ status: Int, _ code: String, _ text: String) -> Reply { Reply(status, ErrorBody(code: code, error: text)) }
+    }
+
+    private let lock = NSLock()
+    private var core: MonitorCore
+    private let store: SQLiteMonitorStore
+    private let logger: Logger
+    private let clock: @Sendable () -> Milliseconds
+    /// What stops the process when the store fails; a seam for tests.
+    private let stop: @Sendable (String) -> Never
+
+    /// - Parameters:
+    ///   - store: open, holding the formation's state.
+    ///   - clock: monotonic milliseconds; MUST never go back.
+    ///   - stop: called when a save fails: it MUST NOT return (the core's memory is ahead of
+    ///     its store; no answer may go out).
+    public init(store: SQLiteMonitorStore, state: MonitorState, config: MonitorConfig, logger: Logger,
+                clock: @escaping @Sendable () -> Milliseconds = MonitorService.monotonicMs,
+                stop: @escaping @Sendable (String) -> Never = MonitorService.exitProcess) {
+        self.store = store
+        self.logger = logger
+        self.clock = clock
+        self.stop = stop
+        core = MonitorCore(state: state, config: config, now: clock())
+    }
+
+    public static let monotonicMs: @Sendable () -> Milliseconds = { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000) }
+
+    public static let exitProcess: @Sendable (String) -> Never = { message in
+        FileHandle.standardError.write(Data("apiary monitor: \(message)\n".utf8))
+        // Not exit(): no atexit handler or other thread may run on; systemd restarts us and the
+        // restarted monitor loads what the store holds.
+        _exit(70)
+    }
+
+    public var formation: String { lock.withLock { core.state.formation } }
+    public var epoch: Epoch { lock.withLock { core.state.epoch } }
+
+    // MARK: Events
+
+    /// A heartbeat from `peer` (as its certificate says).
+    public func heartbeat(from peer: ApiaryTLS.PeerIdentity, body: [UInt8]) -> Reply {
+        let decoded: HeartbeatBody
+        do { decoded = try JSONDecoder().decode(HeartbeatBody.self, from: Data(body)) } catch {
+            return .error(400, "bad_request", "the heartbeat is not the expected JSON: \(error)")
+        }
+        let report: NodeReport
+        switch decoded.report() {
+        case .success(let r): report = r
+        case .failure(let e): return .error(400, "bad_request", e.description)
+        }
+        let role: PeerRole = peer.role == .node ? .node : .other(peer.role.rawValue)
+        return lock.withLock {
+            let actions = core.onHeartbeat(node: ApiaryReplication.PeerIdentity(nodeID: peer.name, role: role), report: report, now: clock())
+            var reply: Reply?
+            for action in actions {
+                switch action {
+                case .persist(let change):
+                    persist(change)
+                case .answer(let node, let assignment):
+                    if node == peer.name { reply = Reply(200, AssignmentBody(assignment)) }
+                case .refuse(let node, let reason):
+                    if node == peer.name {
+                        // A certificate of another role or a node outside the formation may not
+                        // heartbeat at all; anything else is a report the core refused.
+                        let forbidden = peer.role != .node || core.state.node(peer.name) == nil
+                        reply = forbidden ? .error(403, "forbidden", reason) : .error(409, "refused", reason)
+                    }
+                case .event(let event):
+                    log(event)
+                }
+            }
+            guard let reply else { preconditionFailure("the monitor core gave \(peer.name)'s heartbeat no answer: \(actions)") }
+            return reply
+        }
+    }
+
+    /// Time passed: call several times a second.
+    public func tick() {
+        lock.withLock {
+            for action in core.onTick(now: clock()) {
+                switch action {
+                case .persist(let change): persist(change)
+                case .answer: break // nodes learn it from their next heartbeat's answer (no push yet)
+                case .refuse: break // a tick refuses no one
+                case .event(let event): log(event)
+                }
+            }
+        }
+    }
+
+    // MARK: Queries
+
+    public func status() -> Reply {
+        lock.withLock {
+            let now = clock()
+            let s = core.state
+            let nodes = s.nodes.map { n in
+                StatusBody.Node(id: n.id, zone: n.zone, goal: n.goal.rawValue, goalSequence: n.goalSequence, reported: n.reported?.rawValue,
+                                promotable: n.promotable, maintenance: n.maintenanceRequested, heardMsAgo: core.msSinceHeard(n.id, now: now),
+                                lsns: Dictionary(uniqueKeysWithValues: n.lsns.map { ($0.key.rawValue, $0.value) }))
+            }
+            return Reply(200, StatusBody(formation: s.formation, epoch: s.epoch.rawValue, deciding: core.isDeciding, nodes: nodes,
+                                         lastEvent: s.lastEventSequence))
+        }
+    }
+
+    /// Events after `after`, oldest first, at most `limit` (the store keeps the whole history).
+    public func events(after: UInt64, limit: Int) -> Reply {
+        lock.withLock {
+            do {
+                let formatter = ISO8601DateFormatter()
+                formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+                let events = try store.events(after: after, limit: limit).map { e in
+                    EventsBody.Event(sequence: e.event.sequence, at: formatter.string(from: e.at), epoch: e.event.epoch.rawValue,
+                                     kind: e.event.kind.rawValue, node: e.event.node, text: e.event.text)
+                }
+                return Reply(200, EventsBody(events: events))
+            } catch {
+                logger.error("cannot read the history", metadata: ["error": "\(error)"])
+                return .error(500, "store", "cannot read the history: \(error)")
+            }
+        }
+    }
+
+    // MARK: Carrying out
+
+    private func persist(_ change: StateChange) {
+        do {
+            try store.save(change)
+        } catch {
+            logger.critical("the monitor store failed; stopping", metadata: ["error": "\(error)"])
+            stop("saving a change failed, stopping (its memory is ahead of its store): \(error)")
+        }
+    }
+
+    private func log(_ event: MonitorEvent) {
+        logger.notice("\(event)")
+    }
+}

@@ -1,0 +1,129 @@
+import ApiaryCore
+import ApiaryMonitor
+import ApiaryReplication
+import Foundation
+
+// The monitor's HTTP API as JSON (docs/monitor.md, "The endpoint"). Field names are snake_case
+// and stable: the node's keeper and `apiary ctl` read them.
+
+/// `POST /heartbeat`'s body: what a node says about itself. Who it is comes from its certificate.
+public struct HeartbeatBody: Codable, Sendable, Equatable {
+    public struct Reached: Codable, Sendable, Equatable {
+        public var state: String
+        public var sequence: UInt64
+        public init(state: String, sequence: UInt64) { self.state = state; self.sequence = sequence }
+    }
+    public struct Tenant: Codable, Sendable, Equatable {
+        public var lsn: UInt64
+        public var standbyLSN: UInt64?
+        enum CodingKeys: String, CodingKey { case lsn, standbyLSN = "standby_lsn" }
+        public init(lsn: UInt64, standbyLSN: UInt64? = nil) { self.lsn = lsn; self.standbyLSN = standbyLSN }
+    }
+    /// `primary`, `standby` or `demoted`: the node's durable role.
+    public var role: String
+    public var epoch: UInt64
+    public var reached: Reached?
+    public var tenants: [String: Tenant]
+    public var streaming: Bool
+
+    public init(role: String, epoch: UInt64, reached: Reached?, tenants: [String: Tenant] = [:], streaming: Bool) {
+        self.role = role
+        self.epoch = epoch
+        self.reached = reached
+        self.tenants = tenants
+        self.streaming = streaming
+    }
+
+    /// The core's report, or a message saying what is malformed.
+    public func report() -> Result<NodeReport, WireError> {
+        guard let role = NodeState.Role(rawValue: role) else { return .failure(WireError("unknown role '\(self.role)'")) }
+        var reachedGoal: ReachedGoal?
+        if let reached {
+            guard let state = KeeperState(rawValue: reached.state) else { return .failure(WireError("unknown state '\(reached.state)'")) }
+            reachedGoal = ReachedGoal(state, sequence: reached.sequence)
+        }
+        var out: [TenantID: TenantReport] = [:]
+        for (name, t) in tenants {
+            guard let id = try? TenantID(stored: name) else { return .failure(WireError("invalid tenant id '\(name.prefix(80))'")) }
+            out[id] = TenantReport(lsn: t.lsn, standbyLSN: t.standbyLSN)
+        }
+        return .success(NodeReport(role: role, epoch: Epoch(epoch), reached: reachedGoal, tenants: out, streaming: streaming))
+    }
+}
+
+/// `POST /heartbeat`'s answer (200): the goal the node must reach.
+public struct AssignmentBody: Codable, Sendable, Equatable {
+    public var goal: String
+    public var epoch: UInt64
+    public var sequence: UInt64
+    public var peer: String?
+    public init(_ a: Assignment) {
+        goal = a.goal.rawValue
+        epoch = a.epoch.rawValue
+        sequence = a.sequence
+        peer = a.peer
+    }
+}
+
+/// Every non-200 answer.
+public struct ErrorBody: Codable, Sendable, Equatable {
+    /// What the caller can act on: `refused` (the core refused the heartbeat), `forbidden`
+    /// (the certificate's role may not call this), `bad_request`, `not_found`, `too_large`.
+    public var code: String
+    public var error: String
+    public init(code: String, error: String) { self.code = code; self.error = error }
+}
+
+/// `GET /status`.
+public struct StatusBody: Codable, Sendable, Equatable {
+    public struct Node: Codable, Sendable, Equatable {
+        public var id: String
+        public var zone: String
+        public var goal: String
+        public var goalSequence: UInt64
+        public var reported: String?
+        public var promotable: Bool
+        public var maintenance: Bool
+        /// Since this monitor process started; nil when not heard since.
+        public var heardMsAgo: Int64?
+        public var lsns: [String: UInt64]
+        enum CodingKeys: String, CodingKey {
+            case id, zone, goal, goalSequence = "goal_sequence", reported, promotable, maintenance, heardMsAgo = "heard_ms_ago", lsns
+        }
+    }
+    public var formation: String
+    public var epoch: UInt64
+    /// False during the startup grace: the monitor decides nothing yet.
+    public var deciding: Bool
+    public var nodes: [Node]
+    public var lastEvent: UInt64
+    enum CodingKeys: String, CodingKey { case formation, epoch, deciding, nodes, lastEvent = "last_event" }
+}
+
+/// `GET /events?after=N&limit=M`.
+public struct EventsBody: Codable, Sendable, Equatable {
+    public struct Event: Codable, Sendable, Equatable {
+        public var sequence: UInt64
+        /// ISO 8601, UTC, milliseconds: when the store persisted it.
+        public var at: String
+        public var epoch: UInt64
+        public var kind: String
+        public var node: String?
+        public var text: String
+    }
+    public var events: [Event]
+}
+
+public struct WireError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+enum JSON {
+    static func encode<T: Encodable>(_ value: T) -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        // Encoding these plain structs cannot fail.
+        return Array((try? encoder.encode(value)) ?? Data("{}".utf8))
+    }
+}
