@@ -1,3 +1,4 @@
+import ApiaryMonitorService
 import ApiaryNode
 import ApiaryTLS
 import ArgumentParser
@@ -8,7 +9,7 @@ import NIOPosix
 struct Ctl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Operate a cluster (with an operator certificate).",
-        subcommands: [Verify.self, Status.self, Promote.self, Tenant.self, User.self]
+        subcommands: [Verify.self, Status.self, Events.self, Promote.self, Tenant.self, User.self]
     )
 
     /// Where the operator's certificate is: shared by every `ctl` subcommand.
@@ -44,11 +45,26 @@ struct Ctl: AsyncParsableCommand {
     }
 
     struct Status: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print a node's role, epoch and per-tenant positions (JSON).")
-        @Option(help: "The node's HTTPS API (host:port).") var node: Address
+        static let configuration = CommandConfiguration(
+            abstract: "The formation as the monitor sees it (--monitor: a table, or --json), or one node's role, epoch and per-tenant positions (--node, JSON)."
+        )
+        @Option(help: "The node's HTTPS API (host:port).") var node: Address?
+        @Option(help: "The monitor's HTTPS address (host:port).") var monitor: Address?
+        @Flag(help: "With --monitor: print the monitor's JSON.") var json = false
         @OptionGroup var options: OperatorOptions
 
+        func validate() throws {
+            guard (node == nil) != (monitor == nil) else { throw ValidationError("give exactly one of --node and --monitor") }
+        }
+
         func run() async throws {
+            if let monitor {
+                let response = try await MonitorCtl.get("/status", monitor: monitor, credentials: options.credentials())
+                try MonitorCtl.check(response)
+                if json { return print(response.text) }
+                return print(MonitorCtl.statusTable(try JSONDecoder().decode(StatusBody.self, from: Data(response.body))))
+            }
+            guard let node else { return }
             let response = try await Ctl.request(.GET, "/status", node: node, credentials: options.credentials())
             print(response.text)
             if response.status != 200 { throw ExitCode(1) }

@@ -1,0 +1,70 @@
+import ApiaryMonitorService
+import ApiaryNode
+import ApiaryTLS
+import ArgumentParser
+import Foundation
+import NIOHTTP1
+import NIOPosix
+
+/// `ctl status --monitor` and `ctl events`: the monitor's view, as a table or `--json`.
+enum MonitorCtl {
+    static func get(_ path: String, monitor: Address, credentials: ClusterCredentials) async throws -> HTTPSConnection.Response {
+        let connection = try await HTTPSConnection.connect(host: monitor.host, port: monitor.port, tls: credentials.clusterClient(),
+                                                           group: MultiThreadedEventLoopGroup.singleton)
+        defer { Task { await connection.close() } }
+        return try await connection.request(.GET, path)
+    }
+
+    /// Prints the monitor's error and fails, for any non-200 answer.
+    static func check(_ response: HTTPSConnection.Response) throws {
+        guard response.status == 200 else {
+            let message = (try? JSONDecoder().decode(ErrorBody.self, from: Data(response.body)))?.error ?? response.text
+            FileHandle.standardError.write(Data("monitor answered \(response.status): \(message)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+
+    static func statusTable(_ s: StatusBody) -> String {
+        var lines = ["formation \(s.formation), epoch \(s.epoch)" + (s.deciding ? "" : " (startup grace: deciding nothing yet)")]
+        let header = ["NODE", "ZONE", "GOAL", "REPORTED", "PROMOTABLE", "HEARD", "LSNS"]
+        let rows = s.nodes.map { n in
+            [n.id, n.zone, n.goal + (n.maintenance ? " (maintenance asked)" : ""), n.reported ?? "-", n.promotable ? "yes" : "no",
+             n.heardMsAgo.map { "\($0) ms ago" } ?? "not since start",
+             n.lsns.isEmpty ? "-" : n.lsns.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")]
+        }
+        lines += table(header: header, rows: rows)
+        return lines.joined(separator: "\n")
+    }
+
+    static func eventsTable(_ e: EventsBody) -> String {
+        let rows = e.events.map { ["#\($0.sequence)", $0.at, String($0.epoch), $0.kind, $0.node ?? "-", $0.text] }
+        return table(header: ["SEQ", "AT", "EPOCH", "KIND", "NODE", "TEXT"], rows: rows).joined(separator: "\n")
+    }
+
+    static func table(header: [String], rows: [[String]]) -> [String] {
+        let all = [header] + rows
+        // The last column is not padded: it may be long (an event's text).
+        let widths = header.indices.map { i in all.map { $0[i].count }.max() ?? 0 }
+        return all.map { row in
+            row.indices.map { i in i == row.count - 1 ? row[i] : row[i].padding(toLength: widths[i], withPad: " ", startingAt: 0) }.joined(separator: "  ")
+        }
+    }
+}
+
+extension Ctl {
+    struct Events: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print the monitor's history: every decision and refusal with its reason.")
+        @Option(help: "The monitor's HTTPS address (host:port).") var monitor: Address
+        @Option(help: "Only events after this sequence number.") var after: UInt64 = 0
+        @Option(help: "At most this many events (the monitor caps it at 1000).") var limit = 100
+        @Flag(help: "Print the monitor's JSON.") var json = false
+        @OptionGroup var options: OperatorOptions
+
+        func run() async throws {
+            let response = try await MonitorCtl.get("/events?after=\(after)&limit=\(limit)", monitor: monitor, credentials: options.credentials())
+            try MonitorCtl.check(response)
+            if json { return print(response.text) }
+            print(MonitorCtl.eventsTable(try JSONDecoder().decode(EventsBody.self, from: Data(response.body))))
+        }
+    }
+}
