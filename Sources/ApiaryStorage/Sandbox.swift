@@ -132,8 +132,12 @@ final class Sandbox {
     /// the third is the database (`main`, `temp`) where the action has one.
     func decide(action: Int32, arg1: UnsafePointer<CChar>?, arg2: UnsafePointer<CChar>?, database: UnsafePointer<CChar>?) -> Int32 {
         guard tenantSQL else { return SQLITE_OK }
-        // `CREATE TABLE temp.x` is authorized as SQLITE_CREATE_TABLE in database "temp".
-        if let database, strcmp(database, "temp") == 0 { return SQLITE_DENY }
+        // `CREATE TABLE temp.x` is authorized as SQLITE_CREATE_TABLE in database "temp". Only
+        // reading introspection pragmas of it is allowed (ORMs such as SQLAlchemy look there
+        // for a table that main lacks): it is always empty, no TEMP object can be made.
+        if let database, strcmp(database, "temp") == 0 {
+            guard action == SQLITE_PRAGMA, arg2 == nil || Self.allowedPragmas.contains(Self.lowercased(arg1)) else { return SQLITE_DENY }
+        }
         // Apiary's own tables (idempotency keys, `Idempotency`): only Apiary reads, writes,
         // drops, alters, indexes or hangs triggers on them. The table is the callback's first
         // string for reads, writes, CREATE and DROP TABLE; its second for indexes, triggers and

@@ -131,6 +131,14 @@ final class SandboxTests: XCTestCase {
                 XCTAssertTrue(message.contains("not authorized"), "\(sql): \(message)")
             }
         }
+        // ORMs look for a table main lacks in temp: introspection may read it (always empty).
+        let results = try await db.query([SQLStatement("PRAGMA temp.table_info(t)"), SQLStatement("PRAGMA temp.index_list(t)")])
+        for result in results {
+            guard case .success(let outcome) = result else { return XCTFail("temp introspection must run: \(results)") }
+            XCTAssertTrue(outcome.rows.isEmpty)
+        }
+        let setting = try await refusal("PRAGMA temp.journal_mode", write: true)
+        XCTAssertTrue(setting.contains("not authorized"), setting)
     }
 
     func testVirtualTablesOnlyFromListedModules() async throws {

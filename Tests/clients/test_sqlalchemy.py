@@ -79,8 +79,7 @@ class SQLAlchemyTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.engine = engine_for()
-        # checkfirst=False: see test_introspecting_what_main_lacks.
-        Base.metadata.create_all(cls.engine, checkfirst=False)
+        Base.metadata.create_all(cls.engine)  # checks first, through the temp schema too
 
     @classmethod
     def tearDownClass(cls):
@@ -119,17 +118,13 @@ class SQLAlchemyTests(unittest.TestCase):
             with self.subTest(column=column):
                 self.assertEqual(getattr(got, column), expected)
 
-    # Known failures (docs/rqlite-compatibility.md). All but the first fail against rqlite
-    # itself: they are the clients'. `expectedFailure` turns a fix into an "unexpected
+    # Known failures (docs/rqlite-compatibility.md). They fail against rqlite itself: they are
+    # the clients'. `expectedFailure` turns a fix into an "unexpected
     # success", which fails the run, so that the marker goes.
 
-    # Waits for a sandbox change: SQLAlchemy asks `PRAGMA main.table_info(t)` (index_list,
-    # foreign_key_list, ...), then, when main has nothing, the same of `temp.`, and the sandbox
-    # refuses anything naming the temp schema. `create_all()` checks first this way (so
-    # setUpClass passes checkfirst=False), and reflecting a table without indexes fails, until
-    # the sandbox lets introspection pragmas read the temp schema, which is always empty (no
-    # TEMP objects can be made).
-    @unittest.expectedFailure
+    # SQLAlchemy asks `PRAGMA main.table_info(t)` (index_list, foreign_key_list, ...), then,
+    # when main has nothing, the same of `temp.`: the sandbox lets introspection pragmas read
+    # the temp schema, which is always empty (no TEMP objects can be made).
     def test_introspecting_what_main_lacks(self):
         inspector = inspect(self.engine)
         self.assertFalse(inspector.has_table("no_such_table_" + SUFFIX))
