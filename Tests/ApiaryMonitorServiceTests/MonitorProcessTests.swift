@@ -1,3 +1,4 @@
+import ApiaryLifecycle
 import ApiaryMonitorService
 import ApiaryNode
 import ApiaryTLS
@@ -133,6 +134,27 @@ final class MonitorProcessTests: XCTestCase {
     }
 }
 
+final class MonitorNotifyTests: XCTestCase {
+    /// Under a notify socket, as systemd runs `Type=notify` with `WatchdogSec=`: READY=1 with
+    /// the formation and epoch once it serves, watchdog pings while the tick runs, STOPPING=1.
+    func testTheMonitorTellsSystemdItIsReadyAliveAndStopping() async throws {
+        let env = try MonitorEnvironment(test: self)
+        let socket = try NotifySocketListener(path: NSTemporaryDirectory() + "apiary-sd-\(UUID().uuidString.prefix(8)).sock")
+        let monitor = try env.start(environment: ["NOTIFY_SOCKET": socket.path, "WATCHDOG_USEC": "400000"])
+        defer { monitor.stop() }
+        let ready = socket.receive(until: { $0.contains("READY=1") })
+        XCTAssertTrue(ready?.contains("STATUS=monitor of formation f1, epoch 1") ?? false, ready ?? "no READY=1")
+        // READY=1 comes after the port listens: an operator is answered at once.
+        let op = try await env.client("operator", port: monitor.port)
+        let status = try await env.status(op)
+        XCTAssertEqual(status.formation, "f1")
+        await op.close()
+        for _ in 0..<3 { XCTAssertNotNil(socket.receive(until: { $0 == "WATCHDOG=1" }), "watchdog pings stopped") }
+        kill(monitor.process.processIdentifier, SIGTERM)
+        XCTAssertNotNil(socket.receive(until: { $0.contains("STOPPING=1") }), "no STOPPING=1 on SIGTERM")
+    }
+}
+
 // MARK: - Support
 
 enum JSON {
@@ -166,7 +188,7 @@ struct MonitorEnvironment {
     }
 
     /// Starts the monitor and waits (bounded) for its ready line.
-    func start() throws -> MonitorHandle {
+    func start(environment: [String: String] = [:]) throws -> MonitorHandle {
         let log = directory + "/monitor-\(UUID().uuidString.prefix(8)).log"
         FileManager.default.createFile(atPath: log, contents: nil)
         let process = Process()
@@ -178,6 +200,7 @@ struct MonitorEnvironment {
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
         process.standardOutput = handle
         process.standardError = handle
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         try process.run()
         let deadline = Date().addingTimeInterval(30)
         while Date() < deadline {
