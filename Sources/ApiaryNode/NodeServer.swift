@@ -325,16 +325,27 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
     /// Standby → primary of epoch + 1, committing alone (`single`) until a standby is set up
     /// again (the monitor, next issue, will drive this and the old primary's rejoin).
     func promote() async throws -> [UInt8] {
+        if let candidate = lock.withLock({ standby }), let refusal = await candidate.promotionRefusal() {
+            throw APIError(.conflict, "not promoted: \(refusal)")
+        }
         guard let node = lock.withLock({ () -> StandbyNode? in
             guard let s = standby, state.role == .standby else { return nil }
             standby = nil
             current = nil
             return s
         }) else { throw APIError(.badRequest, "this node is not a standby") }
-        let old = try await node.stopForPromotion()
-        let promoted = NodeState(role: .standby, epoch: old, mode: config.mode).promoted()
-        // Durable before it acts: a restart comes back as this primary, whatever --role says.
-        try NodeStateFile(path: layout.nodeState).write(promoted)
+        let promoted: NodeState
+        do {
+            let old = try await node.stopForPromotion()
+            promoted = NodeState(role: .standby, epoch: old, mode: config.mode).promoted()
+            // Durable before it acts: a restart comes back as this primary, whatever --role says.
+            try NodeStateFile(path: layout.nodeState).write(promoted)
+        } catch {
+            // The standby has stopped replicating and serves nothing: a restart (systemd's)
+            // brings it back as the standby its state file still says it is.
+            logger.critical("promotion failed; stopping so that a restart brings the standby back", metadata: ["error": "\(error)"])
+            exit(75)
+        }
         lock.withLock { state = promoted }
         let epoch = promoted.epoch
         for release in lock.withLock({ resources }) { release() }

@@ -502,6 +502,22 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     /// stopped committing, DESIGN §6), and applies every record it holds — including those the
     /// old primary had not yet told it were committed: they may have been acknowledged.
     /// - Returns: the epoch the node was in.
+    /// Why this standby must not be promoted, or nil. A standby that refused a newer epoch
+    /// from its primary would become primary of an epoch that already has one (invariant 3).
+    func promotionRefusal() async -> String? {
+        do {
+            return try await loop.submit { () -> String? in
+                if let fatal = self.fatal { return "this standby stopped replicating: \(fatal)" }
+                if let refused = self.refusedEpoch {
+                    return "its primary is in epoch \(refused), newer than this standby's \(self.core.epoch): promoting it would make a second primary of that epoch"
+                }
+                return nil
+            }.get()
+        } catch {
+            return "this standby does not answer"
+        }
+    }
+
     func stopForPromotion() async throws -> Epoch {
         let (epoch, tenants) = try await loop.submit { () -> (Epoch, [StandbyTenant]) in
             if let fatal = self.fatal { throw fatal }

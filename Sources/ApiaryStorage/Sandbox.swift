@@ -74,6 +74,9 @@ final class Sandbox {
         "json_valid", "json_group_array", "json_group_object", "->", "->>",
         // Full-text search and R*Tree auxiliary functions.
         "match", "snippet", "offsets", "matchinfo", "optimize", "highlight", "bm25", "rtreecheck",
+        // What ALTER TABLE runs inside its own nested SQL (RENAME TO, RENAME COLUMN, DROP
+        // COLUMN). They are SQLite-internal: a tenant calling one gets "no such function".
+        "sqlite_rename_table", "sqlite_rename_column", "sqlite_rename_test", "sqlite_rename_quotefix", "sqlite_drop_column",
     ]
 
     /// Virtual-table modules a tenant may create tables with: full-text search and R*Trees.
@@ -135,8 +138,14 @@ final class Sandbox {
         // `CREATE TABLE temp.x` is authorized as SQLITE_CREATE_TABLE in database "temp". Only
         // reading introspection pragmas of it is allowed (ORMs such as SQLAlchemy look there
         // for a table that main lacks): it is always empty, no TEMP object can be made.
+        // ALTER TABLE reads and updates temp's schema table too (to fix up temp triggers that
+        // name the table; there are none, and defensive mode keeps tenants' own UPDATEs of a
+        // schema table out anyway).
         if let database, strcmp(database, "temp") == 0 {
-            guard action == SQLITE_PRAGMA, arg2 == nil || Self.allowedPragmas.contains(Self.lowercased(arg1)) else { return SQLITE_DENY }
+            let readsTempSchema = (action == SQLITE_READ || action == SQLITE_UPDATE)
+                && arg1.map { strcmp($0, "sqlite_temp_master") == 0 || strcmp($0, "sqlite_temp_schema") == 0 } == true
+            let introspects = action == SQLITE_PRAGMA && (arg2 == nil || Self.allowedPragmas.contains(Self.lowercased(arg1)))
+            guard readsTempSchema || introspects else { return SQLITE_DENY }
         }
         // Apiary's own tables (idempotency keys, `Idempotency`): only Apiary reads, writes,
         // drops, alters, indexes or hangs triggers on them. The table is the callback's first

@@ -107,5 +107,13 @@ final class RoleAndEpochTests: XCTestCase {
         // So the primary has no standby, and in sync mode commits nothing.
         let response = try await write(cluster.primary, "CREATE TABLE t (x)")
         XCTAssertEqual(response.status, 503, response.text)
+        // Found in review: promoting this standby would make it primary of epoch 2 — or of an
+        // epoch its primary already holds. It is refused, and the standby goes on as it was.
+        let promoted = try cluster.promoteWithCtl(cluster.standby)
+        XCTAssertNotEqual(promoted.status, 0, promoted.output)
+        XCTAssertTrue(promoted.output.contains("second primary"), promoted.output)
+        let after = try DurableNodeState(text: String(contentsOfFile: stateFile(cluster.standby), encoding: .utf8))
+        XCTAssertEqual(after, .full(NodeState(role: .standby, epoch: Epoch(1), mode: .sync)))
+        XCTAssertTrue(cluster.isRunning(cluster.standby))
     }
 }

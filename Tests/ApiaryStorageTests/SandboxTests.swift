@@ -81,6 +81,25 @@ final class SandboxTests: XCTestCase {
         XCTAssertTrue(throughView.contains("not authorized"), throughView)
     }
 
+    /// Found in review: ALTER TABLE runs SQLite's internal functions under the tenant's
+    /// authorizer, and an allow-list without them refused every schema migration.
+    func testAlterTableWorksAndItsInternalFunctionsStayInternal() async throws {
+        try await db.mustExecute("CREATE TABLE m (a, b, c)")
+        try await db.mustExecute("ALTER TABLE m RENAME TO m2")
+        try await db.mustExecute("ALTER TABLE m2 RENAME COLUMN a TO aa")
+        try await db.mustExecute("ALTER TABLE m2 DROP COLUMN c")
+        try await db.mustExecute("ALTER TABLE m2 ADD COLUMN d")
+        let columns = try await db.rows("SELECT group_concat(name) FROM pragma_table_info('m2')")
+        XCTAssertEqual(columns, [[.text("aa,b,d")]])
+        let direct = try await refusal("SELECT sqlite_rename_test('main', 'CREATE TABLE q(a)', 0, 'x', 0, 0, 0)")
+        XCTAssertTrue(direct.contains("no such function"), direct)
+        // What ALTER TABLE may do to temp's schema table, a tenant may not.
+        for sql in ["UPDATE temp.sqlite_temp_master SET sql = 'x'", "UPDATE sqlite_master SET sql = 'x'"] {
+            let message = try await refusal(sql, write: true)
+            XCTAssertFalse(message.isEmpty, sql)
+        }
+    }
+
     func testListedFunctionsRun() async throws {
         let json = try await value(#"SELECT json_extract('{"a":[1,2,3]}', '$.a[2]')"#)
         XCTAssertEqual(json, .integer(3))

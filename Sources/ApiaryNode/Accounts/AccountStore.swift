@@ -23,11 +23,35 @@ final class AccountStore: AccountService, @unchecked Sendable {
         "CREATE TABLE IF NOT EXISTS dropped_tenants (name TEXT PRIMARY KEY, dropped_ms INTEGER NOT NULL)",
     ]
 
-    init(node: PrimaryNode) { self.node = node }
+    init(node: PrimaryNode) {
+        self.node = node
+        Passwords.prepareDummy() // an unknown user's first check costs one scrypt, not two
+    }
 
     // MARK: The system database
 
+    /// Storage failures of the system database mean "not executed", never "outcome unknown":
+    /// sign-in and account reads change nothing.
+    private func mapped<T>(_ body: () async throws -> T) async throws -> T {
+        do {
+            return try await body()
+        } catch let error as APIError {
+            throw error
+        } catch let error as StorageError {
+            throw PrimarySQLService.apiError(error)
+        } catch let rejected as CommitRejected {
+            throw PrimarySQLService.apiError(rejected)
+        } catch {
+            node.logger.error("accounts unavailable", metadata: ["error": "\(error)"])
+            throw APIError(.notExecuted, "accounts unavailable (details in the node's log); retry later")
+        }
+    }
+
     private func database() async throws -> TenantDatabase {
+        try await mapped { try await systemDatabase() }
+    }
+
+    private func systemDatabase() async throws -> TenantDatabase {
         guard let system = try await node.tenant(.system, create: true) else { throw APIError(.notExecuted, "accounts unavailable; retry later") }
         if !schemaReady.withLock({ $0 }) {
             let results = try await system.database.execute(Self.schema.map { SQLStatement($0) }, transaction: true)
@@ -38,7 +62,8 @@ final class AccountStore: AccountService, @unchecked Sendable {
     }
 
     private func rows(_ sql: String, _ parameters: [SQLValue]) async throws -> [[SQLValue]] {
-        let results = try await database().query([SQLStatement(sql, parameters)])
+        let database = try await database()
+        let results = try await mapped { try await database.query([SQLStatement(sql, parameters)]) }
         guard case .success(let outcome) = results.first else { throw APIError(.notExecuted, "accounts unavailable; retry later") }
         return outcome.rows
     }
@@ -61,6 +86,8 @@ final class AccountStore: AccountService, @unchecked Sendable {
 
     func authenticate(_ credentials: Credentials) async throws -> UserPrincipal? {
         if let known = cache[credentials] { return known }
+        // An account change while this runs must not be undone by caching what it read before.
+        let generation = cache.generation
         guard case .basic(let user, let password) = credentials else { return nil }
         let found = try await rows("SELECT tenant, role, password FROM users WHERE name = ?", [.text(user)]).first
         let verified = try await checkPassword(password, against: found.flatMap { row in
@@ -70,7 +97,7 @@ final class AccountStore: AccountService, @unchecked Sendable {
               let tenant = try? TenantID(tenantName), let role = UserRole(rawValue: roleName) else { return nil }
         guard try await !isDropped(tenant) else { return nil }
         let principal = UserPrincipal(name: user, tenant: tenant, role: role)
-        cache[credentials] = principal
+        cache.store(principal, for: credentials, ifStill: generation)
         return principal
     }
 
@@ -156,6 +183,21 @@ final class CredentialCache: @unchecked Sendable {
     static let lifetimeNs: UInt64 = 60 * 1_000_000_000
     private let lock = NSLock()
     private var entries: [SHA256Digest: (principal: UserPrincipal, expiresNs: UInt64)] = [:]
+    private var changes = 0
+
+    /// Grows with every ``removeAll()`` (an account changed).
+    var generation: Int { lock.withLock { changes } }
+
+    /// Caches `principal` unless an account changed since `generation` was read.
+    func store(_ principal: UserPrincipal, for credentials: Credentials, ifStill generation: Int) {
+        let key = Self.key(credentials)
+        let expires = DispatchTime.now().uptimeNanoseconds + Self.lifetimeNs
+        lock.withLock {
+            guard changes == generation else { return }
+            if entries.count >= Self.entriesMax { entries.removeAll() }
+            entries[key] = (principal, expires)
+        }
+    }
 
     private static func key(_ credentials: Credentials) -> SHA256Digest {
         switch credentials {
@@ -164,24 +206,19 @@ final class CredentialCache: @unchecked Sendable {
     }
 
     subscript(credentials: Credentials) -> UserPrincipal? {
-        get {
-            let key = Self.key(credentials)
-            let now = DispatchTime.now().uptimeNanoseconds
-            return lock.withLock {
-                guard let entry = entries[key] else { return nil }
-                guard entry.expiresNs > now else { entries[key] = nil; return nil }
-                return entry.principal
-            }
-        }
-        set {
-            let key = Self.key(credentials)
-            let expires = DispatchTime.now().uptimeNanoseconds + Self.lifetimeNs
-            lock.withLock {
-                if entries.count >= Self.entriesMax { entries.removeAll() }
-                entries[key] = newValue.map { ($0, expires) }
-            }
+        let key = Self.key(credentials)
+        let now = DispatchTime.now().uptimeNanoseconds
+        return lock.withLock {
+            guard let entry = entries[key] else { return nil }
+            guard entry.expiresNs > now else { entries[key] = nil; return nil }
+            return entry.principal
         }
     }
 
-    func removeAll() { lock.withLock { entries.removeAll() } }
+    func removeAll() {
+        lock.withLock {
+            entries.removeAll()
+            changes += 1
+        }
+    }
 }

@@ -40,7 +40,14 @@ enum Passwords {
         _ = verify(password, against: dummy)
     }
 
-    private static let dummy: String = (try? hash("apiary-no-such-user")) ?? ""
+    private static let dummy: String = {
+        // Without it unknown users would be answered fast: a timing oracle for user names.
+        guard let hashed = try? hash("apiary-no-such-user") else { preconditionFailure("scrypt does not work here") }
+        return hashed
+    }()
+
+    /// Makes the dummy hash now rather than at the first unknown user.
+    static func prepareDummy() { _ = dummy }
 
     private static func derive(_ password: String, salt: [UInt8], logN: Int, r: Int, p: Int) throws -> [UInt8] {
         let key = try KDF.Scrypt.deriveKey(from: Array(password.utf8), salt: salt, outputByteCount: hashBytes,

@@ -373,7 +373,17 @@ struct APIRoutes: Sendable {
     func principal(_ request: APIRequest) async throws -> Principal {
         guard let accounts else { return .clusterOperator("tests") }
         if let credentials = try Credentials.from(request.headers) {
-            guard let user = try await accounts.authenticate(credentials) else { throw APIError(.unauthorized, "wrong user name or password") }
+            let found: UserPrincipal?
+            do {
+                found = try await accounts.authenticate(credentials)
+            } catch let error as APIError {
+                throw error
+            } catch {
+                // Sign-in failed before the request ran: never "outcome unknown".
+                logger.error("sign-in failed unexpectedly", metadata: ["error": "\(error)"])
+                throw APIError(.notExecuted, "sign-in unavailable (details in the node's log); retry later")
+            }
+            guard let user = found else { throw APIError(.unauthorized, "wrong user name or password") }
             return .user(user)
         }
         return try Self.certificatePrincipal(request)
