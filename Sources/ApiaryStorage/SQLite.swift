@@ -379,6 +379,19 @@ public struct StatementLimits: Sendable, Equatable {
 
 /// What one statement did.
 public struct StatementOutcome: Sendable, Equatable, Codable {
+    /// Bytes of the values returned, as the result limits count them (8 a row and a number).
+    public var resultBytes: Int {
+        rows.reduce(0) { total, row in
+            row.reduce(total + 8) { bytes, value in
+                switch value {
+                case .text(let s): return bytes + s.utf8.count
+                case .blob(let b): return bytes + b.count
+                default: return bytes + 8
+                }
+            }
+        }
+    }
+
     public var columns: [String] = []
     /// Declared column types, lower-cased ("" for expressions), as rqlite reports `types`.
     public var declaredTypes: [String] = []

@@ -206,18 +206,24 @@ public final class TenantDatabase: @unchecked Sendable {
     /// Runs read-only statements on a reader connection (sees only committed, durable data).
     public func query(_ statements: [SQLStatement]) async throws -> [StatementResult] {
         try await readers.run { connection in
-            let budget = RequestBudget(options: self.options)
-            return statements.map { s in
-                guard let limits = budget.limitsForNextStatement() else { return .failure(budget.spentMessage) }
+            var budget = RequestBudget(options: self.options)
+            var results: [StatementResult] = []
+            for s in statements {
+                guard let limits = budget.limitsForNextStatement() else {
+                    results.append(.failure(budget.spentMessage))
+                    continue
+                }
                 do {
                     connection.sandbox.tenantSQL = true
                     defer { connection.sandbox.tenantSQL = false }
                     let outcome = try connection.run(s.sql, s.parameters, names: s.parameterNames, limits: limits)
-                    return .success(outcome)
+                    budget.spend(outcome)
+                    results.append(.success(outcome))
                 } catch {
-                    return .failure(budget.message(for: error))
+                    results.append(.failure(budget.message(for: error)))
                 }
             }
+            return results
         }
     }
 
@@ -502,7 +508,7 @@ final class TenantWriter: @unchecked Sendable {
                 return job.statements.map { _ in .failure("not applied: the idempotency key could not be checked (\(error))") }
             }
         }
-        let budget = RequestBudget(options: options)
+        var budget = RequestBudget(options: options)
         // Each statement of a non-transaction request is undone alone when it fails; a lone
         // statement needs no savepoint of its own (the request's is the same thing).
         let perStatement = !job.transaction && job.statements.count > 1
@@ -518,9 +524,17 @@ final class TenantWriter: @unchecked Sendable {
                 connection.sandbox.tenantSQL = true
                 defer { connection.sandbox.tenantSQL = false }
                 let outcome = try connection.run(statement.sql, statement.parameters, names: statement.parameterNames, limits: limits)
+                budget.spend(outcome)
                 results.append(.success(outcome))
                 if perStatement { try? connection.execPrepared("RELEASE statement") }
             } catch {
+                if budget.isRequestLimit(error), sqlite3_get_autocommit(connection.handle) == 0 {
+                    // Past the request's own bound: undone as a whole, as when its time is spent.
+                    let message = budget.message(for: error)
+                    try? connection.execPrepared("ROLLBACK TO request")
+                    try? connection.execPrepared("RELEASE request")
+                    return job.statements.map { _ in .failure("not applied: \(message)") }
+                }
                 results.append(.failure(budget.message(for: error)))
                 if sqlite3_get_autocommit(connection.handle) != 0 {
                     // SQLite rolled the whole transaction back (an interrupt, a full disk): run
@@ -558,30 +572,56 @@ struct RequestBudget {
     let requestTimeMs: Int
     let base: StatementLimits
     let deadlineNs: UInt64
+    /// Result bytes the request's statements may still return together: the per-statement
+    /// bound alone let one request of many large queries hold gigabytes (found in review).
+    private(set) var resultBytesLeft: Int
+    private var resultBytesBound = false
 
     init(options: TenantDatabase.Options) {
         requestTimeMs = options.requestTimeMs
         base = options.statementLimits
         deadlineNs = monotonicNs() + UInt64(max(options.requestTimeMs, 0)) * 1_000_000
+        resultBytesLeft = options.resultBytesMax
     }
 
-    /// The limits of the next statement, or nil when the request's time is spent.
-    func limitsForNextStatement() -> StatementLimits? {
+    /// The limits of the next statement, or nil when the request's time or result bytes are spent.
+    mutating func limitsForNextStatement() -> StatementLimits? {
         let now = monotonicNs()
-        guard now < deadlineNs else { return nil }
+        guard now < deadlineNs, resultBytesLeft > 0 else { return nil }
         let leftMs = Int((deadlineNs - now + 999_999) / 1_000_000)
         var limits = base
         if limits.timeMs == 0 || leftMs < limits.timeMs { limits.timeMs = leftMs }
+        resultBytesBound = resultBytesLeft < limits.resultBytesMax
+        limits.resultBytesMax = min(limits.resultBytesMax, resultBytesLeft)
         return limits
     }
 
-    var spentMessage: String { "not applied: the request ran longer than its limit of \(requestTimeMs) ms" }
+    /// Counts a statement's results against the request's.
+    mutating func spend(_ outcome: StatementOutcome) {
+        resultBytesLeft -= outcome.resultBytes
+    }
 
-    /// A statement's error as its client reads it: an interrupt at the request's deadline
-    /// names the request's limit, not the statement's.
+    var spentMessage: String {
+        resultBytesLeft <= 0
+            ? "not run: the request's results passed its limit of \(base.resultBytesMax) bytes; split the request or add a LIMIT"
+            : "not applied: the request ran longer than its limit of \(requestTimeMs) ms"
+    }
+
+    /// Whether `error` came from the request's bounds (its time or its result bytes) rather
+    /// than the statement's own.
+    func isRequestLimit(_ error: any Error) -> Bool {
+        guard let error = error as? SQLiteError else { return false }
+        return (error.code == SQLITE_TOOBIG && resultBytesBound) || (error.code == SQLITE_INTERRUPT && monotonicNs() >= deadlineNs)
+    }
+
+    /// A statement's error as its client reads it: an interrupt at the request's deadline, or
+    /// a result cut by what the request had left, names the request's limit.
     func message(for error: any Error) -> String {
         if let error = error as? SQLiteError, error.code == SQLITE_INTERRUPT, monotonicNs() >= deadlineNs {
             return "request stopped: it ran longer than its limit of \(requestTimeMs) ms"
+        }
+        if let error = error as? SQLiteError, error.code == SQLITE_TOOBIG, resultBytesBound {
+            return "the request's results passed its limit of \(base.resultBytesMax) bytes; split the request or add a LIMIT"
         }
         return String(describing: error)
     }

@@ -84,4 +84,25 @@ final class RequestLimitsTests: XCTestCase {
         guard case .success = results[0], case .failure(let message) = results[1] else { return XCTFail("\(results)") }
         XCTAssertTrue(message.contains("limit of 300 ms"), message)
     }
+
+    /// Found in review: each statement was bounded, the request not, so one request of many
+    /// large queries could hold any amount of memory.
+    func testARequestsResultsAreBoundedTogether() async throws {
+        let dir = TemporaryDirectory()
+        let db = try open(dir) { $0.resultBytesMax = 100_000 }
+        defer { db.close() }
+        let big = "SELECT zeroblob(40000)" // within the limit alone
+        let read = try await db.query([SQLStatement(big), SQLStatement(big), SQLStatement(big), SQLStatement("SELECT 1")])
+        let summary = read.map { result -> String in if case .failure(let m) = result { return m } else { return "ok" } }
+        XCTAssertEqual(summary[0], "ok")
+        XCTAssertEqual(summary[1], "ok")
+        XCTAssertTrue(summary[2].contains("request's results passed its limit of 100000 bytes"), "\(summary)")
+        XCTAssertEqual(summary[3], "ok", "a small result still fits in what is left")
+        try await db.mustExecute("CREATE TABLE t (x)")
+        let write = try await db.execute([SQLStatement("INSERT INTO t VALUES (1)"), SQLStatement(big), SQLStatement(big),
+                                          SQLStatement(big), SQLStatement("INSERT INTO t VALUES (2)")])
+        XCTAssertTrue(failures(write).count >= 2, "\(write)")
+        let rows = try await db.rows("SELECT count(*) FROM t")
+        XCTAssertEqual(rows, [[.integer(0)]], "a write request past its result limit is undone as a whole")
+    }
 }
