@@ -87,8 +87,10 @@ let package = Package(
         // MARK: Tests
         .testTarget(name: "ApiaryCoreTests", dependencies: ["ApiaryCore"]),
         .testTarget(name: "ApiaryLogTests", dependencies: ["ApiaryLog"]),
-        .testTarget(name: "ApiaryReplicationTests", dependencies: ["ApiaryReplication"]),
-        .testTarget(name: "ApiaryMonitorTests", dependencies: ["ApiaryMonitor", "ApiaryReplication", "ApiaryCore"]),
+        /// What every simulation's tests share: the seeded generator, the crash reporter naming seeds.
+        .target(name: "SimulationSupport", path: "Tests/SimulationSupport"),
+        .testTarget(name: "ApiaryReplicationTests", dependencies: ["ApiaryReplication", "SimulationSupport"]),
+        .testTarget(name: "ApiaryMonitorTests", dependencies: ["ApiaryMonitor", "ApiaryReplication", "ApiaryCore", "SimulationSupport"]),
         .testTarget(name: "ApiaryMonitorServiceTests", dependencies: [
             "ApiaryMonitorService", "ApiaryMonitor", "ApiaryCore", "ApiaryReplication", "ApiaryTLS", "ApiaryNode", "ApiaryLifecycle", "CSQLite",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -2,6 +2,7 @@ import ApiaryCore
 import ApiaryMonitor
 import ApiaryReplication
 import Foundation
+import SimulationSupport
 import XCTest
 
 /// Drives the monitor core with random heartbeats, silences, faults, monitor restarts, bad input
@@ -28,16 +29,16 @@ final class MonitorSimulationTests: XCTestCase {
         let started = Date()
         var failed: [(UInt64, [String])] = []
         var totals: [String: Int] = [:]
-        MonitorCrashReporter.install()
-        defer { MonitorCrashReporter.uninstall() }
+        CrashReporter.install(replay: "APIARY_MONITOR_SEED=<seed> swift test --filter MonitorSimulationTests")
+        defer { CrashReporter.uninstall() }
         for seed in firstSeed..<(firstSeed + UInt64(seedCount)) {
-            MonitorCrashReporter.running = seed
+            CrashReporter.running(seed, worker: 0)
             var run = MonitorRun(seed: seed, tracing: false)
             let violations = run.run()
             if !violations.isEmpty { failed.append((seed, violations)) }
             for (key, n) in run.cluster.stats { totals[key, default: 0] += n }
         }
-        MonitorCrashReporter.running = .max
+        CrashReporter.finished(worker: 0)
         print("monitor simulation: \(seedCount) seeds from \(firstSeed) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
         print("totals: " + totals.keys.sorted().map { "\($0)=\(totals[$0]!)" }.joined(separator: " "))
         for (seed, violations) in failed.prefix(5) {
@@ -64,11 +65,11 @@ final class MonitorSimulationTests: XCTestCase {
     }
 
     private func replay(_ seed: UInt64, printAll: Bool) {
-        MonitorCrashReporter.install()
-        MonitorCrashReporter.running = seed
+        CrashReporter.install(replay: "APIARY_MONITOR_SEED=<seed> swift test --filter MonitorSimulationTests")
+        CrashReporter.running(seed, worker: 0)
         defer {
-            MonitorCrashReporter.running = .max
-            MonitorCrashReporter.uninstall()
+            CrashReporter.finished(worker: 0)
+            CrashReporter.uninstall()
         }
         setvbuf(stdout, nil, _IOLBF, 0)
         var run = MonitorRun(seed: seed, tracing: true)
@@ -248,60 +249,3 @@ struct MonitorRun {
     }
 }
 
-#if os(Linux)
-import Glibc
-
-/// Names the seed being run when a precondition in the core kills the process (a crash cannot
-/// be caught as an error). Uses only `write(2)`, then re-raises with the previous handler.
-enum MonitorCrashReporter {
-    nonisolated(unsafe) static var running: UInt64 = .max
-    private static let signals: [Int32] = [SIGILL, SIGTRAP, SIGABRT, SIGSEGV, SIGBUS]
-    private static let previous: UnsafeMutablePointer<sigaction> = {
-        let p = UnsafeMutablePointer<sigaction>.allocate(capacity: 64)
-        p.initialize(repeating: sigaction(), count: 64)
-        return p
-    }()
-
-    static func install() {
-        for sig in signals {
-            var action = sigaction()
-            action.__sigaction_handler.sa_handler = { received in
-                MonitorCrashReporter.report()
-                sigaction(received, MonitorCrashReporter.previous + Int(received), nil)
-                raise(received)
-            }
-            sigemptyset(&action.sa_mask)
-            sigaction(sig, &action, previous + Int(sig))
-        }
-    }
-
-    static func uninstall() {
-        for sig in signals { sigaction(sig, previous + Int(sig), nil) }
-    }
-
-    private static func report() {
-        guard running != .max else { return }
-        var digits = (UInt64(0), UInt64(0), UInt64(0))
-        let prefix: StaticString = "\n*** monitor simulation crashed in seed "
-        _ = write(2, prefix.utf8Start, prefix.utf8CodeUnitCount)
-        withUnsafeMutableBytes(of: &digits) { buffer in
-            var value = running
-            var i = buffer.count
-            repeat {
-                i -= 1
-                buffer[i] = UInt8(48 + value % 10)
-                value /= 10
-            } while value > 0
-            _ = write(2, buffer.baseAddress! + i, buffer.count - i)
-        }
-        let suffix: StaticString = " (replay it with APIARY_MONITOR_SEED=<seed> swift test --filter MonitorSimulationTests)\n"
-        _ = write(2, suffix.utf8Start, suffix.utf8CodeUnitCount)
-    }
-}
-#else
-enum MonitorCrashReporter {
-    static var running: UInt64 = .max
-    static func install() {}
-    static func uninstall() {}
-}
-#endif

@@ -1,5 +1,6 @@
 import ApiaryCore
 import ApiaryReplication
+import SimulationSupport
 import XCTest
 
 final class ReplicationCodecTests: XCTestCase {

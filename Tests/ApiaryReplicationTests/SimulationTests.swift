@@ -1,6 +1,7 @@
 import ApiaryCore
 import ApiaryReplication
 import Foundation
+import SimulationSupport
 import XCTest
 
 /// Runs the replication cores through thousands of seeded simulations (DESIGN §10).
@@ -31,7 +32,7 @@ final class ReplicationSimulationTests: XCTestCase {
         var failures: [Failure] = []
         var totals: [String: Int] = [:]
         let started = Date()
-        CrashReporter.install()
+        CrashReporter.install(replay: "APIARY_SIM_SEED=<seed> swift test --filter ReplicationSimulationTests")
         defer { CrashReporter.uninstall() }
         var nextSeed = firstSeed
         var slowest: [(UInt64, Double)] = []
@@ -94,7 +95,7 @@ final class ReplicationSimulationTests: XCTestCase {
 
     /// Runs one seed with tracing and prints what happened.
     private func replay(_ seed: UInt64, traceLines: Int = 400) {
-        CrashReporter.install()
+        CrashReporter.install(replay: "APIARY_SIM_SEED=<seed> swift test --filter ReplicationSimulationTests")
         CrashReporter.running(seed, worker: 0)
         defer {
             CrashReporter.finished(worker: 0)

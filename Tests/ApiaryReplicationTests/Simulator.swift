@@ -1,5 +1,6 @@
 import ApiaryCore
 import ApiaryReplication
+import SimulationSupport
 
 // A deterministic simulator for the replication cores (CONVENTIONS "Deterministic simulation").
 //

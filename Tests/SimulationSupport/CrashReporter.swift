@@ -4,11 +4,12 @@ import Glibc
 /// Names the seeds being simulated when the process dies of a failed precondition in a core:
 /// a crash cannot be caught as an error, so without this a failing seed would go unnamed.
 ///
-/// Active only between `install()` and `uninstall()` (every test target shares the process).
+/// Active only between `install(replay:)` and `uninstall()` (every test target shares the
+/// process). Shared by the replication and monitor simulations.
 /// The handler uses only `write(2)` and preallocated memory, then puts the previous handler
 /// back and re-raises, so the runtime's own crash report (with its backtrace) still follows.
-enum CrashReporter {
-    static let slots = 16
+public enum CrashReporter {
+    public static let slots = 16
     private static let signals: [Int32] = [SIGILL, SIGTRAP, SIGABRT, SIGSEGV, SIGBUS]
     private static let seeds: UnsafeMutablePointer<UInt64> = {
         let p = UnsafeMutablePointer<UInt64>.allocate(capacity: slots)
@@ -22,8 +23,13 @@ enum CrashReporter {
         return p
     }()
 
-    static func install() {
+    /// How to replay a seed, printed after the seeds (set by `install`, read by the handler).
+    nonisolated(unsafe) private static var replayHint: StaticString = ""
+
+    /// - Parameter replay: the command that replays one seed, e.g. "APIARY_SIM_SEED=<seed> swift test --filter X".
+    public static func install(replay: StaticString) {
         _ = seeds
+        replayHint = replay
         for sig in signals {
             var action = sigaction()
             action.__sigaction_handler.sa_handler = { received in
@@ -36,20 +42,22 @@ enum CrashReporter {
         }
     }
 
-    static func uninstall() {
+    public static func uninstall() {
         for sig in signals { sigaction(sig, previous + Int(sig), nil) }
     }
 
-    static func running(_ seed: UInt64, worker: Int) { seeds[worker % slots] = seed }
-    static func finished(worker: Int) { seeds[worker % slots] = UInt64.max }
+    public static func running(_ seed: UInt64, worker: Int) { seeds[worker % slots] = seed }
+    public static func finished(worker: Int) { seeds[worker % slots] = UInt64.max }
 
     private static func report() {
-        writeText("\n*** replication simulation crashed; seeds running: ")
+        writeText("\n*** simulation crashed; seeds running: ")
         for i in 0..<slots where seeds[i] != UInt64.max {
             writeNumber(seeds[i])
             writeText(" ")
         }
-        writeText("(replay one with APIARY_SIM_SEED=<seed> swift test --filter ReplicationSimulationTests)\n")
+        writeText("(replay one with ")
+        writeText(replayHint)
+        writeText(")\n")
     }
 
     private static func writeText(_ s: StaticString) {
@@ -72,10 +80,10 @@ enum CrashReporter {
 }
 #else
 /// Seeds of a crashing run are named on Linux only; elsewhere a crash shows the backtrace alone.
-enum CrashReporter {
-    static func install() {}
-    static func uninstall() {}
-    static func running(_ seed: UInt64, worker: Int) {}
-    static func finished(worker: Int) {}
+public enum CrashReporter {
+    public static func install(replay: StaticString) {}
+    public static func uninstall() {}
+    public static func running(_ seed: UInt64, worker: Int) {}
+    public static func finished(worker: Int) {}
 }
 #endif
