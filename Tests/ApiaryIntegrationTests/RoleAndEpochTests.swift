@@ -94,13 +94,7 @@ final class RoleAndEpochTests: XCTestCase {
         try writeState(NodeState(role: .primary, epoch: Epoch(3), mode: .sync), for: cluster.primary)
         try cluster.start(cluster.primary)
         try cluster.start(cluster.standby)
-        let log = directory + "/logs/\(cluster.standby.name).log"
-        let deadline = Date().addingTimeInterval(60)
-        var refused = false
-        while !refused && Date() < deadline {
-            refused = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("the primary claims epoch 3")
-            if !refused { try await Task.sleep(for: .milliseconds(50)) }
-        }
+        let refused = cluster.waitForOutput(of: cluster.standby, containing: "the primary claims epoch 3")
         XCTAssertTrue(refused, "the standby never met the primary's claim")
         let state = try DurableNodeState(text: String(contentsOfFile: stateFile(cluster.standby), encoding: .utf8))
         XCTAssertEqual(state, .full(NodeState(role: .standby, epoch: Epoch(1), mode: .sync)), "the standby moved its epoch on a peer's word")

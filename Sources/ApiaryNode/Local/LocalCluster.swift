@@ -20,6 +20,8 @@ public final class LocalCluster: @unchecked Sendable {
     public let primary: NodeSpec
     public let standby: NodeSpec
     private var processes: [String: Process] = [:]
+    /// What each node printed (stdout and stderr), kept for ``waitForOutput(of:containing:timeoutSeconds:)``.
+    private var outputs: [String: NodeOutput] = [:]
     private let lock = NSLock()
 
     /// - Parameters:
@@ -112,8 +114,10 @@ public final class LocalCluster: @unchecked Sendable {
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
         log.seekToEndOfFile()
         let pipe = Pipe()
+        // Both streams through one reader: logs go to stderr, and tests wait for log lines.
         process.standardOutput = pipe
-        process.standardError = log
+        process.standardError = pipe
+        let watched = NodeOutput()
         let readyOrEnded = DispatchSemaphore(value: 0)
         let ended = DispatchSemaphore(value: 0)
         let readyLine = "apiary node \(spec.name) ready"
@@ -128,9 +132,12 @@ public final class LocalCluster: @unchecked Sendable {
                 let data = output.availableData // blocks; empty at the end of the stream
                 if data.isEmpty { break }
                 log.write(data)
-                if String(decoding: data, as: UTF8.self).contains(readyLine), seen.setOnce(), signalled.setOnce() { readyOrEnded.signal() }
+                let text = String(decoding: data, as: UTF8.self)
+                watched.append(text)
+                if text.contains(readyLine), seen.setOnce(), signalled.setOnce() { readyOrEnded.signal() }
             }
             try? output.close()
+            watched.end()
             if signalled.setOnce() { readyOrEnded.signal() }
             ended.signal()
         }
@@ -141,8 +148,18 @@ public final class LocalCluster: @unchecked Sendable {
         // does not depend on that detail.
         try? pipe.fileHandleForWriting.close()
         reader.start()
-        lock.withLock { processes[spec.name] = process }
+        lock.withLock {
+            processes[spec.name] = process
+            outputs[spec.name] = watched
+        }
         return Launched(logPath: logPath, ready: seen, readyOrEnded: readyOrEnded, ended: ended)
+    }
+
+    /// Waits until the node (its latest start) has printed `text`, on stdout or stderr (its log
+    /// lines); false if it did not within `timeoutSeconds` or its output ended first.
+    public func waitForOutput(of spec: NodeSpec, containing text: String, timeoutSeconds: Double = 60) -> Bool {
+        guard let output = lock.withLock({ outputs[spec.name] }) else { return false }
+        return output.wait(for: text, until: Date().addingTimeInterval(timeoutSeconds))
     }
 
     /// The running process of `spec`, if started (benchmarks read its CPU time).
@@ -167,18 +184,61 @@ public final class LocalCluster: @unchecked Sendable {
 
     /// Stops every node (SIGTERM, then SIGKILL after a grace period).
     public func stopAll() {
-        let all = lock.withLock { Array(processes.values) }
-        for p in all where p.isRunning { Glibc.kill(p.processIdentifier, SIGTERM) }
+        let all = lock.withLock { processes.map { ($0.value, outputs[$0.key]) } }
+        for (p, _) in all where p.isRunning { Glibc.kill(p.processIdentifier, SIGTERM) }
         let deadline = Date().addingTimeInterval(5)
-        for p in all {
-            while p.isRunning && Date() < deadline { usleep(20_000) }
-            if p.isRunning { Glibc.kill(p.processIdentifier, SIGKILL) }
+        for (p, output) in all {
+            // The end of a node's output is its exit (or, at worst, the grace period's end).
+            if p.isRunning, output?.waitForEnd(until: deadline) != true, p.isRunning { Glibc.kill(p.processIdentifier, SIGKILL) }
             p.waitUntilExit()
         }
         lock.withLock { processes.removeAll() }
     }
 
     deinit { stopAll() }
+}
+
+/// A node's output as it arrives, for waiting on a line. Bounded: the newest 1 MiB.
+final class NodeOutput: @unchecked Sendable {
+    static let charactersMax = 1 << 20
+    private let condition = NSCondition()
+    private var text = ""
+    private var ended = false
+
+    func append(_ more: String) {
+        condition.withLock {
+            text += more
+            if text.utf8.count > Self.charactersMax { text = String(text.suffix(Self.charactersMax / 4)) }
+            condition.broadcast()
+        }
+    }
+
+    func end() {
+        condition.withLock {
+            ended = true
+            condition.broadcast()
+        }
+    }
+
+    /// True once `needle` has been printed; false at `deadline` or the output's end without it.
+    func wait(for needle: String, until deadline: Date) -> Bool {
+        condition.withLock {
+            while !text.contains(needle) {
+                if ended || !condition.wait(until: deadline) { return text.contains(needle) }
+            }
+            return true
+        }
+    }
+
+    /// True once the output has ended (the process closed it: it exited); false at `deadline`.
+    func waitForEnd(until deadline: Date) -> Bool {
+        condition.withLock {
+            while !ended {
+                if !condition.wait(until: deadline) { return ended }
+            }
+            return true
+        }
+    }
 }
 
 final class LockedFlag: @unchecked Sendable {
