@@ -44,7 +44,7 @@ public final class Watchdog: @unchecked Sendable {
     private let intervalMs: Int64
     private let check: @Sendable () async -> Bool
     private var task: Task<Void, Never>?
-    private let lock = NSLock()
+    private let lock = NSCondition()
     private var rounds = 0
     private var pings = 0
 
@@ -61,6 +61,14 @@ public final class Watchdog: @unchecked Sendable {
     /// Rounds run and pings sent so far (for tests and metrics).
     public var counts: (rounds: Int, pings: Int) { lock.withLock { (rounds, pings) } }
 
+    /// Waits until `rounds` rounds have run (or `deadline` passed) and returns the counts then.
+    public func waitForRounds(_ rounds: Int, until deadline: Date) -> (rounds: Int, pings: Int) {
+        lock.withLock {
+            while self.rounds < rounds, lock.wait(until: deadline) {}
+            return (self.rounds, pings)
+        }
+    }
+
     public func start() {
         let halfMs = max(1, intervalMs / 2)
         task = Task { [check, lock] in
@@ -70,6 +78,7 @@ public final class Watchdog: @unchecked Sendable {
                 lock.withLock {
                     rounds += 1
                     if healthy { pings += 1 }
+                    lock.broadcast()
                 }
                 try? await Task.sleep(for: .milliseconds(halfMs))
             }

@@ -68,10 +68,9 @@ final class ServiceManagerTests: XCTestCase {
     }
 
     private func waitForRounds(_ watchdog: Watchdog, after rounds: Int) async -> (rounds: Int, pings: Int) {
-        let deadline = Date().addingTimeInterval(30)
-        while watchdog.counts.rounds < rounds && Date() < deadline { try? await Task.sleep(for: .milliseconds(5)) }
-        XCTAssertGreaterThanOrEqual(watchdog.counts.rounds, rounds, "the watchdog stopped running rounds")
-        return watchdog.counts
+        let counts = watchdog.waitForRounds(rounds, until: Date().addingTimeInterval(30))
+        XCTAssertGreaterThanOrEqual(counts.rounds, rounds, "the watchdog stopped running rounds")
+        return counts
     }
 }
 
