@@ -198,19 +198,39 @@ struct MonitorEnvironment {
                              "--primary-timeout-ms", String(MonitorProcessTests.primaryTimeoutMs), "--standby-timeout-ms", "1000",
                              "--startup-grace-ms", "60000", "--tick-interval-ms", "20", "--log-level", "notice"]
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        process.standardOutput = handle
-        process.standardError = handle
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
         if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
-        try process.run()
-        let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline {
-            let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-            if let range = text.range(of: "listen=https://127.0.0.1:") {
-                let digits = text[range.upperBound...].prefix { $0.isNumber }
-                if let port = Int(digits) { return MonitorHandle(process: process, port: port, log: log) }
+        // The port appears in the ready line: a reader thread copies the output to the log and
+        // signals when the line (or the output's end) comes; nothing polls.
+        let found = DispatchSemaphore(value: 0)
+        final class Seen: @unchecked Sendable { var text = ""; var port: Int?; var signalled = false }
+        let seen = Seen()
+        let output = pipe.fileHandleForReading
+        let reader = Thread {
+            while true {
+                let data = output.availableData
+                if data.isEmpty { break }
+                handle.write(data)
+                seen.text += String(decoding: data, as: UTF8.self)
+                if seen.port == nil, let range = seen.text.range(of: "listen=https://127.0.0.1:") {
+                    let digits = seen.text[range.upperBound...].prefix { $0.isNumber }
+                    if let port = Int(digits), seen.text[range.upperBound...].count > digits.count {
+                        seen.port = port
+                        seen.signalled = true
+                        found.signal()
+                    }
+                }
             }
-            guard process.isRunning else { throw XCTSkip("the monitor exited before it was ready: \(text)") }
-            usleep(20_000)
+            if !seen.signalled { found.signal() }
+        }
+        try process.run()
+        try? pipe.fileHandleForWriting.close()
+        reader.start()
+        if found.wait(timeout: .now() + 30) == .success {
+            if let port = seen.port { return MonitorHandle(process: process, port: port, log: log) }
+            throw MonitorTestError("the monitor exited before it was ready: \(seen.text)")
         }
         process.terminate()
         throw MonitorTestError("the monitor was not ready within 30 s; see \(log)")
@@ -250,10 +270,10 @@ struct MonitorHandle {
     /// SIGTERM, then waits (bounded) for the exit; SIGKILL past it.
     func stop() {
         guard process.isRunning else { return }
+        let exited = DispatchSemaphore(value: 0)
+        process.terminationHandler = { _ in exited.signal() }
         process.terminate()
-        let deadline = Date().addingTimeInterval(10)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        if process.isRunning, exited.wait(timeout: .now() + 10) == .timedOut { kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()
     }
 }
