@@ -5,9 +5,7 @@ import XCTest
 
 /// Tenants, users and authentication on real nodes (issue: anyone who reached a node's API port
 /// could read and change any tenant with plain curl and no credentials).
-final class AccountsTests: XCTestCase {
-    var directory: String!
-    var cluster: LocalCluster!
+final class AccountsTests: NodeProcessTestCase {
     var accounts: AccountsClient!
     static let passwords = ["alice": "alice-password-1", "bob": "bob-password-22", "ann": "ann-password-333", "gina": "gina-password-4444"]
 
@@ -22,11 +20,6 @@ final class AccountsTests: XCTestCase {
         try await accounts.createUser("bob", tenant: "acme", role: "reader", password: Self.passwords["bob"]!)
         try await accounts.createUser("ann", tenant: "acme", role: "admin", password: Self.passwords["ann"]!)
         try await accounts.createUser("gina", tenant: "globex", role: "writer", password: Self.passwords["gina"]!)
-    }
-
-    override func tearDown() async throws {
-        cluster?.stopAll()
-        if let directory { try? FileManager.default.removeItem(atPath: directory) }
     }
 
     /// A request as an application sends it: no client certificate, maybe basic auth.

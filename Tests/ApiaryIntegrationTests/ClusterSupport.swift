@@ -151,3 +151,31 @@ extension LocalCluster {
         return (promote.terminationStatus, String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
     }
 }
+
+/// Tests with real node processes: a working directory and a cluster per test. At teardown the
+/// nodes stop, a failed test prints each node's last log lines, and the directory goes (kept,
+/// with `APIARY_KEEP_FAILED`, when the test failed). Subclasses set both in `setUp` or the test.
+class NodeProcessTestCase: XCTestCase {
+    var directory: String!
+    var cluster: LocalCluster!
+
+    override func tearDown() async throws {
+        cluster?.stopAll()
+        // totalFailureCount also counts thrown errors, which failureCount misses on Linux.
+        let failed = (testRun?.totalFailureCount ?? 0) > 0
+        if failed, let directory {
+            for name in ["node-a", "node-b"] {
+                let log = (try? String(contentsOfFile: directory + "/logs/\(name).log", encoding: .utf8)) ?? ""
+                print("---- \(name) log (last lines) ----\n" + log.split(separator: "\n").suffix(40).joined(separator: "\n"))
+            }
+        }
+        cluster = nil
+        if let directory {
+            if failed, ProcessInfo.processInfo.environment["APIARY_KEEP_FAILED"] != nil {
+                print("kept \(directory) for inspection")
+            } else {
+                try? FileManager.default.removeItem(atPath: directory)
+            }
+        }
+    }
+}

@@ -9,28 +9,8 @@ import XCTest
 /// node stops itself there through a test seam (`APIARY_TEST_EXIT_AT`, `TestExitPoint.swift`):
 /// `_exit` keeps the page cache, as a `kill -9` does, so SQLite's recovery at the next open sees
 /// whatever the WAL holds.
-final class CrashWindowTests: XCTestCase {
-    var directory: String!
-    var cluster: LocalCluster!
+final class CrashWindowTests: NodeProcessTestCase {
     let tenant = [("X-Apiary-Tenant", "acme")]
-
-    override func tearDown() async throws {
-        cluster?.stopAll()
-        if let run = testRun, run.totalFailureCount > 0, let directory {
-            for name in ["node-a", "node-b"] {
-                let log = (try? String(contentsOfFile: directory + "/logs/\(name).log", encoding: .utf8)) ?? ""
-                print("---- \(name) log (last lines) ----\n" + log.split(separator: "\n").suffix(30).joined(separator: "\n"))
-            }
-        }
-        cluster = nil
-        if let directory {
-            if let run = testRun, run.totalFailureCount > 0, ProcessInfo.processInfo.environment["APIARY_KEEP_FAILED"] != nil {
-                print("kept \(directory) for inspection")
-            } else {
-                try? FileManager.default.removeItem(atPath: directory)
-            }
-        }
-    }
 
     /// Starts the nodes; the primary with the seam armed at `exitAt`. Restarts go without it.
     func startCluster(primaryArguments: [String], withStandby: Bool, exitAt: String) throws {

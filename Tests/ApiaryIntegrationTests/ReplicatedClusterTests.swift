@@ -9,33 +9,13 @@ import NIOPosix
 import XCTest
 
 /// Two real `apiary node` processes on loopback, replicating over mutual TLS.
-final class ReplicatedClusterTests: XCTestCase {
-    var directory: String!
-    var cluster: LocalCluster!
+final class ReplicatedClusterTests: NodeProcessTestCase {
 
     override func setUp() async throws {
         directory = NSTemporaryDirectory() + "apiary-it-" + UUID().uuidString
         cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
                                primaryArguments: ["--standby-wait-ms", "1000"], standbyArguments: ["--log-level", "debug"])
         try cluster.startBoth()
-    }
-
-    override func tearDown() async throws {
-        cluster?.stopAll()
-        if let run = testRun, run.failureCount > 0, let directory {
-            for name in ["node-a", "node-b"] {
-                let log = (try? String(contentsOfFile: directory + "/logs/\(name).log", encoding: .utf8)) ?? ""
-                print("---- \(name) log (last lines) ----\n" + log.split(separator: "\n").suffix(40).joined(separator: "\n"))
-            }
-        }
-        cluster = nil
-        if let directory {
-            if let run = testRun, run.failureCount > 0, ProcessInfo.processInfo.environment["APIARY_KEEP_FAILED"] != nil {
-                print("kept \(directory) for inspection")
-            } else {
-                try? FileManager.default.removeItem(atPath: directory)
-            }
-        }
     }
 
     var api: APIClient { APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem") }

@@ -7,26 +7,13 @@ import XCTest
 /// A node's role and epoch belong to the cluster (its durable state), not to a flag or a peer
 /// (issue: a promoted node restarted with its old flags came back as a standby; a standby took
 /// whatever epoch its primary announced; a primary that saw a newer epoch went on serving).
-final class RoleAndEpochTests: XCTestCase {
-    var directory: String!
-    var cluster: LocalCluster!
+final class RoleAndEpochTests: NodeProcessTestCase {
 
     override func setUp() async throws {
         directory = NSTemporaryDirectory() + "apiary-roles-" + UUID().uuidString
         cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
                                primaryArguments: ["--standby-wait-ms", "1000"])
         try cluster.prepareCertificates()
-    }
-
-    override func tearDown() async throws {
-        cluster?.stopAll()
-        if let run = testRun, run.failureCount > 0, let directory {
-            for name in ["node-a", "node-b"] {
-                let log = (try? String(contentsOfFile: directory + "/logs/\(name).log", encoding: .utf8)) ?? ""
-                print("---- \(name) log (last lines) ----\n" + log.split(separator: "\n").suffix(30).joined(separator: "\n"))
-            }
-        }
-        if let directory { try? FileManager.default.removeItem(atPath: directory) }
     }
 
     func stateFile(_ spec: LocalCluster.NodeSpec) -> String { directory + "/\(spec.name)/node-state" }

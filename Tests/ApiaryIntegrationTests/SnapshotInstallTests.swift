@@ -8,28 +8,8 @@ import XCTest
 /// writes more than its small log keeps, as in `SnapshotCatchUpTests`), starts the standby with
 /// the test seam armed at one step (`APIARY_TEST_EXIT_AT`, `TestExitPoint.swift`: `_exit` there,
 /// page cache kept, as a `kill -9` would), and restarts it without the seam.
-final class SnapshotInstallTests: XCTestCase {
-    var directory: String!
-    var cluster: LocalCluster!
+final class SnapshotInstallTests: NodeProcessTestCase {
     let tenant = [("X-Apiary-Tenant", "acme")]
-
-    override func tearDown() async throws {
-        cluster?.stopAll()
-        if let run = testRun, run.totalFailureCount > 0, let directory {
-            for name in ["node-a", "node-b"] {
-                let log = (try? String(contentsOfFile: directory + "/logs/\(name).log", encoding: .utf8)) ?? ""
-                print("---- \(name) log (last lines) ----\n" + log.split(separator: "\n").suffix(30).joined(separator: "\n"))
-            }
-        }
-        cluster = nil
-        if let directory {
-            if let run = testRun, run.totalFailureCount > 0, ProcessInfo.processInfo.environment["APIARY_KEEP_FAILED"] != nil {
-                print("kept \(directory) for inspection")
-            } else {
-                try? FileManager.default.removeItem(atPath: directory)
-            }
-        }
-    }
 
     // MARK: - One test per step
 
