@@ -1,5 +1,6 @@
 // swift-tools-version:6.1
-// The target graph is the architecture: pure cores (ApiaryCore, ApiaryReplication) import
+// The target graph is the architecture: pure cores (ApiaryCore, ApiaryReplication, ApiaryMonitor,
+// ApiaryKeeper) import
 // no NIO, no SQLite and no networking; shells (ApiaryStorage, ApiaryNode) own I/O.
 import PackageDescription
 
@@ -28,6 +29,8 @@ let package = Package(
         .target(name: "ApiaryReplication", dependencies: ["ApiaryCore"]),
         /// The health monitor's decisions (DESIGN §6): node goals, promotion, the epoch. Events in, actions out.
         .target(name: "ApiaryMonitor", dependencies: ["ApiaryCore", "ApiaryReplication"]),
+        /// The node's half of the monitor protocol: from a goal to the steps that reach it. Events in, steps out.
+        .target(name: "ApiaryKeeper", dependencies: ["ApiaryCore", "ApiaryReplication", "ApiaryMonitor"]),
 
         // MARK: Storage
         .systemLibrary(
@@ -57,7 +60,7 @@ let package = Package(
         ]),
         /// A node process: storage + log + replication over mTLS + the HTTPS client endpoint.
         .target(name: "ApiaryNode", dependencies: [
-            "ApiaryCore", "ApiaryReplication", "ApiaryLog", "ApiaryStorage", "ApiaryTLS", "ApiaryLifecycle",
+            "ApiaryCore", "ApiaryReplication", "ApiaryMonitor", "ApiaryKeeper", "ApiaryLog", "ApiaryStorage", "ApiaryTLS", "ApiaryLifecycle",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOTLS", package: "swift-nio"),
@@ -77,7 +80,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "apiary", dependencies: [
-            "ApiaryNode", "ApiaryTLS", "ApiaryMonitorService",
+            "ApiaryNode", "ApiaryTLS", "ApiaryMonitor", "ApiaryMonitorService",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -91,6 +94,7 @@ let package = Package(
         .target(name: "SimulationSupport", path: "Tests/SimulationSupport"),
         .testTarget(name: "ApiaryReplicationTests", dependencies: ["ApiaryReplication", "SimulationSupport"]),
         .testTarget(name: "ApiaryMonitorTests", dependencies: ["ApiaryMonitor", "ApiaryReplication", "ApiaryCore", "SimulationSupport"]),
+        .testTarget(name: "ApiaryKeeperTests", dependencies: ["ApiaryKeeper", "ApiaryMonitor", "ApiaryReplication", "ApiaryCore"]),
         .testTarget(name: "ApiaryMonitorServiceTests", dependencies: [
             "ApiaryMonitorService", "ApiaryMonitor", "ApiaryCore", "ApiaryReplication", "ApiaryTLS", "ApiaryNode", "ApiaryLifecycle", "CSQLite",
             .product(name: "NIOCore", package: "swift-nio"),
@@ -117,7 +121,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "ApiaryIntegrationTests", dependencies: [
-            "ApiaryNode", "ApiaryStorage", "ApiaryTLS", "ApiaryReplication",
+            "ApiaryNode", "ApiaryStorage", "ApiaryTLS", "ApiaryReplication", "ApiaryMonitor",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOTLS", package: "swift-nio"),

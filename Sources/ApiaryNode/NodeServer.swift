@@ -1,6 +1,8 @@
 import ApiaryCore
 import ApiaryLifecycle
+import ApiaryKeeper
 import ApiaryLog
+import ApiaryMonitor
 import ApiaryReplication
 import ApiaryStorage
 import ApiaryTLS
@@ -43,6 +45,12 @@ public struct NodeConfiguration: Sendable {
     public var replication = ReplicationConfig()
     /// Segment size and retention of every tenant's replication log.
     public var log = ReplicationLog.Options()
+    /// The monitor's address: with one, the node's keeper heartbeats to it and follows its
+    /// goals (docs/monitor.md); without, the role changes only by an operator's promote.
+    public var monitorHost: String?
+    public var monitorPort = 4100
+    /// How often the keeper heartbeats to the monitor (well under its primary timeout).
+    public var keeperIntervalMs: Int64 = 100
 
     public init(name: String, role: Role, dataDirectory: String, certificatesDirectory: String) {
         self.name = name
@@ -77,12 +85,16 @@ public enum NodeServer {
         let group = MultiThreadedEventLoopGroup.singleton
         let roles = NodeRoles(config: config, state: state, layout: layout, group: group, credentials: credentials, logger: logger)
         switch state.role {
-        case .primary: try await roles.startPrimary(epoch: state.epoch, mode: state.mode)
+        case .primary: try await roles.startPrimary(epoch: state.epoch, mode: state.mode, standby: config.standbyName)
         case .standby: try roles.startStandby(epoch: state.epoch)
         case .demoted: roles.startDemoted(epoch: state.epoch)
         }
 
         defer { roles.stop() }
+        if let host = config.monitorHost {
+            roles.keeper = NodeKeeper(roles: roles, state: state, monitorHost: host, monitorPort: config.monitorPort,
+                                      tls: credentials.clusterClient(), group: group, intervalMs: config.keeperIntervalMs, logger: logger)
+        }
         let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
         let server = try await APIServer.start(service: roles, accounts: roles, credentials: credentials, certificate: apiCertificate,
                                                host: config.apiHost, port: config.apiPort,
@@ -91,6 +103,7 @@ public enum NodeServer {
         print("apiary node \(config.name) ready: role=\(state.role.rawValue) epoch=\(state.epoch.rawValue) api=https://\(config.apiHost):\(server.port)")
         fflush(stdout)
         ServiceManager.ready(status: roles.statusLine)
+        roles.keeper?.start()
         var watchdog: Watchdog?
         if let intervalMs = ServiceManager.watchdogIntervalMs() {
             watchdog = Watchdog(intervalMs: intervalMs) { await roles.isHealthy(withinMs: intervalMs / 2) }
@@ -101,6 +114,7 @@ public enum NodeServer {
         logger.notice("shutting down", metadata: ["signal": "\(signal)"])
         ServiceManager.stopping()
         watchdog?.stop()
+        roles.keeper?.stop()
         await server.close()
     }
 
@@ -152,6 +166,26 @@ public enum NodeServer {
         thread.start()
     }
 
+    /// Replaces this process with a fresh start of the same command (same pid, arguments and
+    /// environment): the node's durable state decides what it starts as. A primary that stepped
+    /// down under a monitor does this to let go of every tenant it held open, so that it can
+    /// rejoin as a standby: a restart is the one path that is already proven to leave nothing
+    /// half-closed.
+    static func restartInPlace(logger: Logger) -> Never {
+        logger.notice("restarting in place to take up the node's new role")
+        fflush(stdout)
+        fflush(stderr)
+        // Nothing past stderr survives into the new image (sockets, logs, databases).
+        if let fds = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd") {
+            for fd in fds.compactMap(Int32.init) where fd > 2 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        }
+        var argv = CommandLine.arguments.map { strdup($0) }
+        argv.append(nil)
+        execv("/proc/self/exe", &argv)
+        logger.critical("cannot restart in place", metadata: ["error": "\(String(cString: strerror(errno)))"])
+        exit(75)
+    }
+
     /// The cores want a tick at least every heartbeatIntervalMs / 2.
     static func tickMs(_ config: NodeConfiguration) -> Int64 { max(5, config.replication.heartbeatIntervalMs / 4) }
 }
@@ -170,6 +204,9 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
     private let lock = NSLock()
     private var current: (any SQLService)?
     private var standby: StandbyNode?
+    private var primary: PrimaryNode?
+    /// Set before the API starts when the node runs under a monitor.
+    var keeper: NodeKeeper?
     private var resources: [() -> Void] = []
     /// The node's role and epoch, as its state file holds them (written before each change).
     private var state: NodeState
@@ -192,10 +229,10 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         }
     }
 
-    func startPrimary(epoch: Epoch, mode: ReplicationMode) async throws {
+    func startPrimary(epoch: Epoch, mode: ReplicationMode, standby: NodeID?) async throws {
         let loop = replicationGroup.next()
         let primary = try PrimaryNode(name: config.name, epoch: epoch, mode: mode, config: config.replication,
-                                      standby: config.standbyName, layout: layout, logOptions: config.log, loop: loop, logger: logger)
+                                      standby: standby, layout: layout, logOptions: config.log, loop: loop, logger: logger)
         let channel = try await ClusterTransport.listen(host: config.replicationHost, port: config.replicationPort, group: replicationGroup,
                                                         credentials: credentials, ids: ids, events: primary, driverLoop: loop)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in primary.tick() }
@@ -204,6 +241,7 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         logger.notice("primary", metadata: ["epoch": "\(epoch)", "mode": "\(mode)", "replication": "\(channel.localAddress.map { "\($0)" } ?? "?")"])
         lock.withLock {
             current = PrimarySQLService(node: primary, epoch: epoch)
+            self.primary = primary
             accountStore = AccountStore(node: primary)
             resources.append { ticker.cancel(); channel.close(promise: nil) }
         }
@@ -249,10 +287,14 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         lock.withLock {
             state = demoted
             current = DemotedSQLService(name: config.name, epoch: demoted.epoch, node: primary)
+            self.primary = nil
             accountStore = nil
         }
         ServiceManager.status(statusLine)
-        logger.warning("demoted: a peer showed epoch \(newer), newer than this primary's \(demoted.epoch); no more commits or reads here")
+        logger.warning("demoted: epoch \(newer) or later exists, newer than this primary's \(demoted.epoch); no more commits or reads here")
+        // Under a monitor the node rejoins as a standby: it starts afresh as `demoted`, its
+        // tenants closed, and its keeper takes it from there.
+        if keeper != nil { NodeServer.restartInPlace(logger: logger) }
     }
 
     func stop() {
@@ -322,10 +364,23 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
     }
     func listUsers(tenant: TenantID) async throws -> [(name: String, role: UserRole)] { try await accounts.listUsers(tenant: tenant) }
 
-    /// Standby → primary of epoch + 1, committing alone (`single`) until a standby is set up
-    /// again (the monitor, next issue, will drive this and the old primary's rejoin).
+    /// An operator's promotion of a node that runs without a monitor: standby → primary of
+    /// epoch + 1, committing alone (`single`). Under a monitor it is refused: the monitor
+    /// decides promotions (`apiary ctl promote`), and a promotion behind its back would give
+    /// an epoch two writers.
     func promote() async throws -> [UInt8] {
-        if let candidate = lock.withLock({ standby }), let refusal = await candidate.promotionRefusal() {
+        guard keeper == nil else {
+            throw APIError(.conflict, "this node follows the monitor's goals: promote it through the monitor (apiary ctl promote NODE --monitor HOST:PORT)")
+        }
+        let epoch = try await promote(toEpoch: nil, setup: PrimarySetup(mode: .single, standby: nil))
+        return Array("{\"promoted\":true,\"epoch\":\(epoch.rawValue)}".utf8)
+    }
+
+    /// Standby → primary of `epoch` (nil: the standby's epoch + 1) set up as `setup` says.
+    /// - Returns: the new epoch.
+    @discardableResult
+    func promote(toEpoch target: Epoch?, setup: PrimarySetup) async throws -> Epoch {
+        if let candidate = lock.withLock({ standby }), let refusal = await candidate.promotionRefusal(into: target) {
             throw APIError(.conflict, "not promoted: \(refusal)")
         }
         guard let node = lock.withLock({ () -> StandbyNode? in
@@ -337,23 +392,82 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         let promoted: NodeState
         do {
             let old = try await node.stopForPromotion()
-            promoted = NodeState(role: .standby, epoch: old, mode: config.mode).promoted()
+            let epoch = target ?? old.next
+            precondition(epoch > old, "promotion into epoch \(epoch), not newer than the standby's \(old)")
+            promoted = NodeState(role: .primary, epoch: epoch, mode: setup.mode)
             // Durable before it acts: a restart comes back as this primary, whatever --role says.
             try NodeStateFile(path: layout.nodeState).write(promoted)
         } catch {
             // The standby has stopped replicating and serves nothing: a restart (systemd's)
             // brings it back as the standby its state file still says it is.
             logger.critical("promotion failed; stopping so that a restart brings the standby back", metadata: ["error": "\(error)"])
+            if keeper != nil { NodeServer.restartInPlace(logger: logger) }
             exit(75)
         }
         lock.withLock { state = promoted }
         let epoch = promoted.epoch
         for release in lock.withLock({ resources }) { release() }
         lock.withLock { resources.removeAll() }
-        try await startPrimary(epoch: epoch, mode: promoted.mode)
+        try await startPrimary(epoch: epoch, mode: promoted.mode, standby: setup.standby)
+        if setup.draining { try await lock.withLock({ primary })?.configure(mode: setup.mode, standby: setup.standby, draining: true) }
         ServiceManager.status(statusLine)
-        logger.notice("promoted to primary", metadata: ["epoch": "\(epoch)"])
-        return Array("{\"promoted\":true,\"epoch\":\(epoch.rawValue)}".utf8)
+        logger.notice("promoted to primary", metadata: ["epoch": "\(epoch)", "setup": "\(setup)"])
+        return epoch
+    }
+
+    // MARK: The keeper's steps
+
+    /// What the keeper reports to the monitor, from the replication shell of the current role.
+    func keeperFigures() async -> (tenants: [TenantID: TenantReport], streaming: Bool) {
+        let (primary, standby) = lock.withLock { (self.primary, self.standby) }
+        if let primary { return await primary.keeperFigures() }
+        if let standby { return await standby.keeperFigures() }
+        return ([:], false)
+    }
+
+    /// Carries out one keeper step (``KeeperStep``); throws when the node is as it was.
+    func carryOut(_ step: KeeperStep) async throws {
+        let stateFile = NodeStateFile(path: layout.nodeState)
+        switch step {
+        case .stepDown:
+            guard let primary = lock.withLock({ primary }) else { throw NodeError("not a primary") }
+            // The core's step-down ends in `demote`, which records it and restarts in place.
+            try await primary.stepDownOrdered()
+        case .adoptEpoch(let epoch):
+            guard let adopted = lock.withLock({ state }).adopting(epoch, from: .monitor) else { return }
+            try stateFile.write(adopted)
+            lock.withLock { state = adopted }
+            try await lock.withLock({ standby })?.adoptEpoch(epoch)
+            ServiceManager.status(statusLine)
+        case .promote(let epoch, let setup):
+            try await promote(toEpoch: epoch, setup: setup)
+        case .configurePrimary(let setup):
+            guard let primary = lock.withLock({ primary }) else { throw NodeError("not a primary") }
+            var next = lock.withLock { state }
+            if next.mode != setup.mode {
+                // Durable first: a restart must come back in the mode the monitor knows of.
+                next.mode = setup.mode
+                try stateFile.write(next)
+                lock.withLock { state = next }
+            }
+            try await primary.configure(mode: setup.mode, standby: setup.standby, draining: setup.draining)
+            ServiceManager.status(statusLine)
+        case .follow(let primaryName):
+            let now = lock.withLock { state }
+            guard now.role == .demoted, lock.withLock({ primary == nil && standby == nil }) else {
+                throw NodeError("only a demoted node that holds no tenant open rejoins as a standby")
+            }
+            let prepared = try StandbyPreparation.prepare(layout: layout, logOptions: config.log, logger: logger)
+            logger.notice("rejoining as the standby of \(primaryName)", metadata: [
+                "held": "\(prepared.map(\.description).joined(separator: ", "))",
+                "note": "the primary keeps what it shares and replaces the rest with a snapshot",
+            ])
+            let standbyState = NodeState(role: .standby, epoch: now.epoch, mode: now.mode)
+            try stateFile.write(standbyState)
+            lock.withLock { state = standbyState }
+            try startStandby(epoch: standbyState.epoch)
+            ServiceManager.status(statusLine)
+        }
     }
 }
 
@@ -439,7 +553,7 @@ struct PrimarySQLService: SQLService {
         switch rejected.failure {
         case .outcomeUnknown?: return APIError(.outcomeUnknown, rejected.message)
         case .recordTooLarge?: return APIError(.badRequest, rejected.message)
-        case .standbyUnavailable?, .overloaded?, .steppedDown?, nil: return APIError(.notExecuted, rejected.message)
+        case .standbyUnavailable?, .overloaded?, .steppedDown?, .draining?, nil: return APIError(.notExecuted, rejected.message)
         }
     }
 }

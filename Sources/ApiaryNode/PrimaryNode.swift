@@ -1,5 +1,6 @@
 import ApiaryCore
 import ApiaryLog
+import ApiaryMonitor
 import ApiaryReplication
 import ApiaryStorage
 import ApiaryTLS
@@ -82,7 +83,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         for (_, tenant) in opened { try openDatabase(tenant) }
     }
 
-    private static func openTenantLog(_ id: TenantID, layout: DataLayout, options: ReplicationLog.Options) throws -> PrimaryTenant {
+    static func openTenantLog(_ id: TenantID, layout: DataLayout, options: ReplicationLog.Options) throws -> PrimaryTenant {
         try layout.createTenantDirectory(id)
         return PrimaryTenant(id: id, log: try ReplicationLog(directory: layout.log(id), options: options))
     }
@@ -102,10 +103,10 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         if isNew && last.lsn > 0 {
             throw NodeError("tenant \(tenant.id): the log reaches lsn \(last.lsn) but the database file is missing")
         }
-        if !isNew { try discardWALCommitsTheLogLacks(tenant, path: path) }
+        if !isNew { try Self.discardWALCommitsTheLogLacks(tenant, path: path, logger: logger) }
         tenant.database = try TenantDatabase(tenant: tenant.id, path: path, sink: self) { hashes in
             guard !isNew, hashes.checksum != last.checksum else { return }
-            try self.redo(tenant, from: hashes.checksum, path: path)
+            try Self.redo(tenant, from: hashes.checksum, path: path, logger: self.logger)
         }
     }
 
@@ -121,7 +122,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     /// latest whose checksum the log holds and invalidate the frames after it. The log is read
     /// from its end, as the redo does: normally its last record is the match. When no state
     /// matches, the WAL is left alone and the redo reports the disagreement.
-    private func discardWALCommitsTheLogLacks(_ tenant: PrimaryTenant, path: String) throws {
+    static func discardWALCommitsTheLogLacks(_ tenant: PrimaryTenant, path: String, logger: Logger) throws {
         let states = try WALRecovery.states(ofDatabase: path)
         guard let recovered = states.last else { return }
         var latest: [UInt64: WALRecovery.State] = [:]
@@ -146,7 +147,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     /// (the log is durable first, see `isDurableOnCommit`), so after a crash SQLite recovers
     /// some prefix of the commits; the checksum says which lsn it ended at, and the log's
     /// records after it are written again (whole page images: idempotent).
-    private func redo(_ tenant: PrimaryTenant, from checksum: UInt64, path: String) throws {
+    static func redo(_ tenant: PrimaryTenant, from checksum: UInt64, path: String, logger: Logger) throws {
         let (last, base) = tenant.withLog { ($0.last, $0.base) }
         var lsn = last.lsn
         var found: LSN?
@@ -320,6 +321,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         case .overloaded: return "overloaded: too many commits waiting for the standby; the write was not applied"
         case .recordTooLarge: return "transaction too large to replicate; the write was not applied"
         case .steppedDown: return "not primary: this node stepped down; the write was not applied"
+        case .draining: return "not applied: a switchover is in progress; retry (the new primary takes writes in moments)"
         }
     }
 
@@ -475,6 +477,37 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         get async {
             (try? await loop.submit { self.core.holdsLease(now: monotonicNowMs()) }.get()) ?? false
         }
+    }
+
+    // MARK: - The keeper's
+
+    /// Stops committing and serving strong reads now (the monitor's word); the core's
+    /// `.stepDown` then changes the node's role (`onSteppedDown`).
+    func stepDownOrdered() async throws {
+        try await loop.submit { self.interpret(self.core.onStepDownOrdered(now: monotonicNowMs())) }.get()
+    }
+
+    /// Commits in `mode`, accepts only `standby`, takes new commits unless `draining`.
+    func configure(mode: ReplicationMode, standby: NodeID?, draining: Bool) async throws {
+        try await loop.submit {
+            let now = monotonicNowMs()
+            self.interpret(self.core.onStandbyAssigned(standby, now: now))
+            self.interpret(self.core.onModeChanged(mode, now: now))
+            self.interpret(self.core.onDrainingChanged(draining, now: now))
+        }.get()
+    }
+
+    /// For the monitor: per tenant the committed lsn and what the standby acknowledged on the
+    /// current stream; whether a standby streams.
+    func keeperFigures() async -> (tenants: [TenantID: TenantReport], streaming: Bool) {
+        (try? await loop.submit {
+            var tenants: [TenantID: TenantReport] = [:]
+            for id in self.core.tenantIDs {
+                guard let s = self.core.status(of: id) else { continue }
+                tenants[id] = TenantReport(lsn: s.committedLSN, standbyLSN: s.standbyAckedLSN)
+            }
+            return (tenants, self.core.standbyConnection != nil)
+        }.get()) ?? ([:], false)
     }
 
     var standbyConnected: Bool {

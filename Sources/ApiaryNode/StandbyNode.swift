@@ -1,5 +1,6 @@
 import ApiaryCore
 import ApiaryLog
+import ApiaryMonitor
 import ApiaryReplication
 import ApiaryStorage
 import ApiaryTLS
@@ -504,11 +505,12 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     /// - Returns: the epoch the node was in.
     /// Why this standby must not be promoted, or nil. A standby that refused a newer epoch
     /// from its primary would become primary of an epoch that already has one (invariant 3).
-    func promotionRefusal() async -> String? {
+    /// - Parameter target: the epoch the monitor promotes it into (nil: the next one).
+    func promotionRefusal(into target: Epoch?) async -> String? {
         do {
             return try await loop.submit { () -> String? in
                 if let fatal = self.fatal { return "this standby stopped replicating: \(fatal)" }
-                if let refused = self.refusedEpoch {
+                if let refused = self.refusedEpoch, refused >= target ?? self.core.epoch.next {
                     return "its primary is in epoch \(refused), newer than this standby's \(self.core.epoch): promoting it would make a second primary of that epoch"
                 }
                 return nil
@@ -560,6 +562,30 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                                     checksum: applied.checksum, appliedLSN: applied.lsn, standbyAckedLSN: nil)
             }
         }.get()) ?? []
+    }
+
+    // MARK: - The keeper's
+
+    /// The monitor's newer epoch: the stream of the older one ends (its primary is stale) and
+    /// the next hello carries this one. The caller has recorded it durably.
+    func adoptEpoch(_ epoch: Epoch) async throws {
+        try await loop.submit {
+            if let refused = self.refusedEpoch, refused <= epoch { self.refusedEpoch = nil }
+            self.interpret(self.core.onEpochChanged(epoch, now: monotonicNowMs()))
+        }.get()
+    }
+
+    /// For the monitor: per tenant the last lsn durable in the log; whether the primary's
+    /// stream is up (false confirms that this standby lost it).
+    func keeperFigures() async -> (tenants: [TenantID: TenantReport], streaming: Bool) {
+        (try? await loop.submit {
+            var tenants: [TenantID: TenantReport] = [:]
+            for id in self.core.tenantIDs {
+                guard let s = self.core.status(of: id) else { continue }
+                tenants[id] = TenantReport(lsn: s.persistedLSN)
+            }
+            return (tenants, self.fatal == nil && !self.promoting && self.core.streamingConnection != nil)
+        }.get()) ?? ([:], false)
     }
 
     var epoch: Epoch { get async { (try? await loop.submit { self.core.epoch }.get()) ?? .zero } }

@@ -133,8 +133,11 @@ public struct ReplicationConfig: Hashable, Sendable {
     public var peerTimeoutMs: Milliseconds = 1_000
     /// The longest a sync-mode commit waits for the standby before it fails (invariant 8).
     public var standbyWaitMs: Milliseconds = 2_000
-    /// The lease each standby ack grants (DESIGN §6).
-    public var leaseMs: Milliseconds = 2_000
+    /// The lease each standby ack and heartbeat grants (DESIGN §6). A promoted standby waits
+    /// out its last grant (plus the drift margin) before it commits, so this bounds how long a
+    /// failover takes once the monitor decided; grants come every heartbeat, so a lease much
+    /// longer than a few heartbeats buys nothing but a slower failover.
+    public var leaseMs: Milliseconds = 500
     /// How much longer than its last lease a standby waits before it may be promoted: the two
     /// nodes measure the lease on their own clocks, which may run at slightly different rates
     /// (DESIGN §6). Clocks keep running while a machine is suspended (CLOCK_BOOTTIME).

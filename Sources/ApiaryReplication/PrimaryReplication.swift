@@ -59,6 +59,9 @@ public enum CommitFailure: Hashable, Sendable, CustomStringConvertible {
     case recordTooLarge
     /// This node stepped down before the record was sent anywhere. Not committed.
     case steppedDown
+    /// A switchover is in progress: the primary takes no new commit while its standby catches
+    /// up to hand over. Not committed: safe to retry (on the new primary, moments later).
+    case draining
 
     public var description: String {
         switch self {
@@ -67,6 +70,7 @@ public enum CommitFailure: Hashable, Sendable, CustomStringConvertible {
         case .overloaded: return "too many commits waiting for the standby"
         case .recordTooLarge: return "transaction too large to replicate"
         case .steppedDown: return "this node is no longer the primary"
+        case .draining: return "a switchover is in progress"
         }
     }
 }
@@ -150,8 +154,10 @@ public struct PrimaryReplication: Sendable {
     public let epoch: Epoch
     public let config: ReplicationConfig
     /// The only node that may connect as the standby; nil: no node may (none is assigned).
-    public let standbyNodeID: NodeID?
+    public private(set) var standbyNodeID: NodeID?
     public private(set) var mode: ReplicationMode
+    /// A switchover is handing over: no new commit is taken (``onDrainingChanged(_:now:)``).
+    public private(set) var draining = false
     /// The newer epoch that made this node step down; nil while it is primary.
     public private(set) var steppedDownTo: Epoch?
     /// Until when the standby promised not to be promoted, measured on this node's clock
@@ -220,6 +226,7 @@ public struct PrimaryReplication: Sendable {
     /// epoch) and MUST keep the commit invisible until `.commitDurable` for it.
     public mutating func onLocalRecord(_ tenant: TenantID, _ record: Record, now: Milliseconds) -> [PrimaryAction] {
         guard steppedDownTo == nil else { return [.commitFailed(tenant, record.lsn, .steppedDown)] }
+        guard !draining else { return [.commitFailed(tenant, record.lsn, .draining)] }
         if tenants[tenant] == nil {
             tenants[tenant] = TenantLog(log: PrimaryTenantLog(last: .empty), recentMax: config.unappliedRecordsMax + config.pendingCommitsMax + 1)
         }
@@ -265,6 +272,36 @@ public struct PrimaryReplication: Sendable {
             actions += completeCommits(tenant, through: tenants[tenant]!.lastLSN)
         }
         return actions
+    }
+
+    /// The monitor assigned `standby` as the only node that may replicate from this primary
+    /// (nil: none). A standby attached under another name is dropped: the topology no longer
+    /// names it, and a commit must not count its ack.
+    public mutating func onStandbyAssigned(_ standby: NodeID?, now: Milliseconds) -> [PrimaryAction] {
+        guard standby != standbyNodeID else { return [] }
+        standbyNodeID = standby
+        var actions: [PrimaryAction] = []
+        for (connection, candidate) in candidates.sorted(by: { $0.key.rawValue < $1.key.rawValue }) where candidate.peer.nodeID != standby {
+            actions += reject(connection, .unexpectedPeer, "node '\(candidate.peer.nodeID)' is no longer this primary's standby")
+        }
+        if let current = link, current.peer.nodeID != standby {
+            actions += reject(current.connection, .unexpectedPeer, "node '\(current.peer.nodeID)' is no longer this primary's standby")
+        }
+        return actions
+    }
+
+    /// The monitor told this primary to step down (a newer epoch exists, or is about to):
+    /// commits and strong reads stop at once, as when a peer shows a newer epoch.
+    public mutating func onStepDownOrdered(now: Milliseconds) -> [PrimaryAction] {
+        guard steppedDownTo == nil else { return [] }
+        return stepDown(to: epoch.next, now: now)
+    }
+
+    /// A switchover begins (`true`: take no new commit; those already waiting finish as usual,
+    /// and the stream goes on until the standby holds everything) or is called off.
+    public mutating func onDrainingChanged(_ draining: Bool, now: Milliseconds) -> [PrimaryAction] {
+        self.draining = draining
+        return []
     }
 
     /// The log dropped records before `firstLSN` (they live on in the database).

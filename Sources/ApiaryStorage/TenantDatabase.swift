@@ -148,7 +148,9 @@ public final class TenantDatabase: @unchecked Sendable {
         try checkFormat(c)
     }
 
-    private static func checkpointAndCheckFormat(path: String) throws {
+    /// Folds an existing database's WAL into its file (SQLite recovers the committed frames on
+    /// open) and empties it, after checking that the file is in Apiary's format.
+    public static func checkpointAndCheckFormat(path: String) throws {
         let c = try SQLiteConnection(path: path, readOnly: false)
         try checkFormat(c)
         // Folds the WAL into the file (SQLite recovers committed frames on open) and empties it.

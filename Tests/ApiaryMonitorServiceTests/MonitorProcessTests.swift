@@ -1,3 +1,4 @@
+import ApiaryMonitor
 import ApiaryLifecycle
 import ApiaryMonitorService
 import ApiaryNode

@@ -698,7 +698,7 @@ final class Simulation {
         switch failure {
         case .outcomeUnknown:
             break
-        case .standbyUnavailable, .overloaded, .recordTooLarge, .steppedDown:
+        case .standbyUnavailable, .overloaded, .recordTooLarge, .steppedDown, .draining:
             // Invariant 9: "not committed" must be true: the standby must not hold the record
             // nor be about to receive it.
             if let holder = whereStandbyMayHold(tenantIDs[i], write.summary) {

@@ -1,4 +1,5 @@
 import ApiaryMonitorService
+import ApiaryMonitor
 import ApiaryNode
 import ApiaryTLS
 import ArgumentParser

@@ -1,3 +1,4 @@
+import ApiaryMonitor
 import ApiaryMonitorService
 import ApiaryNode
 import ApiaryTLS

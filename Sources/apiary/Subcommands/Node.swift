@@ -26,7 +26,11 @@ struct Node: AsyncParsableCommand {
     @Option(help: "Directory with ca.pem and this node's certificate and key.") var certs = "certs"
     @Option(help: "HTTPS API address (host:port).") var api = Address(argument: "127.0.0.1:4001")!
     @Option(help: "Primary: replication listen address (host:port).") var replication = Address(argument: "127.0.0.1:4002")!
-    @Option(help: "Standby: the primary's replication address (host:port).") var primary: Address?
+    @Option(help: "Standby: the primary's replication address (host:port). Same as --peer.") var primary: Address?
+    @Option(help: "The other node's replication address (host:port): the primary this node follows whenever it is the standby.") var peer: Address?
+    @Option(help: "The monitor's address (host:port): the node then follows the monitor's goals (promotion, step-down, rejoin); without it only an operator's promote changes its role.") var monitor: Address?
+    @Option(help: "With --monitor: how often the node heartbeats to it.") var keeperIntervalMs: Int64 = 100
+    @Option(help: "The lease each standby ack grants; a promoted standby waits out its last one. Both nodes should use the same value.") var leaseMs: Int64 = 500
     @Option(help: "Primary: sync (every commit waits for the standby), wait-primary (commits alone, still streams to a standby that connects), or single (no standby).") var mode = "sync"
     @Option(help: "Primary: the only node allowed to connect as standby (by its certificate's name); required unless --mode single.") var standby: String?
     @Option(help: "Primary, sync mode: how long a commit waits for the standby before it fails.") var standbyWaitMs: Int64 = 2000
@@ -43,7 +47,11 @@ struct Node: AsyncParsableCommand {
     func validate() throws {
         guard ["primary", "standby"].contains(role) else { throw ValidationError("--role must be primary or standby") }
         guard ["sync", "wait-primary", "single"].contains(mode) else { throw ValidationError("--mode must be sync, wait-primary or single") }
-        if role == "standby" && primary == nil { throw ValidationError("a standby needs --primary host:port") }
+        if role == "standby" && primary == nil && peer == nil { throw ValidationError("a standby needs --peer (or --primary) host:port") }
+        if monitor != nil && peer == nil && primary == nil {
+            throw ValidationError("a node under a monitor needs --peer host:port: the node it follows whenever it is the standby")
+        }
+        guard keeperIntervalMs > 0, leaseMs > 0 else { throw ValidationError("--keeper-interval-ms and --lease-ms must be positive") }
         if role == "primary" && mode != "single" && standby == nil {
             throw ValidationError("a primary in --mode \(mode) needs --standby NAME: the only node allowed to replicate from it")
         }
@@ -70,10 +78,16 @@ struct Node: AsyncParsableCommand {
         config.apiPort = api.port
         config.replicationHost = replication.host
         config.replicationPort = replication.port
-        if let primary {
-            config.primaryHost = primary.host
-            config.primaryPort = primary.port
+        if let followed = primary ?? peer {
+            config.primaryHost = followed.host
+            config.primaryPort = followed.port
         }
+        if let monitor {
+            config.monitorHost = monitor.host
+            config.monitorPort = monitor.port
+        }
+        config.keeperIntervalMs = keeperIntervalMs
+        config.replication.leaseMs = leaseMs
         config.mode = mode == "sync" ? .sync : mode == "wait-primary" ? .waitPrimary : .single
         config.standbyName = standby
         config.replication.standbyWaitMs = standbyWaitMs

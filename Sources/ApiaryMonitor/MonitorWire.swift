@@ -1,10 +1,9 @@
 import ApiaryCore
-import ApiaryMonitor
 import ApiaryReplication
-import Foundation
 
 // The monitor's HTTP API as JSON (docs/monitor.md, "The endpoint"). Field names are snake_case
-// and stable: the node's keeper and `apiary ctl` read them.
+// and stable: the node's keeper, `apiary ctl` and gateways read them. Plain Codable structs, so
+// that every side shares one definition; the JSON coder is the caller's.
 
 /// `POST /heartbeat`'s body: what a node says about itself. Who it is comes from its certificate.
 public struct HeartbeatBody: Codable, Sendable, Equatable {
@@ -32,6 +31,14 @@ public struct HeartbeatBody: Codable, Sendable, Equatable {
         self.reached = reached
         self.tenants = tenants
         self.streaming = streaming
+    }
+
+    /// The wire form of a node's report.
+    public init(_ r: NodeReport) {
+        self.init(role: r.role.rawValue, epoch: r.epoch.rawValue,
+                  reached: r.reached.map { Reached(state: $0.state.rawValue, sequence: $0.sequence) },
+                  tenants: Dictionary(uniqueKeysWithValues: r.tenants.map { ($0.key.rawValue, Tenant(lsn: $0.value.lsn, standbyLSN: $0.value.standbyLSN)) }),
+                  streaming: r.streaming)
     }
 
     /// The core's report, or a message saying what is malformed.
@@ -63,6 +70,12 @@ public struct AssignmentBody: Codable, Sendable, Equatable {
         sequence = a.sequence
         peer = a.peer
     }
+
+    /// The core's assignment, or what is malformed.
+    public func assignment() -> Result<Assignment, WireError> {
+        guard let state = KeeperState(rawValue: goal) else { return .failure(WireError("unknown goal '\(goal.prefix(40))'")) }
+        return .success(Assignment(goal: state, epoch: Epoch(epoch), sequence: sequence, peer: peer))
+    }
 }
 
 /// Every non-200 answer.
@@ -90,6 +103,18 @@ public struct StatusBody: Codable, Sendable, Equatable {
         enum CodingKeys: String, CodingKey {
             case id, zone, goal, goalSequence = "goal_sequence", reported, promotable, maintenance, heardMsAgo = "heard_ms_ago", lsns
         }
+        public init(id: String, zone: String, goal: String, goalSequence: UInt64, reported: String?, promotable: Bool,
+                    maintenance: Bool, heardMsAgo: Int64?, lsns: [String: UInt64]) {
+            self.id = id
+            self.zone = zone
+            self.goal = goal
+            self.goalSequence = goalSequence
+            self.reported = reported
+            self.promotable = promotable
+            self.maintenance = maintenance
+            self.heardMsAgo = heardMsAgo
+            self.lsns = lsns
+        }
     }
     public var formation: String
     public var epoch: UInt64
@@ -98,6 +123,13 @@ public struct StatusBody: Codable, Sendable, Equatable {
     public var nodes: [Node]
     public var lastEvent: UInt64
     enum CodingKeys: String, CodingKey { case formation, epoch, deciding, nodes, lastEvent = "last_event" }
+    public init(formation: String, epoch: UInt64, deciding: Bool, nodes: [Node], lastEvent: UInt64) {
+        self.formation = formation
+        self.epoch = epoch
+        self.deciding = deciding
+        self.nodes = nodes
+        self.lastEvent = lastEvent
+    }
 }
 
 /// `GET /events?after=N&limit=M`.
@@ -110,8 +142,17 @@ public struct EventsBody: Codable, Sendable, Equatable {
         public var kind: String
         public var node: String?
         public var text: String
+        public init(sequence: UInt64, at: String, epoch: UInt64, kind: String, node: String?, text: String) {
+            self.sequence = sequence
+            self.at = at
+            self.epoch = epoch
+            self.kind = kind
+            self.node = node
+            self.text = text
+        }
     }
     public var events: [Event]
+    public init(events: [Event]) { self.events = events }
 }
 
 public struct WireError: Error, CustomStringConvertible {
@@ -119,11 +160,3 @@ public struct WireError: Error, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
-enum JSON {
-    static func encode<T: Encodable>(_ value: T) -> [UInt8] {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
-        // Encoding these plain structs cannot fail.
-        return Array((try? encoder.encode(value)) ?? Data("{}".utf8))
-    }
-}
