@@ -75,7 +75,15 @@ public enum NodeServer {
         try FileManager.default.createDirectory(atPath: layout.tenantsDirectory, withIntermediateDirectories: true)
         let stateFile = NodeStateFile(path: layout.nodeState)
         let configured = NodeState(role: config.role == .primary ? .primary : .standby, epoch: config.initialEpoch, mode: config.mode)
-        let state = NodeState.atStartup(durable: try stateFile.read(), configured: configured)
+        var state = NodeState.atStartup(durable: try stateFile.read(), configured: configured)
+        if config.monitorHost != nil, state.role == .primary, state.mode != .sync {
+            // Under a monitor a primary starts in sync mode, whatever mode it last had: while
+            // it was down the monitor may have promoted its standby (an operator's forced
+            // promotion), and a primary committing alone before it hears of that would take
+            // writes that the new epoch does not have. In sync mode a commit needs the standby,
+            // which follows only the cluster's primary. The keeper's first answer sets the mode.
+            state.mode = .sync
+        }
         try stateFile.write(state)
         if state.role != configured.role || (state.role == .primary && state.mode != configured.mode) {
             logger.notice("starting as the node's durable state says, not as configured", metadata: ["state": "\(state)", "configured": "\(configured)"])
@@ -175,15 +183,32 @@ public enum NodeServer {
         logger.notice("restarting in place to take up the node's new role")
         fflush(stdout)
         fflush(stderr)
-        // Nothing past stderr survives into the new image (sockets, logs, databases).
-        if let fds = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd") {
-            for fd in fds.compactMap(Int32.init) where fd > 2 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        }
+        // Only what the process inherited survives into the new image: its sockets, logs and
+        // databases do not. An inherited descriptor may be how the parent watches the process
+        // (Foundation's `Process` takes the end of a socket pair closing for the child's exit).
+        let inherited = inheritedDescriptors.withLock { $0 }
+        for fd in openDescriptors() where !inherited.contains(fd) { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         var argv = CommandLine.arguments.map { strdup($0) }
         argv.append(nil)
         execv("/proc/self/exe", &argv)
         logger.critical("cannot restart in place", metadata: ["error": "\(String(cString: strerror(errno)))"])
         exit(75)
+    }
+
+    /// The descriptors open when the process started (``rememberInheritedDescriptors()``).
+    private static let inheritedDescriptors = LockedValue<Set<Int32>>([0, 1, 2])
+
+    /// Call first thing in `main`, before anything opens a descriptor: what is open then came
+    /// from the parent and is kept across ``restartInPlace(logger:)``.
+    public static func rememberInheritedDescriptors() {
+        let open = Set(openDescriptors())
+        inheritedDescriptors.withLock { $0 = open }
+    }
+
+    private static func openDescriptors() -> [Int32] {
+        // The directory listing's own descriptor shows up too; it is closed by then.
+        let listed = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        return listed.compactMap(Int32.init).filter { fcntl($0, F_GETFD) >= 0 }
     }
 
     /// The cores want a tick at least every heartbeatIntervalMs / 2.

@@ -24,7 +24,7 @@ extension String {
 func freeBasePort() -> Int {
     for _ in 0..<50 {
         let base = 20_000 + Int.random(in: 0..<4_000) * 10
-        if (0..<12).allSatisfy({ portIsFree(base + $0) }) { return base }
+        if (0..<21).allSatisfy({ portIsFree(base + $0) }) { return base }
     }
     return 20_000 + Int.random(in: 0..<4_000) * 10
 }
@@ -164,7 +164,7 @@ class NodeProcessTestCase: XCTestCase {
         // totalFailureCount also counts thrown errors, which failureCount misses on Linux.
         let failed = (testRun?.totalFailureCount ?? 0) > 0
         if failed, let directory {
-            for name in ["node-a", "node-b"] {
+            for name in ["node-a", "node-b", "monitor"] where FileManager.default.fileExists(atPath: directory + "/logs/\(name).log") {
                 let log = (try? String(contentsOfFile: directory + "/logs/\(name).log", encoding: .utf8)) ?? ""
                 print("---- \(name) log (last lines) ----\n" + log.split(separator: "\n").suffix(40).joined(separator: "\n"))
             }

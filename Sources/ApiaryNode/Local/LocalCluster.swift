@@ -1,8 +1,9 @@
 import ApiaryTLS
 import Foundation
 
-/// A primary and a standby as real `apiary node` processes on loopback: for `apiary up`,
-/// the integration tests and the benchmark.
+/// A primary and a standby as real `apiary node` processes on loopback, and optionally the
+/// monitor (zone c) that fails them over: for `apiary up`, the integration tests and the
+/// benchmark.
 public final class LocalCluster: @unchecked Sendable {
     public struct NodeSpec: Sendable {
         public var name: String
@@ -17,8 +18,13 @@ public final class LocalCluster: @unchecked Sendable {
     public let directory: String
     public let executable: String
     public var certificates: String { directory + "/certs" }
+    /// node-a, bootstrapped as the primary (zone a).
     public let primary: NodeSpec
+    /// node-b, bootstrapped as the standby (zone b).
     public let standby: NodeSpec
+    /// The monitor (zone c; `apiPort` is where it listens), when the cluster has one: the nodes
+    /// then follow its goals, and roles move between them.
+    public let monitor: NodeSpec?
     private var processes: [String: Process] = [:]
     /// What each node printed (stdout and stderr), kept for ``waitForOutput(of:containing:timeoutSeconds:)``.
     private var outputs: [String: NodeOutput] = [:]
@@ -28,12 +34,18 @@ public final class LocalCluster: @unchecked Sendable {
     ///   - directory: holds `certs/`, each node's data and `logs/`.
     ///   - executable: the `apiary` binary.
     ///   - basePort: the primary's API port; the others follow it.
-    public init(directory: String, executable: String, basePort: Int, primaryArguments: [String] = [], standbyArguments: [String] = []) {
+    ///   - monitorArguments: nil for a cluster without a monitor; else the monitor's extra flags.
+    public init(directory: String, executable: String, basePort: Int, primaryArguments: [String] = [], standbyArguments: [String] = [],
+                monitorArguments: [String]? = nil) {
         self.directory = directory
         self.executable = executable
         primary = NodeSpec(name: "node-a", role: "primary", apiPort: basePort, replicationPort: basePort + 1, extraArguments: primaryArguments)
         standby = NodeSpec(name: "node-b", role: "standby", apiPort: basePort + 10, replicationPort: basePort + 11, extraArguments: standbyArguments)
+        monitor = monitorArguments.map { NodeSpec(name: "monitor", role: "monitor", apiPort: basePort + 20, replicationPort: 0, extraArguments: $0) }
     }
+
+    /// The node that is not `spec`.
+    public func peer(of spec: NodeSpec) -> NodeSpec { spec.name == primary.name ? standby : primary }
 
     /// Makes the CA and the certificates of both nodes and an operator, once.
     public func prepareCertificates() throws {
@@ -41,21 +53,26 @@ public final class LocalCluster: @unchecked Sendable {
         guard !FileManager.default.fileExists(atPath: certificates + "/ca.key") else { return }
         let ca = try CertificateAuthority.create(in: certificates)
         for identity in [PeerIdentity(role: .node, name: primary.name), PeerIdentity(role: .node, name: standby.name),
-                         PeerIdentity(role: .operator, name: "operator"), PeerIdentity(role: .gateway, name: "gateway")] {
+                         PeerIdentity(role: .operator, name: "operator"), PeerIdentity(role: .gateway, name: "gateway"),
+                         PeerIdentity(role: .monitor, name: "monitor")] {
             try ca.issue(identity, into: certificates)
         }
     }
 
     public func arguments(_ spec: NodeSpec) -> [String] {
+        if spec.role == "monitor" {
+            return ["monitor", "--name", spec.name, "--data", directory + "/" + spec.name, "--certs", certificates,
+                    "--listen", "127.0.0.1:\(spec.apiPort)", "--formation", "local",
+                    "--primary", primary.name + "@a", "--standby", standby.name + "@b"] + spec.extraArguments
+        }
         var args = ["node", "--name", spec.name, "--role", spec.role, "--data", directory + "/" + spec.name,
                     "--certs", certificates, "--api", "127.0.0.1:\(spec.apiPort)"]
         // A standby listens on its replication address only once promoted.
         args += ["--replication", "127.0.0.1:\(spec.replicationPort)"]
-        if spec.role == "primary" {
-            args += ["--standby", standby.name]
-        } else {
-            args += ["--primary", "127.0.0.1:\(primary.replicationPort)"]
-        }
+        if spec.role == "primary" { args += ["--standby", standby.name] }
+        // Either node follows the other whenever it is the standby.
+        args += ["--peer", "127.0.0.1:\(peer(of: spec).replicationPort)"]
+        if let monitor { args += ["--monitor", "127.0.0.1:\(monitor.apiPort)"] }
         return args + spec.extraArguments
     }
 
@@ -120,7 +137,7 @@ public final class LocalCluster: @unchecked Sendable {
         let watched = NodeOutput()
         let readyOrEnded = DispatchSemaphore(value: 0)
         let ended = DispatchSemaphore(value: 0)
-        let readyLine = "apiary node \(spec.name) ready"
+        let readyLine = spec.role == "monitor" ? "apiary monitor \(spec.name) ready" : "apiary node \(spec.name) ready"
         let seen = LockedFlag()
         let signalled = LockedFlag()
         let output = pipe.fileHandleForReading
@@ -167,8 +184,10 @@ public final class LocalCluster: @unchecked Sendable {
         lock.withLock { processes[spec.name].map { $0.processIdentifier } }
     }
 
+    /// Starts the monitor (if the cluster has one), then both nodes.
     public func startBoth() throws {
         try prepareCertificates()
+        if let monitor { try start(monitor) }
         try start(primary)
         try start(standby)
     }

@@ -67,6 +67,7 @@ struct Node: AsyncParsableCommand {
     }
 
     func run() async throws {
+        NodeServer.rememberInheritedDescriptors()
         // Swift concurrency's jobs run on the node's event loops instead of a separate pool: a
         // request's handler then continues on the loop that read it, saving a thread wake-up
         // (and two threads competing for the cores) per request. Nothing blocks in async code
