@@ -160,3 +160,65 @@ public struct WireError: Error, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
+
+// MARK: - Operator commands
+
+/// `POST /commands/maintenance` and `POST /commands/promote`: which node, and the promote's
+/// safety catches. Switchover and failover take an empty object.
+public struct CommandBody: Codable, Sendable, Equatable {
+    public var node: String?
+    /// Maintenance: on (true) or off.
+    public var enabled: Bool?
+    /// Promote: a node that is not promotable (or silent), for a lost primary.
+    public var force: Bool?
+    /// Promote with `force`: the operator accepts losing what the report lists.
+    public var acceptDataLoss: Bool?
+    enum CodingKeys: String, CodingKey { case node, enabled, force, acceptDataLoss = "accept_data_loss" }
+    public init(node: String? = nil, enabled: Bool? = nil, force: Bool? = nil, acceptDataLoss: Bool? = nil) {
+        self.node = node
+        self.enabled = enabled
+        self.force = force
+        self.acceptDataLoss = acceptDataLoss
+    }
+}
+
+/// A command's answer: 200 when accepted, 409 (`code: refused`) when refused; both carry the
+/// message and, for a promotion, what it loses or would lose.
+public struct CommandAnswerBody: Codable, Sendable, Equatable {
+    public struct Loss: Codable, Sendable, Equatable {
+        public var tenant: String
+        public var promotedLSN: UInt64
+        public var primaryLSN: UInt64
+        enum CodingKeys: String, CodingKey { case tenant, promotedLSN = "promoted_lsn", primaryLSN = "primary_lsn" }
+    }
+    public struct DataLoss: Codable, Sendable, Equatable {
+        public var promoted: String
+        public var formerPrimary: String
+        /// Tenants with commits the promoted node lacks (empty: nothing is lost, as far as known).
+        public var tenants: [Loss]
+        /// How old the former primary's report is; nil when it comes from the persisted state.
+        public var primaryReportAgeMs: Int64?
+        /// The same, for people.
+        public var text: String
+        enum CodingKeys: String, CodingKey {
+            case promoted, formerPrimary = "former_primary", tenants, primaryReportAgeMs = "primary_report_age_ms", text
+        }
+    }
+    public var accepted: Bool
+    /// Also present when refused, so that scripts read one field.
+    public var code: String?
+    public var message: String
+    public var dataLoss: DataLoss?
+    enum CodingKeys: String, CodingKey { case accepted, code, message, dataLoss = "data_loss" }
+
+    public init(_ result: CommandResult) {
+        accepted = result.accepted
+        code = result.accepted ? nil : "refused"
+        message = result.message
+        dataLoss = result.dataLoss.map { d in
+            DataLoss(promoted: d.promoted, formerPrimary: d.formerPrimary,
+                     tenants: d.tenants.map { Loss(tenant: $0.tenant.rawValue, promotedLSN: $0.promotedLSN, primaryLSN: $0.primaryLSN) },
+                     primaryReportAgeMs: d.primaryReportAgeMs, text: d.description)
+        }
+    }
+}

@@ -1,3 +1,4 @@
+import ApiaryMonitor
 import ApiaryTLS
 import Foundation
 import Logging
@@ -160,7 +161,7 @@ final class MonitorHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    /// Which role may call what: nodes heartbeat, operators read (and later command).
+    /// Which role may call what: nodes heartbeat, operators read and command.
     static func route(head: HTTPRequestHead, body: [UInt8], peer: ApiaryTLS.PeerIdentity?, service: MonitorService,
                       limits: MonitorHTTPServer.Limits) -> MonitorService.Reply {
         guard let peer else { return .error(403, "forbidden", "the client certificate carries no apiary identity") }
@@ -185,7 +186,31 @@ final class MonitorHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
                 if kv[0] == "limit", let n = Int(kv[1]), n > 0 { limit = min(n, limits.eventsPerRequestMax) }
             }
             return service.events(after: after, limit: limit)
+        case (.POST, _) where path.hasPrefix("/commands/"):
+            guard peer.role == .operator else {
+                return .error(403, "forbidden", "\(path) needs an operator certificate; this one is for \(peer)")
+            }
+            let command: CommandBody
+            do { command = body.isEmpty ? CommandBody() : try JSONDecoder().decode(CommandBody.self, from: Data(body)) } catch {
+                return .error(400, "bad_request", "the command is not the expected JSON: \(error)")
+            }
+            switch path.dropFirst("/commands/".count) {
+            case "switchover": return service.command(.switchover, by: peer)
+            case "failover": return service.command(.failover, by: peer)
+            case "maintenance":
+                guard let node = command.node, let enabled = command.enabled else {
+                    return .error(400, "bad_request", "maintenance needs {\"node\": NAME, \"enabled\": true|false}")
+                }
+                return service.command(.maintenance(node, enabled: enabled), by: peer)
+            case "promote":
+                guard let node = command.node else { return .error(400, "bad_request", "promote needs {\"node\": NAME}") }
+                return service.command(.promote(node, force: command.force ?? false, acceptDataLoss: command.acceptDataLoss ?? false), by: peer)
+            default:
+                return .error(404, "not_found", "no command \(path.dropFirst("/commands/".count)) (switchover, failover, maintenance, promote)")
+            }
         case (_, "/heartbeat"), (_, "/status"), (_, "/events"):
+            return .error(405, "method_not_allowed", "\(head.method) is not allowed on \(path)")
+        case (_, _) where path.hasPrefix("/commands/"):
             return .error(405, "method_not_allowed", "\(head.method) is not allowed on \(path)")
         default:
             return .error(404, "not_found", "no \(path) on the monitor")

@@ -113,6 +113,37 @@ public final class MonitorService: @unchecked Sendable {
         }
     }
 
+    /// An operator command, carried out like a heartbeat: the change is durable before the
+    /// operator hears it was accepted (and before any node is told). Nodes learn their new goals
+    /// from their next heartbeat's answer.
+    public enum Command: Sendable {
+        case switchover, failover
+        case maintenance(NodeID, enabled: Bool)
+        case promote(NodeID, force: Bool, acceptDataLoss: Bool)
+    }
+
+    public func command(_ command: Command, by peer: ApiaryTLS.PeerIdentity) -> Reply {
+        lock.withLock {
+            let now = clock()
+            let result: CommandResult
+            switch command {
+            case .switchover: result = core.onSwitchover(now: now)
+            case .failover: result = core.onFailoverDrill(now: now)
+            case .maintenance(let node, let enabled): result = core.onMaintenance(node, enabled: enabled, now: now)
+            case .promote(let node, let force, let accept): result = core.onPromote(node, force: force, acceptDataLoss: accept, now: now)
+            }
+            for action in result.actions {
+                switch action {
+                case .persist(let change): persist(change)
+                case .answer, .refuse: break // nodes learn their goals from their next heartbeat's answer
+                case .event(let event): log(event)
+                }
+            }
+            logger.notice("operator command", metadata: ["operator": "\(peer.name)", "command": "\(command)", "accepted": "\(result.accepted)"])
+            return Reply(result.accepted ? 200 : 409, CommandAnswerBody(result))
+        }
+    }
+
     // MARK: Queries
 
     public func status() -> Reply {

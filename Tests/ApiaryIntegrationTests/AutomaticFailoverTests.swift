@@ -85,6 +85,81 @@ final class AutomaticFailoverTests: NodeProcessTestCase {
         XCTAssertTrue(report.consistent, report.text)
     }
 
+    /// The operator's commands through `apiary ctl` against the monitor: a planned switchover
+    /// and a failover drill under writes (nothing acknowledged lost, both replicas identical in
+    /// the end), and the refusals of unsafe commands, each with its reason and an exit status of 1.
+    func testSwitchoverAndFailoverDrillByCommandAndUnsafeCommandsRefused() async throws {
+        let monitor = try await MonitorClient(cluster: cluster)
+        let a = cluster.primary, b = cluster.standby
+        try await monitor.waitUntil("node-b promotable", timeoutSeconds: 60) { s in
+            s.node(a.name)?.reported == "primary" && s.node(b.name)?.promotable == true && s.node(b.name)?.reported == "secondary"
+        }
+        // Promoting the writer itself is refused, with the reason.
+        let refusedPromote = try ctl(["promote", a.name])
+        XCTAssertEqual(refusedPromote.status, 1, refusedPromote.output)
+        XCTAssertTrue(refusedPromote.output.contains("refused"), refusedPromote.output)
+
+        let ledger = WriteLedger()
+        let writers = (0..<2).map { w in Task { await self.write(as: w, ledger: ledger) } }
+        defer { ledger.stop() }
+        try await ledger.waitForMoreAcks(20, timeoutSeconds: 60)
+
+        // 1. Planned switchover: node-b takes over, node-a rejoins.
+        let switchover = try ctl(["switchover"])
+        XCTAssertEqual(switchover.status, 0, switchover.output)
+        XCTAssertTrue(switchover.output.contains("switchover started"), switchover.output)
+        try await monitor.waitUntil("node-b primary after the switchover, node-a its promotable standby", timeoutSeconds: 60) { s in
+            s.epoch == 2 && s.node(b.name)?.reported == "primary" && s.node(a.name)?.reported == "secondary" && s.node(a.name)?.promotable == true
+        }
+        try await ledger.waitForMoreAcks(20, timeoutSeconds: 60)
+
+        // 2. A failover drill: node-a promoted at once, node-b rejoins.
+        let drill = try ctl(["failover"])
+        XCTAssertEqual(drill.status, 0, drill.output)
+        // Right after the drill node-b is not in sync: a switchover is refused, with the reason.
+        let early = try ctl(["switchover"])
+        XCTAssertEqual(early.status, 1, early.output)
+        XCTAssertTrue(early.output.contains("refused"), early.output)
+        try await monitor.waitUntil("node-a primary after the drill, node-b its promotable standby", timeoutSeconds: 60) { s in
+            s.epoch == 3 && s.node(a.name)?.reported == "primary" && s.node(b.name)?.reported == "secondary" && s.node(b.name)?.promotable == true
+        }
+        try await ledger.waitForMoreAcks(20, timeoutSeconds: 60)
+        ledger.stop()
+        for writer in writers { await writer.value }
+
+        // Bad input: an unknown node, an unknown maintenance state.
+        let unknown = try ctl(["maintenance", "on", "node-z"])
+        XCTAssertEqual(unknown.status, 1, unknown.output)
+        let events = try ctl(["events", "--limit", "1000"])
+        XCTAssertTrue(events.output.contains("switchover asked"), events.output)
+        XCTAssertTrue(events.output.contains("failover drill"), events.output)
+        XCTAssertTrue(events.output.contains("switchover refused"), events.output)
+
+        let api = APIClient(port: a.apiPort, caPath: cluster.certificates + "/ca.pem")
+        let connection = try await api.connect()
+        defer { Task { await connection.close() } }
+        let r = try await connection.request(.GET, "/db/query?q=" + "SELECT id FROM t".addingPercentEncoding(withAllowedCharacters: .alphanumerics)!,
+                                             headers: [("X-Apiary-Tenant", Self.tenant)])
+        XCTAssertEqual(ledger.acknowledged.subtracting(Self.ids(in: r.body)), [], "acknowledged writes missing after a switchover and a drill")
+        let report = try await ClusterVerifier(certificatesDirectory: cluster.certificates, operatorName: "operator")
+            .verify(primary: ("127.0.0.1", a.apiPort), standby: ("127.0.0.1", b.apiPort), waitMs: 30_000)
+        XCTAssertTrue(report.consistent, report.text)
+    }
+
+    /// `apiary ctl ARGS --monitor … --certs …`: its exit status and what it printed (both streams).
+    func ctl(_ arguments: [String]) throws -> (status: Int32, output: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try apiaryExecutable())
+        process.arguments = ["ctl"] + arguments + ["--monitor", "127.0.0.1:\(cluster.monitor!.apiPort)", "--certs", cluster.certificates]
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        return (process.terminationStatus, text)
+    }
+
     /// One client: inserts ids `writer, writer + 3, …`, each with its own idempotency key and
     /// retried (to whichever node answers as primary) until it is acknowledged.
     func write(as writer: Int, ledger: WriteLedger) async {

@@ -10,7 +10,7 @@ import NIOPosix
 struct Ctl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Operate a cluster (with an operator certificate).",
-        subcommands: [Verify.self, Status.self, Events.self, Promote.self, Tenant.self, User.self]
+        subcommands: [Verify.self, Status.self, Events.self, Switchover.self, Failover.self, Maintenance.self, Promote.self, Tenant.self, User.self]
     )
 
     /// Where the operator's certificate is: shared by every `ctl` subcommand.
@@ -74,13 +74,31 @@ struct Ctl: AsyncParsableCommand {
 
     struct Promote: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Promote a standby to primary of the next epoch (manual failover).",
-            discussion: "Use only when the primary is gone: the standby waits out its lease, applies every record it holds, and commits alone from then on."
+            abstract: "Promote a node to primary of a new epoch: through the monitor (NODE --monitor), or a node that runs without one (--node).",
+            discussion: """
+            Through the monitor: refused unless NODE is a promotable standby, or, for a disaster where the primary is lost and             the standby was not promotable, with --force --accept-data-loss: the answer lists exactly which lsns are lost.             Without a monitor (--node): the standby waits out its lease, applies every record it holds and commits alone.
+            """
         )
-        @Option(help: "The standby's HTTPS API (host:port).") var node: Address
+        @Argument(help: "With --monitor: the node to promote.") var name: String?
+        @Option(help: "The monitor's HTTPS address (host:port).") var monitor: Address?
+        @Option(help: "Without a monitor: the standby's HTTPS API (host:port).") var node: Address?
+        @Flag(help: "With --monitor: promote a node that is not promotable or not heard (a lost primary's standby).") var force = false
+        @Flag(help: "With --force: accept losing the commits the monitor lists.") var acceptDataLoss = false
+        @Flag(help: "With --monitor: print the monitor's JSON.") var json = false
         @OptionGroup var options: OperatorOptions
 
+        func validate() throws {
+            guard (node == nil) != (monitor == nil) else { throw ValidationError("give exactly one of --monitor (with NODE) and --node") }
+            if monitor != nil && name == nil { throw ValidationError("--monitor needs the node to promote: ctl promote NODE --monitor HOST:PORT") }
+            if node != nil && (name != nil || force || acceptDataLoss) { throw ValidationError("--node promotes that node; NODE, --force and --accept-data-loss go with --monitor") }
+        }
+
         func run() async throws {
+            if let monitor, let name {
+                let body = CommandBody(node: name, force: force, acceptDataLoss: acceptDataLoss)
+                return try await MonitorCtl.command("promote", body, monitor: monitor, credentials: options.credentials(), json: json)
+            }
+            guard let node else { return }
             let response = try await Ctl.request(.POST, "/admin/promote", node: node, credentials: options.credentials())
             print(response.text)
             if response.status != 200 { throw ExitCode(1) }

@@ -25,6 +25,33 @@ enum MonitorCtl {
         }
     }
 
+    /// Sends an operator command; prints the monitor's message (and any data-loss report) and
+    /// fails when it was refused.
+    static func command(_ name: String, _ body: CommandBody, monitor: Address, credentials: ClusterCredentials, json: Bool) async throws {
+        let connection = try await HTTPSConnection.connect(host: monitor.host, port: monitor.port, tls: credentials.clusterClient(),
+                                                           group: MultiThreadedEventLoopGroup.singleton)
+        defer { Task { await connection.close() } }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let response = try await connection.request(.POST, "/commands/" + name, body: Array(try encoder.encode(body)))
+        guard response.status == 200 || response.status == 409,
+              let answer = try? JSONDecoder().decode(CommandAnswerBody.self, from: Data(response.body)) else {
+            return try check(response)
+        }
+        if json {
+            print(response.text)
+        } else {
+            print(answer.message)
+            if let loss = answer.dataLoss {
+                print("data loss: " + loss.text)
+                for t in loss.tenants {
+                    print("  \(t.tenant): lsns \(t.promotedLSN + 1)...\(t.primaryLSN) (\(t.primaryLSN - t.promotedLSN) commits)")
+                }
+            }
+        }
+        if !answer.accepted { throw ExitCode(1) }
+    }
+
     static func statusTable(_ s: StatusBody) -> String {
         var lines = ["formation \(s.formation), epoch \(s.epoch)" + (s.deciding ? "" : " (startup grace: deciding nothing yet)")]
         let header = ["NODE", "ZONE", "GOAL", "REPORTED", "PROMOTABLE", "HEARD", "LSNS"]
@@ -66,6 +93,57 @@ extension Ctl {
             try MonitorCtl.check(response)
             if json { return print(response.text) }
             print(MonitorCtl.eventsTable(try JSONDecoder().decode(EventsBody.self, from: Data(response.body))))
+        }
+    }
+}
+
+extension Ctl {
+    struct Switchover: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Planned switchover: the primary drains, the in-sync standby takes over in a new epoch, the former primary rejoins as the standby.",
+            discussion: "Refused (exit 1, with the reason) unless the standby is in sync and both nodes are heard."
+        )
+        @Option(help: "The monitor's HTTPS address (host:port).") var monitor: Address
+        @Flag(help: "Print the monitor's JSON.") var json = false
+        @OptionGroup var options: OperatorOptions
+
+        func run() async throws {
+            try await MonitorCtl.command("switchover", CommandBody(), monitor: monitor, credentials: options.credentials(), json: json)
+        }
+    }
+
+    struct Failover: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Failover drill: the unplanned path at once (epoch raised, standby promoted, primary demoted and rejoining).",
+            discussion: "Refused unless the standby is promotable and heard: a drill never loses an acknowledged write."
+        )
+        @Option(help: "The monitor's HTTPS address (host:port).") var monitor: Address
+        @Flag(help: "Print the monitor's JSON.") var json = false
+        @OptionGroup var options: OperatorOptions
+
+        func run() async throws {
+            try await MonitorCtl.command("failover", CommandBody(), monitor: monitor, credentials: options.credentials(), json: json)
+        }
+    }
+
+    struct Maintenance: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Take a node out for maintenance (on) or bring it back (off).",
+            discussion: "On the standby: it is marked not promotable and the primary commits alone. On the primary: a switchover first. Refused when it would leave no healthy node."
+        )
+        @Argument(help: "on or off.") var state: String
+        @Argument(help: "The node.") var name: String
+        @Option(help: "The monitor's HTTPS address (host:port).") var monitor: Address
+        @Flag(help: "Print the monitor's JSON.") var json = false
+        @OptionGroup var options: OperatorOptions
+
+        func validate() throws {
+            guard ["on", "off"].contains(state) else { throw ValidationError("maintenance takes on or off, then the node") }
+        }
+
+        func run() async throws {
+            try await MonitorCtl.command("maintenance", CommandBody(node: name, enabled: state == "on"), monitor: monitor,
+                                         credentials: options.credentials(), json: json)
         }
     }
 }
