@@ -89,6 +89,10 @@ public enum NodeServer {
             logger.notice("starting as the node's durable state says, not as configured", metadata: ["state": "\(state)", "configured": "\(configured)"])
         }
 
+        // An unknown user's first sign-in must cost one scrypt, not two (no timing tells who
+        // exists); the dummy hash is made now, off the event loops, on every node: a standby's
+        // promotion must not pay for it.
+        Thread.detachNewThread { Passwords.prepareDummy() }
         // The singleton, which `apiary node` also makes Swift concurrency's executor.
         let group = MultiThreadedEventLoopGroup.singleton
         let roles = NodeRoles(config: config, state: state, layout: layout, group: group, credentials: credentials, logger: logger)
@@ -256,8 +260,13 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
 
     func startPrimary(epoch: Epoch, mode: ReplicationMode, standby: NodeID?) async throws {
         let loop = replicationGroup.next()
-        let primary = try PrimaryNode(name: config.name, epoch: epoch, mode: mode, config: config.replication,
-                                      standby: standby, layout: layout, logOptions: config.log, loop: loop, logger: logger)
+        // Opening every tenant (logs, databases, a redo) reads files: off the event loops, which
+        // keep serving meanwhile (a promotion's heartbeats among them).
+        let (config, layout, logger) = (self.config, self.layout, self.logger)
+        let primary = try await BlockingPool.writers.run {
+            try PrimaryNode(name: config.name, epoch: epoch, mode: mode, config: config.replication,
+                            standby: standby, layout: layout, logOptions: config.log, loop: loop, logger: logger)
+        }
         let channel = try await ClusterTransport.listen(host: config.replicationHost, port: config.replicationPort, group: replicationGroup,
                                                         credentials: credentials, ids: ids, events: primary, driverLoop: loop)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in primary.tick() }
@@ -415,8 +424,11 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
             return s
         }) else { throw APIError(.badRequest, "this node is not a standby") }
         let promoted: NodeState
+        let startedAt = monotonicNowMs()
+        var stoppedAt = startedAt
         do {
             let old = try await node.stopForPromotion()
+            stoppedAt = monotonicNowMs()
             let epoch = target ?? old.next
             precondition(epoch > old, "promotion into epoch \(epoch), not newer than the standby's \(old)")
             promoted = NodeState(role: .primary, epoch: epoch, mode: setup.mode)
@@ -436,7 +448,10 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         try await startPrimary(epoch: epoch, mode: promoted.mode, standby: setup.standby)
         if setup.draining { try await lock.withLock({ primary })?.configure(mode: setup.mode, standby: setup.standby, draining: true) }
         ServiceManager.status(statusLine)
-        logger.notice("promoted to primary", metadata: ["epoch": "\(epoch)", "setup": "\(setup)"])
+        // How long it took, and how much of it was the lease wait and applying what it held:
+        // what an operator reads after a failover.
+        logger.notice("promoted to primary", metadata: ["epoch": "\(epoch)", "setup": "\(setup)",
+                                                        "leaseWaitAndApplyMs": "\(stoppedAt - startedAt)", "totalMs": "\(monotonicNowMs() - startedAt)"])
         return epoch
     }
 

@@ -25,7 +25,6 @@ final class AccountStore: AccountService, @unchecked Sendable {
 
     init(node: PrimaryNode) {
         self.node = node
-        Passwords.prepareDummy() // an unknown user's first check costs one scrypt, not two
     }
 
     // MARK: The system database

@@ -7,6 +7,15 @@ import NIOSSL
 
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        abstract: "Benchmarks: inserts (the default) and failover. See docs/benchmarks.md.",
+        subcommands: [Inserts.self, Failover.self],
+        defaultSubcommand: Inserts.self
+    )
+}
+
+extension Bench {
+struct Inserts: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
         abstract: "Measure single-row inserts through the HTTPS API: replicated (sync standby) and single-node, side by side.",
         discussion: "Prints one line per setup and client count: `apiary-<setup> clients=N tps=X p50_ms=Y p99_ms=Z errors=E cpu_us_per_insert=primary:A,standby:B,client:C` (CPU time of each process per insert, steadier than throughput on a shared machine). See docs/benchmarks.md."
     )
@@ -71,6 +80,8 @@ struct Bench: AsyncParsableCommand {
         let line = info.split(separator: "\n").first { $0.hasPrefix("model name") }
         return "model=\"\(line?.split(separator: ":", maxSplits: 1).last?.trimmingCharacters(in: .whitespaces) ?? "?")\""
     }
+}
+
 }
 
 struct BenchTarget {

@@ -16,6 +16,13 @@ enum MonitorCtl {
         return try await connection.request(.GET, path)
     }
 
+    static func post(_ path: String, body: [UInt8] = Array("{}".utf8), monitor: Address, credentials: ClusterCredentials) async throws -> HTTPSConnection.Response {
+        let connection = try await HTTPSConnection.connect(host: monitor.host, port: monitor.port, tls: credentials.clusterClient(),
+                                                           group: MultiThreadedEventLoopGroup.singleton)
+        defer { Task { await connection.close() } }
+        return try await connection.request(.POST, path, body: body)
+    }
+
     /// Prints the monitor's error and fails, for any non-200 answer.
     static func check(_ response: HTTPSConnection.Response) throws {
         guard response.status == 200 else {
