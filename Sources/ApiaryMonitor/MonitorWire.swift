@@ -222,3 +222,45 @@ public struct CommandAnswerBody: Codable, Sendable, Equatable {
         }
     }
 }
+
+// MARK: - Topology watch
+
+/// `GET /topology?after=V&wait_ms=N`: who is the writer, for gateways and clients. Answered at
+/// once when the topology's `version` is newer than `after`, else as soon as it changes (within
+/// milliseconds) or after `wait_ms` (then with the same version).
+public struct TopologyBody: Codable, Sendable, Equatable {
+    public struct Node: Codable, Sendable, Equatable {
+        public var id: String
+        public var zone: String
+        public var goal: String
+        /// The state the node last reported reaching in this epoch.
+        public var reported: String?
+        public var promotable: Bool
+        public init(id: String, zone: String, goal: String, reported: String?, promotable: Bool) {
+            self.id = id
+            self.zone = zone
+            self.goal = goal
+            self.reported = reported
+            self.promotable = promotable
+        }
+    }
+    /// Grows with every change of the epoch, a goal, a reported state or promotability.
+    public var version: UInt64
+    public var formation: String
+    public var epoch: UInt64
+    /// The node whose goal is a writer's: the only one that may take writes in this epoch.
+    public var writer: String?
+    /// Whether the writer reported reaching its goal in this epoch (it takes writes now).
+    public var writerReady: Bool
+    public var nodes: [Node]
+    enum CodingKeys: String, CodingKey { case version, formation, epoch, writer, writerReady = "writer_ready", nodes }
+
+    public init(version: UInt64, state: MonitorState) {
+        self.version = version
+        formation = state.formation
+        epoch = state.epoch.rawValue
+        writer = state.writer?.id
+        writerReady = state.writer.map { $0.reported == $0.goal } ?? false
+        nodes = state.nodes.map { Node(id: $0.id, zone: $0.zone, goal: $0.goal.rawValue, reported: $0.reported?.rawValue, promotable: $0.promotable) }
+    }
+}

@@ -25,6 +25,8 @@ public final class MonitorHTTPServer: Sendable {
         public var idleTimeoutMs: Int64 = 60_000
         /// A request must arrive whole within this time once it has started.
         public var requestReadTimeoutMs: Int64 = 10_000
+        /// The longest a topology watch is held.
+        public var topologyWaitMsMax: Int64 = 30_000
         /// `GET /events` returns at most this many events per call.
         public var eventsPerRequestMax = 1_000
         public init() {}
@@ -145,6 +147,10 @@ final class MonitorHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
             if tooLarge {
                 return respond(context: context, head: head, MonitorService.Reply.error(413, "too_large", "the body exceeds \(limits.bodyBytesMax) bytes"), close: true)
             }
+            if head.method == .GET, head.uri.hasPrefix("/topology"), head.uri.split(separator: "?").first == "/topology" {
+                self.body = []
+                return watchTopology(context: context, head: head)
+            }
             let (service, peer, body, limits) = (self.service, self.peer, self.body, self.limits)
             self.body = []
             let loop = context.eventLoop
@@ -157,6 +163,58 @@ final class MonitorHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
                 case .success(let reply): handler.respond(context: context, head: head, reply, close: false)
                 case .failure: handler.respond(context: context, head: head, .error(503, "stopping", "the monitor is stopping"), close: true)
                 }
+            }
+        }
+    }
+
+    /// `GET /topology?after=V&wait_ms=N` (gateways, operators and nodes): at once when the
+    /// topology is newer than `after`, else when it changes or after `wait_ms` (at most
+    /// `topologyWaitMsMax`). The wait holds no thread: the service calls back on a change.
+    private func watchTopology(context: ChannelHandlerContext, head: HTTPRequestHead) {
+        guard let peer, [.gateway, .operator, .node].contains(peer.role) else {
+            return respond(context: context, head: head, .error(403, "forbidden", "/topology needs a gateway, operator or node certificate"), close: false)
+        }
+        var after: UInt64 = 0
+        var waitMs: Int64 = 0
+        for pair in (head.uri.split(separator: "?", maxSplits: 1).dropFirst().first ?? "").split(separator: "&") {
+            let kv = pair.split(separator: "=", maxSplits: 1).map(String.init)
+            guard kv.count == 2 else { continue }
+            if kv[0] == "after", let n = UInt64(kv[1]) { after = n }
+            if kv[0] == "wait_ms", let n = Int64(kv[1]), n >= 0 { waitMs = min(n, limits.topologyWaitMsMax) }
+        }
+        let service = self.service
+        let loop = context.eventLoop
+        let bound = NIOLoopBound((self, context), eventLoop: loop)
+        // Answered once: by the change, the timer, or at once.
+        let answered = NIOLoopBoundBox(false, eventLoop: loop)
+        let answer: @Sendable () -> Void = { [threadPool] in
+            threadPool.runIfActive(eventLoop: loop) { service.topology() }.whenComplete { result in
+                guard !answered.value else { return }
+                answered.value = true
+                let (handler, context) = bound.value
+                switch result {
+                case .success(let reply): handler.respond(context: context, head: head, reply, close: false)
+                case .failure: handler.respond(context: context, head: head, .error(503, "stopping", "the monitor is stopping"), close: true)
+                }
+            }
+        }
+        threadPool.runIfActive(eventLoop: loop) {
+            service.topology(after: waitMs == 0 ? 0 : after, notify: { loop.execute { answer() } })
+        }.whenComplete { result in
+            switch result {
+            case .success(.success(let reply)):
+                guard !answered.value else { return }
+                answered.value = true
+                let (handler, context) = bound.value
+                handler.respond(context: context, head: head, reply, close: false)
+            case .success(.failure(let token)):
+                loop.scheduleTask(in: .milliseconds(waitMs)) {
+                    service.cancelWatch(token)
+                    answer()
+                }
+            case .failure:
+                let (handler, context) = bound.value
+                handler.respond(context: context, head: head, .error(503, "stopping", "the monitor is stopping"), close: true)
             }
         }
     }

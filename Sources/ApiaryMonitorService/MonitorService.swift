@@ -27,6 +27,13 @@ public final class MonitorService: @unchecked Sendable {
 
     private let lock = NSLock()
     private var core: MonitorCore
+    /// The topology watch: the current version, what it describes, and who waits for a newer one.
+    private var topologyVersion: UInt64 = 1
+    private var topologyState: TopologyBody
+    private var watchers: [UInt64: @Sendable () -> Void] = [:]
+    private var nextWatcher: UInt64 = 0
+    /// Watches waiting at once; past it a watch is answered at once (the caller polls).
+    public static let watchersMax = 1_024
     private let store: SQLiteMonitorStore
     private let logger: Logger
     private let clock: @Sendable () -> Milliseconds
@@ -46,6 +53,7 @@ public final class MonitorService: @unchecked Sendable {
         self.clock = clock
         self.stop = stop
         core = MonitorCore(state: state, config: config, now: clock())
+        topologyState = TopologyBody(version: 0, state: state)
     }
 
     public static let monotonicMs: @Sendable () -> Milliseconds = { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000) }
@@ -96,7 +104,7 @@ public final class MonitorService: @unchecked Sendable {
             }
             guard let reply else { preconditionFailure("the monitor core gave \(peer.name)'s heartbeat no answer: \(actions)") }
             return reply
-        }
+        }.also { notifyWatchersIfChanged() }
     }
 
     /// Time passed: call several times a second.
@@ -111,6 +119,7 @@ public final class MonitorService: @unchecked Sendable {
                 }
             }
         }
+        notifyWatchersIfChanged()
     }
 
     /// An operator command, carried out like a heartbeat: the change is durable before the
@@ -141,7 +150,51 @@ public final class MonitorService: @unchecked Sendable {
             }
             logger.notice("operator command", metadata: ["operator": "\(peer.name)", "command": "\(command)", "accepted": "\(result.accepted)"])
             return Reply(result.accepted ? 200 : 409, CommandAnswerBody(result))
+        }.also { notifyWatchersIfChanged() }
+    }
+
+    // MARK: The topology watch
+
+    /// The topology now.
+    public func topology() -> Reply { lock.withLock { Reply(200, currentTopology()) } }
+
+    /// The topology now if it is newer than `after`; else nil, and `notify` is called once when it
+    /// changes (from whichever thread made the change), unless ``cancelWatch(_:)`` comes first.
+    /// - Returns: the answer, or the watch's token.
+    public func topology(after: UInt64, notify: @escaping @Sendable () -> Void) -> Result<Reply, WatchToken> {
+        lock.withLock {
+            let current = currentTopology()
+            guard current.version <= after, watchers.count < Self.watchersMax else { return .success(Reply(200, current)) }
+            nextWatcher += 1
+            watchers[nextWatcher] = notify
+            return .failure(WatchToken(id: nextWatcher))
         }
+    }
+
+    public struct WatchToken: Error, Sendable { let id: UInt64 }
+
+    public func cancelWatch(_ token: WatchToken) { _ = lock.withLock { watchers.removeValue(forKey: token.id) } }
+
+    /// Under the lock.
+    private func currentTopology() -> TopologyBody {
+        var t = TopologyBody(version: 0, state: core.state)
+        if t != topologyState {
+            topologyVersion += 1
+            topologyState = t
+        }
+        t.version = topologyVersion
+        return t
+    }
+
+    private func notifyWatchersIfChanged() {
+        let fire: [@Sendable () -> Void] = lock.withLock {
+            let before = topologyVersion
+            _ = currentTopology()
+            guard topologyVersion != before, !watchers.isEmpty else { return [] }
+            defer { watchers.removeAll() }
+            return Array(watchers.values)
+        }
+        for notify in fire { notify() }
     }
 
     // MARK: Queries
@@ -191,5 +244,13 @@ public final class MonitorService: @unchecked Sendable {
 
     private func log(_ event: MonitorEvent) {
         logger.notice("\(event)")
+    }
+}
+
+extension MonitorService.Reply {
+    /// `self`, after `body` ran (for work that must follow the lock's release).
+    func also(_ body: () -> Void) -> Self {
+        body()
+        return self
     }
 }

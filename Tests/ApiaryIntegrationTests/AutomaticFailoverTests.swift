@@ -146,6 +146,39 @@ final class AutomaticFailoverTests: NodeProcessTestCase {
         XCTAssertTrue(report.consistent, report.text)
     }
 
+    /// The topology watch (for gateways): a long poll that answers when the writer changes,
+    /// with the new epoch and writer, and after its wait with the same version when nothing does.
+    func testTheTopologyWatchAnswersWhenThePrimaryChanges() async throws {
+        let monitor = try await MonitorClient(cluster: cluster)
+        try await monitor.waitUntil("in sync", timeoutSeconds: 60) { s in s.node("node-b")?.promotable == true && s.node("node-a")?.reported == "primary" }
+        let gateway = try ClusterCredentials(directory: cluster.certificates, name: "gateway").clusterClient()
+        func topology(_ query: String) async throws -> TopologyBody {
+            let c = try await HTTPSConnection.connect(host: "127.0.0.1", port: cluster.monitor!.apiPort, tls: gateway, group: MultiThreadedEventLoopGroup.singleton)
+            defer { Task { await c.close() } }
+            let r = try await c.request(.GET, "/topology" + query)
+            XCTAssertEqual(r.status, 200, r.text)
+            return try JSONDecoder().decode(TopologyBody.self, from: Data(r.body))
+        }
+        let now = try await topology("")
+        XCTAssertEqual(now.writer, "node-a")
+        XCTAssertTrue(now.writerReady)
+        XCTAssertEqual(now.epoch, 1)
+        // Nothing changes: the watch ends after its wait, with the same version.
+        let unchanged = try await topology("?after=\(now.version)&wait_ms=200")
+        XCTAssertEqual(unchanged.version, now.version)
+        XCTAssertEqual(unchanged.writer, "node-a")
+        // The primary dies: a watch that was waiting answers with the new writer and epoch.
+        let watch = Task { try await topology("?after=\(now.version)&wait_ms=30000") }
+        cluster.kill(cluster.primary)
+        var seen = try await watch.value
+        XCTAssertGreaterThan(seen.version, now.version)
+        while !(seen.writer == "node-b" && seen.writerReady) {
+            seen = try await topology("?after=\(seen.version)&wait_ms=30000")
+        }
+        XCTAssertEqual(seen.epoch, 2)
+        // An application's client has no certificate; a certificate of a foreign CA fails the handshake (MonitorProcessTests).
+    }
+
     /// `apiary ctl ARGS --monitor … --certs …`: its exit status and what it printed (both streams).
     func ctl(_ arguments: [String]) throws -> (status: Int32, output: String) {
         let process = Process()
