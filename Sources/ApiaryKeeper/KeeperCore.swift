@@ -59,7 +59,9 @@ public enum KeeperStep: Hashable, Sendable, CustomStringConvertible {
     /// A standby becomes the primary of `epoch`, a newer one: stop taking the stream, wait out
     /// the last lease it granted (plus the drift margin) so that the old primary has stopped,
     /// apply every record it holds, record the new state durably, then commit as `setup` says.
-    case promote(epoch: Epoch, setup: PrimarySetup)
+    /// With `handover` (a switchover: the former writer drained and uses no lease) there is no
+    /// lease to wait out.
+    case promote(epoch: Epoch, setup: PrimarySetup, handover: Bool)
     /// A primary changes its setup. A mode is recorded durably before it is used: a restart
     /// must not come back committing alone when the monitor believes it commits in sync.
     case configurePrimary(PrimarySetup)
@@ -73,7 +75,7 @@ public enum KeeperStep: Hashable, Sendable, CustomStringConvertible {
         switch self {
         case .stepDown: return "step down"
         case .adoptEpoch(let epoch): return "adopt epoch \(epoch)"
-        case .promote(let epoch, let setup): return "promote to primary of epoch \(epoch) (\(setup))"
+        case .promote(let epoch, let setup, let handover): return "promote to primary of epoch \(epoch) (\(setup)\(handover ? ", hand-over: no lease to wait out" : ""))"
         case .configurePrimary(let setup): return "set up the primary: \(setup)"
         case .follow(let primary): return "follow \(primary) as its standby"
         }
@@ -106,12 +108,13 @@ public struct KeeperCore: Sendable {
 
     /// - Parameters:
     ///   - state: the node's durable state at startup.
-    ///   - primarySetup: a primary's setup at startup (its durable mode and the configured
-    ///     standby); ignored unless `state` is primary.
+    ///   - primarySetup: a primary's setup at startup, ignored unless `state` is primary. Nil:
+    ///     not confirmed by the monitor yet (the first writer goal then sets it up, whatever it is,
+    ///     which is also what lets the primary use leases again: `PrimaryReplication.leaseConfirmed`).
     public init(state: NodeState, primarySetup: PrimarySetup?) {
         self.state = state
         if state.role == .primary {
-            precondition(primarySetup?.mode == state.mode, "a primary's setup must have its durable mode \(state.mode)")
+            precondition(primarySetup.map { $0.mode == state.mode } ?? true, "a primary's setup must have its durable mode \(state.mode)")
             self.primarySetup = primarySetup
         }
     }
@@ -142,7 +145,7 @@ public struct KeeperCore: Sendable {
             primarySetup = nil
         case .adoptEpoch(let epoch):
             state = state.adopting(epoch, from: .monitor) ?? state
-        case .promote(let epoch, let setup):
+        case .promote(let epoch, let setup, _):
             state = NodeState(role: .primary, epoch: epoch, mode: setup.mode)
             primarySetup = setup
         case .configurePrimary(let setup):
@@ -214,7 +217,7 @@ public struct KeeperCore: Sendable {
                 guard a.epoch > state.epoch else {
                     return .cannot("told to be the writer (\(goal)) in epoch \(a.epoch), this standby's own epoch: a standby is promoted only into a newer epoch")
                 }
-                return .step(.promote(epoch: a.epoch, setup: PrimarySetup(goal: goal, peer: a.peer)!))
+                return .step(.promote(epoch: a.epoch, setup: PrimarySetup(goal: goal, peer: a.peer)!, handover: a.handover))
             }
             if a.epoch > state.epoch { return .step(.adoptEpoch(a.epoch)) }
             switch goal {

@@ -143,15 +143,19 @@ public struct Assignment: Hashable, Sendable, CustomStringConvertible {
     /// The other node of the formation: for a writer, the only standby it may accept; for a
     /// standby, the primary it follows. Nil in a one-node formation.
     public var peer: NodeID?
+    /// A switchover's hand-over: the former writer reported that it drained (it takes no commit
+    /// and uses no lease from then on), so the promoted standby need not wait out its lease.
+    public var handover: Bool
 
-    public init(goal: KeeperState, epoch: Epoch, sequence: UInt64, peer: NodeID?) {
+    public init(goal: KeeperState, epoch: Epoch, sequence: UInt64, peer: NodeID?, handover: Bool = false) {
         self.goal = goal
         self.epoch = epoch
         self.sequence = sequence
         self.peer = peer
+        self.handover = handover
     }
 
-    public var description: String { "\(goal) in epoch \(epoch) (#\(sequence))" + (peer.map { ", peer \($0)" } ?? "") }
+    public var description: String { "\(goal) in epoch \(epoch) (#\(sequence))" + (peer.map { ", peer \($0)" } ?? "") + (handover ? ", hand-over" : "") }
 }
 
 // MARK: - Configuration

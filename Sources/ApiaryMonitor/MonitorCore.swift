@@ -90,6 +90,9 @@ public struct MonitorCore: Sendable {
     private var arrivals: UInt64 = 0
     /// When the current switchover began (on this core's clock).
     private var drainingSince: Milliseconds?
+    /// The standby promoted by a switchover's hand-over (its former writer drained): it is told
+    /// so, and skips the lease wait. Volatile: after a restart it waits, which is always safe.
+    private var handoverTo: NodeID?
     /// Why the last "no automatic promotion" event said so, so that it is not repeated.
     private var blockedNote: String?
     /// The last refusal recorded per node, so that a node repeating itself does not flood the
@@ -129,7 +132,8 @@ public struct MonitorCore: Sendable {
     /// What the node must do now, nil for a node outside the formation.
     public func assignment(for node: NodeID) -> Assignment? {
         guard let record = state.node(node) else { return nil }
-        return Assignment(goal: record.goal, epoch: state.epoch, sequence: record.goalSequence, peer: state.other(than: node)?.id)
+        return Assignment(goal: record.goal, epoch: state.epoch, sequence: record.goalSequence, peer: state.other(than: node)?.id,
+                          handover: handoverTo == node && record.goal == .waitPrimary)
     }
 
     /// False during the startup grace, while the core decides nothing.
@@ -377,6 +381,7 @@ public struct MonitorCore: Sendable {
            let wr = currentReport(w, t), let sr = currentReport(s, t), seen[s]!.reportArrival > seen[w]!.reportArrival,
            wr.tenants.allSatisfy({ (sr.tenants[$0.key]?.lsn ?? 0) >= $0.value.lsn }) {
             promote(&t, s, over: w, forced: false, reason: "switchover: \(w) drained and \(s) holds everything it committed")
+            handoverTo = s
             return
         }
 
@@ -464,6 +469,7 @@ public struct MonitorCore: Sendable {
     /// waited out its last lease) and `w` demoted, all in one change persisted before anyone
     /// is told.
     private mutating func promote(_ t: inout Txn, _ s: NodeID, over w: NodeID, forced: Bool, reason: String) {
+        handoverTo = nil
         t.next.epoch = t.next.epoch.next
         t.forcedPromotion = forced
         t.update(s) {

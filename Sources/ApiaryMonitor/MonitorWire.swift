@@ -64,17 +64,20 @@ public struct AssignmentBody: Codable, Sendable, Equatable {
     public var epoch: UInt64
     public var sequence: UInt64
     public var peer: String?
+    /// Present (true) only for a switchover's hand-over.
+    public var handover: Bool?
     public init(_ a: Assignment) {
         goal = a.goal.rawValue
         epoch = a.epoch.rawValue
         sequence = a.sequence
         peer = a.peer
+        handover = a.handover ? true : nil
     }
 
     /// The core's assignment, or what is malformed.
     public func assignment() -> Result<Assignment, WireError> {
         guard let state = KeeperState(rawValue: goal) else { return .failure(WireError("unknown goal '\(goal.prefix(40))'")) }
-        return .success(Assignment(goal: state, epoch: Epoch(epoch), sequence: sequence, peer: peer))
+        return .success(Assignment(goal: state, epoch: Epoch(epoch), sequence: sequence, peer: peer, handover: handover ?? false))
     }
 }
 

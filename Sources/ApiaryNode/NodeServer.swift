@@ -97,7 +97,7 @@ public enum NodeServer {
         let group = MultiThreadedEventLoopGroup.singleton
         let roles = NodeRoles(config: config, state: state, layout: layout, group: group, credentials: credentials, logger: logger)
         switch state.role {
-        case .primary: try await roles.startPrimary(epoch: state.epoch, mode: state.mode, standby: config.standbyName)
+        case .primary: try await roles.startPrimary(epoch: state.epoch, mode: state.mode, standby: config.standbyName, leaseConfirmed: config.monitorHost == nil)
         case .standby: try roles.startStandby(epoch: state.epoch)
         case .demoted: roles.startDemoted(epoch: state.epoch)
         }
@@ -258,14 +258,16 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         }
     }
 
-    func startPrimary(epoch: Epoch, mode: ReplicationMode, standby: NodeID?) async throws {
+    /// - Parameter leaseConfirmed: false for a primary started under a monitor: it uses no lease
+    ///   until its keeper set it up for a writer goal that is not draining.
+    func startPrimary(epoch: Epoch, mode: ReplicationMode, standby: NodeID?, leaseConfirmed: Bool = true) async throws {
         let loop = replicationGroup.next()
         // Opening every tenant (logs, databases, a redo) reads files: off the event loops, which
         // keep serving meanwhile (a promotion's heartbeats among them).
         let (config, layout, logger) = (self.config, self.layout, self.logger)
         let primary = try await BlockingPool.writers.run {
             try PrimaryNode(name: config.name, epoch: epoch, mode: mode, config: config.replication,
-                            standby: standby, layout: layout, logOptions: config.log, loop: loop, logger: logger)
+                            standby: standby, layout: layout, logOptions: config.log, loop: loop, logger: logger, leaseConfirmed: leaseConfirmed)
         }
         let channel = try await ClusterTransport.listen(host: config.replicationHost, port: config.replicationPort, group: replicationGroup,
                                                         credentials: credentials, ids: ids, events: primary, driverLoop: loop)
@@ -413,7 +415,9 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
     /// Standby → primary of `epoch` (nil: the standby's epoch + 1) set up as `setup` says.
     /// - Returns: the new epoch.
     @discardableResult
-    func promote(toEpoch target: Epoch?, setup: PrimarySetup) async throws -> Epoch {
+    /// - Parameter handover: a switchover's hand-over: the former writer drained and uses no
+    ///   lease, so there is none to wait out.
+    func promote(toEpoch target: Epoch?, setup: PrimarySetup, handover: Bool = false) async throws -> Epoch {
         if let candidate = lock.withLock({ standby }), let refusal = await candidate.promotionRefusal(into: target) {
             throw APIError(.conflict, "not promoted: \(refusal)")
         }
@@ -427,7 +431,7 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         let startedAt = monotonicNowMs()
         var stoppedAt = startedAt
         do {
-            let old = try await node.stopForPromotion()
+            let old = try await node.stopForPromotion(waitForLease: !handover)
             stoppedAt = monotonicNowMs()
             let epoch = target ?? old.next
             precondition(epoch > old, "promotion into epoch \(epoch), not newer than the standby's \(old)")
@@ -479,8 +483,8 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
             lock.withLock { state = adopted }
             try await lock.withLock({ standby })?.adoptEpoch(epoch)
             ServiceManager.status(statusLine)
-        case .promote(let epoch, let setup):
-            try await promote(toEpoch: epoch, setup: setup)
+        case .promote(let epoch, let setup, let handover):
+            try await promote(toEpoch: epoch, setup: setup, handover: handover)
         case .configurePrimary(let setup):
             guard let primary = lock.withLock({ primary }) else { throw NodeError("not a primary") }
             var next = lock.withLock { state }

@@ -59,7 +59,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     let logOptions: ReplicationLog.Options
 
     init(name: String, epoch: Epoch, mode: ReplicationMode, config: ReplicationConfig, standby: String?, layout: DataLayout,
-         logOptions: ReplicationLog.Options, loop: any EventLoop, logger: Logger) throws {
+         logOptions: ReplicationLog.Options, loop: any EventLoop, logger: Logger, leaseConfirmed: Bool = true) throws {
         self.name = name
         self.logOptions = logOptions
         self.epoch = epoch
@@ -77,7 +77,8 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
                                         firstLSN: base.lsn + 1, baseChecksum: base.checksum)
             opened[id] = tenant
         }
-        core = PrimaryReplication(nodeID: name, epoch: epoch, mode: mode, config: config, standbyNodeID: standby, tenants: logs)
+        core = PrimaryReplication(nodeID: name, epoch: epoch, mode: mode, config: config, standbyNodeID: standby, tenants: logs,
+                                  leaseConfirmed: leaseConfirmed)
         tenants = opened
         // Open databases after the core knows the tenants: opening may redo the last record.
         for (_, tenant) in opened { try openDatabase(tenant) }
@@ -494,6 +495,8 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             self.interpret(self.core.onStandbyAssigned(standby, now: now))
             self.interpret(self.core.onModeChanged(mode, now: now))
             self.interpret(self.core.onDrainingChanged(draining, now: now))
+            // Set up by the monitor for a writer goal: it may use leases (unless handing over).
+            if !draining { self.core.onLeaseConfirmed() }
         }.get()
     }
 

@@ -520,7 +520,9 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         }
     }
 
-    func stopForPromotion() async throws -> Epoch {
+    /// - Parameter waitForLease: false only for a switchover's hand-over, when the monitor knows
+    ///   the former primary drained (it uses no lease from then on).
+    func stopForPromotion(waitForLease: Bool = true) async throws -> Epoch {
         let (epoch, tenants) = try await loop.submit { () -> (Epoch, [StandbyTenant]) in
             if let fatal = self.fatal { throw fatal }
             self.promoting = true
@@ -528,7 +530,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             return (self.core.epoch, Array(self.tenants.values))
         }.get()
         // The core says how long the lease still binds; nothing grants a new one meanwhile.
-        while true {
+        while waitForLease {
             let waitMs = try await loop.submit { self.core.promotionWaitMs(now: monotonicNowMs()) }.get()
             if waitMs == 0 { break }
             try await Task.sleep(for: .milliseconds(waitMs))

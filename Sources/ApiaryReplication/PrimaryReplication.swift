@@ -156,8 +156,14 @@ public struct PrimaryReplication: Sendable {
     /// The only node that may connect as the standby; nil: no node may (none is assigned).
     public private(set) var standbyNodeID: NodeID?
     public private(set) var mode: ReplicationMode
-    /// A switchover is handing over: no new commit is taken (``onDrainingChanged(_:now:)``).
+    /// A switchover is handing over: no new commit is taken and no lease used
+    /// (``onDrainingChanged(_:now:)``).
     public private(set) var draining = false
+    /// Whether this primary may use the leases its standby grants. A primary that starts under a
+    /// monitor may have been handing over when it stopped: its standby may be promoted without a
+    /// lease wait (the monitor believes it drained), so it uses no lease until the monitor
+    /// confirmed a writer goal that is not draining (``onLeaseConfirmed()``).
+    public private(set) var leaseConfirmed: Bool
     /// The newer epoch that made this node step down; nil while it is primary.
     public private(set) var steppedDownTo: Epoch?
     /// Until when the standby promised not to be promoted, measured on this node's clock
@@ -169,7 +175,10 @@ public struct PrimaryReplication: Sendable {
     /// from when this node sent what earned it, so it ends no later than the standby's own
     /// count); alone (`single`, `waitPrimary`) no other node can be promoted behind its back.
     public func holdsLease(now: Milliseconds) -> Bool {
-        guard steppedDownTo == nil else { return false }
+        // Draining (a switchover's hand-over) gives the lease up at once: the standby may then be
+        // promoted without waiting it out. Unconfirmed: a primary started under a monitor uses no
+        // lease until the monitor confirmed it is still the writer (see `leaseConfirmed`).
+        guard steppedDownTo == nil, !draining, leaseConfirmed else { return false }
         guard mode.waitsForStandby else { return true }
         return (leaseGrantedUntil ?? .min) > now
     }
@@ -187,8 +196,9 @@ public struct PrimaryReplication: Sendable {
     ///   - standbyNodeID: the standby the monitor assigned, if known.
     public init(
         nodeID: NodeID, epoch: Epoch, mode: ReplicationMode, config: ReplicationConfig = ReplicationConfig(),
-        standbyNodeID: NodeID? = nil, tenants: [TenantID: PrimaryTenantLog] = [:]
+        standbyNodeID: NodeID? = nil, tenants: [TenantID: PrimaryTenantLog] = [:], leaseConfirmed: Bool = true
     ) {
+        self.leaseConfirmed = leaseConfirmed
         precondition(config.inFlightRecordsMax >= 1 && config.pendingCommitsMax >= 1, "limits must be positive: \(config)")
         self.nodeID = nodeID
         self.epoch = epoch
@@ -289,6 +299,9 @@ public struct PrimaryReplication: Sendable {
         }
         return actions
     }
+
+    /// The monitor confirmed this primary as the writer, not draining: it may use leases.
+    public mutating func onLeaseConfirmed() { leaseConfirmed = true }
 
     /// The monitor told this primary to step down (a newer epoch exists, or is about to):
     /// commits and strong reads stop at once, as when a peer shows a newer epoch.

@@ -146,6 +146,52 @@ final class AutomaticFailoverTests: NodeProcessTestCase {
         XCTAssertTrue(report.consistent, report.text)
     }
 
+    /// The standby dies: the monitor marks it not promotable and lets the primary commit alone
+    /// (`wait_primary`), so writes go on; it comes back, catches up, and the pair is in sync
+    /// again. Then the monitor dies: in sync mode the pair keeps serving without it, and a
+    /// restarted monitor takes up where it was.
+    func testStandbyLossLetsThePrimaryCommitAloneAndTheMonitorsLossChangesNothing() async throws {
+        let monitor = try await MonitorClient(cluster: cluster)
+        let a = cluster.primary, b = cluster.standby
+        try await monitor.waitUntil("in sync", timeoutSeconds: 60) { s in s.node(b.name)?.promotable == true && s.node(a.name)?.reported == "primary" }
+        let ledger = WriteLedger()
+        let writers = (0..<2).map { w in Task { await self.write(as: w, ledger: ledger) } }
+        defer { ledger.stop() }
+        try await ledger.waitForMoreAcks(10, timeoutSeconds: 60)
+
+        cluster.kill(b)
+        try await monitor.waitUntil("node-a commits alone, node-b not promotable", timeoutSeconds: 30) { s in
+            s.node(a.name)?.reported == "wait_primary" && s.node(b.name)?.promotable == false && s.epoch == 1
+        }
+        try await ledger.waitForMoreAcks(10, timeoutSeconds: 30)
+        try cluster.start(b)
+        try await monitor.waitUntil("back in sync", timeoutSeconds: 60) { s in
+            s.node(a.name)?.reported == "primary" && s.node(b.name)?.reported == "secondary" && s.node(b.name)?.promotable == true
+        }
+        try await ledger.waitForMoreAcks(10, timeoutSeconds: 30)
+
+        // The monitor is lost: nothing changes, writes go on in sync mode.
+        cluster.kill(cluster.monitor!)
+        try await ledger.waitForMoreAcks(20, timeoutSeconds: 30)
+        try cluster.start(cluster.monitor!)
+        try await monitor.waitUntil("the restarted monitor sees the same formation", timeoutSeconds: 60) { s in
+            s.deciding && s.epoch == 1 && s.node(a.name)?.goal == "primary" && s.node(b.name)?.promotable == true
+        }
+        try await ledger.waitForMoreAcks(10, timeoutSeconds: 30)
+        ledger.stop()
+        for writer in writers { await writer.value }
+
+        let api = APIClient(port: a.apiPort, caPath: cluster.certificates + "/ca.pem")
+        let connection = try await api.connect()
+        defer { Task { await connection.close() } }
+        let r = try await connection.request(.GET, "/db/query?q=" + "SELECT id FROM t".addingPercentEncoding(withAllowedCharacters: .alphanumerics)!,
+                                             headers: [("X-Apiary-Tenant", Self.tenant)])
+        XCTAssertEqual(ledger.acknowledged.subtracting(Self.ids(in: r.body)), [])
+        let report = try await ClusterVerifier(certificatesDirectory: cluster.certificates, operatorName: "operator")
+            .verify(primary: ("127.0.0.1", a.apiPort), standby: ("127.0.0.1", b.apiPort), waitMs: 30_000)
+        XCTAssertTrue(report.consistent, report.text)
+    }
+
     /// The topology watch (for gateways): a long poll that answers when the writer changes,
     /// with the new epoch and writer, and after its wait with the same version when nothing does.
     func testTheTopologyWatchAnswersWhenThePrimaryChanges() async throws {

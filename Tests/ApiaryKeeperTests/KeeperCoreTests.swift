@@ -32,6 +32,20 @@ final class KeeperCoreTests: XCTestCase {
         XCTAssertEqual(k.onAssignment(assign(.draining, e1, 5)), [.run(.configurePrimary(PrimarySetup(mode: .sync, standby: "node-b", draining: true)))])
     }
 
+    func testAHandoverPromotionSkipsTheLeaseWaitAndOnlyThen() {
+        var k = standby()
+        XCTAssertEqual(k.onAssignment(Assignment(goal: .waitPrimary, epoch: e2, sequence: 5, peer: "node-a", handover: true)),
+                       [.run(.promote(epoch: e2, setup: PrimarySetup(mode: .waitPrimary, standby: "node-a"), handover: true))])
+    }
+
+    func testAPrimaryNotYetConfirmedIsSetUpByTheFirstWriterGoalEvenWhenItMatches() {
+        var k = KeeperCore(state: NodeState(role: .primary, epoch: e1, mode: .sync), primarySetup: nil)
+        XCTAssertEqual(k.onAssignment(assign(.primary, e1, 4)), [.run(.configurePrimary(PrimarySetup(mode: .sync, standby: "node-b")))],
+                       "the set-up confirms the lease; without it a restarted primary would serve strong reads the monitor does not know of")
+        _ = k.onStepDone()
+        XCTAssertEqual(k.reached, ReachedGoal(.primary, sequence: 4))
+    }
+
     func testAnOlderAssignmentIsIgnored() {
         var k = primary()
         _ = k.onAssignment(assign(.primary, e1, 7))
@@ -67,7 +81,7 @@ final class KeeperCoreTests: XCTestCase {
         _ = k.onAssignment(assign(.secondary, e1, 4, peer: "node-a"))
         XCTAssertEqual(k.reached, ReachedGoal(.secondary, sequence: 4))
         XCTAssertEqual(k.onAssignment(assign(.waitPrimary, e2, 5, peer: "node-a")),
-                       [.run(.promote(epoch: e2, setup: PrimarySetup(mode: .waitPrimary, standby: "node-a")))])
+                       [.run(.promote(epoch: e2, setup: PrimarySetup(mode: .waitPrimary, standby: "node-a"), handover: false))])
         XCTAssertEqual(k.report(tenants: [:], streaming: false).role, .standby, "still a standby while the promotion runs")
         XCTAssertEqual(k.onStepDone(), [])
         XCTAssertEqual(k.state, NodeState(role: .primary, epoch: e2, mode: .waitPrimary))
@@ -110,7 +124,7 @@ final class KeeperCoreTests: XCTestCase {
 
     func testAFailedStepIsTriedAgainAtTheNextAnswer() {
         var k = standby()
-        let promote = KeeperAction.run(.promote(epoch: e2, setup: PrimarySetup(mode: .waitPrimary, standby: "node-a")))
+        let promote = KeeperAction.run(.promote(epoch: e2, setup: PrimarySetup(mode: .waitPrimary, standby: "node-a"), handover: false))
         XCTAssertEqual(k.onAssignment(assign(.waitPrimary, e2, 5, peer: "node-a")), [promote])
         let failed = k.onStepFailed("the standby does not answer")
         guard case .note? = failed.first else { return XCTFail("\(failed)") }

@@ -77,6 +77,30 @@ final class PrimaryScenarioTests: XCTestCase {
         XCTAssertEqual(p.leaseGrantedUntil, 1_010)
     }
 
+    func testADrainingPrimaryTakesNoCommitAndGivesItsLeaseUpAtOnce() {
+        var (p, _) = primary()
+        _ = p.onLocalRecord(tenant, record(1), now: 10)
+        _ = p.onMessage(.ack(Ack(epoch: Epoch(1), tenant: tenant, lsn: 1, leaseMs: 1_000)), from: conn1, now: 30)
+        XCTAssertTrue(p.holdsLease(now: 40))
+        _ = p.onDrainingChanged(true, now: 50)
+        XCTAssertFalse(p.holdsLease(now: 50), "a hand-over's standby is promoted without waiting out this lease")
+        XCTAssertEqual(p.onLocalRecord(tenant, record(2), now: 60), [.commitFailed(tenant, 2, .draining)])
+        _ = p.onDrainingChanged(false, now: 70)
+        XCTAssertTrue(p.holdsLease(now: 70))
+    }
+
+    func testAPrimaryStartedUnconfirmedUsesNoLeaseUntilTheMonitorConfirmsIt() {
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig(), standbyNodeID: "node-b", leaseConfirmed: false)
+        _ = p.onConnected(conn1, peer: standbyPeer, now: 0)
+        _ = p.onMessage(hello([]), from: conn1, now: 0)
+        _ = p.onLocalRecord(tenant, record(1), now: 10)
+        XCTAssertEqual(p.onMessage(.ack(Ack(epoch: Epoch(1), tenant: tenant, lsn: 1, leaseMs: 1_000)), from: conn1, now: 30), [.commitDurable(tenant, 1)],
+                       "it commits in sync mode as usual")
+        XCTAssertFalse(p.holdsLease(now: 40), "it may have been handing over when it stopped")
+        p.onLeaseConfirmed()
+        XCTAssertTrue(p.holdsLease(now: 40))
+    }
+
     func testLocalModesCommitAtOnceAndStillStream() {
         var (p, _) = primary(mode: .waitPrimary)
         let r = record(1)

@@ -43,8 +43,9 @@ final class NodeKeeper: @unchecked Sendable {
         self.intervalMs = intervalMs
         self.logger = logger
         self.wakeup = Wakeup(loop: group.next())
-        let setup = state.role == .primary ? PrimarySetup(mode: state.mode, standby: roles.config.standbyName) : nil
-        core = KeeperCore(state: state, primarySetup: setup)
+        // A primary is not set up until the monitor's first writer goal (which also lets it use
+        // leases again: it may have been handing over when it stopped).
+        core = KeeperCore(state: state, primarySetup: nil)
     }
 
     func start() {
