@@ -121,6 +121,13 @@ public enum NodeServer {
             watchdog = Watchdog(intervalMs: intervalMs) { await roles.isHealthy(withinMs: intervalMs / 2) }
             watchdog?.start()
             logger.info("systemd watchdog on", metadata: ["intervalMs": "\(intervalMs)"])
+            if let pings = TestHang.pingsBeforeHang, let watchdog {
+                let loop = roles.replicationGroup.next()
+                Thread.detachNewThread {
+                    while watchdog.waitForRounds(Int.max, until: Date().addingTimeInterval(0.05)).pings < pings {}
+                    loop.execute { TestHang.hangForever("the replication event loop") }
+                }
+            }
         }
         let signal = await terminationSignal()
         logger.notice("shutting down", metadata: ["signal": "\(signal)"])

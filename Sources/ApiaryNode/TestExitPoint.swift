@@ -52,3 +52,18 @@ enum TestExitPoint: String {
         _exit(86)
     }
 }
+
+/// TEST SEAM for the watchdog test (`SystemdNotifyTests`), not an operator's setting: a node
+/// started with `APIARY_TEST_HANG_REPLICATION_LOOP_AFTER_PINGS=<n>` blocks its replication event
+/// loop for good once its watchdog has sent `n` pings, as a deadlock there would. The pings must
+/// stop (and systemd restart the process). Inert unless the variable is set.
+enum TestHang {
+    static var pingsBeforeHang: Int? {
+        ProcessInfo.processInfo.environment["APIARY_TEST_HANG_REPLICATION_LOOP_AFTER_PINGS"].flatMap(Int.init)
+    }
+
+    static func hangForever(_ what: String) -> Never {
+        fputs("test seam APIARY_TEST_HANG_REPLICATION_LOOP_AFTER_PINGS: \(what) hangs now\n", stderr)
+        while true { sleep(3_600) }
+    }
+}
