@@ -31,6 +31,8 @@ let package = Package(
         .target(name: "ApiaryMonitor", dependencies: ["ApiaryCore", "ApiaryReplication"]),
         /// The node's half of the monitor protocol: from a goal to the steps that reach it. Events in, steps out.
         .target(name: "ApiaryKeeper", dependencies: ["ApiaryCore", "ApiaryReplication", "ApiaryMonitor"]),
+        /// The gateway's decisions (DESIGN §7): where a request goes, when it is held, when it may be sent again.
+        .target(name: "ApiaryGateway", dependencies: ["ApiaryCore"]),
 
         // MARK: Storage
         .systemLibrary(
@@ -60,7 +62,7 @@ let package = Package(
         ]),
         /// A node process: storage + log + replication over mTLS + the HTTPS client endpoint.
         .target(name: "ApiaryNode", dependencies: [
-            "ApiaryCore", "ApiaryReplication", "ApiaryMonitor", "ApiaryKeeper", "ApiaryLog", "ApiaryStorage", "ApiaryTLS", "ApiaryLifecycle",
+            "ApiaryCore", "ApiaryReplication", "ApiaryMonitor", "ApiaryKeeper", "ApiaryGateway", "ApiaryLog", "ApiaryStorage", "ApiaryTLS", "ApiaryLifecycle",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOTLS", package: "swift-nio"),
@@ -95,6 +97,7 @@ let package = Package(
         .testTarget(name: "ApiaryReplicationTests", dependencies: ["ApiaryReplication", "SimulationSupport"]),
         .testTarget(name: "ApiaryMonitorTests", dependencies: ["ApiaryMonitor", "ApiaryReplication", "ApiaryCore", "SimulationSupport"]),
         .testTarget(name: "ApiaryKeeperTests", dependencies: ["ApiaryKeeper", "ApiaryMonitor", "ApiaryReplication", "ApiaryCore"]),
+        .testTarget(name: "ApiaryGatewayTests", dependencies: ["ApiaryGateway", "ApiaryCore"]),
         .testTarget(name: "ApiaryMonitorServiceTests", dependencies: [
             "ApiaryMonitorService", "ApiaryMonitor", "ApiaryCore", "ApiaryReplication", "ApiaryTLS", "ApiaryNode", "ApiaryLifecycle", "CSQLite",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -110,7 +110,7 @@ public enum NodeServer {
         let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
         let server = try await APIServer.start(service: roles, accounts: roles, credentials: credentials, certificate: apiCertificate,
                                                host: config.apiHost, port: config.apiPort,
-                                               group: group, logger: logger)
+                                               group: group, logger: logger, identity: { [name = config.name] in (name, roles.epoch.rawValue) })
         // Scripts and tests wait for this line; systemd (Type=notify) for READY=1.
         print("apiary node \(config.name) ready: role=\(state.role.rawValue) epoch=\(state.epoch.rawValue) api=https://\(config.apiHost):\(server.port)")
         fflush(stdout)
@@ -363,6 +363,9 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
     }
 
     // MARK: Health
+
+    /// The node's epoch, as its state file holds it.
+    var epoch: Epoch { lock.withLock { state.epoch } }
 
     /// What `systemctl status` shows: role and epoch.
     var statusLine: String {

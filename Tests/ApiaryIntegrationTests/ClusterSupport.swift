@@ -24,7 +24,7 @@ extension String {
 func freeBasePort() -> Int {
     for _ in 0..<50 {
         let base = 20_000 + Int.random(in: 0..<4_000) * 10
-        if (0..<21).allSatisfy({ portIsFree(base + $0) }) { return base }
+        if (0..<33).allSatisfy({ portIsFree(base + $0) }) { return base }
     }
     return 20_000 + Int.random(in: 0..<4_000) * 10
 }

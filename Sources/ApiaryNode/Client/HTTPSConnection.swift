@@ -57,7 +57,8 @@ public final class HTTPSConnection: @unchecked Sendable {
         let channel = self.channel
         channel.eventLoop.execute {
             // A closed connection has already failed its waiters; nothing would fail this one.
-            guard channel.isActive else { return promise.fail(HTTPSConnectionClosed()) }
+            // Nothing of this request was sent: a caller may send it elsewhere safely.
+            guard channel.isActive else { return promise.fail(HTTPSRequestNotSent()) }
             self.handler.waiting.append(promise)
             channel.write(HTTPClientRequestPart.head(head), promise: nil)
             if let body { channel.write(HTTPClientRequestPart.body(.byteBuffer(channel.allocator.buffer(bytes: body))), promise: nil) }
@@ -118,4 +119,9 @@ final class ResponseCollector: ChannelInboundHandler, @unchecked Sendable {
 
 public struct HTTPSConnectionClosed: Error, CustomStringConvertible {
     public var description: String { "connection closed before the response arrived" }
+}
+
+/// The connection was closed before any byte of the request was written.
+public struct HTTPSRequestNotSent: Error, CustomStringConvertible {
+    public var description: String { "connection closed before the request was sent" }
 }

@@ -21,6 +21,8 @@ struct APIRequest: Sendable {
     var reservedBytes = 0
     /// From the TLS client certificate, if any (applications present none).
     var peer: ApiaryTLS.PeerIdentity?
+    /// The client's IP address as the socket says.
+    var clientAddress: String?
 
     var path: Substring { let t = target; return t[..<(t.utf8.firstIndex(of: UInt8(ascii: "?")) ?? t.endIndex)] }
     var query: Substring? { let t = target; return t.utf8.firstIndex(of: UInt8(ascii: "?")).map { t[t.utf8.index(after: $0)...] } }
@@ -47,6 +49,35 @@ struct APIResponse: Sendable {
     var allow: String?
     /// For 401: ask for HTTP basic auth (RFC 9110 requires `WWW-Authenticate`).
     var asksForCredentials = false
+    /// More headers (name, value), written as they are.
+    var headers: [(String, String)] = []
+}
+
+/// What answers the requests an ``APIServer`` reads: the node's routes, or the gateway's
+/// forwarding.
+protocol HTTPResponder: Sendable {
+    /// Bodies larger than this are dropped unread and answered 413.
+    var bodyBytesMax: Int { get }
+    /// Answers `request` through `done`, once, from any thread.
+    func respond(to request: APIRequest, then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void)
+}
+
+/// Adds who answered, and in which epoch, to every answer of a responder.
+struct IdentifiedResponder: HTTPResponder {
+    let inner: any HTTPResponder
+    let identity: @Sendable () -> (node: String, epoch: UInt64)
+    var bodyBytesMax: Int { inner.bodyBytesMax }
+
+    func respond(to request: APIRequest, then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {
+        inner.respond(to: request) { make in
+            done {
+                var response = make()
+                let (node, epoch) = identity()
+                response.headers += [("X-Apiary-Node", node), ("X-Apiary-Epoch", String(epoch))]
+                return response
+            }
+        }
+    }
 }
 
 /// The HTTP API (rqlite's, DESIGN §7; docs/rqlite-compatibility.md): `/db/execute`,
@@ -61,7 +92,7 @@ struct APIResponse: Sendable {
 ///
 /// Pure request → response over an `SQLService`, so that tests call it without a socket;
 /// `APIServer` carries it over HTTPS.
-struct APIRoutes: Sendable {
+struct APIRoutes: HTTPResponder {
     struct Limits: Sendable {
         var bodyBytesMax = 8 << 20
         var statementsMax = 10_000
@@ -72,6 +103,7 @@ struct APIRoutes: Sendable {
     /// acts as an operator (a node always passes its accounts; `APIServer.start` requires them).
     let accounts: (any AccountService)?
     var limits = Limits()
+    var bodyBytesMax: Int { limits.bodyBytesMax }
     /// Where unexpected errors are told in full (clients get no internals: paths, file names).
     var logger = Logger(label: "apiary.api")
     /// The node's summary for `/readyz`, `/status` and `/nodes`, fetched at most once a second.

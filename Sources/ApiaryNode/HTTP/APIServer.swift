@@ -80,15 +80,26 @@ public final class APIServer: Sendable {
     /// - Parameter certificate: what applications see (the operator's choice); the node's
     ///   cluster certificate when nil. Client certificates are checked against the cluster CA
     ///   either way.
+    /// - Parameter identity: the node's name and current epoch, sent with every answer
+    ///   (`X-Apiary-Node`, `X-Apiary-Epoch`) so that clients and gateways see who served it.
     public static func start(service: any SQLService, accounts: (any AccountService)?, credentials: ClusterCredentials,
                              certificate: ServerCertificate? = nil, host: String, port: Int,
-                             group: any EventLoopGroup, logger: Logger, limits: Limits = Limits()) async throws -> APIServer {
+                             group: any EventLoopGroup, logger: Logger, limits: Limits = Limits(),
+                             identity: (@Sendable () -> (node: String, epoch: UInt64))? = nil) async throws -> APIServer {
+        let routes = APIRoutes(service: service, accounts: accounts, limits: .init(bodyBytesMax: limits.bodyBytesMax, statementsMax: limits.statementsMax),
+                               logger: logger)
+        let responder: any HTTPResponder = identity.map { IdentifiedResponder(inner: routes, identity: $0) } ?? routes
+        return try await start(responder: responder, credentials: credentials, certificate: certificate, host: host, port: port,
+                               group: group, logger: logger, limits: limits)
+    }
+
+    /// The same server in front of any responder (the gateway's forwarding).
+    static func start(responder routes: any HTTPResponder, credentials: ClusterCredentials, certificate: ServerCertificate?,
+                      host: String, port: Int, group: any EventLoopGroup, logger: Logger, limits: Limits) async throws -> APIServer {
         var tls = credentials.clientFacingServer(presenting: certificate)
         tls.certificateVerification = .optionalVerification
         tls.trustRoots = .certificates([credentials.clusterCA])
         let context = try NIOSSLContext(configuration: tls)
-        let routes = APIRoutes(service: service, accounts: accounts, limits: .init(bodyBytesMax: limits.bodyBytesMax, statementsMax: limits.statementsMax),
-                               logger: logger)
         let connections = OpenConnections(max: limits.connectionsMax)
         let heldForSlowReaders = LockedValue(0)
         let memory = MemoryBudget(bytesMax: limits.memoryBudgetBytes)
@@ -203,7 +214,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         var headersOnly: Bool
     }
 
-    private let routes: APIRoutes
+    private let routes: any HTTPResponder
     private let logger: Logger
     private let timeouts: ConnectionTimeouts
     /// The request being read.
@@ -240,7 +251,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     private var peer: ApiaryTLS.PeerIdentity?
     private var peerRead = false
 
-    init(routes: APIRoutes, logger: Logger, timeouts: ConnectionTimeouts, pipelinedMax: Int, heldForSlowReaders: LockedValue<Int>,
+    init(routes: any HTTPResponder, logger: Logger, timeouts: ConnectionTimeouts, pipelinedMax: Int, heldForSlowReaders: LockedValue<Int>,
          memory: MemoryBudget) {
         self.memory = memory
         self.pipelinedMax = pipelinedMax
@@ -292,18 +303,18 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             body = nil
             bodyTooLarge = false
             memoryShort = false
-            if let length = h.headers.first(name: "content-length").flatMap(Int.init), length > 0, length <= routes.limits.bodyBytesMax {
+            if let length = h.headers.first(name: "content-length").flatMap(Int.init), length > 0, length <= routes.bodyBytesMax {
                 reserveBody(length) // before the body arrives: refused, it is never kept
             }
             // A request read with an earlier one starts its deadline now, not at its next bytes.
             timeouts.requestStarted()
             // Clients that ask first (curl for larger bodies) would otherwise wait ~1 s.
             continueOwed = h.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" })
-                && (h.headers.first(name: "content-length").flatMap(Int.init) ?? 0) <= routes.limits.bodyBytesMax
+                && (h.headers.first(name: "content-length").flatMap(Int.init) ?? 0) <= routes.bodyBytesMax
             sendContinueIfOwed(context)
         case .body(var chunk):
             guard !bodyTooLarge, !memoryShort else { return }
-            if (body?.readableBytes ?? 0) + chunk.readableBytes > routes.limits.bodyBytesMax {
+            if (body?.readableBytes ?? 0) + chunk.readableBytes > routes.bodyBytesMax {
                 // Dropped unread to the end (within the read timeout), then answered 413.
                 bodyTooLarge = true
                 body = nil
@@ -369,6 +380,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             }
         }
         request.peer = peer
+        request.clientAddress = context.channel.remoteAddress?.ipAddress
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context), eventLoop: loop)
         routes.respond(to: request) { makeResponse in
@@ -465,6 +477,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         out.writeStaticString("\r\n")
         if response.outcomeUnknown { out.writeStaticString("X-Apiary-Outcome: unknown\r\n") }
         if let allow = response.allow { out.writeString("Allow: \(allow)\r\n") }
+        for (name, value) in response.headers { out.writeString("\(name): \(value)\r\n") }
         if response.asksForCredentials { out.writeStaticString("WWW-Authenticate: Basic realm=\"apiary\", charset=\"UTF-8\"\r\n") }
         if last { out.writeStaticString("Connection: close\r\n") }
         out.writeStaticString("\r\n")

@@ -25,6 +25,9 @@ public final class LocalCluster: @unchecked Sendable {
     /// The monitor (zone c; `apiPort` is where it listens), when the cluster has one: the nodes
     /// then follow its goals, and roles move between them.
     public let monitor: NodeSpec?
+    /// Gateways (listening on `apiPort`), each following the monitor: the endpoint that stays
+    /// through failover.
+    public let gateways: [NodeSpec]
     private var processes: [String: Process] = [:]
     /// What each node printed (stdout and stderr), kept for ``waitForOutput(of:containing:timeoutSeconds:)``.
     private var outputs: [String: NodeOutput] = [:]
@@ -35,13 +38,18 @@ public final class LocalCluster: @unchecked Sendable {
     ///   - executable: the `apiary` binary.
     ///   - basePort: the primary's API port; the others follow it.
     ///   - monitorArguments: nil for a cluster without a monitor; else the monitor's extra flags.
+    ///   - gateways: how many gateways (they need the monitor), listening from `basePort + 30` on.
     public init(directory: String, executable: String, basePort: Int, primaryArguments: [String] = [], standbyArguments: [String] = [],
-                monitorArguments: [String]? = nil) {
+                monitorArguments: [String]? = nil, gateways: Int = 0, gatewayArguments: [String] = []) {
+        precondition(gateways == 0 || monitorArguments != nil, "gateways follow the monitor")
         self.directory = directory
         self.executable = executable
         primary = NodeSpec(name: "node-a", role: "primary", apiPort: basePort, replicationPort: basePort + 1, extraArguments: primaryArguments)
         standby = NodeSpec(name: "node-b", role: "standby", apiPort: basePort + 10, replicationPort: basePort + 11, extraArguments: standbyArguments)
         monitor = monitorArguments.map { NodeSpec(name: "monitor", role: "monitor", apiPort: basePort + 20, replicationPort: 0, extraArguments: $0) }
+        self.gateways = (0..<gateways).map { i in
+            NodeSpec(name: "gateway-\(i + 1)", role: "gateway", apiPort: basePort + 30 + i, replicationPort: 0, extraArguments: gatewayArguments)
+        }
     }
 
     /// The node that is not `spec`.
@@ -54,12 +62,17 @@ public final class LocalCluster: @unchecked Sendable {
         let ca = try CertificateAuthority.create(in: certificates)
         for identity in [PeerIdentity(role: .node, name: primary.name), PeerIdentity(role: .node, name: standby.name),
                          PeerIdentity(role: .operator, name: "operator"), PeerIdentity(role: .gateway, name: "gateway"),
-                         PeerIdentity(role: .monitor, name: "monitor")] {
+                         PeerIdentity(role: .monitor, name: "monitor")] + gateways.map({ PeerIdentity(role: .gateway, name: $0.name) }) {
             try ca.issue(identity, into: certificates)
         }
     }
 
     public func arguments(_ spec: NodeSpec) -> [String] {
+        if spec.role == "gateway" {
+            return ["gateway", "--name", spec.name, "--certs", certificates, "--listen", "127.0.0.1:\(spec.apiPort)",
+                    "--monitor", "127.0.0.1:\(monitor!.apiPort)",
+                    "--node", "\(primary.name)=127.0.0.1:\(primary.apiPort)", "--node", "\(standby.name)=127.0.0.1:\(standby.apiPort)"] + spec.extraArguments
+        }
         if spec.role == "monitor" {
             return ["monitor", "--name", spec.name, "--data", directory + "/" + spec.name, "--certs", certificates,
                     "--listen", "127.0.0.1:\(spec.apiPort)", "--formation", "local",
@@ -137,7 +150,7 @@ public final class LocalCluster: @unchecked Sendable {
         let watched = NodeOutput()
         let readyOrEnded = DispatchSemaphore(value: 0)
         let ended = DispatchSemaphore(value: 0)
-        let readyLine = spec.role == "monitor" ? "apiary monitor \(spec.name) ready" : "apiary node \(spec.name) ready"
+        let readyLine = "apiary \(spec.role == "monitor" || spec.role == "gateway" ? spec.role : "node") \(spec.name) ready"
         let seen = LockedFlag()
         let signalled = LockedFlag()
         let output = pipe.fileHandleForReading
@@ -190,6 +203,7 @@ public final class LocalCluster: @unchecked Sendable {
         if let monitor { try start(monitor) }
         try start(primary)
         try start(standby)
+        for gateway in gateways { try start(gateway) }
     }
 
     /// Sends `signal` (SIGKILL for a crash) and waits for the process to exit.

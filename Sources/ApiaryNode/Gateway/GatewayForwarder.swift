@@ -1,0 +1,111 @@
+import ApiaryCore
+import ApiaryGateway
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// The gateway's responder: each client request goes to the writer the topology names, and is
+/// held and sent again only as ``GatewayCore`` decides. It decides nothing itself.
+struct GatewayForwarder: HTTPResponder {
+    let name: String
+    let state: GatewayState
+    let pools: [NodeID: NodePool]
+    let bodyBytesMax: Int
+    let logger: Logger
+    /// An attempt not answered within this long is given up (its connection closed): longer
+    /// than a node's own bound on a request (15 s) and its commit wait.
+    static let attemptTimeoutMs: Int64 = 20_000
+
+    /// Headers that describe one hop, not the request (RFC 9110 §7.6.1), and those the gateway
+    /// sets itself: never passed on.
+    static let notForwarded: Set<String> = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+                                            "upgrade", "host", "content-length", "x-forwarded-for", "expect"]
+
+    func respond(to request: APIRequest, then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {
+        Task {
+            let response = await forward(request)
+            done { response }
+        }
+    }
+
+    private func forward(_ request: APIRequest) async -> APIResponse {
+        if request.bodyTooLarge {
+            return APIResponse(status: .payloadTooLarge, body: RqliteJSON.error("request body larger than \(bodyBytesMax) bytes", code: .tooLarge))
+        }
+        let path = request.path
+        let isRead = path == "/db/query" || (request.method == .GET && !path.hasPrefix("/db/"))
+        let traits = RequestTraits(isRead: isRead, hasIdempotencyKey: request.headers.contains(name: "idempotency-key"))
+        var progress = RequestProgress(traits: traits, now: monotonicNowMs())
+        var decision = state.with { $0.next(progress, now: monotonicNowMs()) }
+        var lastAnswer: APIResponse?
+        while true {
+            switch decision {
+            case .forward(let node):
+                state.with { $0.sending(&progress) }
+                let (outcome, answer) = await attempt(request, on: node)
+                lastAnswer = answer
+                decision = state.with { $0.onOutcome(outcome, of: &progress, now: monotonicNowMs()) }
+            case .wait(let untilMs):
+                await state.waitForChange(untilMs: untilMs, loop: MultiThreadedEventLoopGroup.singleton.next())
+                decision = state.with { $0.next(progress, now: monotonicNowMs()) }
+            case .answer:
+                return lastAnswer ?? Self.failure(.noWriter, holdMs: state.with { $0.config.holdMs })
+            case .fail(let failure):
+                return Self.failure(failure, holdMs: state.with { $0.config.holdMs })
+            }
+        }
+    }
+
+    /// One attempt on `node`: how it ended, and the node's answer if it gave one.
+    private func attempt(_ request: APIRequest, on node: NodeID) async -> (AttemptOutcome, APIResponse?) {
+        guard let pool = pools[node] else {
+            logger.warning("the monitor names a writer this gateway has no address for", metadata: ["node": "\(node)"])
+            return (.notSent, nil)
+        }
+        let connection: HTTPSConnection
+        do { connection = try await pool.take() } catch { return (.notSent, nil) }
+        var headers: [(String, String)] = request.headers.compactMap { Self.notForwarded.contains($0.name.lowercased()) ? nil : ($0.name, $0.value) }
+        if let client = request.clientAddress { headers.append(("X-Forwarded-For", client)) }
+        let channel = connection.channel
+        let timeout = channel.eventLoop.scheduleTask(in: .milliseconds(Self.attemptTimeoutMs)) { channel.close(promise: nil) }
+        defer { timeout.cancel() }
+        let response: HTTPSConnection.Response
+        do {
+            response = try await connection.request(request.method, request.uri, headers: headers,
+                                                    body: request.method == .GET || request.method == .HEAD ? nil : request.body)
+        } catch is HTTPSRequestNotSent {
+            await pool.discard(connection)
+            return (.notSent, nil)
+        } catch {
+            await pool.discard(connection)
+            return (.noAnswer, nil)
+        }
+        if response.header("connection")?.lowercased() == "close" { await pool.discard(connection) } else { pool.give(back: connection) }
+        let code = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["code"] as? String
+        let unknown = response.header("x-apiary-outcome")?.lowercased() == "unknown"
+        var answer = APIResponse(status: HTTPResponseStatus(statusCode: response.status), body: response.body,
+                                 outcomeUnknown: unknown, contentType: response.header("content-type") ?? "application/json",
+                                 allow: response.header("allow"), asksForCredentials: response.header("www-authenticate") != nil)
+        for name in ["X-Apiary-Node", "X-Apiary-Epoch", "Retry-After"] {
+            if let value = response.header(name) { answer.headers.append((name, value)) }
+        }
+        answer.headers.append(("X-Apiary-Gateway", name))
+        return (.answered(status: response.status, code: code, outcomeUnknown: unknown), answer)
+    }
+
+    static func failure(_ failure: GatewayFailure, holdMs: Int64) -> APIResponse {
+        switch failure {
+        case .noWriter:
+            var r = APIResponse(status: .serviceUnavailable,
+                                body: RqliteJSON.error("no primary took the request within \(holdMs) ms (a failover may be in progress); it was not executed: send it again", code: .notExecuted))
+            r.headers.append(("Retry-After", "1"))
+            return r
+        case .outcomeUnknown:
+            return APIResponse(status: .internalServerError,
+                               body: RqliteJSON.error("outcome unknown: the request reached the primary and no answer came back; it may or may not have been applied (send it again only with an Idempotency-Key)", code: .outcomeUnknown),
+                               outcomeUnknown: true)
+        }
+    }
+}

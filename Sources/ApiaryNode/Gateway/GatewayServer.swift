@@ -1,0 +1,218 @@
+import ApiaryCore
+import ApiaryGateway
+import ApiaryLifecycle
+import ApiaryMonitor
+import ApiaryTLS
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+
+/// Everything `apiary gateway` needs to run.
+public struct GatewayConfiguration: Sendable {
+    public var name: String
+    public var certificatesDirectory: String
+    public var host = "127.0.0.1"
+    public var port = 4000
+    public var monitorHost = "127.0.0.1"
+    public var monitorPort = 4100
+    /// Each node's API address, by the name in its certificate (the monitor names the writer).
+    public var nodes: [NodeID: (host: String, port: Int)] = [:]
+    /// What applications see; the gateway's cluster certificate when nil.
+    public var apiCertificatePath: String?
+    public var apiKeyPath: String?
+    public var core = GatewayConfig()
+    public var limits = APIServer.Limits()
+
+    public init(name: String, certificatesDirectory: String) {
+        self.name = name
+        self.certificatesDirectory = certificatesDirectory
+    }
+}
+
+/// Runs a gateway until SIGTERM/SIGINT: the client-facing HTTPS endpoint, the topology watch
+/// and the forwarding (docs/gateway.md).
+public enum GatewayServer {
+    public static func run(_ config: GatewayConfiguration, logger: Logger) async throws {
+        NodeServer.exitWithParentIfAsked()
+        let credentials = try ClusterCredentials(directory: config.certificatesDirectory, name: config.name)
+        guard credentials.identity.role == .gateway else {
+            throw NodeError("\(config.name)'s certificate is for role \(credentials.identity.role.rawValue); a gateway needs a gateway certificate")
+        }
+        let group = MultiThreadedEventLoopGroup.singleton
+        let state = GatewayState(core: GatewayCore(config: config.core))
+        let tls = credentials.clusterClient()
+        let pools = Dictionary(uniqueKeysWithValues: config.nodes.map { ($0.key, NodePool(node: $0.key, host: $0.value.host, port: $0.value.port, tls: tls, group: group)) })
+        let watch = TopologyWatch(host: config.monitorHost, port: config.monitorPort, tls: tls, group: group, state: state, logger: logger)
+        watch.start()
+        defer { watch.stop() }
+        let forwarder = GatewayForwarder(name: config.name, state: state, pools: pools, bodyBytesMax: config.limits.bodyBytesMax, logger: logger)
+        let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
+        let server = try await APIServer.start(responder: forwarder, credentials: credentials, certificate: apiCertificate,
+                                               host: config.host, port: config.port, group: group, logger: logger, limits: config.limits)
+        print("apiary gateway \(config.name) ready: listen=https://\(config.host):\(server.port) monitor=\(config.monitorHost):\(config.monitorPort)")
+        fflush(stdout)
+        ServiceManager.ready(status: "gateway \(config.name) on \(config.host):\(server.port)")
+        let signal = await NodeServer.terminationSignal()
+        logger.notice("shutting down", metadata: ["signal": "\(signal)"])
+        ServiceManager.stopping()
+        await server.close()
+        for pool in pools.values { await pool.closeAll() }
+    }
+}
+
+/// The gateway's core behind a lock, and the requests waiting for the topology to change.
+final class GatewayState: @unchecked Sendable {
+    private let lock = NSLock()
+    private var core: GatewayCore
+    private var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+    private var nextWaiter: UInt64 = 0
+
+    init(core: GatewayCore) { self.core = core }
+
+    func with<T>(_ body: (inout GatewayCore) -> T) -> T { lock.withLock { body(&core) } }
+
+    func onTopology(_ topology: GatewayTopology) {
+        let woken: [CheckedContinuation<Void, Never>] = lock.withLock {
+            guard core.onTopology(topology) else { return [] }
+            defer { waiters.removeAll() }
+            return Array(waiters.values)
+        }
+        for w in woken { w.resume() }
+    }
+
+    /// Returns when the topology changes or at `untilMs` (monotonic), whichever is first.
+    func waitForChange(untilMs: Int64, loop: any EventLoop) async {
+        let delayMs = max(0, untilMs - monotonicNowMs())
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let id: UInt64 = lock.withLock {
+                nextWaiter += 1
+                waiters[nextWaiter] = continuation
+                return nextWaiter
+            }
+            loop.scheduleTask(in: .milliseconds(delayMs)) { [self] in
+                if let c = lock.withLock({ waiters.removeValue(forKey: id) }) { c.resume() }
+            }
+        }
+    }
+}
+
+/// Follows the monitor's topology watch (a long poll) and hands each answer to the core.
+final class TopologyWatch: @unchecked Sendable {
+    let host: String
+    let port: Int
+    let tls: TLSConfiguration
+    let group: any EventLoopGroup
+    let state: GatewayState
+    let logger: Logger
+    private var task: Task<Void, Never>?
+
+    init(host: String, port: Int, tls: TLSConfiguration, group: any EventLoopGroup, state: GatewayState, logger: Logger) {
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.group = group
+        self.state = state
+        self.logger = logger
+    }
+
+    func start() {
+        task = Task { [self] in
+            var version: UInt64 = 0
+            var connection: HTTPSConnection?
+            var complained = false
+            while !Task.isCancelled {
+                do {
+                    if connection?.isOpen != true {
+                        connection = try await HTTPSConnection.connect(host: host, port: port, tls: tls, group: group, timeoutMs: 2_000)
+                    }
+                    let r = try await connection!.request(.GET, "/topology?after=\(version)&wait_ms=25000")
+                    guard r.status == 200 else { throw NodeError("the monitor answered \(r.status): \(r.text.prefix(200))") }
+                    let body = try JSONDecoder().decode(TopologyBody.self, from: Data(r.body))
+                    version = body.version
+                    state.onTopology(GatewayTopology(version: body.version, epoch: Epoch(body.epoch), writer: body.writer, writerReady: body.writerReady))
+                    if complained { logger.notice("the monitor's topology watch answers again") }
+                    complained = false
+                } catch {
+                    if !complained { logger.warning("cannot follow the monitor's topology watch; keeping what is known", metadata: ["error": "\(error)"]) }
+                    complained = true
+                    await connection?.close()
+                    connection = nil
+                    try? await Task.sleep(for: .milliseconds(200)) // a monitor that is down is asked again, not hammered
+                }
+            }
+            await connection?.close()
+        }
+    }
+
+    func stop() { task?.cancel() }
+}
+
+/// Keep-alive connections to one node, with the gateway's certificate; bounded.
+final class NodePool: @unchecked Sendable {
+    let node: NodeID
+    let host: String
+    let port: Int
+    let tls: TLSConfiguration
+    let group: any EventLoopGroup
+    private let lock = NSLock()
+    private var idle: [(connection: HTTPSConnection, since: Int64)] = []
+    private var open = 0
+    /// Connections to one node at most; past it a request counts as not sent (and is held).
+    static let connectionsMax = 256
+    /// Idle connections older than this are closed rather than reused: the node closes idle
+    /// connections after 60 s, and a request written into one it is closing would be lost in
+    /// an unknown state.
+    static let idleReuseMs: Int64 = 20_000
+
+    init(node: NodeID, host: String, port: Int, tls: TLSConfiguration, group: any EventLoopGroup) {
+        self.node = node
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.group = group
+    }
+
+    func take() async throws -> HTTPSConnection {
+        let now = monotonicNowMs()
+        let (reused, stale, mayOpen): (HTTPSConnection?, [HTTPSConnection], Bool) = lock.withLock {
+            var stale: [HTTPSConnection] = []
+            while let last = idle.popLast() {
+                if last.connection.isOpen && now - last.since < Self.idleReuseMs { return (last.connection, stale, false) }
+                stale.append(last.connection)
+                open -= 1
+            }
+            guard open < Self.connectionsMax else { return (nil, stale, false) }
+            open += 1
+            return (nil, stale, true)
+        }
+        for connection in stale { await connection.close() }
+        if let reused { return reused }
+        guard mayOpen else { throw NodeError("\(Self.connectionsMax) connections to \(node) are busy") }
+        do {
+            return try await HTTPSConnection.connect(host: host, port: port, tls: tls, group: group, timeoutMs: 1_000)
+        } catch {
+            lock.withLock { open -= 1 }
+            throw error
+        }
+    }
+
+    func give(back connection: HTTPSConnection) {
+        lock.withLock { idle.append((connection, monotonicNowMs())) }
+    }
+
+    func discard(_ connection: HTTPSConnection) async {
+        lock.withLock { open -= 1 }
+        await connection.close()
+    }
+
+    func closeAll() async {
+        let all = lock.withLock { () -> [HTTPSConnection] in
+            defer { idle.removeAll() }
+            return idle.map(\.connection)
+        }
+        for c in all { await c.close() }
+    }
+}

@@ -1,0 +1,100 @@
+import ApiaryCore
+import ApiaryGateway
+import XCTest
+
+/// The gateway's rules for holding and resending (DESIGN §7), one decision at a time.
+final class GatewayCoreTests: XCTestCase {
+    let write = RequestTraits(isRead: false, hasIdempotencyKey: false)
+    let keyedWrite = RequestTraits(isRead: false, hasIdempotencyKey: true)
+    let read = RequestTraits(isRead: true, hasIdempotencyKey: false)
+
+    func core(writer: NodeID? = "node-a", ready: Bool = true, version: UInt64 = 1, epoch: UInt64 = 1) -> GatewayCore {
+        var c = GatewayCore()
+        c.onTopology(GatewayTopology(version: version, epoch: Epoch(epoch), writer: writer, writerReady: ready))
+        return c
+    }
+
+    func testARequestGoesToTheReadyWriterAndItsAnswerIsPassedOn() {
+        let c = core()
+        var r = RequestProgress(traits: write, now: 0)
+        XCTAssertEqual(c.next(r, now: 0), .forward("node-a"))
+        c.sending(&r)
+        XCTAssertEqual(c.onOutcome(.answered(status: 200, code: nil, outcomeUnknown: false), of: &r, now: 1), .answer)
+        XCTAssertEqual(c.onOutcome(.answered(status: 400, code: "bad_request", outcomeUnknown: false), of: &r, now: 1), .answer)
+    }
+
+    func testWithoutAReadyWriterTheRequestIsHeldThenRefusedAsNotExecuted() {
+        let c = core(writer: "node-b", ready: false)
+        let r = RequestProgress(traits: write, now: 100)
+        XCTAssertEqual(c.next(r, now: 100), .wait(untilMs: 5_100))
+        XCTAssertEqual(c.next(r, now: 5_100), .fail(.noWriter), "held no longer than the hold time, and never executed")
+    }
+
+    func testARequestThatNeverLeftIsSentAgainOnceTheTopologyChanges() {
+        var c = core()
+        var r = RequestProgress(traits: write, now: 0)
+        c.sending(&r)
+        XCTAssertEqual(c.onOutcome(.notSent, of: &r, now: 10), .wait(untilMs: 30), "the same writer only after a backoff")
+        c.onTopology(GatewayTopology(version: 2, epoch: Epoch(2), writer: "node-b", writerReady: true))
+        XCTAssertEqual(c.next(r, now: 11), .forward("node-b"))
+    }
+
+    func testANodeThatDidNotExecuteItIsAskedNoMoreThanTheBackoffAllows() {
+        let c = core()
+        var r = RequestProgress(traits: write, now: 0)
+        c.sending(&r)
+        XCTAssertEqual(c.onOutcome(.answered(status: 503, code: "not_executed", outcomeUnknown: false), of: &r, now: 10), .wait(untilMs: 30))
+        XCTAssertEqual(c.next(r, now: 30), .forward("node-a"))
+    }
+
+    func testAWriteWithoutAKeyIsNeverSentAgainOnceItMayHaveBeenExecuted() {
+        let c = core()
+        var r = RequestProgress(traits: write, now: 0)
+        c.sending(&r)
+        XCTAssertEqual(c.onOutcome(.noAnswer, of: &r, now: 10), .fail(.outcomeUnknown))
+        var unknown = RequestProgress(traits: write, now: 0)
+        c.sending(&unknown)
+        XCTAssertEqual(c.onOutcome(.answered(status: 500, code: "outcome_unknown", outcomeUnknown: true), of: &unknown, now: 10), .answer,
+                       "the node's own 'outcome unknown' is passed on")
+    }
+
+    func testAKeyedWriteOrAReadIsSentAgainAfterALostAnswer() {
+        var c = core()
+        for traits in [keyedWrite, read] {
+            var r = RequestProgress(traits: traits, now: 0)
+            c.sending(&r)
+            XCTAssertEqual(c.onOutcome(.noAnswer, of: &r, now: 10), .wait(untilMs: 30))
+            c.onTopology(GatewayTopology(version: c.topology.version + 1, epoch: Epoch(2), writer: "node-b", writerReady: true))
+            XCTAssertEqual(c.next(r, now: 11), .forward("node-b"))
+        }
+        var k = RequestProgress(traits: keyedWrite, now: 0)
+        c.sending(&k)
+        XCTAssertNotEqual(c.onOutcome(.answered(status: 500, code: "outcome_unknown", outcomeUnknown: true), of: &k, now: 10), .answer,
+                          "a keyed write is sent again after 'outcome unknown': the node answers the repeat with the first answer")
+    }
+
+    func testAKeyedWriteThatMayHaveRunIsReportedUnknownWhenTheHoldRunsOut() {
+        let c = core(writer: "node-a", ready: true)
+        var r = RequestProgress(traits: keyedWrite, now: 0)
+        c.sending(&r)
+        _ = c.onOutcome(.noAnswer, of: &r, now: 10)
+        XCTAssertEqual(c.next(r, now: 5_000), .fail(.outcomeUnknown))
+        var q = RequestProgress(traits: read, now: 0)
+        c.sending(&q)
+        _ = c.onOutcome(.noAnswer, of: &q, now: 10)
+        XCTAssertEqual(c.next(q, now: 5_000), .fail(.noWriter), "a read changed nothing")
+    }
+
+    func testAnOlderTopologyIsIgnored() {
+        var c = core(version: 5, epoch: 3)
+        XCTAssertFalse(c.onTopology(GatewayTopology(version: 4, epoch: Epoch(3), writer: "node-b", writerReady: true)))
+        XCTAssertEqual(c.topology.writer, "node-a")
+    }
+
+    func testAttemptsAreBounded() {
+        let c = core()
+        var r = RequestProgress(traits: keyedWrite, now: 0)
+        for _ in 0..<c.config.attemptsMax { c.sending(&r) }
+        XCTAssertEqual(c.next(r, now: 1), .fail(.noWriter))
+    }
+}

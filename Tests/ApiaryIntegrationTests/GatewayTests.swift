@@ -1,0 +1,162 @@
+import ApiaryMonitor
+import ApiaryNode
+import ApiaryTLS
+import Foundation
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+import XCTest
+
+/// The gateway (issue 10) with real processes on loopback: a monitor, two nodes, a gateway.
+/// Applications talk to the gateway only, with HTTP basic auth, as they would in production.
+final class GatewayTests: NodeProcessTestCase {
+    var user = ""
+    var password = ""
+
+    override func setUp() async throws {
+        directory = NSTemporaryDirectory() + "apiary-gateway-" + UUID().uuidString
+        cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
+                               monitorArguments: ["--tick-interval-ms", "20"], gateways: 1)
+        try cluster.startBoth()
+        let accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: cluster.primary.apiPort)
+        try await accounts.createTenant("app")
+        user = "app-writer"
+        password = AccountsClient.randomPassword()
+        try await accounts.createUser(user, tenant: "app", role: "admin", password: password)
+    }
+
+    /// A client of the gateway, as an application: the cluster CA trusted, no certificate.
+    func connect() async throws -> HTTPSConnection {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .file(cluster.certificates + "/ca.pem")
+        return try await HTTPSConnection.connect(host: "127.0.0.1", port: cluster.gateways[0].apiPort, tls: tls, group: MultiThreadedEventLoopGroup.singleton)
+    }
+
+    var authorization: (String, String) { ("Authorization", "Basic " + Data("\(user):\(password)".utf8).base64EncodedString()) }
+
+    /// Through kills of the primary: a client whose writes carry idempotency keys sees no error
+    /// at all and no write applied twice; a client without keys sees only successes or an
+    /// honest "outcome unknown", never a false failure; every acknowledged write is there once.
+    func testWritesThroughTheGatewaySurviveKillsOfThePrimary() async throws {
+        let monitor = try await MonitorClient(cluster: cluster)
+        let setup = try await connect()
+        let created = try await setup.request(.POST, "/db/execute", headers: [authorization],
+                                              body: Array(#"["CREATE TABLE t (id INTEGER, keyed INTEGER)"]"#.utf8))
+        XCTAssertEqual(created.status, 200, created.text)
+        XCTAssertEqual(created.header("X-Apiary-Node"), "node-a")
+        XCTAssertEqual(created.header("X-Apiary-Epoch"), "1")
+        await setup.close()
+
+        let keyed = GatewayWriter(), unkeyed = GatewayWriter()
+        let writers = [Task { await self.write(keyed, withKeys: true) }, Task { await self.write(unkeyed, withKeys: false) }]
+        var primary = cluster.primary
+        for round in 1...3 {
+            let standby = cluster.peer(of: primary)
+            try await monitor.waitUntil("round \(round): in sync", timeoutSeconds: 60) { s in
+                s.node(primary.name)?.reported == "primary" && s.node(standby.name)?.promotable == true
+            }
+            try await keyed.waitForMore(5, timeoutSeconds: 60)
+            cluster.kill(primary)
+            try await monitor.waitUntil("round \(round): \(standby.name) promoted", timeoutSeconds: 30) { s in s.node(standby.name)?.reported == "wait_primary" }
+            try await keyed.waitForMore(5, timeoutSeconds: 30)
+            try cluster.start(primary)
+            primary = standby
+        }
+        keyed.stop()
+        unkeyed.stop()
+        for w in writers { await w.value }
+
+        XCTAssertEqual(keyed.failures, [], "a client with idempotency keys saw errors through failovers")
+        XCTAssertEqual(unkeyed.failures.filter { !$0.hasPrefix("500 outcome_unknown") }, [], "false failures through failovers")
+        XCTAssertGreaterThan(keyed.acked.count, 15)
+        XCTAssertTrue(keyed.epochsSeen.count >= 2, "the answers' X-Apiary-Epoch shows the failovers: \(keyed.epochsSeen)")
+
+        let check = try await connect()
+        defer { Task { await check.close() } }
+        let r = try await check.request(.GET, "/db/query?q=" + "SELECT id, keyed FROM t".addingPercentEncoding(withAllowedCharacters: .alphanumerics)!,
+                                        headers: [authorization])
+        XCTAssertEqual(r.status, 200, r.text)
+        let rows = Self.rows(r.body)
+        let keyedIDs = rows.filter { $0.1 == 1 }.map(\.0), unkeyedIDs = rows.filter { $0.1 == 0 }.map(\.0)
+        XCTAssertEqual(keyedIDs.count, Set(keyedIDs).count, "a keyed write was applied twice")
+        XCTAssertEqual(unkeyedIDs.count, Set(unkeyedIDs).count, "a write without a key was applied twice")
+        XCTAssertEqual(Set(keyed.acked).subtracting(keyedIDs), [], "acknowledged keyed writes missing")
+        XCTAssertEqual(Set(unkeyed.acked).subtracting(unkeyedIDs), [], "acknowledged writes missing")
+    }
+
+    /// One client of the gateway. With keys, it sends each write once (the gateway does the
+    /// resending); without, it moves on after "outcome unknown" (the id may or may not be there).
+    func write(_ w: GatewayWriter, withKeys: Bool) async {
+        var connection: HTTPSConnection?
+        var id = 0
+        while !w.stopped {
+            do {
+                if connection?.isOpen != true { connection = try await connect() }
+                var headers = [authorization]
+                if withKeys { headers.append(("Idempotency-Key", "k\(id)")) }
+                let r = try await connection!.request(.POST, "/db/execute", headers: headers,
+                                                      body: Array("[[\"INSERT INTO t(id, keyed) VALUES(?, ?)\", \(id), \(withKeys ? 1 : 0)]]".utf8))
+                if r.status == 200, !r.text.contains("\"error\"") {
+                    w.acknowledge(id, epoch: r.header("X-Apiary-Epoch"))
+                } else {
+                    let code = (try? JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any])?["code"] as? String
+                    w.fail("\(r.status) \(code ?? "-") \(r.text.prefix(200))")
+                }
+            } catch {
+                // The gateway itself did not answer: that is a failure the client sees.
+                w.fail("no answer from the gateway: \(error)")
+                await connection?.close()
+                connection = nil
+            }
+            id += 1
+        }
+        await connection?.close()
+    }
+
+    static func rows(_ body: [UInt8]) -> [(Int, Int)] {
+        guard let json = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
+              let results = json["results"] as? [[String: Any]], let values = results.first?["values"] as? [[Any]] else { return [] }
+        return values.compactMap { row in
+            guard row.count == 2, let a = (row[0] as? NSNumber)?.intValue, let b = (row[1] as? NSNumber)?.intValue else { return nil }
+            return (a, b)
+        }
+    }
+}
+
+/// What one gateway client was told.
+final class GatewayWriter: @unchecked Sendable {
+    private let condition = NSCondition()
+    private(set) var acked: [Int] = []
+    private(set) var failures: [String] = []
+    private(set) var epochsSeen = Set<String>()
+    private var isStopped = false
+    private var waitedFor = 0
+
+    func acknowledge(_ id: Int, epoch: String?) {
+        condition.withLock {
+            acked.append(id)
+            if let epoch { epochsSeen.insert(epoch) }
+            condition.broadcast()
+        }
+    }
+    func fail(_ text: String) { condition.withLock { failures.append(text) } }
+    func stop() { condition.withLock { isStopped = true } }
+    var stopped: Bool { condition.withLock { isStopped } }
+
+    /// Until `count` more writes were acknowledged than at the previous call.
+    func waitForMore(_ count: Int, timeoutSeconds: Double) async throws {
+        let ok = await withCheckedContinuation { (c: CheckedContinuation<Bool, Never>) in
+            Thread.detachNewThread {
+                let deadline = Date().addingTimeInterval(timeoutSeconds)
+                let ok = self.condition.withLock { () -> Bool in
+                    let target = self.waitedFor + count
+                    while self.acked.count < target { if !self.condition.wait(until: deadline) { return self.acked.count >= target } }
+                    self.waitedFor = self.acked.count
+                    return true
+                }
+                c.resume(returning: ok)
+            }
+        }
+        if !ok { throw NodeError("fewer than \(count) writes acknowledged through the gateway within \(timeoutSeconds)s; failures: \(failures.suffix(5))") }
+    }
+}
