@@ -98,6 +98,7 @@ let package = Package(
         .testTarget(name: "ApiaryMonitorTests", dependencies: ["ApiaryMonitor", "ApiaryReplication", "ApiaryCore", "SimulationSupport"]),
         .testTarget(name: "ApiaryKeeperTests", dependencies: ["ApiaryKeeper", "ApiaryMonitor", "ApiaryReplication", "ApiaryCore"]),
         .testTarget(name: "ApiaryGatewayTests", dependencies: ["ApiaryGateway", "ApiaryCore"]),
+        .testTarget(name: "ApiaryFormationTests", dependencies: ["ApiaryKeeper", "ApiaryMonitor", "ApiaryReplication", "ApiaryCore", "SimulationSupport"]),
         .testTarget(name: "ApiaryMonitorServiceTests", dependencies: [
             "ApiaryMonitorService", "ApiaryMonitor", "ApiaryCore", "ApiaryReplication", "ApiaryTLS", "ApiaryNode", "ApiaryLifecycle", "CSQLite",
             .product(name: "NIOCore", package: "swift-nio"),
