@@ -12,6 +12,15 @@ final class RqliteClientsTests: XCTestCase {
     static let timeoutSeconds = 900.0
 
     func testRealRqliteClientsFromPyPI() throws {
+        try runClients()
+    }
+
+    /// The same clients, unchanged, pointed at a gateway (in front of a node under a monitor).
+    func testRealRqliteClientsThroughAGateway() throws {
+        try runClients(["--through-gateway"])
+    }
+
+    func runClients(_ arguments: [String] = []) throws {
         let apiary = try apiaryExecutable()
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         let script = root.appendingPathComponent("Tests/clients/run.sh").path
@@ -23,7 +32,7 @@ final class RqliteClientsTests: XCTestCase {
 
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/bin/bash")
-        process.arguments = [script]
+        process.arguments = [script] + arguments
         var environment = ProcessInfo.processInfo.environment
         environment["APIARY"] = apiary
         environment["APIARY_CLIENTS_VENV"] = root.appendingPathComponent(".build/clients-venv").path

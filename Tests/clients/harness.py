@@ -1,4 +1,5 @@
-"""Starts a real Apiary node for the rqlite client tests, runs them, stops it.
+"""Starts a real Apiary node (or, with --through-gateway, a node under a monitor behind a gateway)
+for the rqlite client tests, runs them, stops it.
 
 What a user does, with the commands the README gives: `apiary certs init`, `apiary certs
 issue`, `apiary node --mode single` on loopback, `apiary ctl tenant create`, `apiary ctl user
@@ -38,47 +39,41 @@ def run(apiary, *args, stdin=None):
     return done.stdout
 
 
-class Node:
-    """One `apiary node --mode single` process; its output goes to a log file."""
+class Server:
+    """One apiary process (node, monitor, gateway) on loopback; its output goes to a log file.
+    `port` is the one its ready line ends with (`... ready: ... https://h:p`)."""
 
-    def __init__(self, apiary, directory):
+    def __init__(self, apiary, directory, certs, label, args):
         self.apiary = apiary
-        self.directory = directory
-        self.certs = os.path.join(directory, "certs")
-        self.log_path = os.path.join(directory, "node.log")
-        run(apiary, "certs", "init", "--dir", self.certs)
-        run(apiary, "certs", "issue", "--dir", self.certs, "--role", "node", "--name", "n1")
-        run(apiary, "certs", "issue", "--dir", self.certs, "--role", "operator", "--name", "operator")
+        self.certs = certs
+        self.label = label
+        self.log_path = os.path.join(directory, f"{label}.log")
         env = dict(os.environ, APIARY_EXIT_WITH_PARENT=str(os.getpid()))
-        self.process = subprocess.Popen(
-            [apiary, "node", "--name", "n1", "--role", "primary", "--mode", "single",
-             "--data", os.path.join(directory, "data"), "--certs", self.certs,
-             "--api", "127.0.0.1:0", "--replication", "127.0.0.1:0"],
-            # Unbuffered: select() must see every line that has not been read yet.
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, bufsize=0)
+        # Unbuffered: select() must see every line that has not been read yet.
+        self.process = subprocess.Popen([apiary, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, bufsize=0)
         self.port = self._wait_until_ready()
         self._copier = threading.Thread(target=self._copy_output, daemon=True)
         self._copier.start()
 
     def _wait_until_ready(self):
-        """Reads the node's output up to its ready line (`... ready: ... api=https://h:p`)."""
+        """Reads the output up to the ready line; returns the port it ends with."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         seen = b""
         with open(self.log_path, "ab") as log:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise RuntimeError(f"the node did not become ready within {READY_TIMEOUT_S}s:\n{seen.decode(errors='replace')}")
+                    raise RuntimeError(f"the {self.label} did not become ready within {READY_TIMEOUT_S}s:\n{seen.decode(errors='replace')}")
                 ready, _, _ = select.select([self.process.stdout], [], [], left)
                 if not ready:
                     continue
                 line = self.process.stdout.readline()
                 if not line:
-                    raise RuntimeError(f"the node exited before it became ready:\n{seen.decode(errors='replace')}")
+                    raise RuntimeError(f"the {self.label} exited before it became ready:\n{seen.decode(errors='replace')}")
                 log.write(line)
                 seen += line
                 text = line.decode(errors="replace")
-                if " ready: " in text and "api=https://" in text:
+                if " ready: " in text and "=https://" in text:
                     return int(text.rsplit(":", 1)[1].strip())
 
     def _copy_output(self):
@@ -107,18 +102,45 @@ class Node:
                 self.process.wait()
 
 
+def start_cluster(apiary, directory, through_gateway):
+    """A node alone (`--mode single`); with `through_gateway`, under a monitor (a formation of
+    one) and behind a gateway. Returns the servers (the node first) and the port clients use."""
+    certs = os.path.join(directory, "certs")
+    run(apiary, "certs", "init", "--dir", certs)
+    run(apiary, "certs", "issue", "--dir", certs, "--role", "node", "--name", "n1")
+    run(apiary, "certs", "issue", "--dir", certs, "--role", "operator", "--name", "operator")
+    node_args = ["node", "--name", "n1", "--role", "primary", "--mode", "single", "--data", os.path.join(directory, "data"),
+                 "--certs", certs, "--api", "127.0.0.1:0", "--replication", "127.0.0.1:0"]
+    if not through_gateway:
+        node = Server(apiary, directory, certs, "node", node_args)
+        return [node], node.port
+    run(apiary, "certs", "issue", "--dir", certs, "--role", "monitor", "--name", "monitor")
+    run(apiary, "certs", "issue", "--dir", certs, "--role", "gateway", "--name", "gw")
+    monitor = Server(apiary, directory, certs, "monitor",
+                     ["monitor", "--name", "monitor", "--data", os.path.join(directory, "monitor"), "--certs", certs,
+                      "--listen", "127.0.0.1:0", "--formation", "clients", "--primary", "n1"])
+    node = Server(apiary, directory, certs, "node", node_args + ["--monitor", f"127.0.0.1:{monitor.port}"])
+    gateway = Server(apiary, directory, certs, "gateway",
+                     ["gateway", "--name", "gw", "--certs", certs, "--listen", "127.0.0.1:0",
+                      "--monitor", f"127.0.0.1:{monitor.port}", "--node", f"n1=127.0.0.1:{node.port}"])
+    return [node, monitor, gateway], gateway.port
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--apiary", required=True)
-    parser.add_argument("--keep", action="store_true", help="keep the node's directory")
+    parser.add_argument("--keep", action="store_true", help="keep the cluster's directory")
+    parser.add_argument("--through-gateway", action="store_true",
+                        help="run the node under a monitor, behind a gateway, and point the clients at the gateway")
     options, unittest_args = parser.parse_known_args()
 
     directory = tempfile.mkdtemp(prefix="apiary-clients-")
-    node = None
+    servers = []
     sidecar = None
     ok = False
     try:
-        node = Node(options.apiary, directory)
+        servers, client_port = start_cluster(options.apiary, directory, options.through_gateway)
+        node = servers[0]
         users = {}
         for tenant in ("acme", "globex"):
             node.ctl("tenant", "create", tenant)
@@ -130,14 +152,14 @@ def main():
 
         import sidecar as sidecar_module  # noqa: E402 (after the environment is ready)
         ca = os.path.join(node.certs, "ca.pem")
-        sidecar = sidecar_module.Sidecar(upstream_port=node.port, ca_path=ca,
+        sidecar = sidecar_module.Sidecar(upstream_port=client_port, ca_path=ca,
                                          user="acme-writer", password=users["acme-writer"])
 
         os.environ.update({
             # The cluster CA, for Python's default TLS context (http.client, aiohttp).
             "SSL_CERT_FILE": ca,
             "APIARY_HOST": "127.0.0.1",
-            "APIARY_PORT": str(node.port),
+            "APIARY_PORT": str(client_port),
             "APIARY_CA": ca,
             "APIARY_WRITER": "acme-writer",
             "APIARY_WRITER_PASSWORD": users["acme-writer"],
@@ -158,10 +180,10 @@ def main():
     finally:
         if sidecar:
             sidecar.stop()
-        if node:
-            node.stop()
+        for server in reversed(servers):
+            server.stop()
             if not ok:
-                print("---- node log (tail) ----\n" + node.log_tail(), file=sys.stderr)
+                print(f"---- {server.label} log (tail) ----\n" + server.log_tail(), file=sys.stderr)
         if options.keep:
             print(f"kept {directory}", file=sys.stderr)
         else:

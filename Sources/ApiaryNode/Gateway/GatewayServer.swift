@@ -52,7 +52,7 @@ public enum GatewayServer {
         let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
         let server = try await APIServer.start(responder: forwarder, credentials: credentials, certificate: apiCertificate,
                                                host: config.host, port: config.port, group: group, logger: logger, limits: config.limits)
-        print("apiary gateway \(config.name) ready: listen=https://\(config.host):\(server.port) monitor=\(config.monitorHost):\(config.monitorPort)")
+        print("apiary gateway \(config.name) ready: monitor=\(config.monitorHost):\(config.monitorPort) listen=https://\(config.host):\(server.port)")
         fflush(stdout)
         ServiceManager.ready(status: "gateway \(config.name) on \(config.host):\(server.port)")
         let signal = await NodeServer.terminationSignal()

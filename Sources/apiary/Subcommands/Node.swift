@@ -27,7 +27,7 @@ struct Node: AsyncParsableCommand {
     @Option(help: "HTTPS API address (host:port).") var api = Address(argument: "127.0.0.1:4001")!
     @Option(help: "Primary: replication listen address (host:port).") var replication = Address(argument: "127.0.0.1:4002")!
     @Option(help: "Standby: the primary's replication address (host:port). Same as --peer.") var primary: Address?
-    @Option(help: "The other node's replication address (host:port): the primary this node follows whenever it is the standby.") var peer: Address?
+    @Option(help: "The other node's replication address (host:port): the primary this node follows whenever it is the standby (not needed by the lone node of a one-node formation).") var peer: Address?
     @Option(help: "The monitor's address (host:port): the node then follows the monitor's goals (promotion, step-down, rejoin); without it only an operator's promote changes its role.") var monitor: Address?
     @Option(help: "With --monitor: how often the node heartbeats to it.") var keeperIntervalMs: Int64 = 100
     @Option(help: "The lease each standby ack grants; a promoted standby waits out its last one. Both nodes should use the same value.") var leaseMs: Int64 = 500
@@ -48,9 +48,6 @@ struct Node: AsyncParsableCommand {
         guard ["primary", "standby"].contains(role) else { throw ValidationError("--role must be primary or standby") }
         guard ["sync", "wait-primary", "single"].contains(mode) else { throw ValidationError("--mode must be sync, wait-primary or single") }
         if role == "standby" && primary == nil && peer == nil { throw ValidationError("a standby needs --peer (or --primary) host:port") }
-        if monitor != nil && peer == nil && primary == nil {
-            throw ValidationError("a node under a monitor needs --peer host:port: the node it follows whenever it is the standby")
-        }
         guard keeperIntervalMs > 0, leaseMs > 0 else { throw ValidationError("--keeper-interval-ms and --lease-ms must be positive") }
         if role == "primary" && mode != "single" && standby == nil {
             throw ValidationError("a primary in --mode \(mode) needs --standby NAME: the only node allowed to replicate from it")
