@@ -554,6 +554,9 @@ struct PrimarySQLService: SQLService {
     }
 
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] {
+        guard node.servesReads else {
+            throw APIError(.notExecuted, "not serving reads yet: this primary restarted and waits for the monitor to confirm that it is still the writer (retry in a moment)")
+        }
         guard let t = try await openTenant(tenant, create: false) else { throw APIError(.notFound, "no such tenant") }
         switch level {
         case .none, .weak:

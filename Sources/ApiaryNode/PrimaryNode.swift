@@ -82,6 +82,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         tenants = opened
         // Open databases after the core knows the tenants: opening may redo the last record.
         for (_, tenant) in opened { try openDatabase(tenant) }
+        readsServed.withLock { $0 = leaseConfirmed }
     }
 
     static func openTenantLog(_ id: TenantID, layout: DataLayout, options: ReplicationLog.Options) throws -> PrimaryTenant {
@@ -373,6 +374,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
                 waiters.removeValue(forKey: TenantLSN(tenant: tenant, lsn: lsn))?.resolve(.failed(failure))
             case .stepDown(let newer):
                 // The core already refuses commits and leases; the node's role changes now.
+                readsServed.withLock { $0 = false }
                 logger.warning("stepping down: a newer epoch exists", metadata: ["epoch": "\(newer)"])
                 onSteppedDown?(newer)
             }
@@ -480,6 +482,11 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         }
     }
 
+    /// The core's ``PrimaryReplication/servesReads``, readable from any thread without a hop
+    /// to the loop (every read asks); updated on the loop whenever it may change.
+    private let readsServed = LockedValue(false)
+    var servesReads: Bool { readsServed.withLock { $0 } }
+
     // MARK: - The keeper's
 
     /// Stops committing and serving strong reads now (the monitor's word); the core's
@@ -497,6 +504,8 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             self.interpret(self.core.onDrainingChanged(draining, now: now))
             // Set up by the monitor for a writer goal: it may use leases (unless handing over).
             if !draining { self.core.onLeaseConfirmed() }
+            let serves = self.core.servesReads
+            self.readsServed.withLock { $0 = serves }
         }.get()
     }
 

@@ -303,6 +303,13 @@ public struct PrimaryReplication: Sendable {
     /// The monitor confirmed this primary as the writer, not draining: it may use leases.
     public mutating func onLeaseConfirmed() { leaseConfirmed = true }
 
+    /// Whether this primary may answer reads at all (`none`/`weak` too; strong ones also need
+    /// ``holdsLease(now:)``). Not once it stepped down; and a primary started under a monitor
+    /// not before the monitor confirmed it as the writer: its database holds every record of
+    /// its log, and if a newer epoch exists those past what its standby acknowledged were never
+    /// the cluster's (the new primary may hold other content at the same lsns).
+    public var servesReads: Bool { steppedDownTo == nil && leaseConfirmed }
+
     /// The monitor told this primary to step down (a newer epoch exists, or is about to):
     /// commits and strong reads stop at once, as when a peer shows a newer epoch.
     public mutating func onStepDownOrdered(now: Milliseconds) -> [PrimaryAction] {

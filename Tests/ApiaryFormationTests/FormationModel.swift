@@ -206,13 +206,14 @@ enum KnownBug: String, CaseIterable {
     /// content, and the standby's database showed a state the cluster never keeps
     /// (invariants 4 and 6).
     case recordBeforeLocalFsync = "A"
+    /// FIXED (reads are gated on the monitor's confirmation, `PrimaryReplication.servesReads`).
     /// A primary that restarts counts every record of its log as committed and publishes it
     /// (`PrimaryTenantLog`: "every record in the log counts as committed"). A stale primary
     /// (a newer epoch exists) thus publishes a commit that was pending when it stopped and that
     /// no standby acknowledged, at an (lsn, epoch) the new primary holds with other content
     /// (invariants 4 and 6: weak reads on it show a state that never existed).
     case staleRestartPublishesPending = "B"
-    /// The monitor accepts `promote NODE --force --accept-data-loss` for a demoted former primary
+    /// FIXED (the monitor refuses it). The monitor accepted `promote NODE --force --accept-data-loss` for a demoted former primary
     /// that has not rejoined; the keeper never promotes a demoted node. The formation is left
     /// without a writer, and every further forced promotion is refused because the "writer"
     /// keeps heartbeating (liveness).
@@ -479,6 +480,8 @@ final class SimNode {
     var refusedEpoch: Epoch?
     /// Per tenant: the highest lsn the primary core declared durable.
     var coreCommitted: [TenantID: LSN] = [:]
+    /// Published by a primary that does not serve reads yet (not confirmed by the monitor).
+    var hidden: [TenantID: [RecordSummary]] = [:]
     var writes: [TenantID: PendingWrite] = [:]
     /// The step the shell is carrying out (for the trace).
     var step: KeeperStep?

@@ -325,7 +325,7 @@ final class FormationSimulator {
             let disk = node.disks[tenant]!
             disk.fsync()
             node.coreCommitted[tenant] = disk.lastLSN
-            publish(node, tenant, through: disk.lastLSN, staleRestart: !leaseConfirmed && epoch < monitorState.epoch)
+            publish(node, tenant, through: disk.lastLSN, staleRestart: !leaseConfirmed && epoch < monitorState.epoch, hide: !leaseConfirmed)
             guard disk.lastLSN > 0 else { continue }
             logs[tenant] = PrimaryTenantLog(last: disk.lastSummary, firstLSN: disk.base.lsn + 1, baseChecksum: disk.base.checksum)
         }
@@ -564,7 +564,10 @@ final class FormationSimulator {
                 if node.primary != nil { handlePrimary(node, node.primary!.onModeChanged(setup.mode, now: t)) }
                 if node.primary != nil { handlePrimary(node, node.primary!.onDrainingChanged(setup.draining, now: t)) }
                 // Set up by the monitor for a writer goal: it may use leases (unless handing over).
-                if node.primary != nil, !setup.draining { node.primary!.onLeaseConfirmed() }
+                if node.primary != nil, !setup.draining {
+                    node.primary!.onLeaseConfirmed()
+                    revealHidden(node)
+                }
                 stepDone(node)
             }
         case .follow(let primary):
@@ -771,10 +774,17 @@ final class FormationSimulator {
     }
 
     /// A primary's database publishes committed, locally fsynced records (SQLite's commit).
-    private func publish(_ node: SimNode, _ tenant: TenantID, through lsn: LSN, staleRestart: Bool = false) {
+    /// Readable only once the primary serves reads (`PrimaryReplication.servesReads`: a primary
+    /// started under the monitor not before the monitor confirmed it); until then they are
+    /// kept aside and shown at the confirmation (`revealHidden`).
+    private func publish(_ node: SimNode, _ tenant: TenantID, through lsn: LSN, staleRestart: Bool = false, hide: Bool? = nil) {
         let disk = node.disk(tenant)
         while disk.appliedLSN < lsn, let record = disk.record(disk.appliedLSN + 1) {
-            noteVisible(node, tenant, record, byStaleRestart: staleRestart)
+            if hide ?? (node.primary?.servesReads == false) {
+                node.hidden[tenant, default: []].append(RecordSummary(record))
+            } else {
+                noteVisible(node, tenant, record, byStaleRestart: staleRestart)
+            }
             disk.db.apply(record)
             disk.appliedLSN = record.lsn
             disk.history[record.lsn] = RecordSummary(record)
@@ -784,8 +794,20 @@ final class FormationSimulator {
         }
     }
 
+    /// The primary now serves reads: what it published meanwhile becomes readable.
+    private func revealHidden(_ node: SimNode) {
+        for (tenant, records) in node.hidden.sorted(by: { $0.key < $1.key }) {
+            for record in records { noteVisible(node, tenant, record) }
+        }
+        node.hidden = [:]
+    }
+
     /// Invariant 6: one database state per (lsn, epoch), whichever node shows it.
     private func noteVisible(_ node: SimNode, _ tenant: TenantID, _ record: Record, byStaleRestart: Bool = false) {
+        noteVisible(node, tenant, RecordSummary(record), byStaleRestart: byStaleRestart)
+    }
+
+    private func noteVisible(_ node: SimNode, _ tenant: TenantID, _ record: RecordSummary, byStaleRestart: Bool = false) {
         let key = VisibleKey(lsn: record.lsn, epoch: record.epoch)
         if let seen = visible[tenant]?[key], seen.checksum != record.checksum {
             // Known bug B: one of the two states was published by a stale primary's restart.
@@ -793,7 +815,7 @@ final class FormationSimulator {
             // already declared committed.
             let knownBug: KnownBug? = seen.byStaleRestart || byStaleRestart ? .staleRestartPublishesPending
                 : params.recordBeforeLocalFsync ? .recordBeforeLocalFsync : nil
-            fail("invariant 6: \(node.id) shows \(tenant) \(RecordSummary(record)), but a database already showed lsn \(record.lsn) of epoch \(record.epoch) with checksum \(String(seen.checksum, radix: 16))",
+            fail("invariant 6: \(node.id) shows \(tenant) \(record), but a database already showed lsn \(record.lsn) of epoch \(record.epoch) with checksum \(String(seen.checksum, radix: 16))",
                  knownBug: knownBug)
         }
         visible[tenant, default: [:]][key] = (record.checksum, byStaleRestart || (visible[tenant]?[key]?.byStaleRestart ?? false))
