@@ -78,7 +78,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             opened[id] = tenant
         }
         core = PrimaryReplication(nodeID: name, epoch: epoch, mode: mode, config: config, standbyNodeID: standby, tenants: logs,
-                                  leaseConfirmed: leaseConfirmed)
+                                  leaseConfirmed: leaseConfirmed, reportsLocalSync: true)
         tenants = opened
         // Open databases after the core knows the tenants: opening may redo the last record.
         for (_, tenant) in opened { try openDatabase(tenant) }
@@ -270,6 +270,8 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
                 preconditionFailure("tenant \(id): fsync of the replication log failed at lsn \(record.lsn): \(error)")
             }
         }
+        // Only now may the core count it committed (and tell the standby, which then applies it).
+        loop.execute { self.interpret(self.core.onLocalSynced(id, throughLSN: record.lsn, now: monotonicNowMs())) }
         // The core answers within standbyWaitMs; the margin only guards against a stuck loop.
         let outcome = waiter.wait(timeoutMs: Int(config.standbyWaitMs) + 30_000)
         switch outcome {

@@ -164,6 +164,10 @@ public struct PrimaryReplication: Sendable {
     /// lease wait (the monitor believes it drained), so it uses no lease until the monitor
     /// confirmed a writer goal that is not draining (``onLeaseConfirmed()``).
     public private(set) var leaseConfirmed: Bool
+    /// The shell hands a record over as soon as it is appended (its fsync runs while the record
+    /// travels to the standby) and reports the fsync with ``onLocalSynced(_:throughLSN:now:)``.
+    /// False: a record is handed over once fsynced (the simpler contract).
+    public let reportsLocalSync: Bool
     /// The newer epoch that made this node step down; nil while it is primary.
     public private(set) var steppedDownTo: Epoch?
     /// Until when the standby promised not to be promoted, measured on this node's clock
@@ -196,9 +200,11 @@ public struct PrimaryReplication: Sendable {
     ///   - standbyNodeID: the standby the monitor assigned, if known.
     public init(
         nodeID: NodeID, epoch: Epoch, mode: ReplicationMode, config: ReplicationConfig = ReplicationConfig(),
-        standbyNodeID: NodeID? = nil, tenants: [TenantID: PrimaryTenantLog] = [:], leaseConfirmed: Bool = true
+        standbyNodeID: NodeID? = nil, tenants: [TenantID: PrimaryTenantLog] = [:], leaseConfirmed: Bool = true,
+        reportsLocalSync: Bool = false
     ) {
         self.leaseConfirmed = leaseConfirmed
+        self.reportsLocalSync = reportsLocalSync
         precondition(config.inFlightRecordsMax >= 1 && config.pendingCommitsMax >= 1, "limits must be positive: \(config)")
         self.nodeID = nodeID
         self.epoch = epoch
@@ -259,13 +265,14 @@ public struct PrimaryReplication: Sendable {
             log = tenants[tenant]!
         }
         log.append(RecordSummary(record))
+        if !reportsLocalSync { log.syncedLSN = record.lsn }
         if mode.waitsForStandby {
             log.pending.append(PendingCommit(lsn: record.lsn, deadline: now + config.standbyWaitMs, sentOn: nil))
         } else {
-            log.committedLSN = record.lsn
-            actions.append(.commitDurable(tenant, record.lsn))
+            log.readyLSN = record.lsn
         }
         tenants[tenant] = log
+        actions += advanceCommitted(tenant)
         if let stream = link?.streams[tenant], stream.canSendLive(record, config: config) {
             actions.append(sendRecord(tenant, record, now: now))
         }
@@ -707,14 +714,38 @@ extension PrimaryReplication {
     /// Completes waiting commits up to `lsn`, in order.
     private mutating func completeCommits(_ tenant: TenantID, through lsn: LSN) -> [PrimaryAction] {
         var log = tenants[tenant]!
-        var actions: [PrimaryAction] = []
         while let first = log.pending.first, first.lsn <= lsn {
             log.pending.removeFirst()
-            log.committedLSN = first.lsn
-            actions.append(.commitDurable(tenant, first.lsn))
+            log.readyLSN = first.lsn
         }
         tenants[tenant] = log
+        return advanceCommitted(tenant)
+    }
+
+    /// A record is committed once it is durable where the mode requires AND in the local log:
+    /// only then is it told to the standby as committed (the standby applies it) or to its
+    /// client. A standby that applied a record its primary then lost in a crash would hold a
+    /// state the cluster never keeps (invariant 6).
+    private mutating func advanceCommitted(_ tenant: TenantID) -> [PrimaryAction] {
+        var log = tenants[tenant]!
+        let committed = min(log.readyLSN, log.syncedLSN)
+        guard committed > log.committedLSN else { return [] }
+        let actions = (log.committedLSN + 1...committed).map { PrimaryAction.commitDurable(tenant, $0) }
+        log.committedLSN = committed
+        tenants[tenant] = log
         return actions
+    }
+
+    /// The shell's local log made records durable through `lsn` (with `reportsLocalSync`). An
+    /// lsn past the log's last record belongs to a commit that failed meanwhile: the shell
+    /// reports syncs in its order of appends, so the next record with that lsn comes later.
+    public mutating func onLocalSynced(_ tenant: TenantID, throughLSN lsn: LSN, now: Milliseconds) -> [PrimaryAction] {
+        guard reportsLocalSync, var log = tenants[tenant] else { return [] }
+        let synced = min(lsn, log.lastLSN)
+        guard synced > log.syncedLSN else { return [] }
+        log.syncedLSN = synced
+        tenants[tenant] = log
+        return advanceCommitted(tenant)
     }
 
     /// Fails the waiting commit at `lsn` and every later one (they build on it) and rolls the
@@ -825,12 +856,19 @@ private struct TenantLog: Sendable {
     var baseChecksum: UInt64
     /// Summaries of the latest records, covering at least every pending one.
     var recent: RecentSummaries
-    /// lsn `committedLSN + 1 ... lastLSN`, in order (empty outside sync mode).
+    /// lsn `readyLSN + 1 ... lastLSN`, in order (empty outside sync mode).
     var pending: [PendingCommit] = []
+    /// Durable where the mode requires but for the local log: acked by the standby in sync
+    /// mode, every record otherwise. `committedLSN` is the lower of this and `syncedLSN`.
+    var readyLSN: LSN
+    /// Durable in the local log (``PrimaryReplication/onLocalSynced(_:throughLSN:now:)``).
+    var syncedLSN: LSN
 
     init(log: PrimaryTenantLog, recentMax: Int) {
         lastLSN = log.last.lsn
         committedLSN = log.last.lsn
+        readyLSN = log.last.lsn
+        syncedLSN = log.last.lsn
         firstLSN = log.firstLSN
         baseChecksum = log.baseChecksum
         recent = RecentSummaries(capacity: recentMax)
@@ -845,6 +883,8 @@ private struct TenantLog: Sendable {
     mutating func truncate(after lsn: LSN) {
         precondition(lsn >= committedLSN, "rolling back to \(lsn) below committed lsn \(committedLSN)")
         lastLSN = lsn
+        readyLSN = min(readyLSN, lsn)
+        syncedLSN = min(syncedLSN, lsn)
         recent.truncate(after: lsn)
     }
 

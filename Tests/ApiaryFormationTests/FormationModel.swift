@@ -79,7 +79,10 @@ struct FormationParameters: CustomStringConvertible {
     /// the real order breaks invariants 4 and 6 when the primary's machine dies before that
     /// fsync (see `FormationScenarioTests.testKnownBugRecordHandedToTheCoreBeforeItsLocalFsync`).
     /// The swarm follows the contract unless `APIARY_FORMATION_REAL_COMMIT_ORDER=1`.
-    var recordBeforeLocalFsync = false
+    var recordBeforeLocalFsync = true
+    /// With `recordBeforeLocalFsync`: the shell reports the fsync to the core
+    /// (`onLocalSynced`), as `PrimaryNode` does; false replays known bug A.
+    var reportLocalSync = true
     var faultPhaseMs: Int64 = 3_000
     var healPhaseMs: Int64 = 600
     var convergeMs: Int64 = 15_000
@@ -199,7 +202,8 @@ struct FormationViolation: Error, CustomStringConvertible {
 
 /// Bugs this simulation found in Sources/ (not fixed here: the simulator only reports them).
 enum KnownBug: String, CaseIterable {
-    /// `PrimaryNode.commit` hands a record to the core before the local log's fsync; the core
+    /// FIXED (the shell reports the fsync: `PrimaryReplication.onLocalSynced`; the record counts
+    /// committed only after it). `PrimaryNode.commit` hands a record to the core before the local log's fsync; the core
     /// (in `waitPrimary`/`single` at once, in sync mode on the standby's ack) declares it
     /// committed and tells the standby, which applies it. The primary's machine dies before
     /// its fsync: the record is gone there, the lsn is reused in the same epoch with other
@@ -453,6 +457,11 @@ struct PendingWrite {
     /// The core said durable (and in which mode); the local fsync is done.
     var durableMode: ReplicationMode?
     var synced = false
+    /// The primary's mode when the record was handed to its core: a record committed alone
+    /// (wait_primary) needs no standby, also if its local fsync completes after a switch to sync.
+    var handedOverIn: ReplicationMode = .sync
+    /// The primary left sync mode while it waited: it was completed alone then.
+    var completedAlone = false
 }
 
 /// A database node: what its disk holds (survives), and what its process holds (does not).

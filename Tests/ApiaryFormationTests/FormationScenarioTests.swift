@@ -119,15 +119,12 @@ final class FormationScenarioTests: XCTestCase {
 
     // MARK: Bugs the simulation found (see KnownBug in FormationModel.swift)
 
-    /// Known bug A: with the real shell's commit order (the record to the core before the local
-    /// fsync), seed 33 shows a standby applying a record its primary then loses.
-    func testKnownBugRecordHandedToTheCoreBeforeItsLocalFsync() throws {
-        let sim = FormationSimulator(seed: 33, realCommitOrder: true)
-        do {
-            try sim.runSwarm()
-        } catch let violation as FormationViolation where violation.knownBug == .recordBeforeLocalFsync {
-            throw XCTSkip("known bug A (seed 33, APIARY_FORMATION_REAL_COMMIT_ORDER=1): \(violation)")
-        }
+    /// Found as known bug A (seed 33): the shell hands a record to the core before its local
+    /// fsync (so that the fsync and the trip to the standby overlap); the core declared it
+    /// committed and told the standby, which applied it, and the primary's machine died before
+    /// its fsync. The core now counts a record committed only once the shell reported the fsync.
+    func testARecordCountsCommittedOnlyOnceItsLocalFsyncIsReported() throws {
+        try FormationSimulator(seed: 33, realCommitOrder: true).runSwarm()
     }
 
     /// Found as known bug B (seed 455): a stale primary's restart published a commit that was

@@ -14,9 +14,9 @@ import XCTest
 final class FormationSimulationTests: XCTestCase {
     private static let replayHint: StaticString = "APIARY_FORMATION_SEED=<seed> swift test --filter FormationSimulationTests"
 
-    /// `APIARY_FORMATION_REAL_COMMIT_ORDER=1`: the primary's shell hands a record to the core
-    /// before its local fsync, as `PrimaryNode.commit` does today (a known bug; see
-    /// ``FormationParameters/recordBeforeLocalFsync``).
+    /// The primary's shell hands a record to the core before its local fsync and reports the
+    /// fsync (`onLocalSynced`), as `PrimaryNode.commit` does; that is the default.
+    /// `APIARY_FORMATION_REAL_COMMIT_ORDER=1` is kept for old command lines (same thing).
     private static var realCommitOrder: Bool { ProcessInfo.processInfo.environment["APIARY_FORMATION_REAL_COMMIT_ORDER"] == "1" }
 
     private struct Failure {

@@ -330,7 +330,8 @@ final class FormationSimulator {
             logs[tenant] = PrimaryTenantLog(last: disk.lastSummary, firstLSN: disk.base.lsn + 1, baseChecksum: disk.base.checksum)
         }
         node.primary = PrimaryReplication(nodeID: node.id, epoch: epoch, mode: mode, config: params.replication, standbyNodeID: standby,
-                                          tenants: logs, leaseConfirmed: leaseConfirmed)
+                                          tenants: logs, leaseConfirmed: leaseConfirmed,
+                                          reportsLocalSync: params.recordBeforeLocalFsync && params.reportLocalSync)
         log("\(node.id) primary core: epoch \(epoch) \(mode.name) standby \(standby ?? "-")")
     }
 
@@ -561,7 +562,10 @@ final class FormationSimulator {
                 }
                 let t = local(node)
                 handlePrimary(node, node.primary!.onStandbyAssigned(setup.standby, now: t))
-                if node.primary != nil { handlePrimary(node, node.primary!.onModeChanged(setup.mode, now: t)) }
+                if node.primary != nil {
+                    if !setup.mode.waitsForStandby { for tenant in node.writes.keys { node.writes[tenant]!.completedAlone = true } }
+                    handlePrimary(node, node.primary!.onModeChanged(setup.mode, now: t))
+                }
                 if node.primary != nil { handlePrimary(node, node.primary!.onDrainingChanged(setup.draining, now: t)) }
                 // Set up by the monitor for a writer goal: it may use leases (unless handing over).
                 if node.primary != nil, !setup.draining {
@@ -726,7 +730,7 @@ final class FormationSimulator {
         writeSerial += 1
         let serial = writeSerial
         writeSerials["\(node.id)/\(tenant)"] = serial
-        node.writes[tenant] = PendingWrite(tenant: tenant, lsn: lsn, summary: RecordSummary(record), issuedAt: now)
+        node.writes[tenant] = PendingWrite(tenant: tenant, lsn: lsn, summary: RecordSummary(record), issuedAt: now, handedOverIn: node.primary!.mode)
         count("writes")
         log("client → \(node.id): \(tenant) \(RecordSummary(record))")
         guard params.recordBeforeLocalFsync else {
@@ -738,13 +742,18 @@ final class FormationSimulator {
                 handlePrimary(node, node.primary!.onLocalRecord(tenant, record, now: local(node)))
             }
         }
-        // PrimaryNode.commit: the record goes to the standby while the local fsync runs.
+        // PrimaryNode.commit: the record goes to the standby while the local fsync runs; the
+        // fsync is reported to the core, which counts the record committed only after it.
         handlePrimary(node, node.primary!.onLocalRecord(tenant, record, now: local(node)))
         onNode(node, after: random(params.persistMs)) { [unowned self] in
             disk.fsync()
             guard writeSerials["\(node.id)/\(tenant)"] == serial, var w = node.writes[tenant], w.lsn == lsn else { return }
             w.synced = true
             node.writes[tenant] = w
+            if params.reportLocalSync, node.primary != nil {
+                handlePrimary(node, node.primary!.onLocalSynced(tenant, throughLSN: lsn, now: local(node)))
+            }
+            guard node.writes[tenant] != nil else { return }
             publish(node, tenant, through: min(node.coreCommitted[tenant] ?? 0, disk.syncedLSN))
             resolveWrite(node, tenant)
         }
@@ -913,9 +922,13 @@ final class FormationSimulator {
         committerOfEpoch[core.epoch] = node.id
         node.coreCommitted[tenant] = max(node.coreCommitted[tenant] ?? 0, lsn)
         if var w = node.writes[tenant], w.lsn == lsn {
-            w.durableMode = core.mode
+            // Sync durability only for a record handed over in sync mode and still in it (a
+            // switch away completes waiting commits; one committed alone before a switch to
+            // sync is reported committed once its local fsync is done).
+            let needsPeer = core.mode.waitsForStandby && w.handedOverIn.waitsForStandby && !w.completedAlone
+            w.durableMode = needsPeer ? core.mode : (w.handedOverIn.waitsForStandby ? core.mode : w.handedOverIn)
             node.writes[tenant] = w
-            if core.mode.waitsForStandby {
+            if needsPeer {
                 // Invariant 1: acknowledged in sync mode only once fsynced on the other node too.
                 let peer = nodes[node.peer]!
                 let summary = RecordSummary(record)
