@@ -98,3 +98,21 @@ final class GatewayCoreTests: XCTestCase {
         XCTAssertEqual(c.next(r, now: 1), .fail(.noWriter))
     }
 }
+
+/// The gateway's rate limits: token buckets per key, bounded in the keys they remember.
+final class RateLimiterTests: XCTestCase {
+    func testABurstThenTheRateAndOtherKeysAreUnaffected() {
+        var limiter = RateLimiter(config: .init(perSecond: 10, burst: 3))
+        for _ in 0..<3 { XCTAssertEqual(limiter.admit("a", now: 0), .admitted) }
+        XCTAssertEqual(limiter.admit("a", now: 0), .refused(retryAfterMs: 100))
+        XCTAssertEqual(limiter.admit("b", now: 0), .admitted, "another client is still served")
+        XCTAssertEqual(limiter.admit("a", now: 100), .admitted, "one token back after 1/rate")
+        XCTAssertEqual(limiter.admit("a", now: 100), .refused(retryAfterMs: 100))
+    }
+
+    func testRememberedKeysAreBounded() {
+        var limiter = RateLimiter(config: .init(perSecond: 1, burst: 1, keysMax: 100))
+        for i in 0..<1_000 { _ = limiter.admit("client-\(i)", now: Int64(i)) }
+        XCTAssertLessThanOrEqual(limiter.keyCount, 100)
+    }
+}

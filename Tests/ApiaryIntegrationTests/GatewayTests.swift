@@ -160,3 +160,69 @@ final class GatewayWriter: @unchecked Sendable {
         if !ok { throw NodeError("fewer than \(count) writes acknowledged through the gateway within \(timeoutSeconds)s; failures: \(failures.suffix(5))") }
     }
 }
+
+/// The gateway's limits per client (issue 10): a client past its request rate or its number of
+/// connections is refused clearly while another client is still served. Clients are told apart
+/// by address: each connects from its own loopback address.
+final class GatewayLimitsTests: NodeProcessTestCase {
+    override func setUp() async throws {
+        directory = NSTemporaryDirectory() + "apiary-gateway-limits-" + UUID().uuidString
+        cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
+                               monitorArguments: ["--tick-interval-ms", "20"], gateways: 1,
+                               gatewayArguments: ["--client-rate", "5", "--client-connections-max", "3"])
+        try cluster.startBoth()
+    }
+
+    func connect(from address: String) async throws -> HTTPSConnection {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .file(cluster.certificates + "/ca.pem")
+        return try await HTTPSConnection.connect(host: "127.0.0.1", port: cluster.gateways[0].apiPort, tls: tls,
+                                                 group: MultiThreadedEventLoopGroup.singleton, localAddress: address)
+    }
+
+    func testAClientPastItsRateIsRefusedWhileAnotherIsServed() async throws {
+        let greedy = try await connect(from: "127.0.0.2")
+        var statuses: [Int] = []
+        var refusal: HTTPSConnection.Response?
+        // Rate 5/s with a burst of 10: 30 requests at once cannot all pass, however fast the machine.
+        for _ in 0..<30 {
+            let r = try await greedy.request(.GET, "/readyz")
+            statuses.append(r.status)
+            if r.status == 429 { refusal = r }
+        }
+        await greedy.close()
+        XCTAssertTrue(statuses.contains(429), "\(statuses)")
+        let answer = try XCTUnwrap(refusal)
+        XCTAssertNotNil(answer.header("Retry-After"))
+        XCTAssertTrue(answer.text.contains("\"code\":\"rate_limited\"") && answer.text.contains("\"retry_safe\":true"), answer.text)
+        let other = try await connect(from: "127.0.0.3")
+        let served = try await other.request(.GET, "/readyz")
+        await other.close()
+        XCTAssertEqual(served.status, 200, "another client is still served: \(served.text)")
+    }
+
+    func testAClientPastItsConnectionsIsRefusedWhileAnotherConnects() async throws {
+        var open: [HTTPSConnection] = []
+        for _ in 0..<3 {
+            let c = try await connect(from: "127.0.0.4")
+            let served = try await c.request(.GET, "/readyz")
+            XCTAssertEqual(served.status, 200)
+            open.append(c)
+        }
+        // The fourth from the same address is closed at accept: its request fails.
+        var refused = false
+        do {
+            let fourth = try await connect(from: "127.0.0.4")
+            _ = try await fourth.request(.GET, "/readyz")
+            await fourth.close()
+        } catch {
+            refused = true
+        }
+        XCTAssertTrue(refused, "a fourth connection from one address was served")
+        let other = try await connect(from: "127.0.0.5")
+        let served = try await other.request(.GET, "/readyz")
+        XCTAssertEqual(served.status, 200, "another address still connects")
+        await other.close()
+        for c in open { await c.close() }
+    }
+}

@@ -27,10 +27,15 @@ public final class HTTPSConnection: @unchecked Sendable {
     }
 
     /// Connects and completes the TLS handshake. `tls` decides trust and client certificates.
-    public static func connect(host: String, port: Int, tls: TLSConfiguration, group: any EventLoopGroup, timeoutMs: Int64 = 5000) async throws -> HTTPSConnection {
+    /// - Parameter localAddress: the source address to connect from (tests use other loopback
+    ///   addresses to be other clients).
+    public static func connect(host: String, port: Int, tls: TLSConfiguration, group: any EventLoopGroup, timeoutMs: Int64 = 5000,
+                               localAddress: String? = nil) async throws -> HTTPSConnection {
         let context = try NIOSSLContext(configuration: tls)
         let collector = ResponseCollector()
-        let channel = try await ClientBootstrap(group: group)
+        var bootstrap = ClientBootstrap(group: group)
+        if let localAddress { bootstrap = bootstrap.bind(to: try SocketAddress(ipAddress: localAddress, port: 0)) }
+        let channel = try await bootstrap
             .connectTimeout(.milliseconds(timeoutMs))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in

@@ -13,6 +13,7 @@ struct GatewayForwarder: HTTPResponder {
     let state: GatewayState
     let pools: [NodeID: NodePool]
     let bodyBytesMax: Int
+    let limits: RequestLimits
     let logger: Logger
     /// An attempt not answered within this long is given up (its connection closed): longer
     /// than a node's own bound on a request (15 s) and its commit wait.
@@ -34,6 +35,7 @@ struct GatewayForwarder: HTTPResponder {
         if request.bodyTooLarge {
             return APIResponse(status: .payloadTooLarge, body: RqliteJSON.error("request body larger than \(bodyBytesMax) bytes", code: .tooLarge))
         }
+        if let refusal = limits.admit(request) { return refusal }
         let path = request.path
         let isRead = path == "/db/query" || (request.method == .GET && !path.hasPrefix("/db/"))
         let traits = RequestTraits(isRead: isRead, hasIdempotencyKey: request.headers.contains(name: "idempotency-key"))
@@ -107,5 +109,42 @@ struct GatewayForwarder: HTTPResponder {
                                body: RqliteJSON.error("outcome unknown: the request reached the primary and no answer came back; it may or may not have been applied (send it again only with an Idempotency-Key)", code: .outcomeUnknown),
                                outcomeUnknown: true)
         }
+    }
+}
+
+/// Requests per second per client address and per user (the basic-auth name, which names the
+/// tenant's user): one client, or one tenant's user, cannot take the gateway from the others.
+final class RequestLimits: @unchecked Sendable {
+    private let lock = NSLock()
+    private var byAddress: RateLimiter
+    private var byUser: RateLimiter
+
+    init(perAddress: RateLimiter.Config, perUser: RateLimiter.Config) {
+        byAddress = RateLimiter(config: perAddress)
+        byUser = RateLimiter(config: perUser)
+    }
+
+    /// Nil when admitted; else the 429 to answer.
+    func admit(_ request: APIRequest) -> APIResponse? {
+        let now = monotonicNowMs()
+        let user = Self.basicAuthUser(request.headers.first(name: "authorization"))
+        let refused: (String, Int64)? = lock.withLock {
+            if case .refused(let ms) = byAddress.admit(request.clientAddress ?? "?", now: now) { return ("this client address", ms) }
+            if let user, case .refused(let ms) = byUser.admit(user, now: now) { return ("this user", ms) }
+            return nil
+        }
+        guard let (who, retryAfterMs) = refused else { return nil }
+        var response = APIResponse(status: .tooManyRequests,
+                                   body: RqliteJSON.error("too many requests from \(who): not executed; send it again after Retry-After", code: .rateLimited))
+        response.headers.append(("Retry-After", String(max(1, (retryAfterMs + 999) / 1000))))
+        return response
+    }
+
+    /// The user name of HTTP basic auth, not its password (never kept, never logged).
+    static func basicAuthUser(_ header: String?) -> String? {
+        guard let header, header.lowercased().hasPrefix("basic "),
+              let decoded = Data(base64Encoded: String(header.dropFirst(6)).trimmingCharacters(in: .whitespaces)),
+              let text = String(data: decoded, encoding: .utf8), let colon = text.firstIndex(of: ":") else { return nil }
+        return String(text[..<colon])
     }
 }

@@ -25,6 +25,9 @@ public struct GatewayConfiguration: Sendable {
     public var apiKeyPath: String?
     public var core = GatewayConfig()
     public var limits = APIServer.Limits()
+    /// Requests per second (and the burst) per client address and per user.
+    public var perAddressRate = RateLimiter.Config(perSecond: 1_000, burst: 2_000)
+    public var perUserRate = RateLimiter.Config(perSecond: 1_000, burst: 2_000)
 
     public init(name: String, certificatesDirectory: String) {
         self.name = name
@@ -48,7 +51,8 @@ public enum GatewayServer {
         let watch = TopologyWatch(host: config.monitorHost, port: config.monitorPort, tls: tls, group: group, state: state, logger: logger)
         watch.start()
         defer { watch.stop() }
-        let forwarder = GatewayForwarder(name: config.name, state: state, pools: pools, bodyBytesMax: config.limits.bodyBytesMax, logger: logger)
+        let forwarder = GatewayForwarder(name: config.name, state: state, pools: pools, bodyBytesMax: config.limits.bodyBytesMax,
+                                         limits: RequestLimits(perAddress: config.perAddressRate, perUser: config.perUserRate), logger: logger)
         let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
         let server = try await APIServer.start(responder: forwarder, credentials: credentials, certificate: apiCertificate,
                                                host: config.host, port: config.port, group: group, logger: logger, limits: config.limits)

@@ -25,6 +25,9 @@ public final class APIServer: Sendable {
         public var statementsMax = 10_000
         /// Connections open at once; more are closed on accept (invariant 8).
         public var connectionsMax = 4096
+        /// Open connections from one client address at most (the rest of `connectionsMax` stays
+        /// for the others).
+        public var connectionsPerAddressMax = 1024
         /// A connection that sends nothing for this long is closed (it holds a slot).
         public var idleTimeoutMs: Int64 = 120_000
         /// A request must arrive whole within this time once it has started (a client that
@@ -100,7 +103,7 @@ public final class APIServer: Sendable {
         tls.certificateVerification = .optionalVerification
         tls.trustRoots = .certificates([credentials.clusterCA])
         let context = try NIOSSLContext(configuration: tls)
-        let connections = OpenConnections(max: limits.connectionsMax)
+        let connections = OpenConnections(max: limits.connectionsMax, perAddressMax: limits.connectionsPerAddressMax)
         let heldForSlowReaders = LockedValue(0)
         let memory = MemoryBudget(bytesMax: limits.memoryBudgetBytes)
         let channel = try await ServerBootstrap(group: group)
@@ -114,7 +117,10 @@ public final class APIServer: Sendable {
                 }
                 channel.closeFuture.whenComplete { _ in memory.release(limits.connectionMemoryBytes) }
                 guard connections.add(channel) else {
-                    logger.warning("API connection refused: too many open", metadata: ["max": "\(limits.connectionsMax)"])
+                    logger.warning("API connection refused: too many open", metadata: [
+                        "max": "\(limits.connectionsMax)", "perAddressMax": "\(limits.connectionsPerAddressMax)",
+                        "client": "\(channel.remoteAddress?.ipAddress ?? "?")",
+                    ])
                     return channel.close()
                 }
                 return channel.eventLoop.makeCompletedFuture {
@@ -156,20 +162,35 @@ public final class APIServer: Sendable {
 
 /// The open API connections, bounded.
 final class OpenConnections: Sendable {
-    private let open = LockedValue<(channels: [ObjectIdentifier: any Channel], closing: Bool)>(([:], false))
+    private let open = LockedValue<(channels: [ObjectIdentifier: any Channel], perAddress: [String: Int], closing: Bool)>(([:], [:], false))
     let max: Int
-    init(max: Int) { self.max = max }
+    let perAddressMax: Int
+    init(max: Int, perAddressMax: Int = .max) {
+        self.max = max
+        self.perAddressMax = perAddressMax
+    }
 
-    /// Registers a new connection (forgotten when it closes), or refuses it past `max` or
-    /// once the server is closing (one accepted just as the listener closed).
+    /// Registers a new connection (forgotten when it closes), or refuses it past `max`, past
+    /// `perAddressMax` from its address, or once the server is closing (one accepted just as
+    /// the listener closed).
     func add(_ channel: any Channel) -> Bool {
         let id = ObjectIdentifier(channel)
+        let address = channel.remoteAddress?.ipAddress ?? ""
         let added = open.withLock { state -> Bool in
-            guard !state.closing, state.channels.count < max else { return false }
+            guard !state.closing, state.channels.count < max, state.perAddress[address, default: 0] < perAddressMax else { return false }
             state.channels[id] = channel
+            state.perAddress[address, default: 0] += 1
             return true
         }
-        if added { channel.closeFuture.whenComplete { _ in self.open.withLock { _ = $0.channels.removeValue(forKey: id) } } }
+        if added {
+            channel.closeFuture.whenComplete { _ in
+                self.open.withLock { state in
+                    _ = state.channels.removeValue(forKey: id)
+                    state.perAddress[address, default: 1] -= 1
+                    if state.perAddress[address] == 0 { state.perAddress[address] = nil }
+                }
+            }
+        }
         return added
     }
 

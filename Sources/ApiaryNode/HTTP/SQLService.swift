@@ -53,9 +53,11 @@ public enum ErrorCode: String, Sendable, CaseIterable {
     /// May or may not be applied: only a request with an `Idempotency-Key` may be sent again.
     case outcomeUnknown = "outcome_unknown"
     case capacity
+    /// Refused by a rate limit before anything ran: send it again after `Retry-After`.
+    case rateLimited = "rate_limited"
 
     /// Whether sending the same request again can never apply it twice.
-    public var retrySafe: Bool { self == .notExecuted }
+    public var retrySafe: Bool { self == .notExecuted || self == .rateLimited }
 }
 
 /// A request that failed as a whole, with the HTTP status that says what the client may do.

@@ -29,6 +29,10 @@ struct Gateway: AsyncParsableCommand {
     @Option(help: "The monitor's address (host:port).") var monitor: Address
     @Option(help: "A node's API address by its certificate name, NAME=HOST:PORT; once per node.") var node: [NodeAddressArgument] = []
     @Option(help: "How long a request may be held through a failover before the client is answered.") var holdMs: Int64 = 5_000
+    @Option(help: "Requests per second per client address (twice as many at once); past it: 429.") var clientRate: Double = 1_000
+    @Option(help: "Requests per second per user (HTTP basic auth name; twice as many at once); past it: 429.") var userRate: Double = 1_000
+    @Option(help: "Open connections per client address at most.") var clientConnectionsMax = 256
+    @Option(help: "Open connections in total at most.") var connectionsMax = 4_096
     @Option(help: "The certificate (PEM, leaf first) applications see; default: the gateway's cluster certificate.") var apiCertificate: String?
     @Option(help: "The private key (PEM) of --api-certificate.") var apiKey: String?
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
@@ -37,6 +41,9 @@ struct Gateway: AsyncParsableCommand {
         guard !node.isEmpty else { throw ValidationError("give each node's API address: --node NAME=HOST:PORT") }
         guard Set(node.map(\.name)).count == node.count else { throw ValidationError("a node is given twice") }
         guard holdMs > 0 else { throw ValidationError("--hold-ms must be positive") }
+        guard clientRate > 0, userRate > 0, clientConnectionsMax > 0, connectionsMax >= clientConnectionsMax else {
+            throw ValidationError("rates and connection limits must be positive, --connections-max at least --client-connections-max")
+        }
         guard (apiCertificate == nil) == (apiKey == nil) else { throw ValidationError("--api-certificate and --api-key go together") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level \(logLevel)") }
     }
@@ -51,6 +58,10 @@ struct Gateway: AsyncParsableCommand {
         config.monitorPort = monitor.port
         config.nodes = Dictionary(uniqueKeysWithValues: node.map { ($0.name, (host: $0.address.host, port: $0.address.port)) })
         config.core.holdMs = holdMs
+        config.perAddressRate = .init(perSecond: clientRate, burst: max(1, clientRate * 2))
+        config.perUserRate = .init(perSecond: userRate, burst: max(1, userRate * 2))
+        config.limits.connectionsPerAddressMax = clientConnectionsMax
+        config.limits.connectionsMax = connectionsMax
         config.apiCertificatePath = apiCertificate
         config.apiKeyPath = apiKey
         var logger = Logger(label: "apiary.gateway.\(name)")
