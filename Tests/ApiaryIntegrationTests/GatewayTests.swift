@@ -169,7 +169,7 @@ final class GatewayLimitsTests: NodeProcessTestCase {
         directory = NSTemporaryDirectory() + "apiary-gateway-limits-" + UUID().uuidString
         cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
                                monitorArguments: ["--tick-interval-ms", "20"], gateways: 1,
-                               gatewayArguments: ["--client-rate", "5", "--client-connections-max", "3"])
+                               gatewayArguments: ["--client-rate", "5", "--client-connections-max", "3", "--http-listen", "127.0.0.1:0"])
         try cluster.startBoth()
     }
 
@@ -199,6 +199,46 @@ final class GatewayLimitsTests: NodeProcessTestCase {
         let served = try await other.request(.GET, "/readyz")
         await other.close()
         XCTAssertEqual(served.status, 200, "another client is still served: \(served.text)")
+    }
+
+    /// The plain-HTTP port only redirects (308, the method kept) to the same path over HTTPS,
+    /// and HTTPS answers carry HSTS. Plain HTTP is spoken over a raw socket: no client library
+    /// between the test and the bytes.
+    func testPlainHTTPOnlyRedirectsAndHTTPSAnswersCarryHSTS() async throws {
+        XCTAssertTrue(cluster.waitForOutput(of: cluster.gateways[0], containing: "redirect=http://127.0.0.1:"))
+        let text = try String(contentsOfFile: directory + "/logs/gateway-1.log", encoding: .utf8)
+        let port = try XCTUnwrap(text.components(separatedBy: "redirect=http://127.0.0.1:").last?.prefix { $0.isNumber }).description
+        let answer = try rawHTTP(port: Int(port)!, "POST /db/execute?pretty HTTP/1.1\r\nHost: localhost:\(port)\r\nContent-Length: 2\r\n\r\n[]")
+        XCTAssertTrue(answer.hasPrefix("HTTP/1.1 308"), answer)
+        XCTAssertTrue(answer.contains("Location: https://localhost:\(cluster.gateways[0].apiPort)/db/execute?pretty"), answer)
+        let evil = try rawHTTP(port: Int(port)!, "GET / HTTP/1.1\r\nHost: evil.example/x?\r\n\r\n")
+        XCTAssertTrue(evil.contains("Location: https://127.0.0.1:\(cluster.gateways[0].apiPort)/"), "a malformed Host is not echoed: \(evil)")
+        let c = try await connect(from: "127.0.0.6")
+        let served = try await c.request(.GET, "/readyz")
+        await c.close()
+        XCTAssertEqual(served.header("Strict-Transport-Security"), "max-age=31536000")
+    }
+
+    func rawHTTP(port: Int, _ request: String) throws -> String {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard connected == 0 else { throw NodeError("cannot connect to the redirect port") }
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        _ = request.withCString { send(fd, $0, strlen($0), 0) }
+        var received: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = recv(fd, &buffer, buffer.count, 0)
+            if n <= 0 { break }
+            received += buffer[0..<n]
+        }
+        return String(decoding: received, as: UTF8.self)
     }
 
     func testAClientPastItsConnectionsIsRefusedWhileAnotherConnects() async throws {

@@ -26,7 +26,10 @@ struct GatewayForwarder: HTTPResponder {
 
     func respond(to request: APIRequest, then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {
         Task {
-            let response = await forward(request)
+            var answer = await forward(request)
+            // Browsers (and clients that honour it) never try plain HTTP to this host again.
+            answer.headers.append(("Strict-Transport-Security", "max-age=31536000"))
+            let response = answer
             done { response }
         }
     }

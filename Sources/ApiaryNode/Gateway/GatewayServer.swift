@@ -21,6 +21,9 @@ public struct GatewayConfiguration: Sendable {
     /// Each node's API address, by the name in its certificate (the monitor names the writer).
     public var nodes: [NodeID: (host: String, port: Int)] = [:]
     /// What applications see; the gateway's cluster certificate when nil.
+    /// The plain-HTTP port, which only redirects to HTTPS; none when nil.
+    public var redirectHost: String?
+    public var redirectPort = 0
     public var apiCertificatePath: String?
     public var apiKeyPath: String?
     public var core = GatewayConfig()
@@ -56,12 +59,18 @@ public enum GatewayServer {
         let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
         let server = try await APIServer.start(responder: forwarder, credentials: credentials, certificate: apiCertificate,
                                                host: config.host, port: config.port, group: group, logger: logger, limits: config.limits)
-        print("apiary gateway \(config.name) ready: monitor=\(config.monitorHost):\(config.monitorPort) listen=https://\(config.host):\(server.port)")
+        var redirect: RedirectServer?
+        if let host = config.redirectHost {
+            redirect = try await RedirectServer.start(host: host, port: config.redirectPort, httpsPort: server.port, group: group, logger: logger)
+        }
+        let redirectNote = redirect.map { " redirect=http://\(config.redirectHost!):\($0.port)" } ?? ""
+        print("apiary gateway \(config.name) ready: monitor=\(config.monitorHost):\(config.monitorPort)\(redirectNote) listen=https://\(config.host):\(server.port)")
         fflush(stdout)
         ServiceManager.ready(status: "gateway \(config.name) on \(config.host):\(server.port)")
         let signal = await NodeServer.terminationSignal()
         logger.notice("shutting down", metadata: ["signal": "\(signal)"])
         ServiceManager.stopping()
+        await redirect?.close()
         await server.close()
         for pool in pools.values { await pool.closeAll() }
     }

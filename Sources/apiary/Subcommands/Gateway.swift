@@ -26,6 +26,7 @@ struct Gateway: AsyncParsableCommand {
     @Option(help: "The gateway's certificate name in --certs (a gateway certificate).") var name = "gateway"
     @Option(help: "Directory with ca.pem and the gateway's certificate and key.") var certs = "certs"
     @Option(help: "The HTTPS address applications connect to (host:port).") var listen = Address(argument: "127.0.0.1:4000")!
+    @Option(help: "A plain-HTTP address (host:port) that only redirects to the HTTPS one (308); none by default.") var httpListen: Address?
     @Option(help: "The monitor's address (host:port).") var monitor: Address
     @Option(help: "A node's API address by its certificate name, NAME=HOST:PORT; once per node.") var node: [NodeAddressArgument] = []
     @Option(help: "How long a request may be held through a failover before the client is answered.") var holdMs: Int64 = 5_000
@@ -58,6 +59,8 @@ struct Gateway: AsyncParsableCommand {
         config.monitorPort = monitor.port
         config.nodes = Dictionary(uniqueKeysWithValues: node.map { ($0.name, (host: $0.address.host, port: $0.address.port)) })
         config.core.holdMs = holdMs
+        config.redirectHost = httpListen?.host
+        config.redirectPort = httpListen?.port ?? 0
         config.perAddressRate = .init(perSecond: clientRate, burst: max(1, clientRate * 2))
         config.perUserRate = .init(perSecond: userRate, burst: max(1, userRate * 2))
         config.limits.connectionsPerAddressMax = clientConnectionsMax
