@@ -219,6 +219,11 @@ final class GatewayLimitsTests: NodeProcessTestCase {
         XCTAssertEqual(served.header("Strict-Transport-Security"), "max-age=31536000")
     }
 
+    /// The gateway's client TLS, with `openssl s_client` as an independent client.
+    func testTheGatewayAcceptsOnlyTLS12And13WithModernSuites() throws {
+        try assertOnlyModernTLS(port: cluster.gateways[0].apiPort)
+    }
+
     func rawHTTP(port: Int, _ request: String) throws -> String {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
