@@ -225,20 +225,6 @@ final class AutomaticFailoverTests: NodeProcessTestCase {
         // An application's client has no certificate; a certificate of a foreign CA fails the handshake (MonitorProcessTests).
     }
 
-    /// `apiary ctl ARGS --monitor … --certs …`: its exit status and what it printed (both streams).
-    func ctl(_ arguments: [String]) throws -> (status: Int32, output: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try apiaryExecutable())
-        process.arguments = ["ctl"] + arguments + ["--monitor", "127.0.0.1:\(cluster.monitor!.apiPort)", "--certs", cluster.certificates]
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        return (process.terminationStatus, text)
-    }
-
     /// One client: inserts ids `writer, writer + 3, …`, each with its own idempotency key and
     /// retried (to whichever node answers as primary) until it is acknowledged.
     func write(as writer: Int, ledger: WriteLedger) async {

@@ -84,6 +84,33 @@ final class GatewayTests: NodeProcessTestCase {
         XCTAssertEqual(Set(unkeyed.acked).subtracting(unkeyedIDs), [], "acknowledged writes missing")
     }
 
+    /// A planned switchover and a failover drill, under writes through the gateway: a client
+    /// whose writes carry idempotency keys sees no error at all.
+    func testASwitchoverAndADrillCostAGatewayClientNoError() async throws {
+        let monitor = try await MonitorClient(cluster: cluster)
+        let setup = try await connect()
+        let created = try await setup.request(.POST, "/db/execute", headers: [authorization],
+                                              body: Array(#"["CREATE TABLE t (id INTEGER, keyed INTEGER)"]"#.utf8))
+        XCTAssertEqual(created.status, 200, created.text)
+        await setup.close()
+        let keyed = GatewayWriter()
+        let writer = Task { await self.write(keyed, withKeys: true) }
+        for (round, command) in ["switchover", "failover"].enumerated() {
+            try await monitor.waitUntil("in sync before the \(command)", timeoutSeconds: 60) { s in
+                s.nodes.contains { $0.reported == "primary" } && s.nodes.contains { $0.promotable && $0.reported == "secondary" }
+            }
+            try await keyed.waitForMore(10, timeoutSeconds: 60)
+            let answer = try ctl([command])
+            XCTAssertEqual(answer.status, 0, answer.output)
+            try await monitor.waitUntil("the \(command) done", timeoutSeconds: 60) { s in s.epoch == UInt64(round + 2) && s.nodes.contains { $0.reported == "wait_primary" || $0.reported == "primary" } }
+            try await keyed.waitForMore(10, timeoutSeconds: 60)
+        }
+        keyed.stop()
+        await writer.value
+        XCTAssertEqual(keyed.failures, [], "a switchover or a drill showed a gateway client errors")
+        XCTAssertTrue(keyed.epochsSeen.isSuperset(of: ["1", "2", "3"]), "\(keyed.epochsSeen)")
+    }
+
     /// One client of the gateway. With keys, it sends each write once (the gateway does the
     /// resending); without, it moves on after "outcome unknown" (the id may or may not be there).
     func write(_ w: GatewayWriter, withKeys: Bool) async {
