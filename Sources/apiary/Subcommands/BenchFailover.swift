@@ -27,10 +27,12 @@ extension Bench {
         @Flag(help: "Keep the working directory.") var keep = false
         @Option(help: "API base port of the cluster (the monitor listens 20 higher).") var basePort = 25001
         @Option(help: "The nodes' and the monitor's log level (their logs are in --dir/logs).") var logLevel = "warning"
+        @Option(help: "How the client reaches the cluster: direct (it tries the other node after a failure, as a client of pg_auto_failover's multi-host connection string does) or gateway (one endpoint).") var client = "direct"
 
         func validate() throws {
             guard (1...1000).contains(repetitions) else { throw ValidationError("--repetitions must be 1...1000") }
             guard (1...10_000).contains(writeIntervalMs) else { throw ValidationError("--write-interval-ms must be 1...10000") }
+            guard ["direct", "gateway"].contains(client) else { throw ValidationError("--client is direct or gateway") }
         }
 
         func run() async throws {
@@ -38,15 +40,31 @@ extension Bench {
             defer { if !keep { try? FileManager.default.removeItem(atPath: root) } }
             let quiet = ["--log-level", logLevel]
             let cluster = LocalCluster(directory: root, executable: "/proc/self/exe".resolvedLink, basePort: basePort,
-                                       primaryArguments: quiet, standbyArguments: quiet, monitorArguments: quiet)
+                                       primaryArguments: quiet, standbyArguments: quiet, monitorArguments: quiet,
+                                       gateways: client == "gateway" ? 1 : 0, gatewayArguments: quiet)
             try cluster.startBoth()
             defer { cluster.stopAll() }
             print("# machine: nproc=\(ProcessInfo.processInfo.activeProcessorCount) fs=\(root)")
             print("# apiary defaults: monitor primary timeout 500 ms, heartbeats every 100 ms, lease 500 ms + 100 ms drift margin; client writes every \(writeIntervalMs) ms")
             let credentials = try ClusterCredentials(directory: cluster.certificates, name: "operator")
             let monitor = Address(argument: "127.0.0.1:\(cluster.monitor!.apiPort)")!
-            let client = FailoverClient(nodes: [cluster.primary.apiPort, cluster.standby.apiPort], tls: credentials.clusterClient(), intervalMs: writeIntervalMs)
             try await waitInSync(monitor: monitor, credentials: credentials)
+            let client: FailoverClient
+            if self.client == "gateway" {
+                // An application: basic auth through the gateway, the cluster CA trusted, no certificate.
+                let accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: cluster.primary.apiPort)
+                try await accounts.createTenant(FailoverClient.tenant)
+                let password = AccountsClient.randomPassword()
+                try await accounts.createUser("bench", tenant: FailoverClient.tenant, role: "writer", password: password)
+                var tls = TLSConfiguration.makeClientConfiguration()
+                tls.trustRoots = .file(cluster.certificates + "/ca.pem")
+                client = FailoverClient(nodes: [cluster.gateways[0].apiPort], tls: tls, intervalMs: writeIntervalMs,
+                                        headers: [("Authorization", "Basic " + Data("bench:\(password)".utf8).base64EncodedString())])
+            } else {
+                client = FailoverClient(nodes: [cluster.primary.apiPort, cluster.standby.apiPort], tls: credentials.clusterClient(), intervalMs: writeIntervalMs,
+                                        headers: [("X-Apiary-Tenant", FailoverClient.tenant)])
+            }
+            print("# client: \(self.client) (\(self.client == "gateway" ? "one endpoint, basic auth" : "alternates between the nodes after a failure, operator certificate"))")
             try await client.prepare()
             let writer = Task { await client.run() }
 
@@ -82,9 +100,10 @@ extension Bench {
             }
             client.stop()
             await writer.value
-            let lost = try await client.missing(on: (primary.name == cluster.primary.name ? cluster.primary : cluster.standby).apiPort)
-            print(summary("apiary-failover", rtos, errors: client.errors, lost: lost))
-            print(summary("apiary-switchover", pauses, errors: client.errors, lost: lost))
+            let lost = try await client.missing(on: (primary.name == cluster.primary.name ? cluster.primary : cluster.standby).apiPort,
+                                                 tls: credentials.clusterClient())
+            print(summary("apiary-failover-\(self.client)", rtos, errors: client.errors, lost: lost))
+            print(summary("apiary-switchover-\(self.client)", pauses, errors: client.errors, lost: lost))
         }
 
         func summary(_ label: String, _ samples: [Double], errors: Int, lost: Int) -> String {
@@ -124,6 +143,8 @@ final class FailoverClient: @unchecked Sendable {
     private let nodes: [Int]
     private let tls: TLSConfiguration
     private let intervalMs: Int
+    /// Sent with every request: the tenant (operator) or the credentials (application).
+    private let headers: [(String, String)]
     private let lock = NSLock()
     private var successes: [Date] = []
     private var acked: [Int] = []
@@ -131,10 +152,11 @@ final class FailoverClient: @unchecked Sendable {
     private var stopped = false
     static let tenant = "bench_failover"
 
-    init(nodes: [Int], tls: TLSConfiguration, intervalMs: Int) {
+    init(nodes: [Int], tls: TLSConfiguration, intervalMs: Int, headers: [(String, String)]) {
         self.nodes = nodes
         self.tls = tls
         self.intervalMs = intervalMs
+        self.headers = headers
     }
 
     var errors: Int { lock.withLock { errorCount } }
@@ -143,7 +165,7 @@ final class FailoverClient: @unchecked Sendable {
     func prepare() async throws {
         let c = try await HTTPSConnection.connect(host: "127.0.0.1", port: nodes[0], tls: tls, group: MultiThreadedEventLoopGroup.singleton)
         defer { Task { await c.close() } }
-        let r = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", Self.tenant)],
+        let r = try await c.request(.POST, "/db/execute", headers: headers,
                                     body: Array(#"["CREATE TABLE IF NOT EXISTS w (id INTEGER PRIMARY KEY)"]"#.utf8))
         guard r.status == 200, !r.text.contains("\"error\"") else { throw ValidationError("cannot create the table: \(r.text)") }
     }
@@ -160,7 +182,7 @@ final class FailoverClient: @unchecked Sendable {
                     connection = try await HTTPSConnection.connect(host: "127.0.0.1", port: nodes[target], tls: tls,
                                                                    group: MultiThreadedEventLoopGroup.singleton, timeoutMs: 1000)
                 }
-                let r = try await connection!.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", Self.tenant), ("Idempotency-Key", "w\(id)")],
+                let r = try await connection!.request(.POST, "/db/execute", headers: headers + [("Idempotency-Key", "w\(id)")],
                                                       body: Array("[[\"INSERT INTO w(id) VALUES(?)\", \(id)]]".utf8))
                 ok = r.status == 200 && !r.text.contains("\"error\"")
             } catch {}
@@ -176,7 +198,7 @@ final class FailoverClient: @unchecked Sendable {
                 lock.withLock { errorCount += 1 }
                 await connection?.close()
                 connection = nil
-                target = 1 - target
+                target = (target + 1) % nodes.count
                 try? await Task.sleep(for: .milliseconds(10))
             }
         }
@@ -201,7 +223,7 @@ final class FailoverClient: @unchecked Sendable {
     }
 
     /// Acknowledged ids missing on the node at `port`.
-    func missing(on port: Int) async throws -> Int {
+    func missing(on port: Int, tls: TLSConfiguration) async throws -> Int {
         let c = try await HTTPSConnection.connect(host: "127.0.0.1", port: port, tls: tls, group: MultiThreadedEventLoopGroup.singleton)
         defer { Task { await c.close() } }
         let r = try await c.request(.GET, "/db/query?q=SELECT%20id%20FROM%20w", headers: [("X-Apiary-Tenant", Self.tenant)])
