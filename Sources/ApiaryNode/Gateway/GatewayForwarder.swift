@@ -88,7 +88,8 @@ struct GatewayForwarder: HTTPResponder {
             return (.noAnswer, nil)
         }
         if response.header("connection")?.lowercased() == "close" { await pool.discard(connection) } else { pool.give(back: connection) }
-        let code = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["code"] as? String
+        // Only a refusal's code matters to the core; a 200's body (results) is never parsed.
+        let code = response.status == 200 ? nil : (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["code"] as? String
         let unknown = response.header("x-apiary-outcome")?.lowercased() == "unknown"
         var answer = APIResponse(status: HTTPResponseStatus(statusCode: response.status), body: response.body,
                                  outcomeUnknown: unknown, contentType: response.header("content-type") ?? "application/json",

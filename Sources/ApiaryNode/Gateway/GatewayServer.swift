@@ -29,8 +29,8 @@ public struct GatewayConfiguration: Sendable {
     public var core = GatewayConfig()
     public var limits = APIServer.Limits()
     /// Requests per second (and the burst) per client address and per user.
-    public var perAddressRate = RateLimiter.Config(perSecond: 1_000, burst: 2_000)
-    public var perUserRate = RateLimiter.Config(perSecond: 1_000, burst: 2_000)
+    public var perAddressRate = RateLimiter.Config(perSecond: 50_000, burst: 100_000)
+    public var perUserRate = RateLimiter.Config(perSecond: 50_000, burst: 100_000)
 
     public init(name: String, certificatesDirectory: String) {
         self.name = name

@@ -32,7 +32,7 @@ struct Inserts: AsyncParsableCommand {
         guard clientThreads > 0, clientThreads <= 64 else { throw ValidationError("--client-threads must be 1...64") }
         guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be 1...3600") }
         guard !clientCounts.isEmpty, clientCounts.allSatisfy({ $0 > 0 && $0 <= 1024 }) else { throw ValidationError("--clients must list counts of 1...1024") }
-        guard setupList.allSatisfy({ ["replicated", "single"].contains($0) }) else { throw ValidationError("--setups takes replicated and/or single") }
+        guard setupList.allSatisfy({ ["replicated", "single", "gateway"].contains($0) }) else { throw ValidationError("--setups takes replicated, single and/or gateway") }
     }
 
     var clientCounts: [Int] { clients.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
@@ -45,20 +45,30 @@ struct Inserts: AsyncParsableCommand {
         print("# workload: one INSERT of a 100-byte payload per request, HTTPS keep-alive, HTTP basic auth, \(seconds)s per client count, \(clientThreads) client thread(s)")
         let load = MultiThreadedEventLoopGroup(numberOfThreads: clientThreads)
         for (index, setup) in setupList.enumerated() {
+            // `gateway`: the replicated pair under its monitor, the load through one gateway.
             let primaryArgs = setup == "single" ? ["--mode", "single"] : []
+            let quiet = ["--log-level", "warning"]
             let cluster = LocalCluster(directory: root + "/" + setup, executable: "/proc/self/exe".resolvedLink,
-                                       basePort: basePort + index * 100, primaryArguments: primaryArgs + ["--log-level", "warning"],
-                                       standbyArguments: ["--log-level", "warning"])
+                                       basePort: basePort + index * 100, primaryArguments: primaryArgs + quiet, standbyArguments: quiet,
+                                       monitorArguments: setup == "gateway" ? quiet : nil, gateways: setup == "gateway" ? 1 : 0,
+                                       gatewayArguments: quiet)
             try cluster.prepareCertificates()
-            try cluster.start(cluster.primary)
-            if setup == "replicated" { try cluster.start(cluster.standby) }
+            if setup == "gateway" {
+                try cluster.startBoth()
+                _ = try await Up.writer(monitor: Address(argument: "127.0.0.1:\(cluster.monitor!.apiPort)")!, certificates: cluster.certificates)
+            } else {
+                try cluster.start(cluster.primary)
+                if setup == "replicated" { try cluster.start(cluster.standby) }
+            }
             defer { cluster.stopAll() }
-            var target = BenchTarget(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
+            var target = BenchTarget(port: setup == "gateway" ? cluster.gateways[0].apiPort : cluster.primary.apiPort,
+                                     accountsPort: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
             try await target.prepare()
             // CPU per insert is steadier than throughput on a shared VM: it shows what a change
             // costs or saves even when the run's throughput moves with the machine's mood.
             var measured: [(String, Int32)] = [("primary", cluster.processID(of: cluster.primary) ?? -1)]
-            if setup == "replicated" { measured.append(("standby", cluster.processID(of: cluster.standby) ?? -1)) }
+            if setup != "single" { measured.append(("standby", cluster.processID(of: cluster.standby) ?? -1)) }
+            if setup == "gateway" { measured.append(("gateway", cluster.processID(of: cluster.gateways[0]) ?? -1)) }
             measured.append(("client", getpid()))
             for count in clientCounts {
                 let before = measured.map { CPUTime.ticks(of: $0.1) }
@@ -85,7 +95,10 @@ struct Inserts: AsyncParsableCommand {
 }
 
 struct BenchTarget {
+    /// Where the load goes (a node, or a gateway).
     let port: Int
+    /// The primary, where the operator makes the tenant and the user.
+    var accountsPort: Int? = nil
     let caPath: String
     /// The bench user's `Authorization` header: the load signs in as an application does.
     var authorization = ""
@@ -98,7 +111,7 @@ struct BenchTarget {
 
     /// Creates the tenant and a writer (as the operator), then the table (as that writer).
     mutating func prepare() async throws {
-        let accounts = try AccountsClient(certificatesDirectory: (caPath as NSString).deletingLastPathComponent, host: "127.0.0.1", port: port)
+        let accounts = try AccountsClient(certificatesDirectory: (caPath as NSString).deletingLastPathComponent, host: "127.0.0.1", port: accountsPort ?? port)
         try await accounts.createTenant("bench")
         let password = AccountsClient.randomPassword()
         try await accounts.createUser("bench-writer", tenant: "bench", role: "writer", password: password)

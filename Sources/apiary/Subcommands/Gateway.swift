@@ -30,8 +30,8 @@ struct Gateway: AsyncParsableCommand {
     @Option(help: "The monitor's address (host:port).") var monitor: Address
     @Option(help: "A node's API address by its certificate name, NAME=HOST:PORT; once per node.") var node: [NodeAddressArgument] = []
     @Option(help: "How long a request may be held through a failover before the client is answered.") var holdMs: Int64 = 5_000
-    @Option(help: "Requests per second per client address (twice as many at once); past it: 429.") var clientRate: Double = 1_000
-    @Option(help: "Requests per second per user (HTTP basic auth name; twice as many at once); past it: 429.") var userRate: Double = 1_000
+    @Option(help: "Requests per second per client address (twice as many at once); past it: 429. A guard against a runaway client, not a quota.") var clientRate: Double = 50_000
+    @Option(help: "Requests per second per user (HTTP basic auth name; twice as many at once); past it: 429.") var userRate: Double = 50_000
     @Option(help: "Open connections per client address at most.") var clientConnectionsMax = 256
     @Option(help: "Open connections in total at most.") var connectionsMax = 4_096
     @Option(help: "The certificate (PEM, leaf first) applications see; default: the gateway's cluster certificate.") var apiCertificate: String?
