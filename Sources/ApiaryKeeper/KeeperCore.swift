@@ -120,8 +120,9 @@ public struct KeeperCore: Sendable {
     }
 
     /// The heartbeat to send. `tenants` and `streaming` come from the replication shells.
-    public func report(tenants: [TenantID: TenantReport], streaming: Bool) -> NodeReport {
-        NodeReport(role: state.role, epoch: state.epoch, reached: reached, tenants: tenants, streaming: streaming)
+    public func report(tenants: [TenantID: TenantReport], streaming: Bool, holdsLease: Bool? = nil) -> NodeReport {
+        NodeReport(role: state.role, epoch: state.epoch, reached: reached, tenants: tenants, streaming: streaming,
+                   holdsLease: state.role == .primary ? holdsLease : nil)
     }
 
     // MARK: Events

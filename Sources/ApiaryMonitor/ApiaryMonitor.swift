@@ -118,13 +118,18 @@ public struct NodeReport: Hashable, Sendable {
     /// A standby: it receives its primary's stream now (welcomed, and not timed out); false is
     /// its confirmation that it lost the stream. A primary: its standby is attached and streams.
     public var streaming: Bool
+    /// A primary: whether it holds its standby's lease now (serves strong reads). For operators
+    /// (`ctl status`); the core decides nothing on it.
+    public var holdsLease: Bool?
 
-    public init(role: NodeState.Role, epoch: Epoch, reached: ReachedGoal?, tenants: [TenantID: TenantReport] = [:], streaming: Bool) {
+    public init(role: NodeState.Role, epoch: Epoch, reached: ReachedGoal?, tenants: [TenantID: TenantReport] = [:], streaming: Bool,
+                holdsLease: Bool? = nil) {
         self.role = role
         self.epoch = epoch
         self.reached = reached
         self.tenants = tenants
         self.streaming = streaming
+        self.holdsLease = holdsLease
     }
 }
 

@@ -136,6 +136,12 @@ public struct MonitorCore: Sendable {
                           handover: handoverTo == node && record.goal == .waitPrimary)
     }
 
+    /// The node's latest report in the current epoch (since this core started), if any.
+    public func latestReport(_ node: NodeID) -> NodeReport? {
+        guard let r = seen[node]?.report, r.epoch == state.epoch else { return nil }
+        return r
+    }
+
     /// False during the startup grace, while the core decides nothing.
     public var isDeciding: Bool { graceOver }
 

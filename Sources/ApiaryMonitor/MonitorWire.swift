@@ -24,13 +24,16 @@ public struct HeartbeatBody: Codable, Sendable, Equatable {
     public var reached: Reached?
     public var tenants: [String: Tenant]
     public var streaming: Bool
+    /// A primary: it holds its standby's lease now.
+    public var lease: Bool?
 
-    public init(role: String, epoch: UInt64, reached: Reached?, tenants: [String: Tenant] = [:], streaming: Bool) {
+    public init(role: String, epoch: UInt64, reached: Reached?, tenants: [String: Tenant] = [:], streaming: Bool, lease: Bool? = nil) {
         self.role = role
         self.epoch = epoch
         self.reached = reached
         self.tenants = tenants
         self.streaming = streaming
+        self.lease = lease
     }
 
     /// The wire form of a node's report.
@@ -38,7 +41,7 @@ public struct HeartbeatBody: Codable, Sendable, Equatable {
         self.init(role: r.role.rawValue, epoch: r.epoch.rawValue,
                   reached: r.reached.map { Reached(state: $0.state.rawValue, sequence: $0.sequence) },
                   tenants: Dictionary(uniqueKeysWithValues: r.tenants.map { ($0.key.rawValue, Tenant(lsn: $0.value.lsn, standbyLSN: $0.value.standbyLSN)) }),
-                  streaming: r.streaming)
+                  streaming: r.streaming, lease: r.holdsLease)
     }
 
     /// The core's report, or a message saying what is malformed.
@@ -54,7 +57,7 @@ public struct HeartbeatBody: Codable, Sendable, Equatable {
             guard let id = try? TenantID(stored: name) else { return .failure(WireError("invalid tenant id '\(name.prefix(80))'")) }
             out[id] = TenantReport(lsn: t.lsn, standbyLSN: t.standbyLSN)
         }
-        return .success(NodeReport(role: role, epoch: Epoch(epoch), reached: reachedGoal, tenants: out, streaming: streaming))
+        return .success(NodeReport(role: role, epoch: Epoch(epoch), reached: reachedGoal, tenants: out, streaming: streaming, holdsLease: lease))
     }
 }
 
@@ -103,11 +106,17 @@ public struct StatusBody: Codable, Sendable, Equatable {
         /// Since this monitor process started; nil when not heard since.
         public var heardMsAgo: Int64?
         public var lsns: [String: UInt64]
+        /// A standby: per tenant, how many records it is behind the writer (latest reports).
+        public var lag: [String: UInt64]?
+        /// The writer: whether it holds its standby's lease (serves strong reads), as last reported.
+        public var lease: Bool?
         enum CodingKeys: String, CodingKey {
-            case id, zone, goal, goalSequence = "goal_sequence", reported, promotable, maintenance, heardMsAgo = "heard_ms_ago", lsns
+            case id, zone, goal, goalSequence = "goal_sequence", reported, promotable, maintenance, heardMsAgo = "heard_ms_ago", lsns, lag, lease
         }
         public init(id: String, zone: String, goal: String, goalSequence: UInt64, reported: String?, promotable: Bool,
-                    maintenance: Bool, heardMsAgo: Int64?, lsns: [String: UInt64]) {
+                    maintenance: Bool, heardMsAgo: Int64?, lsns: [String: UInt64], lag: [String: UInt64]? = nil, lease: Bool? = nil) {
+            self.lag = lag
+            self.lease = lease
             self.id = id
             self.zone = zone
             self.goal = goal

@@ -203,10 +203,19 @@ public final class MonitorService: @unchecked Sendable {
         lock.withLock {
             let now = clock()
             let s = core.state
+            let writerReport = s.writer.flatMap { core.latestReport($0.id) }
             let nodes = s.nodes.map { n in
-                StatusBody.Node(id: n.id, zone: n.zone, goal: n.goal.rawValue, goalSequence: n.goalSequence, reported: n.reported?.rawValue,
-                                promotable: n.promotable, maintenance: n.maintenanceRequested, heardMsAgo: core.msSinceHeard(n.id, now: now),
-                                lsns: Dictionary(uniqueKeysWithValues: n.lsns.map { ($0.key.rawValue, $0.value) }))
+                let report = core.latestReport(n.id)
+                var lag: [String: UInt64]?
+                if n.id != s.writer?.id, let report, let writerReport {
+                    lag = Dictionary(uniqueKeysWithValues: writerReport.tenants.map { tenant, w in
+                        (tenant.rawValue, w.lsn > (report.tenants[tenant]?.lsn ?? 0) ? w.lsn - (report.tenants[tenant]?.lsn ?? 0) : 0)
+                    })
+                }
+                return StatusBody.Node(id: n.id, zone: n.zone, goal: n.goal.rawValue, goalSequence: n.goalSequence, reported: n.reported?.rawValue,
+                                       promotable: n.promotable, maintenance: n.maintenanceRequested, heardMsAgo: core.msSinceHeard(n.id, now: now),
+                                       lsns: Dictionary(uniqueKeysWithValues: n.lsns.map { ($0.key.rawValue, $0.value) }),
+                                       lag: lag, lease: n.id == s.writer?.id ? report?.holdsLease : nil)
             }
             return Reply(200, StatusBody(formation: s.formation, epoch: s.epoch.rawValue, deciding: core.isDeciding, nodes: nodes,
                                          lastEvent: s.lastEventSequence))

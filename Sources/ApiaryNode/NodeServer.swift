@@ -472,11 +472,14 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
     // MARK: The keeper's steps
 
     /// What the keeper reports to the monitor, from the replication shell of the current role.
-    func keeperFigures() async -> (tenants: [TenantID: TenantReport], streaming: Bool) {
+    func keeperFigures() async -> (tenants: [TenantID: TenantReport], streaming: Bool, holdsLease: Bool?) {
         let (primary, standby) = lock.withLock { (self.primary, self.standby) }
         if let primary { return await primary.keeperFigures() }
-        if let standby { return await standby.keeperFigures() }
-        return ([:], false)
+        if let standby {
+            let (tenants, streaming) = await standby.keeperFigures()
+            return (tenants, streaming, nil)
+        }
+        return ([:], false, nil)
     }
 
     /// Carries out one keeper step (``KeeperStep``); throws when the node is as it was.

@@ -513,15 +513,15 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
 
     /// For the monitor: per tenant the committed lsn and what the standby acknowledged on the
     /// current stream; whether a standby streams.
-    func keeperFigures() async -> (tenants: [TenantID: TenantReport], streaming: Bool) {
+    func keeperFigures() async -> (tenants: [TenantID: TenantReport], streaming: Bool, holdsLease: Bool?) {
         (try? await loop.submit {
             var tenants: [TenantID: TenantReport] = [:]
             for id in self.core.tenantIDs {
                 guard let s = self.core.status(of: id) else { continue }
                 tenants[id] = TenantReport(lsn: s.committedLSN, standbyLSN: s.standbyAckedLSN)
             }
-            return (tenants, self.core.standbyConnection != nil)
-        }.get()) ?? ([:], false)
+            return (tenants, self.core.standbyConnection != nil, self.core.holdsLease(now: monotonicNowMs()))
+        }.get()) ?? ([:], false, false)
     }
 
     var standbyConnected: Bool {

@@ -94,6 +94,14 @@ final class AutomaticFailoverTests: NodeProcessTestCase {
         try await monitor.waitUntil("node-b promotable", timeoutSeconds: 60) { s in
             s.node(a.name)?.reported == "primary" && s.node(b.name)?.promotable == true && s.node(b.name)?.reported == "secondary"
         }
+        // ctl status: the writer holds its standby's lease, the standby's lag per tenant.
+        let table = try ctl(["status"])
+        XCTAssertEqual(table.status, 0, table.output)
+        XCTAssertTrue(table.output.contains("LEASE") && table.output.contains("held"), table.output)
+        let json = try ctl(["status", "--json"])
+        let status = try JSONDecoder().decode(StatusBody.self, from: Data(json.output.utf8))
+        XCTAssertEqual(status.node(a.name)?.lease, true, json.output)
+        XCTAssertNotNil(status.node(b.name)?.lag, json.output)
         // Promoting the writer itself is refused, with the reason.
         let refusedPromote = try ctl(["promote", a.name])
         XCTAssertEqual(refusedPromote.status, 1, refusedPromote.output)

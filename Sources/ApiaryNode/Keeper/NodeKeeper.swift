@@ -66,7 +66,7 @@ final class NodeKeeper: @unchecked Sendable {
     /// One heartbeat and the handling of its answer.
     private func beat() async {
         let figures = await roles.keeperFigures()
-        let report = lock.withLock { core.report(tenants: figures.tenants, streaming: figures.streaming) }
+        let report = lock.withLock { core.report(tenants: figures.tenants, streaming: figures.streaming, holdsLease: figures.holdsLease) }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         guard let body = try? encoder.encode(HeartbeatBody(report)) else { return }

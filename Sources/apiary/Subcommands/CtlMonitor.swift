@@ -61,11 +61,16 @@ enum MonitorCtl {
 
     static func statusTable(_ s: StatusBody) -> String {
         var lines = ["formation \(s.formation), epoch \(s.epoch)" + (s.deciding ? "" : " (startup grace: deciding nothing yet)")]
-        let header = ["NODE", "ZONE", "GOAL", "REPORTED", "PROMOTABLE", "HEARD", "LSNS"]
-        let rows = s.nodes.map { n in
-            [n.id, n.zone, n.goal + (n.maintenance ? " (maintenance asked)" : ""), n.reported ?? "-", n.promotable ? "yes" : "no",
-             n.heardMsAgo.map { "\($0) ms ago" } ?? "not since start",
-             n.lsns.isEmpty ? "-" : n.lsns.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")]
+        let header = ["NODE", "ZONE", "GOAL", "REPORTED", "PROMOTABLE", "LEASE", "HEARD", "LAG (records behind, per tenant)", "LSNS"]
+        func perTenant(_ values: [String: UInt64]?) -> String {
+            guard let values, !values.isEmpty else { return "-" }
+            return values.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+        }
+        let rows = s.nodes.map { n -> [String] in
+            let goal = n.goal + (n.maintenance ? " (maintenance asked)" : "")
+            let lease: String = n.lease.map { $0 ? "held" : "not held" } ?? "-"
+            let heard: String = n.heardMsAgo.map { "\($0) ms ago" } ?? "not since start"
+            return [n.id, n.zone, goal, n.reported ?? "-", n.promotable ? "yes" : "no", lease, heard, perTenant(n.lag), perTenant(n.lsns)]
         }
         lines += table(header: header, rows: rows)
         return lines.joined(separator: "\n")
