@@ -390,6 +390,24 @@ final class APIServerTests: XCTestCase {
         XCTAssertEqual(responses.first?.body, "[+]node ok\n[+]leader ok\n[+]store ok")
     }
 
+    /// A request line past the parser's 80 KiB (a long query in the URL) gets 431, as rqlite
+    /// answers, with the way out in the message; the server is unharmed.
+    func testAnOverlongRequestLineGets431() async throws {
+        let service = RecordingSQLService()
+        let server = try await startServer(service)
+        let client = try await connectRaw(server)
+        client.send("GET /db/query?q=" + String(repeating: "x", count: 100_000) + " HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n")
+        let closed = await eventually { client.isClosed }
+        XCTAssertTrue(closed)
+        XCTAssertEqual(client.responses.map(\.status), [431])
+        XCTAssertTrue(client.responses.first?.body.contains("POST body") ?? false, client.responses.first?.body ?? "")
+        let next = try await connectRaw(server)
+        next.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        let answered = await eventually { next.responses.count == 1 }
+        XCTAssertTrue(answered)
+        XCTAssertEqual(next.responses.first?.status, 200)
+    }
+
     func testMalformedHTTPGets400AndIsClosed() async throws {
         let service = RecordingSQLService()
         let server = try await startServer(service)

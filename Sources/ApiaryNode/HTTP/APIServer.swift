@@ -224,7 +224,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
 
     private enum Waiting {
         case request(APIRequest, Framing)
-        case malformed
+        case malformed(APIResponse)
     }
 
     /// How an answer is framed, from its request.
@@ -387,7 +387,8 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     private func answer(_ next: Waiting, context: ChannelHandlerContext) {
         guard case .request(var request, let framing) = next else {
             // Malformed HTTP: nothing after it can be trusted to be where it seems.
-            return write(Self.malformed, Framing(version: .http1_1, keepAlive: false, headersOnly: false), context: context)
+            guard case .malformed(let refusal) = next else { return }
+            return write(refusal, Framing(version: .http1_1, keepAlive: false, headersOnly: false), context: context)
         }
         answering = true
         timeouts.answering = true
@@ -433,8 +434,8 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
                     memory.release(waitingRequest.reservedBytes)
                     let refused = APIResponse(status: .serviceUnavailable, body: RqliteJSON.error("not executed: \(refusal); retry", code: .notExecuted))
                     Self.encode(refused, waitingFraming, last: last, into: &out)
-                case .malformed:
-                    Self.encode(Self.malformed, Framing(version: .http1_1, keepAlive: false, headersOnly: false), last: true, into: &out)
+                case .malformed(let refusal):
+                    Self.encode(refusal, Framing(version: .http1_1, keepAlive: false, headersOnly: false), last: true, into: &out)
                     last = true
                     dropWaiting()
                 }
@@ -485,6 +486,8 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
 
     /// The answer to bytes that are not HTTP/1.1 (the connection closes after it).
     static let malformed = APIResponse(status: .badRequest, body: RqliteJSON.error("malformed HTTP request", code: .badRequest))
+    static let headersTooLarge = APIResponse(status: .requestHeaderFieldsTooLarge,
+                                             body: RqliteJSON.error("the request line and headers are larger than 80 KiB: send a long query in a POST body (/db/query takes a JSON array of statements)", code: .tooLarge))
 
     /// Status line, headers and (unless HEAD) body; `last` adds `Connection: close`.
     static func encode(_ response: APIResponse, _ framing: Framing, last: Bool, into out: inout ByteBuffer) {
@@ -574,10 +577,12 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if error is HTTPParserError, !closing {
+        if let parserError = error as? HTTPParserError, !closing {
             head = nil
             timeouts.requestComplete()
-            enqueue(.malformed, context: context)
+            // Past the parser's limit on the request line and headers (80 KiB): rqlite answers
+            // 431 here too; a long query belongs in a POST body.
+            enqueue(.malformed(parserError == .headerOverflow ? Self.headersTooLarge : Self.malformed), context: context)
             return
         }
         // TLS failures (a client with a bad certificate), resets, an overlong undecoded request:
