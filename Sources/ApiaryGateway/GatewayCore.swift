@@ -12,16 +12,19 @@ import ApiaryCore
 
 /// What the gateway knows of the formation (from the monitor's topology watch).
 public struct GatewayTopology: Hashable, Sendable {
-    /// The watch's version: grows with every change.
+    /// The watch's version: grows with every change within one run of the monitor.
     public var version: UInt64
+    /// The monitor process's run: a new one starts its versions over.
+    public var run: UInt64
     public var epoch: Epoch
     /// The node with a writer goal, if any.
     public var writer: NodeID?
     /// The writer reached its goal: it takes writes now.
     public var writerReady: Bool
 
-    public init(version: UInt64, epoch: Epoch, writer: NodeID?, writerReady: Bool) {
+    public init(version: UInt64, run: UInt64 = 0, epoch: Epoch, writer: NodeID?, writerReady: Bool) {
         self.version = version
+        self.run = run
         self.epoch = epoch
         self.writer = writer
         self.writerReady = writerReady
@@ -131,7 +134,10 @@ public struct GatewayCore: Sendable {
     /// - Returns: whether the topology changed (waiting requests should ask again).
     @discardableResult
     public mutating func onTopology(_ next: GatewayTopology) -> Bool {
-        guard next.version > topology.version || next.epoch > topology.epoch else { return false }
+        // Never back to an older epoch. Within one run of the monitor, only a newer version; a
+        // restarted monitor starts its versions over, so its answers count as they come.
+        guard next.epoch >= topology.epoch else { return false }
+        guard next.epoch > topology.epoch || next.run != topology.run || next.version > topology.version else { return false }
         topology = next
         return true
     }

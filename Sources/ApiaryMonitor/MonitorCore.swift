@@ -329,7 +329,7 @@ public struct MonitorCore: Sendable {
         guard let w = state.writer, w.id != node else {
             return refuseCommand(&t, what, "\(node) is already the writer (\(s.goal)) in epoch \(state.epoch)", now: now, node: node)
         }
-        if s.goal == .demoted || s.reported == .demoted {
+        if s.goal == .demoted || s.reported == .demoted || seen[node]?.report?.role == .demoted {
             // Its keeper never promotes a demoted node (it may lack acknowledged writes): the
             // promotion would leave the formation without a writer for good.
             return refuseCommand(&t, what, "\(node) is a former primary that has not rejoined as the standby: it cannot take over, even by force; bring \(w.id) back, or wait until \(node) has rejoined", now: now, node: node)

@@ -256,8 +256,11 @@ public struct TopologyBody: Codable, Sendable, Equatable {
             self.promotable = promotable
         }
     }
-    /// Grows with every change of the epoch, a goal, a reported state or promotability.
+    /// Grows with every change of the epoch, a goal, a reported state or promotability, within
+    /// one run of the monitor (`run`).
     public var version: UInt64
+    /// Identifies the monitor process that answers: versions start over when it restarts.
+    public var run: UInt64
     public var formation: String
     public var epoch: UInt64
     /// The node whose goal is a writer's: the only one that may take writes in this epoch.
@@ -265,10 +268,11 @@ public struct TopologyBody: Codable, Sendable, Equatable {
     /// Whether the writer reported reaching its goal in this epoch (it takes writes now).
     public var writerReady: Bool
     public var nodes: [Node]
-    enum CodingKeys: String, CodingKey { case version, formation, epoch, writer, writerReady = "writer_ready", nodes }
+    enum CodingKeys: String, CodingKey { case version, run, formation, epoch, writer, writerReady = "writer_ready", nodes }
 
-    public init(version: UInt64, state: MonitorState) {
+    public init(version: UInt64, run: UInt64 = 0, state: MonitorState) {
         self.version = version
+        self.run = run
         formation = state.formation
         epoch = state.epoch.rawValue
         writer = state.writer?.id

@@ -187,10 +187,14 @@ final class MonitorHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
         let bound = NIOLoopBound((self, context), eventLoop: loop)
         // Answered once: by the change, the timer, or at once.
         let answered = NIOLoopBoundBox(false, eventLoop: loop)
+        let timer = NIOLoopBoundBox<Scheduled<Void>?>(nil, eventLoop: loop)
+        // Runs on the loop: by the change's callback (scheduled there) or by the timer.
         let answer: @Sendable () -> Void = { [threadPool] in
+            guard !answered.value else { return }
             threadPool.runIfActive(eventLoop: loop) { service.topology() }.whenComplete { result in
                 guard !answered.value else { return }
                 answered.value = true
+                timer.value?.cancel()
                 let (handler, context) = bound.value
                 switch result {
                 case .success(let reply): handler.respond(context: context, head: head, reply, close: false)
@@ -208,7 +212,8 @@ final class MonitorHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
                 let (handler, context) = bound.value
                 handler.respond(context: context, head: head, reply, close: false)
             case .success(.failure(let token)):
-                loop.scheduleTask(in: .milliseconds(waitMs)) {
+                guard !answered.value else { return service.cancelWatch(token) }
+                timer.value = loop.scheduleTask(in: .milliseconds(waitMs)) {
                     service.cancelWatch(token)
                     answer()
                 }

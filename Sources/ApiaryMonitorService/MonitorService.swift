@@ -29,6 +29,8 @@ public final class MonitorService: @unchecked Sendable {
     private var core: MonitorCore
     /// The topology watch: the current version, what it describes, and who waits for a newer one.
     private var topologyVersion: UInt64 = 1
+    /// This process's run: a gateway that sees another one takes its topology whatever its version.
+    private let topologyRun = UInt64.random(in: 1...UInt64.max)
     private var topologyState: TopologyBody
     private var watchers: [UInt64: @Sendable () -> Void] = [:]
     private var nextWatcher: UInt64 = 0
@@ -175,26 +177,24 @@ public final class MonitorService: @unchecked Sendable {
 
     public func cancelWatch(_ token: WatchToken) { _ = lock.withLock { watchers.removeValue(forKey: token.id) } }
 
-    /// Under the lock.
+    /// Under the lock. Whoever notices a change first (an event, or a watch asking) wakes the
+    /// waiting watches: the callbacks only schedule their answers.
     private func currentTopology() -> TopologyBody {
         var t = TopologyBody(version: 0, state: core.state)
         if t != topologyState {
             topologyVersion += 1
             topologyState = t
+            let fire = Array(watchers.values)
+            watchers.removeAll()
+            for notify in fire { notify() }
         }
         t.version = topologyVersion
+        t.run = topologyRun
         return t
     }
 
     private func notifyWatchersIfChanged() {
-        let fire: [@Sendable () -> Void] = lock.withLock {
-            let before = topologyVersion
-            _ = currentTopology()
-            guard topologyVersion != before, !watchers.isEmpty else { return [] }
-            defer { watchers.removeAll() }
-            return Array(watchers.values)
-        }
-        for notify in fire { notify() }
+        lock.withLock { _ = currentTopology() }
     }
 
     // MARK: Queries

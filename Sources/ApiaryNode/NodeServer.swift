@@ -198,7 +198,14 @@ public enum NodeServer {
         // databases do not. An inherited descriptor may be how the parent watches the process
         // (Foundation's `Process` takes the end of a socket pair closing for the child's exit).
         let inherited = inheritedDescriptors.withLock { $0 }
-        for fd in openDescriptors() where !inherited.contains(fd) { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        // Twice: a connection the loops accepted during the first pass is caught by the second
+        // (NIO's accepted sockets are not close-on-exec by themselves).
+        for _ in 0..<2 {
+            for fd in openDescriptors() where !inherited.contains(fd) { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        }
+        // Ignored signals stay ignored across exec: the new image must hear SIGTERM again.
+        signal(SIGTERM, SIG_DFL)
+        signal(SIGINT, SIG_DFL)
         var argv = CommandLine.arguments.map { strdup($0) }
         argv.append(nil)
         execv("/proc/self/exe", &argv)
@@ -459,8 +466,16 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         let epoch = promoted.epoch
         for release in lock.withLock({ resources }) { release() }
         lock.withLock { resources.removeAll() }
-        try await startPrimary(epoch: epoch, mode: promoted.mode, standby: setup.standby)
-        if setup.draining { try await lock.withLock({ primary })?.configure(mode: setup.mode, standby: setup.standby, draining: true) }
+        do {
+            try await startPrimary(epoch: epoch, mode: promoted.mode, standby: setup.standby)
+            if setup.draining { try await lock.withLock({ primary })?.configure(mode: setup.mode, standby: setup.standby, draining: true) }
+        } catch {
+            // The state file says primary already, and the standby is gone: no retry in this
+            // process can finish the step. A fresh start comes up as that primary.
+            logger.critical("promoted, but the primary did not start; restarting", metadata: ["error": "\(error)"])
+            if keeper != nil { NodeServer.restartInPlace(logger: logger) }
+            throw error
+        }
         ServiceManager.status(statusLine)
         // How long it took, and how much of it was the lease wait and applying what it held:
         // what an operator reads after a failover.
@@ -522,7 +537,11 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
             let standbyState = NodeState(role: .standby, epoch: now.epoch, mode: now.mode)
             try stateFile.write(standbyState)
             lock.withLock { state = standbyState }
-            try startStandby(epoch: standbyState.epoch)
+            do { try startStandby(epoch: standbyState.epoch) } catch {
+                // The state file says standby: a fresh start comes up as that standby.
+                logger.critical("rejoined, but the standby did not start; restarting", metadata: ["error": "\(error)"])
+                NodeServer.restartInPlace(logger: logger)
+            }
             ServiceManager.status(statusLine)
         }
     }

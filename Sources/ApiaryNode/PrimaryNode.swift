@@ -518,7 +518,9 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             var tenants: [TenantID: TenantReport] = [:]
             for id in self.core.tenantIDs {
                 guard let s = self.core.status(of: id) else { continue }
-                tenants[id] = TenantReport(lsn: s.committedLSN, standbyLSN: s.standbyAckedLSN)
+                // The ready lsn, not the committed one: a record taken alone may still commit
+                // without the standby (PrimaryTenantStatus.readyLSN).
+                tenants[id] = TenantReport(lsn: s.readyLSN, standbyLSN: s.standbyAckedLSN)
             }
             return (tenants, self.core.standbyConnection != nil, self.core.holdsLease(now: monotonicNowMs()))
         }.get()) ?? ([:], false, false)

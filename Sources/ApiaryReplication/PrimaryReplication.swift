@@ -133,6 +133,12 @@ public struct PrimaryTenantLog: Hashable, Sendable {
 public struct PrimaryTenantStatus: Hashable, Sendable {
     public var lastLSN: LSN
     public var committedLSN: LSN
+    /// Records through this lsn commit without the standby's ack (taken while the primary
+    /// committed alone, or acked) once the local log has them; at least `committedLSN`. What
+    /// the monitor must see the standby hold before it counts it in sync (invariant 2): a
+    /// record taken in `wait_primary` whose local fsync ends after a switch to sync is
+    /// acknowledged without the standby.
+    public var readyLSN: LSN
     public var firstLSN: LSN
     public var pendingCommits: Int
     /// Highest lsn the connected standby holds fsynced; nil without a streaming standby.
@@ -229,7 +235,7 @@ public struct PrimaryReplication: Sendable {
         var acked: LSN? = nil
         if let stream, case .streaming = stream.phase { acked = stream.ackedLSN }
         return PrimaryTenantStatus(
-            lastLSN: log.lastLSN, committedLSN: log.committedLSN, firstLSN: log.firstLSN,
+            lastLSN: log.lastLSN, committedLSN: log.committedLSN, readyLSN: max(log.readyLSN, log.committedLSN), firstLSN: log.firstLSN,
             pendingCommits: log.pending.count, standbyAckedLSN: acked,
             inFlightRecords: stream?.inFlight.count ?? 0, inFlightBytes: stream?.inFlightBytes ?? 0)
     }

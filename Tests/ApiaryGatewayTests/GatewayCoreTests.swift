@@ -85,6 +85,15 @@ final class GatewayCoreTests: XCTestCase {
         XCTAssertEqual(c.next(q, now: 5_000), .fail(.noWriter), "a read changed nothing")
     }
 
+    func testARestartedMonitorsTopologyCountsThoughItsVersionsStartOver() {
+        var c = GatewayCore()
+        c.onTopology(GatewayTopology(version: 9, run: 1, epoch: Epoch(2), writer: "node-b", writerReady: false))
+        XCTAssertTrue(c.onTopology(GatewayTopology(version: 2, run: 7, epoch: Epoch(2), writer: "node-b", writerReady: true)))
+        XCTAssertTrue(c.topology.writerReady)
+        XCTAssertFalse(c.onTopology(GatewayTopology(version: 3, run: 8, epoch: Epoch(1), writer: "node-a", writerReady: true)),
+                       "never back to an older epoch")
+    }
+
     func testAnOlderTopologyIsIgnored() {
         var c = core(version: 5, epoch: 3)
         XCTAssertFalse(c.onTopology(GatewayTopology(version: 4, epoch: Epoch(3), writer: "node-b", writerReady: true)))

@@ -101,6 +101,20 @@ final class PrimaryScenarioTests: XCTestCase {
         XCTAssertTrue(p.holdsLease(now: 40))
     }
 
+    /// A record taken alone (wait_primary) whose local fsync is not done when the mode switches
+    /// to sync still commits without the standby: the monitor must see it as the primary's
+    /// (readyLSN), or it could count the standby in sync without it (invariant 2).
+    func testARecordTakenAloneIsReportedReadyAcrossASwitchToSync() {
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .waitPrimary, config: testConfig(), standbyNodeID: "node-b",
+                                   reportsLocalSync: true)
+        XCTAssertEqual(p.onLocalRecord(tenant, record(1), now: 10).filter { if case .commitDurable = $0 { return true }; return false }, [],
+                       "not committed before its local fsync")
+        _ = p.onModeChanged(.sync, now: 11)
+        XCTAssertEqual(p.status(of: tenant)?.committedLSN, 0)
+        XCTAssertEqual(p.status(of: tenant)?.readyLSN, 1, "it will commit without the standby: the monitor must count it")
+        XCTAssertEqual(p.onLocalSynced(tenant, throughLSN: 1, now: 12), [.commitDurable(tenant, 1)])
+    }
+
     func testLocalModesCommitAtOnceAndStillStream() {
         var (p, _) = primary(mode: .waitPrimary)
         let r = record(1)

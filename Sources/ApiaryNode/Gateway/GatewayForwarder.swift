@@ -40,10 +40,11 @@ struct GatewayForwarder: HTTPResponder {
         }
         if let refusal = limits.admit(request) { return refusal }
         let path = request.path
-        let isRead = path == "/db/query" || (request.method == .GET && !path.hasPrefix("/db/"))
+        // /db/query, also under /tenants/{t}/; GETs other than the SQL endpoints (status, nodes).
+        let isRead = path.hasSuffix("/db/query") || (request.method == .GET && !path.contains("/db/"))
         let traits = RequestTraits(isRead: isRead, hasIdempotencyKey: request.headers.contains(name: "idempotency-key"))
         var progress = RequestProgress(traits: traits, now: monotonicNowMs())
-        var decision = state.with { $0.next(progress, now: monotonicNowMs()) }
+        var (decision, seen) = state.with { ($0.next(progress, now: monotonicNowMs()), $0.topology) }
         var lastAnswer: APIResponse?
         while true {
             switch decision {
@@ -51,10 +52,10 @@ struct GatewayForwarder: HTTPResponder {
                 state.with { $0.sending(&progress) }
                 let (outcome, answer) = await attempt(request, on: node)
                 lastAnswer = answer
-                decision = state.with { $0.onOutcome(outcome, of: &progress, now: monotonicNowMs()) }
+                (decision, seen) = state.with { ($0.onOutcome(outcome, of: &progress, now: monotonicNowMs()), $0.topology) }
             case .wait(let untilMs):
-                await state.waitForChange(untilMs: untilMs, loop: MultiThreadedEventLoopGroup.singleton.next())
-                decision = state.with { $0.next(progress, now: monotonicNowMs()) }
+                await state.waitForChange(from: seen, untilMs: untilMs, loop: MultiThreadedEventLoopGroup.singleton.next())
+                (decision, seen) = state.with { ($0.next(progress, now: monotonicNowMs()), $0.topology) }
             case .answer:
                 return lastAnswer ?? Self.failure(.noWriter, holdMs: state.with { $0.config.holdMs })
             case .fail(let failure):
@@ -116,25 +117,23 @@ struct GatewayForwarder: HTTPResponder {
     }
 }
 
-/// Requests per second per client address and per user (the basic-auth name, which names the
-/// tenant's user): one client, or one tenant's user, cannot take the gateway from the others.
+/// Requests per second per client address: one client cannot take the gateway from the others.
+/// (Not per user or tenant: the gateway does not authenticate, and a limit keyed on a name no
+/// one has checked would let anyone spend another user's allowance. That limit belongs where
+/// the credentials are checked.)
 final class RequestLimits: @unchecked Sendable {
     private let lock = NSLock()
     private var byAddress: RateLimiter
-    private var byUser: RateLimiter
 
-    init(perAddress: RateLimiter.Config, perUser: RateLimiter.Config) {
+    init(perAddress: RateLimiter.Config) {
         byAddress = RateLimiter(config: perAddress)
-        byUser = RateLimiter(config: perUser)
     }
 
     /// Nil when admitted; else the 429 to answer.
     func admit(_ request: APIRequest) -> APIResponse? {
         let now = monotonicNowMs()
-        let user = Self.basicAuthUser(request.headers.first(name: "authorization"))
         let refused: (String, Int64)? = lock.withLock {
             if case .refused(let ms) = byAddress.admit(request.clientAddress ?? "?", now: now) { return ("this client address", ms) }
-            if let user, case .refused(let ms) = byUser.admit(user, now: now) { return ("this user", ms) }
             return nil
         }
         guard let (who, retryAfterMs) = refused else { return nil }
@@ -144,11 +143,4 @@ final class RequestLimits: @unchecked Sendable {
         return response
     }
 
-    /// The user name of HTTP basic auth, not its password (never kept, never logged).
-    static func basicAuthUser(_ header: String?) -> String? {
-        guard let header, header.lowercased().hasPrefix("basic "),
-              let decoded = Data(base64Encoded: String(header.dropFirst(6)).trimmingCharacters(in: .whitespaces)),
-              let text = String(data: decoded, encoding: .utf8), let colon = text.firstIndex(of: ":") else { return nil }
-        return String(text[..<colon])
-    }
 }

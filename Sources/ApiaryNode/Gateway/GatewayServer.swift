@@ -28,9 +28,8 @@ public struct GatewayConfiguration: Sendable {
     public var apiKeyPath: String?
     public var core = GatewayConfig()
     public var limits = APIServer.Limits()
-    /// Requests per second (and the burst) per client address and per user.
+    /// Requests per second (and the burst) per client address.
     public var perAddressRate = RateLimiter.Config(perSecond: 50_000, burst: 100_000)
-    public var perUserRate = RateLimiter.Config(perSecond: 50_000, burst: 100_000)
 
     public init(name: String, certificatesDirectory: String) {
         self.name = name
@@ -55,7 +54,7 @@ public enum GatewayServer {
         watch.start()
         defer { watch.stop() }
         let forwarder = GatewayForwarder(name: config.name, state: state, pools: pools, bodyBytesMax: config.limits.bodyBytesMax,
-                                         limits: RequestLimits(perAddress: config.perAddressRate, perUser: config.perUserRate), logger: logger)
+                                         limits: RequestLimits(perAddress: config.perAddressRate), logger: logger)
         let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
         let server = try await APIServer.start(responder: forwarder, credentials: credentials, certificate: apiCertificate,
                                                host: config.host, port: config.port, group: group, logger: logger, limits: config.limits)
@@ -96,15 +95,18 @@ final class GatewayState: @unchecked Sendable {
         for w in woken { w.resume() }
     }
 
-    /// Returns when the topology changes or at `untilMs` (monotonic), whichever is first.
-    func waitForChange(untilMs: Int64, loop: any EventLoop) async {
+    /// Returns when the topology is no longer `seen` (it may have changed between the decision
+    /// to wait and this call), or at `untilMs` (monotonic), whichever is first.
+    func waitForChange(from seen: GatewayTopology, untilMs: Int64, loop: any EventLoop) async {
         let delayMs = max(0, untilMs - monotonicNowMs())
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let id: UInt64 = lock.withLock {
+            let id: UInt64? = lock.withLock {
+                guard core.topology == seen else { return nil }
                 nextWaiter += 1
                 waiters[nextWaiter] = continuation
                 return nextWaiter
             }
+            guard let id else { return continuation.resume() }
             loop.scheduleTask(in: .milliseconds(delayMs)) { [self] in
                 if let c = lock.withLock({ waiters.removeValue(forKey: id) }) { c.resume() }
             }
@@ -134,6 +136,7 @@ final class TopologyWatch: @unchecked Sendable {
     func start() {
         task = Task { [self] in
             var version: UInt64 = 0
+            var run: UInt64 = 0
             var connection: HTTPSConnection?
             var complained = false
             while !Task.isCancelled {
@@ -145,7 +148,9 @@ final class TopologyWatch: @unchecked Sendable {
                     guard r.status == 200 else { throw NodeError("the monitor answered \(r.status): \(r.text.prefix(200))") }
                     let body = try JSONDecoder().decode(TopologyBody.self, from: Data(r.body))
                     version = body.version
-                    state.onTopology(GatewayTopology(version: body.version, epoch: Epoch(body.epoch), writer: body.writer, writerReady: body.writerReady))
+                    if body.run != run { version = 0 } // a restarted monitor: its versions start over
+                    run = body.run
+                    state.onTopology(GatewayTopology(version: body.version, run: body.run, epoch: Epoch(body.epoch), writer: body.writer, writerReady: body.writerReady))
                     if complained { logger.notice("the monitor's topology watch answers again") }
                     complained = false
                 } catch {

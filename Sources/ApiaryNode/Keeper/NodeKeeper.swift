@@ -65,8 +65,11 @@ final class NodeKeeper: @unchecked Sendable {
 
     /// One heartbeat and the handling of its answer.
     private func beat() async {
+        // The goal reached is read before the figures: a step that ends in between must not pair
+        // "reached primary" with figures from before it (from wait_primary).
+        let before = lock.withLock { core }
         let figures = await roles.keeperFigures()
-        let report = lock.withLock { core.report(tenants: figures.tenants, streaming: figures.streaming, holdsLease: figures.holdsLease) }
+        let report = before.report(tenants: figures.tenants, streaming: figures.streaming, holdsLease: figures.holdsLease)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         guard let body = try? encoder.encode(HeartbeatBody(report)) else { return }

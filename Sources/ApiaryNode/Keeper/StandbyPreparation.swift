@@ -44,15 +44,24 @@ enum StandbyPreparation {
                 try? FileManager.default.removeItem(atPath: layout.applied(id))
                 continue
             }
-            try PrimaryNode.discardWALCommitsTheLogLacks(tenant, path: path, logger: logger)
-            try TenantDatabase.checkpointAndCheckFormat(path: path)
-            let checksum = try DatabaseFile.pageHashes(of: path).checksum
-            if checksum != last.checksum {
-                try PrimaryNode.redo(tenant, from: checksum, path: path, logger: logger)
+            do {
+                try PrimaryNode.discardWALCommitsTheLogLacks(tenant, path: path, logger: logger)
+                try TenantDatabase.checkpointAndCheckFormat(path: path)
+                let checksum = try DatabaseFile.pageHashes(of: path).checksum
+                if checksum != last.checksum {
+                    try PrimaryNode.redo(tenant, from: checksum, path: path, logger: logger)
+                }
+                for suffix in ["-wal", "-shm"] { try? FileManager.default.removeItem(atPath: path + suffix) }
+                try AppliedState(lsn: last.lsn, checksum: last.checksum, applyingThroughLSN: last.lsn).write(to: layout.applied(id))
+                prepared.append(Prepared(tenant: id, lsn: last.lsn, epoch: last.epoch))
+            } catch {
+                // The database cannot be brought to agree with the log (damaged, or a redo that
+                // cannot finish): the new primary has the tenant; a snapshot brings it here.
+                logger.warning("tenant cannot be prepared as a standby's; its database is dropped for a snapshot from the primary",
+                               metadata: ["tenant": "\(id)", "error": "\(error)"])
+                for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: path + suffix) }
+                try? FileManager.default.removeItem(atPath: layout.applied(id))
             }
-            for suffix in ["-wal", "-shm"] { try? FileManager.default.removeItem(atPath: path + suffix) }
-            try AppliedState(lsn: last.lsn, checksum: last.checksum, applyingThroughLSN: last.lsn).write(to: layout.applied(id))
-            prepared.append(Prepared(tenant: id, lsn: last.lsn, epoch: last.epoch))
         }
         return prepared
     }

@@ -31,7 +31,6 @@ struct Gateway: AsyncParsableCommand {
     @Option(help: "A node's API address by its certificate name, NAME=HOST:PORT; once per node.") var node: [NodeAddressArgument] = []
     @Option(help: "How long a request may be held through a failover before the client is answered.") var holdMs: Int64 = 5_000
     @Option(help: "Requests per second per client address (twice as many at once); past it: 429. A guard against a runaway client, not a quota.") var clientRate: Double = 50_000
-    @Option(help: "Requests per second per user (HTTP basic auth name; twice as many at once); past it: 429.") var userRate: Double = 50_000
     @Option(help: "Open connections per client address at most.") var clientConnectionsMax = 256
     @Option(help: "Open connections in total at most.") var connectionsMax = 4_096
     @Option(help: "The certificate (PEM, leaf first) applications see; default: the gateway's cluster certificate.") var apiCertificate: String?
@@ -42,7 +41,7 @@ struct Gateway: AsyncParsableCommand {
         guard !node.isEmpty else { throw ValidationError("give each node's API address: --node NAME=HOST:PORT") }
         guard Set(node.map(\.name)).count == node.count else { throw ValidationError("a node is given twice") }
         guard holdMs > 0 else { throw ValidationError("--hold-ms must be positive") }
-        guard clientRate > 0, userRate > 0, clientConnectionsMax > 0, connectionsMax >= clientConnectionsMax else {
+        guard clientRate > 0, clientConnectionsMax > 0, connectionsMax >= clientConnectionsMax else {
             throw ValidationError("rates and connection limits must be positive, --connections-max at least --client-connections-max")
         }
         guard (apiCertificate == nil) == (apiKey == nil) else { throw ValidationError("--api-certificate and --api-key go together") }
@@ -62,7 +61,6 @@ struct Gateway: AsyncParsableCommand {
         config.redirectHost = httpListen?.host
         config.redirectPort = httpListen?.port ?? 0
         config.perAddressRate = .init(perSecond: clientRate, burst: max(1, clientRate * 2))
-        config.perUserRate = .init(perSecond: userRate, burst: max(1, userRate * 2))
         config.limits.connectionsPerAddressMax = clientConnectionsMax
         config.limits.connectionsMax = connectionsMax
         config.apiCertificatePath = apiCertificate
