@@ -72,6 +72,14 @@ let package = Package(
             // scrypt for stored passwords (memory-hard, BoringSSL's implementation).
             .product(name: "_CryptoExtras", package: "swift-crypto"),
         ]),
+        /// The chaos harness: a real local cluster, workloads, faults, history checkers, reports (docs/chaos.md).
+        .target(name: "ApiaryChaos", dependencies: [
+            "ApiaryNode", "ApiaryMonitor", "ApiaryTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ]),
         /// The monitor process: the SQLite store, the mTLS heartbeat/status endpoint, the tick.
         .target(name: "ApiaryMonitorService", dependencies: [
             "ApiaryMonitor", "ApiaryCore", "ApiaryReplication", "ApiaryTLS", "ApiaryLifecycle", "CSQLite",
@@ -82,7 +90,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "apiary", dependencies: [
-            "ApiaryNode", "ApiaryTLS", "ApiaryMonitor", "ApiaryMonitorService",
+            "ApiaryNode", "ApiaryTLS", "ApiaryMonitor", "ApiaryMonitorService", "ApiaryChaos",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -98,6 +106,7 @@ let package = Package(
         .testTarget(name: "ApiaryMonitorTests", dependencies: ["ApiaryMonitor", "ApiaryReplication", "ApiaryCore", "SimulationSupport"]),
         .testTarget(name: "ApiaryKeeperTests", dependencies: ["ApiaryKeeper", "ApiaryMonitor", "ApiaryReplication", "ApiaryCore"]),
         .testTarget(name: "ApiaryGatewayTests", dependencies: ["ApiaryGateway", "ApiaryCore"]),
+        .testTarget(name: "ApiaryChaosTests", dependencies: ["ApiaryChaos"]),
         .testTarget(name: "ApiaryFormationTests", dependencies: ["ApiaryKeeper", "ApiaryMonitor", "ApiaryReplication", "ApiaryCore", "SimulationSupport"]),
         .testTarget(name: "ApiaryMonitorServiceTests", dependencies: [
             "ApiaryMonitorService", "ApiaryMonitor", "ApiaryCore", "ApiaryReplication", "ApiaryTLS", "ApiaryNode", "ApiaryLifecycle", "CSQLite",

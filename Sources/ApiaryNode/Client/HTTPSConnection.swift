@@ -50,6 +50,17 @@ public final class HTTPSConnection: @unchecked Sendable {
         return HTTPSConnection(channel: channel, host: host, handler: collector)
     }
 
+    /// - Parameter timeoutMs: give up after this long (the connection is closed: the request
+    ///   fails as if the server had closed it); nil waits as long as the server takes.
+    public func request(_ method: HTTPMethod, _ path: String, headers: [(String, String)] = [], body: [UInt8]? = nil,
+                        timeoutMs: Int64? = nil) async throws -> Response {
+        guard let timeoutMs else { return try await request(method, path, headers: headers, body: body) }
+        let channel = self.channel
+        let timer = channel.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) { channel.close(promise: nil) }
+        defer { timer.cancel() }
+        return try await request(method, path, headers: headers, body: body)
+    }
+
     public func request(_ method: HTTPMethod, _ path: String, headers: [(String, String)] = [], body: [UInt8]? = nil) async throws -> Response {
         var head = HTTPRequestHead(version: .http1_1, method: method, uri: path)
         head.headers.add(name: "Host", value: host)

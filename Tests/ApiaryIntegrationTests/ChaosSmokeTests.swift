@@ -1,0 +1,28 @@
+import Foundation
+import XCTest
+
+/// `apiary chaos run smoke` as CI runs it: a real cluster, the workload through the gateways,
+/// mixed process faults, and every check must pass (no acknowledged write lost, nothing applied
+/// twice, the bank's total constant in every strong read, one writer per epoch, identical
+/// replicas after healing).
+final class ChaosSmokeTests: XCTestCase {
+    func testTheSmokeScenarioPasses() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+        let reports = NSTemporaryDirectory() + "apiary-chaos-reports-" + UUID().uuidString
+        defer { try? FileManager.default.removeItem(atPath: reports) }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try apiaryExecutable())
+        process.arguments = ["chaos", "run", "smoke", "--scenarios", root + "/chaos/scenarios", "--reports", reports,
+                             "--base-port", String(freeBasePort())]
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        XCTAssertEqual(process.terminationStatus, 0, text.split(separator: "\n").suffix(60).joined(separator: "\n"))
+        XCTAssertTrue(text.contains("scenario smoke: PASSED"), text.split(separator: "\n").suffix(30).joined(separator: "\n"))
+        let written = (try? FileManager.default.contentsOfDirectory(atPath: reports)) ?? []
+        XCTAssertTrue(written.contains { $0.hasSuffix(".json") } && written.contains { $0.hasSuffix(".html") }, "\(written)")
+    }
+}
