@@ -621,6 +621,7 @@ struct PrimarySQLService: SQLService {
     static func apiError(_ error: StorageError) -> APIError {
         switch error.code {
         case .badRequest: return APIError(.badRequest, error.message)
+        case .idempotencyKeyReused: return APIError(.idempotencyKeyReused, error.message)
         case .queueFull, .closed, .io, .diskFull, .corrupt, .wrongFormat: return APIError(.notExecuted, error.message)
         case .commitFailed:
             guard let rejected = error.cause as? CommitRejected else { return APIError(.notExecuted, error.message) }

@@ -127,6 +127,8 @@ public enum DatabaseFile {
 public struct StorageError: Error, CustomStringConvertible, Equatable {
     public enum Code: Equatable, Sendable {
         case io, diskFull, corrupt, queueFull, commitFailed, closed, badRequest, wrongFormat
+        /// An idempotency key sent again with another request: nothing ran.
+        case idempotencyKeyReused
     }
     public let code: Code
     public let message: String

@@ -22,20 +22,69 @@ struct Idempotency {
         self.keysMax = keysMax
     }
 
-    /// The results the key's first request got, if the key is kept and unexpired.
-    mutating func firstResults(for key: String, on connection: SQLiteConnection) throws -> [StatementResult]? {
+    /// What the key's first request was (its fingerprint) and what it got, as stored. Keys
+    /// stored before fingerprints were kept decode as a bare array and have none.
+    struct Stored: Codable {
+        var fingerprint: UInt64?
+        var results: [StatementResult]
+    }
+
+    /// What a key's lookup found.
+    enum Found {
+        /// The same request ran before: answer with its results.
+        case repeated([StatementResult])
+        /// The key came with another request: refuse it, run nothing (a client reusing a key
+        /// for new work would otherwise get an old answer for work never done).
+        case otherRequest
+    }
+
+    /// The key's first request, if the key is kept and unexpired.
+    mutating func lookUp(_ key: String, fingerprint: UInt64, on connection: SQLiteConnection) throws -> Found? {
         try ensureTable(connection)
         let rows = try connection.run("SELECT results FROM \(Self.table) WHERE key = ? AND expires_ms > ?",
                                       [.text(key), .integer(Self.nowMs())]).rows
         guard case .blob(let bytes)? = rows.first?.first else { return nil }
-        return try JSONDecoder().decode([StatementResult].self, from: Data(bytes))
+        let data = Data(bytes)
+        let stored: Stored
+        if let current = try? JSONDecoder().decode(Stored.self, from: data) {
+            stored = current
+        } else {
+            stored = Stored(fingerprint: nil, results: try JSONDecoder().decode([StatementResult].self, from: data))
+        }
+        if let first = stored.fingerprint, first != fingerprint { return .otherRequest }
+        return .repeated(stored.results)
+    }
+
+    /// A request's identity for its key: its statements, parameters and transaction flag
+    /// (FNV-1a, 64 bits: an accidental collision is out of reach; the key already names the
+    /// request, this only catches a client reusing it for other work).
+    static func fingerprint(_ statements: [SQLStatement], transaction: Bool) -> UInt64 {
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        func mix(_ bytes: some Sequence<UInt8>) { for b in bytes { hash = (hash ^ UInt64(b)) &* 0x100_0000_01b3 } }
+        func mix(_ text: String) { mix(text.utf8); mix([0]) }
+        mix(transaction ? "t" : "-")
+        for s in statements {
+            mix(s.sql)
+            for (i, p) in s.parameters.enumerated() {
+                mix(s.parameterNames?[i] ?? "")
+                switch p {
+                case .null: mix("n")
+                case .integer(let v): mix("i\(v)")
+                case .real(let v): mix("r\(v.bitPattern)")
+                case .text(let v): mix("s"); mix(v)
+                case .blob(let v): mix("b\(v.count)"); mix(v)
+                }
+            }
+            mix([1])
+        }
+        return hash
     }
 
     /// Stores the key with `results` (in the caller's transaction), and now and then drops
     /// expired keys and the oldest past `keysMax`.
-    mutating func remember(_ key: String, results: [StatementResult], on connection: SQLiteConnection) throws {
+    mutating func remember(_ key: String, fingerprint: UInt64, results: [StatementResult], on connection: SQLiteConnection) throws {
         try ensureTable(connection)
-        let encoded = try JSONEncoder().encode(results)
+        let encoded = try JSONEncoder().encode(Stored(fingerprint: fingerprint, results: results))
         let now = Self.nowMs()
         _ = try connection.run("INSERT OR REPLACE INTO \(Self.table) (key, results, expires_ms) VALUES (?, ?, ?)",
                                [.text(key), .blob(Array(encoded)), .integer(now + lifetimeMs)])

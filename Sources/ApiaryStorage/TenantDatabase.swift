@@ -283,12 +283,30 @@ public struct WriterAccess {
 
 // MARK: - Writer
 
-struct WriteJob {
-    var statements: [SQLStatement]
-    var transaction: Bool
+final class WriteJob {
+    let statements: [SQLStatement]
+    let transaction: Bool
     /// A client's idempotency key: the request runs at most once while the key is kept.
-    var idempotencyKey: String? = nil
-    var done: @Sendable (Result<[StatementResult], any Error>) -> Void
+    let idempotencyKey: String?
+    let done: @Sendable (Result<[StatementResult], any Error>) -> Void
+    /// Its key came with another request before: it is refused, nothing ran (writer thread).
+    var keyReused = false
+
+    init(statements: [SQLStatement], transaction: Bool, idempotencyKey: String? = nil, done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
+        self.statements = statements
+        self.transaction = transaction
+        self.idempotencyKey = idempotencyKey
+        self.done = done
+    }
+
+    /// Answers it: the refusal of a reused key, or its results.
+    func finish(_ results: [StatementResult]) {
+        if keyReused {
+            done(.failure(StorageError(.idempotencyKeyReused, "the Idempotency-Key was used before with another request; nothing ran (use a new key for new work)")))
+        } else {
+            done(.success(results))
+        }
+    }
     var byteCount: Int { statements.reduce(0) { $0 + $1.byteCount } + (idempotencyKey?.utf8.count ?? 0) }
 }
 
@@ -476,7 +494,7 @@ final class TenantWriter: @unchecked Sendable {
                 for job in pending { job.done(.failure(StorageError(.commitFailed, reason, cause: cause))) }
                 return
             }
-            for (job, result) in zip(pending, results) { job.done(.success(result)) }
+            for (job, result) in zip(pending, results) { job.finish(result) }
             return
         }
     }
@@ -498,11 +516,19 @@ final class TenantWriter: @unchecked Sendable {
         do { try connection.execPrepared("SAVEPOINT request") } catch {
             return job.statements.map { _ in .failure("cannot start request: \(error)") }
         }
+        let fingerprint = job.idempotencyKey == nil ? 0 : Idempotency.fingerprint(job.statements, transaction: job.transaction)
         if let key = job.idempotencyKey {
             do {
-                if let first = try idempotency.firstResults(for: key, on: connection) {
+                switch try idempotency.lookUp(key, fingerprint: fingerprint, on: connection) {
+                case .repeated(let first)?:
                     try? connection.execPrepared("RELEASE request")
                     return first
+                case .otherRequest?:
+                    try? connection.execPrepared("RELEASE request")
+                    job.keyReused = true
+                    return []
+                case nil:
+                    break
                 }
             } catch {
                 try? connection.execPrepared("ROLLBACK TO request")
@@ -556,7 +582,7 @@ final class TenantWriter: @unchecked Sendable {
         if let key = job.idempotencyKey, sqlite3_get_autocommit(connection.handle) == 0 {
             // In the request's savepoint: stored exactly when the request's writes are.
             do {
-                try idempotency.remember(key, results: results, on: connection)
+                try idempotency.remember(key, fingerprint: fingerprint, results: results, on: connection)
             } catch {
                 try? connection.execPrepared("ROLLBACK TO request")
                 try? connection.execPrepared("RELEASE request")

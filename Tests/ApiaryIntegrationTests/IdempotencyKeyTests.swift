@@ -6,6 +6,24 @@ import XCTest
 /// A write that carries an `Idempotency-Key` applies once however often it is sent, also when
 /// the primary dies between the tries and the retry reaches the promoted standby.
 final class IdempotencyKeyTests: XCTestCase {
+    /// A key sent again with another request is refused with 422 and a stable code, and nothing
+    /// runs (a client reusing keys would otherwise get old answers for new work).
+    func testAKeyReusedForAnotherRequestGets422() async throws {
+        let (_, _, api) = try startSinglePrimary("idem-reuse")
+        let c = try await api.connect()
+        defer { Task { await c.close() } }
+        let headers = [("X-Apiary-Tenant", "acme"), ("Idempotency-Key", "k-1")]
+        let created = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: Array(#"["CREATE TABLE t (v TEXT)"]"#.utf8))
+        XCTAssertEqual(created.status, 200, created.text)
+        let first = try await c.request(.POST, "/db/execute", headers: headers, body: Array(#"[["INSERT INTO t VALUES(?)", "a"]]"#.utf8))
+        XCTAssertEqual(first.status, 200, first.text)
+        let reused = try await c.request(.POST, "/db/execute", headers: headers, body: Array(#"[["INSERT INTO t VALUES(?)", "b"]]"#.utf8))
+        XCTAssertEqual(reused.status, 422, reused.text)
+        XCTAssertTrue(reused.text.contains("\"code\":\"idempotency_key_reused\"") && reused.text.contains("\"retry_safe\":false"), reused.text)
+        let rows = try await c.request(.GET, "/db/query?q=SELECT%20v%20FROM%20t", headers: [("X-Apiary-Tenant", "acme")])
+        XCTAssertTrue(rows.text.contains("\"a\"") && !rows.text.contains("\"b\""), rows.text)
+    }
+
     func testTheSameKeyAppliesOnceAlsoAcrossAFailover() async throws {
         let directory = NSTemporaryDirectory() + "apiary-idem-" + UUID().uuidString
         let cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort())

@@ -41,6 +41,36 @@ final class IdempotencyTests: XCTestCase {
         XCTAssertEqual(keys, [[.integer(2)]])
     }
 
+    /// A key sent again with another request is refused and runs nothing: the client would
+    /// otherwise get an old answer for work never done. The first request's key still answers
+    /// its own retry; a key stored before fingerprints were kept (a bare array) still works.
+    func testAKeyReusedForAnotherRequestIsRefusedAndRunsNothing() async throws {
+        _ = try await db.execute([SQLStatement("INSERT INTO t (v) VALUES (?)", [.text("a")])], idempotencyKey: "k")
+        do {
+            _ = try await db.execute([SQLStatement("INSERT INTO t (v) VALUES (?)", [.text("b")])], idempotencyKey: "k")
+            XCTFail("a key reused with other parameters must be refused")
+        } catch let error as StorageError {
+            XCTAssertEqual(error.code, .idempotencyKeyReused)
+        }
+        do {
+            _ = try await db.execute([SQLStatement("INSERT INTO t (v) VALUES (?)", [.text("a")])], transaction: true, idempotencyKey: "k")
+            XCTFail("a key reused with another transaction flag must be refused")
+        } catch let error as StorageError {
+            XCTAssertEqual(error.code, .idempotencyKeyReused)
+        }
+        let repeatResult = try await db.execute([SQLStatement("INSERT INTO t (v) VALUES (?)", [.text("a")])], idempotencyKey: "k")
+        guard case .success = repeatResult.first else { return XCTFail("\(repeatResult)") }
+        let rows = try await count()
+        XCTAssertEqual(rows, [[.integer(1)]], "nothing ran but the first request")
+
+        // A key kept by an older version: its results as a bare array, no fingerprint.
+        let old = try JSONEncoder().encode([StatementResult.failure("from before")])
+        let hex = old.map { String(format: "%02x", $0) }.joined()
+        try await db.withWriter { try $0.exec("INSERT INTO _apiary_idempotency (key, results, expires_ms) VALUES ('old', x'\(hex)', 9999999999999)") }
+        let answered = try await db.execute([SQLStatement("INSERT INTO t (v) VALUES ('z')")], idempotencyKey: "old")
+        XCTAssertEqual(answered, [.failure("from before")])
+    }
+
     func testKeysInOneBatchAnswerTheFirstOfThem() async throws {
         async let a = db.execute([SQLStatement("INSERT INTO t (v) VALUES ('a')")], idempotencyKey: "same")
         async let b = db.execute([SQLStatement("INSERT INTO t (v) VALUES ('a')")], idempotencyKey: "same")

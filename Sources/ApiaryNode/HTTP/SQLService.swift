@@ -55,6 +55,8 @@ public enum ErrorCode: String, Sendable, CaseIterable {
     case capacity
     /// Refused by a rate limit before anything ran: send it again after `Retry-After`.
     case rateLimited = "rate_limited"
+    /// The `Idempotency-Key` came before with another request: nothing ran; use a new key.
+    case idempotencyKeyReused = "idempotency_key_reused"
 
     /// Whether sending the same request again can never apply it twice.
     public var retrySafe: Bool { self == .notExecuted || self == .rateLimited }
@@ -81,6 +83,8 @@ public struct APIError: Error, CustomStringConvertible {
         case conflict
         /// The node is at a capacity limit that a retry will not change (507).
         case capacity
+        /// The idempotency key was used before with another request (422): nothing ran.
+        case idempotencyKeyReused
     }
     public let kind: Kind
     public let message: String
@@ -101,6 +105,7 @@ public struct APIError: Error, CustomStringConvertible {
         case .unauthorized: return .unauthorized
         case .conflict: return .conflict
         case .capacity: return .capacity
+        case .idempotencyKeyReused: return .idempotencyKeyReused
         }
     }
 
@@ -115,6 +120,7 @@ public struct APIError: Error, CustomStringConvertible {
         case .unauthorized: return .unauthorized
         case .conflict: return .conflict
         case .capacity: return .insufficientStorage
+        case .idempotencyKeyReused: return .unprocessableEntity
         }
     }
 }
