@@ -46,10 +46,10 @@ struct Idempotency {
         guard case .blob(let bytes)? = rows.first?.first else { return nil }
         let data = Data(bytes)
         let stored: Stored
-        if let current = try? JSONDecoder().decode(Stored.self, from: data) {
+        if let current = try? Self.decoder.decode(Stored.self, from: data) {
             stored = current
         } else {
-            stored = Stored(fingerprint: nil, results: try JSONDecoder().decode([StatementResult].self, from: data))
+            stored = Stored(fingerprint: nil, results: try Self.decoder.decode([StatementResult].self, from: data))
         }
         if let first = stored.fingerprint, first != fingerprint { return .otherRequest }
         return .repeated(stored.results)
@@ -84,7 +84,7 @@ struct Idempotency {
     /// expired keys and the oldest past `keysMax`.
     mutating func remember(_ key: String, fingerprint: UInt64, results: [StatementResult], on connection: SQLiteConnection) throws {
         try ensureTable(connection)
-        let encoded = try JSONEncoder().encode(Stored(fingerprint: fingerprint, results: results))
+        let encoded = try Self.encoder.encode(Stored(fingerprint: fingerprint, results: results))
         let now = Self.nowMs()
         _ = try connection.run("INSERT OR REPLACE INTO \(Self.table) (key, results, expires_ms) VALUES (?, ?, ?)",
                                [.text(key), .blob(Array(encoded)), .integer(now + lifetimeMs)])
@@ -110,4 +110,18 @@ struct Idempotency {
     }
 
     static func nowMs() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
+
+    // A result may hold an infinite real (SQLite's 1e999): JSON has no such number, and a key
+    // whose results could not be stored made its request fail. Kept as strings instead.
+    private static let floats = (positive: "+Infinity", negative: "-Infinity", nan: "NaN")
+    static var encoder: JSONEncoder {
+        let e = JSONEncoder()
+        e.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: floats.positive, negativeInfinity: floats.negative, nan: floats.nan)
+        return e
+    }
+    static var decoder: JSONDecoder {
+        let d = JSONDecoder()
+        d.nonConformingFloatDecodingStrategy = .convertFromString(positiveInfinity: floats.positive, negativeInfinity: floats.negative, nan: floats.nan)
+        return d
+    }
 }

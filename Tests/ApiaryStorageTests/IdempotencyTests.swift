@@ -71,6 +71,19 @@ final class IdempotencyTests: XCTestCase {
         XCTAssertEqual(answered, [.failure("from before")])
     }
 
+    /// A keyed request whose results hold an infinite real (JSON has no such number) runs and
+    /// keeps its key: its retry gets the same answer.
+    func testAKeyedRequestWithInfiniteResultsIsKept() async throws {
+        let request = [SQLStatement("INSERT INTO t (v) VALUES ('inf')"), SQLStatement("SELECT 1e999, -1e999")]
+        let first = try await db.execute(request, idempotencyKey: "inf")
+        guard case .success = first.first, case .success(let outcome) = first.last else { return XCTFail("\(first)") }
+        XCTAssertEqual(outcome.rows.first, [.real(.infinity), .real(-.infinity)])
+        let again = try await db.execute(request, idempotencyKey: "inf")
+        XCTAssertEqual(again, first)
+        let rows = try await count()
+        XCTAssertEqual(rows, [[.integer(1)]])
+    }
+
     func testKeysInOneBatchAnswerTheFirstOfThem() async throws {
         async let a = db.execute([SQLStatement("INSERT INTO t (v) VALUES ('a')")], idempotencyKey: "same")
         async let b = db.execute([SQLStatement("INSERT INTO t (v) VALUES ('a')")], idempotencyKey: "same")
