@@ -225,13 +225,8 @@ public final class ChaosRunner: @unchecked Sendable {
                     // Sent, no answer: a read is just failed; a write may or may not be applied.
                     return (method == .GET ? .failed : .unknown, "no answer: \(error)", [], invoked, nowMs)
                 }
-                let json = (try? JSONSerialization.jsonObject(with: Data(r.body))) as? [String: Any]
-                let results = json?["results"] as? [[String: Any]]
-                if r.status == 200, let results, !results.contains(where: { $0["error"] != nil }) {
-                    let rows = (results.first?["values"] as? [[Any]] ?? []).map { $0.compactMap { ($0 as? NSNumber)?.intValue } }
-                    return (.ok, "200", rows, invoked, nowMs)
-                }
-                let code = json?["code"] as? String ?? "-"
+                if r.status == 200, let rows = r.integerRows { return (.ok, "200", rows, invoked, nowMs) }
+                let code = r.errorCode ?? "-"
                 let unknown = r.header("x-apiary-outcome") == "unknown"
                 return (unknown ? .unknown : .failed, "\(r.status) \(code)", [], invoked, nowMs)
             } catch {

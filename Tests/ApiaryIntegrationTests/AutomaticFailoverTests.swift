@@ -75,7 +75,7 @@ final class AutomaticFailoverTests: NodeProcessTestCase {
         let r = try await connection.request(.GET, "/db/query?q=" + "SELECT id FROM t".addingPercentEncoding(withAllowedCharacters: .alphanumerics)!,
                                              headers: [("X-Apiary-Tenant", Self.tenant)])
         XCTAssertEqual(r.status, 200, r.text)
-        let held = Set(Self.ids(in: r.body))
+        let held = Set(Self.ids(in: r))
         let acked = ledger.acknowledged
         XCTAssertGreaterThan(acked.count, kills * 10)
         XCTAssertEqual(acked.subtracting(held), [], "acknowledged writes missing after \(kills) failovers")
@@ -148,7 +148,7 @@ final class AutomaticFailoverTests: NodeProcessTestCase {
         defer { Task { await connection.close() } }
         let r = try await connection.request(.GET, "/db/query?q=" + "SELECT id FROM t".addingPercentEncoding(withAllowedCharacters: .alphanumerics)!,
                                              headers: [("X-Apiary-Tenant", Self.tenant)])
-        XCTAssertEqual(ledger.acknowledged.subtracting(Self.ids(in: r.body)), [], "acknowledged writes missing after a switchover and a drill")
+        XCTAssertEqual(ledger.acknowledged.subtracting(Self.ids(in: r)), [], "acknowledged writes missing after a switchover and a drill")
         let report = try await ClusterVerifier(certificatesDirectory: cluster.certificates, operatorName: "operator")
             .verify(primary: ("127.0.0.1", a.apiPort), standby: ("127.0.0.1", b.apiPort), waitMs: 30_000)
         XCTAssertTrue(report.consistent, report.text)
@@ -194,7 +194,7 @@ final class AutomaticFailoverTests: NodeProcessTestCase {
         defer { Task { await connection.close() } }
         let r = try await connection.request(.GET, "/db/query?q=" + "SELECT id FROM t".addingPercentEncoding(withAllowedCharacters: .alphanumerics)!,
                                              headers: [("X-Apiary-Tenant", Self.tenant)])
-        XCTAssertEqual(ledger.acknowledged.subtracting(Self.ids(in: r.body)), [])
+        XCTAssertEqual(ledger.acknowledged.subtracting(Self.ids(in: r)), [])
         let report = try await ClusterVerifier(certificatesDirectory: cluster.certificates, operatorName: "operator")
             .verify(primary: ("127.0.0.1", a.apiPort), standby: ("127.0.0.1", b.apiPort), waitMs: 30_000)
         XCTAssertTrue(report.consistent, report.text)
@@ -282,11 +282,7 @@ final class AutomaticFailoverTests: NodeProcessTestCase {
         await connection?.close()
     }
 
-    static func ids(in body: [UInt8]) -> [Int] {
-        guard let json = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
-              let results = json["results"] as? [[String: Any]], let values = results.first?["values"] as? [[Any]] else { return [] }
-        return values.compactMap { ($0.first as? NSNumber)?.intValue }
-    }
+    static func ids(in response: HTTPSConnection.Response) -> [Int] { (response.integerRows ?? []).compactMap(\.first) }
 }
 
 /// What the writers were told, and a way to wait for more of it.

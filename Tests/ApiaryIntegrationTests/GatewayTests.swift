@@ -76,7 +76,7 @@ final class GatewayTests: NodeProcessTestCase {
         let r = try await check.request(.GET, "/db/query?q=" + "SELECT id, keyed FROM t".addingPercentEncoding(withAllowedCharacters: .alphanumerics)!,
                                         headers: [authorization])
         XCTAssertEqual(r.status, 200, r.text)
-        let rows = Self.rows(r.body)
+        let rows = Self.rows(r)
         let keyedIDs = rows.filter { $0.1 == 1 }.map(\.0), unkeyedIDs = rows.filter { $0.1 == 0 }.map(\.0)
         XCTAssertEqual(keyedIDs.count, Set(keyedIDs).count, "a keyed write was applied twice")
         XCTAssertEqual(unkeyedIDs.count, Set(unkeyedIDs).count, "a write without a key was applied twice")
@@ -140,13 +140,8 @@ final class GatewayTests: NodeProcessTestCase {
         await connection?.close()
     }
 
-    static func rows(_ body: [UInt8]) -> [(Int, Int)] {
-        guard let json = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
-              let results = json["results"] as? [[String: Any]], let values = results.first?["values"] as? [[Any]] else { return [] }
-        return values.compactMap { row in
-            guard row.count == 2, let a = (row[0] as? NSNumber)?.intValue, let b = (row[1] as? NSNumber)?.intValue else { return nil }
-            return (a, b)
-        }
+    static func rows(_ response: HTTPSConnection.Response) -> [(Int, Int)] {
+        (response.integerRows ?? []).compactMap { $0.count == 2 ? ($0[0], $0[1]) : nil }
     }
 }
 

@@ -141,3 +141,18 @@ public struct HTTPSConnectionClosed: Error, CustomStringConvertible {
 public struct HTTPSRequestNotSent: Error, CustomStringConvertible {
     public var description: String { "connection closed before the request was sent" }
 }
+
+extension HTTPSConnection.Response {
+    /// The integer columns of the first result's rows in an rqlite answer (a query's), nil when
+    /// the body is not such an answer or a statement failed. For tools and tests that count rows.
+    public var integerRows: [[Int]]? {
+        guard let json = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
+              let results = json["results"] as? [[String: Any]], !results.contains(where: { $0["error"] != nil }) else { return nil }
+        return (results.first?["values"] as? [[Any]] ?? []).map { $0.compactMap { ($0 as? NSNumber)?.intValue } }
+    }
+
+    /// The machine-readable `code` of an error answer, if any.
+    public var errorCode: String? {
+        (try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any])?["code"] as? String
+    }
+}

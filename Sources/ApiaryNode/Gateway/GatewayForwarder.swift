@@ -90,7 +90,7 @@ struct GatewayForwarder: HTTPResponder {
         }
         if response.header("connection")?.lowercased() == "close" { await pool.discard(connection) } else { pool.give(back: connection) }
         // Only a refusal's code matters to the core; a 200's body (results) is never parsed.
-        let code = response.status == 200 ? nil : (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["code"] as? String
+        let code = response.status == 200 ? nil : response.errorCode
         let unknown = response.header("x-apiary-outcome")?.lowercased() == "unknown"
         var answer = APIResponse(status: HTTPResponseStatus(statusCode: response.status), body: response.body,
                                  outcomeUnknown: unknown, contentType: response.header("content-type") ?? "application/json",

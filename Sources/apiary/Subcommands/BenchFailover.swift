@@ -227,11 +227,8 @@ final class FailoverClient: @unchecked Sendable {
         let c = try await HTTPSConnection.connect(host: "127.0.0.1", port: port, tls: tls, group: MultiThreadedEventLoopGroup.singleton)
         defer { Task { await c.close() } }
         let r = try await c.request(.GET, "/db/query?q=SELECT%20id%20FROM%20w", headers: [("X-Apiary-Tenant", Self.tenant)])
-        guard let json = try? JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any],
-              let results = json["results"] as? [[String: Any]], let values = results.first?["values"] as? [[Any]] else {
-            throw ValidationError("cannot read the table: \(r.text)")
-        }
-        let held = Set(values.compactMap { ($0.first as? NSNumber)?.intValue })
+        guard let rows = r.integerRows else { throw ValidationError("cannot read the table: \(r.text)") }
+        let held = Set(rows.compactMap(\.first))
         return lock.withLock { acked.filter { !held.contains($0) }.count }
     }
 }

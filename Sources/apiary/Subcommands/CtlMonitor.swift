@@ -35,12 +35,9 @@ enum MonitorCtl {
     /// Sends an operator command; prints the monitor's message (and any data-loss report) and
     /// fails when it was refused.
     static func command(_ name: String, _ body: CommandBody, monitor: Address, credentials: ClusterCredentials, json: Bool) async throws {
-        let connection = try await HTTPSConnection.connect(host: monitor.host, port: monitor.port, tls: credentials.clusterClient(),
-                                                           group: MultiThreadedEventLoopGroup.singleton)
-        defer { Task { await connection.close() } }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
-        let response = try await connection.request(.POST, "/commands/" + name, body: Array(try encoder.encode(body)))
+        let response = try await post("/commands/" + name, body: Array(try encoder.encode(body)), monitor: monitor, credentials: credentials)
         guard response.status == 200 || response.status == 409,
               let answer = try? JSONDecoder().decode(CommandAnswerBody.self, from: Data(response.body)) else {
             return try check(response)
