@@ -121,15 +121,19 @@ public struct NodeReport: Hashable, Sendable {
     /// A primary: whether it holds its standby's lease now (serves strong reads). For operators
     /// (`ctl status`); the core decides nothing on it.
     public var holdsLease: Bool?
+    /// A primary: what its standby discarded because this primary's history lacks it (a
+    /// rejoin), not yet delivered. The monitor records each in its history once.
+    public var divergences: [Divergence]
 
     public init(role: NodeState.Role, epoch: Epoch, reached: ReachedGoal?, tenants: [TenantID: TenantReport] = [:], streaming: Bool,
-                holdsLease: Bool? = nil) {
+                holdsLease: Bool? = nil, divergences: [Divergence] = []) {
         self.role = role
         self.epoch = epoch
         self.reached = reached
         self.tenants = tenants
         self.streaming = streaming
         self.holdsLease = holdsLease
+        self.divergences = divergences
     }
 }
 

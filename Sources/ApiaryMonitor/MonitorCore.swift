@@ -110,6 +110,8 @@ public struct MonitorCore: Sendable {
         var reportArrival: UInt64 = 0
         var lsnsPersistedAt: Milliseconds
         var silenceNoted = false
+        /// Divergence reports already in the history (bounded).
+        var divergencesNoted: [Divergence] = []
     }
 
     /// - Parameters:
@@ -194,6 +196,13 @@ public struct MonitorCore: Sendable {
             let lsns = report.tenants.mapValues(\.lsn)
             if lsns != record.lsns, now - seen[id]!.lsnsPersistedAt >= config.lsnPersistIntervalMs {
                 t.update(id) { $0.lsns = lsns }
+            }
+            // A rejoin's report (the keeper repeats it until a heartbeat carrying it is answered).
+            for divergence in report.divergences where !seen[id]!.divergencesNoted.contains(divergence) {
+                seen[id]!.divergencesNoted.append(divergence)
+                if seen[id]!.divergencesNoted.count > 64 { seen[id]!.divergencesNoted.removeFirst() }
+                t.note(.observation, divergence.standby,
+                       "rejoin: \(divergence) (reported by \(id)). A standby never confirmed these records, so no client was told they committed while the formation was in sync")
             }
         }
         updateGrace(&t, now: now)

@@ -26,14 +26,33 @@ public struct HeartbeatBody: Codable, Sendable, Equatable {
     public var streaming: Bool
     /// A primary: it holds its standby's lease now.
     public var lease: Bool?
+    /// A primary: what its standby discarded at a rejoin (``Divergence``).
+    public var divergences: [DivergenceBody]?
 
-    public init(role: String, epoch: UInt64, reached: Reached?, tenants: [String: Tenant] = [:], streaming: Bool, lease: Bool? = nil) {
+    /// ``Divergence`` on the wire.
+    public struct DivergenceBody: Codable, Sendable, Equatable {
+        public var tenant: String
+        public var standby: String
+        public var sharedThroughLSN: UInt64?
+        public var discardedFromLSN: UInt64
+        public var discardedThroughLSN: UInt64
+        public var discardedEpochs: [UInt64]
+        public var bySnapshot: Bool
+        enum CodingKeys: String, CodingKey {
+            case tenant, standby, sharedThroughLSN = "shared_through_lsn", discardedFromLSN = "discarded_from_lsn"
+            case discardedThroughLSN = "discarded_through_lsn", discardedEpochs = "discarded_epochs", bySnapshot = "by_snapshot"
+        }
+    }
+
+    public init(role: String, epoch: UInt64, reached: Reached?, tenants: [String: Tenant] = [:], streaming: Bool, lease: Bool? = nil,
+                divergences: [DivergenceBody]? = nil) {
         self.role = role
         self.epoch = epoch
         self.reached = reached
         self.tenants = tenants
         self.streaming = streaming
         self.lease = lease
+        self.divergences = divergences
     }
 
     /// The wire form of a node's report.
@@ -41,7 +60,12 @@ public struct HeartbeatBody: Codable, Sendable, Equatable {
         self.init(role: r.role.rawValue, epoch: r.epoch.rawValue,
                   reached: r.reached.map { Reached(state: $0.state.rawValue, sequence: $0.sequence) },
                   tenants: Dictionary(uniqueKeysWithValues: r.tenants.map { ($0.key.rawValue, Tenant(lsn: $0.value.lsn, standbyLSN: $0.value.standbyLSN)) }),
-                  streaming: r.streaming, lease: r.holdsLease)
+                  streaming: r.streaming, lease: r.holdsLease,
+                  divergences: r.divergences.isEmpty ? nil : r.divergences.map {
+                      DivergenceBody(tenant: $0.tenant.rawValue, standby: $0.standby, sharedThroughLSN: $0.sharedThroughLSN,
+                                     discardedFromLSN: $0.discardedFromLSN, discardedThroughLSN: $0.discardedThroughLSN,
+                                     discardedEpochs: $0.discardedEpochs.map(\.rawValue), bySnapshot: $0.bySnapshot)
+                  })
     }
 
     /// The core's report, or a message saying what is malformed.
@@ -57,7 +81,19 @@ public struct HeartbeatBody: Codable, Sendable, Equatable {
             guard let id = try? TenantID(stored: name) else { return .failure(WireError("invalid tenant id '\(name.prefix(80))'")) }
             out[id] = TenantReport(lsn: t.lsn, standbyLSN: t.standbyLSN)
         }
-        return .success(NodeReport(role: role, epoch: Epoch(epoch), reached: reachedGoal, tenants: out, streaming: streaming, holdsLease: lease))
+        var divergences: [Divergence] = []
+        for d in self.divergences ?? [] {
+            guard let id = try? TenantID(stored: d.tenant) else { return .failure(WireError("invalid tenant id '\(d.tenant.prefix(80))'")) }
+            guard d.discardedFromLSN >= 1, d.discardedFromLSN <= d.discardedThroughLSN, d.standby.utf8.count <= 256,
+                  d.sharedThroughLSN.map({ $0 < d.discardedFromLSN }) ?? true, d.discardedEpochs.count <= 1_000 else {
+                return .failure(WireError("malformed divergence report for tenant '\(d.tenant.prefix(80))'"))
+            }
+            divergences.append(Divergence(tenant: id, standby: d.standby, sharedThroughLSN: d.sharedThroughLSN, discardedFromLSN: d.discardedFromLSN,
+                                          discardedThroughLSN: d.discardedThroughLSN, discardedEpochs: d.discardedEpochs.map { Epoch($0) }, bySnapshot: d.bySnapshot))
+        }
+        guard divergences.count <= 1_000 else { return .failure(WireError("\(divergences.count) divergence reports (at most 1,000)")) }
+        return .success(NodeReport(role: role, epoch: Epoch(epoch), reached: reachedGoal, tenants: out, streaming: streaming, holdsLease: lease,
+                                   divergences: divergences))
     }
 }
 

@@ -487,14 +487,20 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
     // MARK: The keeper's steps
 
     /// What the keeper reports to the monitor, from the replication shell of the current role.
-    func keeperFigures() async -> (tenants: [TenantID: TenantReport], streaming: Bool, holdsLease: Bool?) {
+    func keeperFigures() async -> KeeperFigures {
         let (primary, standby) = lock.withLock { (self.primary, self.standby) }
         if let primary { return await primary.keeperFigures() }
         if let standby {
             let (tenants, streaming) = await standby.keeperFigures()
-            return (tenants, streaming, nil)
+            return KeeperFigures(tenants: tenants, streaming: streaming, holdsLease: nil)
         }
-        return ([:], false, nil)
+        return KeeperFigures(tenants: [:], streaming: false, holdsLease: nil)
+    }
+
+    /// The monitor has these divergence reports (a heartbeat carrying them was answered).
+    func divergencesDelivered(_ delivered: [Divergence]) {
+        guard !delivered.isEmpty else { return }
+        lock.withLock { primary }?.divergencesDelivered(delivered)
     }
 
     /// Carries out one keeper step (``KeeperStep``); throws when the node is as it was.

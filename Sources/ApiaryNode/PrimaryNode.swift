@@ -48,6 +48,9 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     private var waiters: [TenantLSN: CommitWaiter] = [:]
     /// Told (on the loop) when the core steps down: the node changes its role.
     var onSteppedDown: ((Epoch) -> Void)?
+    /// What standbys discarded at a rejoin (``Divergence``), until the monitor has it (event
+    /// loop only; bounded: the oldest go first, each is in the node's log anyway).
+    private var undeliveredDivergences: [Divergence] = []
 
     // Guarded by `tenantsLock`.
     private let tenantsLock = NSLock()
@@ -252,6 +255,10 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             }
             return record
         }
+        if TestExitPoint.isArmed(.commitLoggedBeforeSend, lsn: record.lsn) {
+            tenant.withLog { try? $0.sync() }
+            TestExitPoint.reached(.commitLoggedBeforeSend, tenant: id, lsn: record.lsn)
+        }
         let waiter = CommitWaiter()
         let key = TenantLSN(tenant: id, lsn: record.lsn)
         // The record goes to the standby while the local fsync runs: a commit's latency is
@@ -379,6 +386,10 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
                 readsServed.withLock { $0 = false }
                 logger.warning("stepping down: a newer epoch exists", metadata: ["epoch": "\(newer)"])
                 onSteppedDown?(newer)
+            case .standbyDiverged(let divergence):
+                logger.warning("standby diverged: \(divergence)")
+                undeliveredDivergences.append(divergence)
+                if undeliveredDivergences.count > 256 { undeliveredDivergences.removeFirst() }
             }
         }
     }
@@ -513,7 +524,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
 
     /// For the monitor: per tenant the committed lsn and what the standby acknowledged on the
     /// current stream; whether a standby streams.
-    func keeperFigures() async -> (tenants: [TenantID: TenantReport], streaming: Bool, holdsLease: Bool?) {
+    func keeperFigures() async -> KeeperFigures {
         (try? await loop.submit {
             var tenants: [TenantID: TenantReport] = [:]
             for id in self.core.tenantIDs {
@@ -522,8 +533,14 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
                 // without the standby (PrimaryTenantStatus.readyLSN).
                 tenants[id] = TenantReport(lsn: s.readyLSN, standbyLSN: s.standbyAckedLSN)
             }
-            return (tenants, self.core.standbyConnection != nil, self.core.holdsLease(now: monotonicNowMs()))
-        }.get()) ?? ([:], false, false)
+            return KeeperFigures(tenants: tenants, streaming: self.core.standbyConnection != nil,
+                                 holdsLease: self.core.holdsLease(now: monotonicNowMs()), divergences: Array(self.undeliveredDivergences.prefix(64)))
+        }.get()) ?? KeeperFigures(tenants: [:], streaming: false, holdsLease: false)
+    }
+
+    /// The monitor answered a heartbeat that carried these.
+    func divergencesDelivered(_ delivered: [Divergence]) {
+        loop.execute { self.undeliveredDivergences.removeAll { delivered.contains($0) } }
     }
 
     var standbyConnected: Bool {

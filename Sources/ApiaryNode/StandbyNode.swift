@@ -240,7 +240,18 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                     tail.append(RecordSummary(r))
                 }
             }
-            logs[id] = StandbyTenantLog(appliedLSN: tenant.applied.lsn, appliedChecksum: tenant.applied.checksum, tail: tail)
+            // The last applied records the log still holds: a former primary's tell the new
+            // primary where their histories part (the rejoin's report of what is discarded).
+            var history: [RecordSummary] = []
+            let applied = tenant.applied.lsn
+            let base = tenant.withLog { $0.base.lsn }
+            if applied > base {
+                for lsn in max(base + 1, applied + 1 - min(applied, LSN(TenantPosition.historyMax)))...applied {
+                    guard let r = try tenant.withLog({ try $0.record(at: lsn) }) else { history = []; continue }
+                    history.append(RecordSummary(r))
+                }
+            }
+            logs[id] = StandbyTenantLog(appliedLSN: applied, appliedChecksum: tenant.applied.checksum, tail: tail, history: history)
         }
         core = StandbyReplication(nodeID: name, epoch: epoch, config: config, tenants: logs, now: monotonicNowMs())
     }

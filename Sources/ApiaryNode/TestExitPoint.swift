@@ -19,6 +19,11 @@ enum TestExitPoint: String {
     /// A failed commit is half undone (`PrimaryNode.commit`, between the two steps): its WAL
     /// frames are invalidated, its record is still in the log.
     case failedCommitHalfUndone = "failed-commit-half-undone"
+    /// A commit's record is durable in the log (the seam makes it so) and was never handed to
+    /// replication: the state a kill leaves when the local fsync wins its race with the event
+    /// loop that sends the record (`PrimaryNode.commit`). The standby never sees it, so after
+    /// a failover the rejoining node holds a record the new primary lacks (`RejoinTests`).
+    case commitLoggedBeforeSend = "commit-logged-before-send"
 
     // The steps of a snapshot install on a standby (`StandbyNode.installSnapshot`,
     // `StandbyTenant.completeSnapshotInstall`; `SnapshotInstallTests`), at the snapshot's lsn.
@@ -44,9 +49,15 @@ enum TestExitPoint: String {
         return (point, lsn)
     }()
 
+    /// Whether the seam is armed for this point (and lsn).
+    static func isArmed(_ point: TestExitPoint, lsn: LSN) -> Bool {
+        guard let armed else { return false }
+        return armed.point == point && (armed.lsn == nil || armed.lsn == lsn)
+    }
+
     /// Ends the process if the seam is armed for this point (and lsn).
     static func reached(_ point: TestExitPoint, tenant: TenantID, lsn: LSN) {
-        guard let armed, armed.point == point, armed.lsn == nil || armed.lsn == lsn else { return }
+        guard isArmed(point, lsn: lsn) else { return }
         // stderr is unbuffered: the line is in the node's log before the process is gone.
         fputs("test seam APIARY_TEST_EXIT_AT: exiting at \(point.rawValue), tenant \(tenant), lsn \(lsn)\n", stderr)
         _exit(86)

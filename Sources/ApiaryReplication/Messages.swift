@@ -71,7 +71,8 @@ public enum Message: Hashable, Sendable {
 /// The standby's opening message: who it is and what its log and database hold per tenant.
 public struct Hello: Hashable, Sendable {
     /// The protocol version this build speaks.
-    public static let currentProtocolVersion: UInt16 = 1
+    /// 2: ``TenantPosition/history`` (the primary names what a rejoining node discards).
+    public static let currentProtocolVersion: UInt16 = 2
 
     /// For a version this node does not speak, the decoder fills only this field (the rest of
     /// such a hello may be laid out differently) so that the primary can reject it clearly.
@@ -94,21 +95,31 @@ public struct Hello: Hashable, Sendable {
 /// The database holds records up to `appliedLSN`; the log holds records up to `lastLSN`
 /// (≥ `appliedLSN`). `tail` summarises the log's unapplied records from `appliedLSN + 1` on,
 /// contiguously; it MAY stop short of `lastLSN` (it is bounded), and the primary then treats
-/// the rest as unverified and has it discarded.
+/// the rest as unverified and has it discarded. `history` summarises the last applied records
+/// (at most ``historyMax``, contiguous, ending at `appliedLSN`; MAY be empty): when the applied
+/// point itself is not on the primary's history (a former primary rejoining), the primary
+/// finds the divergence point in it and names exactly which records the snapshot replaces.
 public struct TenantPosition: Hashable, Sendable {
+    /// Covers what can diverge in sync mode with the default settings: the records a primary
+    /// had sent and not seen acknowledged, plus those waiting to be sent (``ReplicationConfig``'s
+    /// `unappliedRecordsMax`, 128). 16 bytes each on the wire.
+    public static let historyMax = 128
+
     public var tenant: TenantID
     public var appliedLSN: LSN
     /// ``PageHashes/checksum`` of the standby's database at `appliedLSN`.
     public var appliedChecksum: UInt64
     public var lastLSN: LSN
     public var tail: [RecordSummary]
+    public var history: [RecordSummary]
 
-    public init(tenant: TenantID, appliedLSN: LSN, appliedChecksum: UInt64, lastLSN: LSN, tail: [RecordSummary]) {
+    public init(tenant: TenantID, appliedLSN: LSN, appliedChecksum: UInt64, lastLSN: LSN, tail: [RecordSummary], history: [RecordSummary] = []) {
         self.tenant = tenant
         self.appliedLSN = appliedLSN
         self.appliedChecksum = appliedChecksum
         self.lastLSN = lastLSN
         self.tail = tail
+        self.history = history
     }
 
     /// A tenant the standby knows nothing of.

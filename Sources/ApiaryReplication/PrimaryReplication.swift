@@ -41,6 +41,46 @@ public enum PrimaryAction: Hashable, Sendable {
     /// A newer epoch exists: this node is no longer primary. Stop accepting writes, report
     /// to the monitor, and discard this core.
     case stepDown(newerEpoch: Epoch)
+    /// The standby holds records that are not on this primary's history (a former primary
+    /// rejoining): they are discarded (a rewind, or the snapshot that follows). Report it to
+    /// the operator and the monitor; nothing to do otherwise.
+    case standbyDiverged(Divergence)
+}
+
+/// What a standby discards because this primary's history does not have it.
+public struct Divergence: Hashable, Sendable, CustomStringConvertible {
+    public var tenant: TenantID
+    public var standby: NodeID
+    /// The last record the two histories share; nil when none of the records compared matched
+    /// (the standby reported too few, or they are older than this primary's log).
+    public var sharedThroughLSN: LSN?
+    /// The standby's records discarded: `discardedFromLSN ... discardedThroughLSN`.
+    public var discardedFromLSN: LSN
+    public var discardedThroughLSN: LSN
+    /// The epochs of the discarded records, as the standby's summaries name them (oldest
+    /// first; empty when it sent none of them).
+    public var discardedEpochs: [Epoch]
+    /// A snapshot replaces the standby's database (else a rewind of its log's tail).
+    public var bySnapshot: Bool
+
+    public init(tenant: TenantID, standby: NodeID, sharedThroughLSN: LSN?, discardedFromLSN: LSN, discardedThroughLSN: LSN, discardedEpochs: [Epoch], bySnapshot: Bool) {
+        self.tenant = tenant
+        self.standby = standby
+        self.sharedThroughLSN = sharedThroughLSN
+        self.discardedFromLSN = discardedFromLSN
+        self.discardedThroughLSN = discardedThroughLSN
+        self.discardedEpochs = discardedEpochs
+        self.bySnapshot = bySnapshot
+    }
+
+    public var discardedCount: UInt64 { discardedThroughLSN - discardedFromLSN + 1 }
+
+    public var description: String {
+        let range = discardedFromLSN == discardedThroughLSN ? "lsn \(discardedFromLSN)" : "lsns \(discardedFromLSN)–\(discardedThroughLSN)"
+        let epochs = discardedEpochs.isEmpty ? "" : " (epoch\(discardedEpochs.count > 1 ? "s" : "") \(discardedEpochs.map { "\($0)" }.joined(separator: ", ")))"
+        let shared = sharedThroughLSN.map { "histories part after lsn \($0)" } ?? "no shared record found among those compared"
+        return "node \(standby) discards tenant \(tenant)'s \(range)\(epochs): not on the primary's history; \(shared); \(bySnapshot ? "replaced by a snapshot" : "rewound")"
+    }
 }
 
 /// Why a commit failed, and what its client may be told.
@@ -485,11 +525,17 @@ public struct PrimaryReplication: Sendable {
     /// The answer to a `.readLogSummaries`.
     public mutating func onLogSummaries(_ connection: ConnectionID, request: SummaryReadRequest, summaries: [RecordSummary], now: Milliseconds) -> [PrimaryAction] {
         let tenant = request.tenant
-        guard link?.connection == connection, let stream = link!.streams[tenant],
-              case .verifying(let requestID, let position) = stream.phase, requestID == request.requestID else { return [] }
+        guard link?.connection == connection, let stream = link!.streams[tenant] else { return [] }
         var read: [LSN: RecordSummary] = [:]
         for s in summaries where s.lsn >= request.fromLSN && s.lsn <= request.throughLSN { read[s.lsn] = s }
-        return decideStream(tenant, position: position, read: read, now: now)
+        switch stream.phase {
+        case .verifying(let requestID, let position) where requestID == request.requestID:
+            return decideStream(tenant, position: position, read: read, now: now)
+        case .findingDivergence(let requestID, let position) where requestID == request.requestID:
+            return replaceBySnapshot(tenant, position: position, read: read, historyRead: true, now: now)
+        default:
+            return []
+        }
     }
 
     /// The snapshot asked for by `.sendSnapshot` is on the wire, taken at committed lsn `lsn`.
@@ -567,7 +613,7 @@ extension PrimaryReplication {
 
         let applied = position.appliedLSN
         if applied > log.lastLSN || applied + 1 < log.firstLSN {
-            return startSnapshot(tenant, now: now)
+            return replaceBySnapshot(tenant, position: position, read: [:], now: now)
         }
         let through = min(applied + UInt64(position.tail.count), log.lastLSN)
         let readFrom = log.checksum(at: applied) == nil ? applied : applied + 1
@@ -589,7 +635,7 @@ extension PrimaryReplication {
         guard applied <= log.lastLSN, applied + 1 >= log.firstLSN,
               let ourChecksum = log.checksum(at: applied) ?? read[applied]?.checksum,
               ourChecksum == position.appliedChecksum else {
-            return startSnapshot(tenant, now: now)
+            return replaceBySnapshot(tenant, position: position, read: read, now: now)
         }
         var common = applied
         for theirs in position.tail where theirs.lsn <= log.lastLSN {
@@ -598,11 +644,54 @@ extension PrimaryReplication {
         }
         var actions: [PrimaryAction] = []
         if position.lastLSN > common {
+            let discarded = position.tail.filter { $0.lsn > common }
+            actions.append(.standbyDiverged(Divergence(
+                tenant: tenant, standby: link!.peer.nodeID, sharedThroughLSN: common, discardedFromLSN: common + 1,
+                discardedThroughLSN: position.lastLSN, discardedEpochs: Self.epochs(of: discarded), bySnapshot: false)))
             actions.append(.send(link!.connection, .rewind(Rewind(epoch: epoch, tenant: tenant, toLSN: common))))
         }
         link!.streams[tenant] = TenantStream(phase: .streaming, ackedLSN: common, nextLSN: common + 1, committedTold: 0)
         if mode.waitsForStandby { actions += completeCommits(tenant, through: common) }
         return actions + pump(tenant, now: now)
+    }
+
+    /// The standby's applied point is not on this history (or not comparable with it): a
+    /// snapshot replaces its database. First the divergence point is looked for among the
+    /// applied records it summarised (``TenantPosition/history``), reading our summaries of them
+    /// once when `recent` lacks them, so the report names exactly what is discarded.
+    private mutating func replaceBySnapshot(_ tenant: TenantID, position: TenantPosition, read: [LSN: RecordSummary],
+                                            historyRead: Bool = false, now: Milliseconds) -> [PrimaryAction] {
+        let log = tenants[tenant]!
+        let held = position.history + position.tail
+        // Everything the standby holds precedes this log (a standby far behind): a catch-up,
+        // nothing to compare.
+        guard position.lastLSN >= log.firstLSN else { return startSnapshot(tenant, now: now) }
+        let comparable = held.filter { $0.lsn + 1 >= log.firstLSN && $0.lsn <= log.lastLSN }
+        let notRecent = comparable.filter { $0.lsn >= log.firstLSN && log.recent.summary(at: $0.lsn) == nil }
+        if !historyRead, notRecent.contains(where: { read[$0.lsn] == nil }), let first = notRecent.first, let last = notRecent.last {
+            let request = SummaryReadRequest(requestID: takeRequestID(), tenant: tenant, fromLSN: first.lsn, throughLSN: last.lsn)
+            link!.streams[tenant] = TenantStream(phase: .findingDivergence(requestID: request.requestID, position: position))
+            return [.readLogSummaries(link!.connection, request)]
+        }
+        // Histories are chains: the newest record both hold is where they part.
+        let shared = comparable.reversed().first { theirs in
+            if let ours = log.recent.summary(at: theirs.lsn) ?? read[theirs.lsn] { return ours == theirs }
+            return theirs.lsn + 1 == log.firstLSN && theirs.checksum == log.baseChecksum
+        }?.lsn
+        let from = shared.map { $0 + 1 } ?? (held.first?.lsn ?? max(1, position.appliedLSN))
+        var actions: [PrimaryAction] = []
+        if position.lastLSN >= from {
+            actions.append(.standbyDiverged(Divergence(
+                tenant: tenant, standby: link!.peer.nodeID, sharedThroughLSN: shared, discardedFromLSN: from,
+                discardedThroughLSN: position.lastLSN, discardedEpochs: Self.epochs(of: held.filter { $0.lsn >= from }), bySnapshot: true)))
+        }
+        return actions + startSnapshot(tenant, now: now)
+    }
+
+    private static func epochs(of summaries: [RecordSummary]) -> [Epoch] {
+        var epochs: [Epoch] = []
+        for s in summaries where epochs.last != s.epoch { epochs.append(s.epoch) }
+        return epochs
     }
 
     private mutating func startSnapshot(_ tenant: TenantID, now: Milliseconds) -> [PrimaryAction] {
@@ -642,7 +731,7 @@ extension PrimaryReplication {
                 // An ack of a rolled-back record: it completes no commit.
                 return finishDrainIfDone(tenant) + pump(tenant, now: now)
             }
-        case .verifying, .snapshotting:
+        case .verifying, .findingDivergence, .snapshotting:
             return reject(connection, .protocolViolation, "ack before the stream of the tenant started")
         }
         var actions: [PrimaryAction] = []
@@ -786,7 +875,7 @@ extension PrimaryReplication {
             stream.phase = .draining(rewindTo: lsn - 1)
         case .draining(let rewindTo):
             stream.phase = .draining(rewindTo: min(rewindTo, lsn - 1))
-        case .streaming, .verifying, .snapshotting, .awaitingSnapshotAck:
+        case .streaming, .verifying, .findingDivergence, .snapshotting, .awaitingSnapshotAck:
             break
         }
         // A log read in progress may cover rolled-back records: forget it.
@@ -950,6 +1039,9 @@ private struct TenantStream: Sendable {
     enum Phase: Hashable, Sendable {
         /// Waiting for log summaries to compare with the standby's hello position.
         case verifying(requestID: UInt64, position: TenantPosition)
+        /// Waiting for log summaries to find where the standby's history parts from ours,
+        /// before a snapshot replaces it.
+        case findingDivergence(requestID: UInt64, position: TenantPosition)
         /// The shell is sending a snapshot.
         case snapshotting(requestID: UInt64, startedAt: Milliseconds)
         /// The snapshot is sent; records follow once the standby acks it.

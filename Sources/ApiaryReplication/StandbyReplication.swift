@@ -57,14 +57,23 @@ public struct StandbyTenantLog: Hashable, Sendable {
     public var appliedChecksum: UInt64
     /// Summaries of the log's records after `appliedLSN`, in order (all of them).
     public var tail: [RecordSummary]
+    /// Summaries of the log's last records up to `appliedLSN`, in order, ending at it (at most
+    /// ``TenantPosition/historyMax``; those the log still holds). A former primary's tell the
+    /// new primary where the two histories part (``TenantPosition/history``).
+    public var history: [RecordSummary]
 
-    public init(appliedLSN: LSN, appliedChecksum: UInt64, tail: [RecordSummary] = []) {
+    public init(appliedLSN: LSN, appliedChecksum: UInt64, tail: [RecordSummary] = [], history: [RecordSummary] = []) {
         for (i, s) in tail.enumerated() {
             precondition(s.lsn == appliedLSN + 1 + UInt64(i), "tail entry \(i) has lsn \(s.lsn) after applied lsn \(appliedLSN)")
+        }
+        let history = history.suffix(TenantPosition.historyMax)
+        for (i, s) in history.enumerated() {
+            precondition(s.lsn + UInt64(history.count - i) == appliedLSN + 1, "history entry \(i) has lsn \(s.lsn), applied lsn is \(appliedLSN)")
         }
         self.appliedLSN = appliedLSN
         self.appliedChecksum = appliedChecksum
         self.tail = tail
+        self.history = Array(history)
     }
 }
 
@@ -236,6 +245,7 @@ public struct StandbyReplication: Sendable {
         t.appliedLSN = lsn
         t.appliedChecksum = installing.checksum
         t.tail = []
+        t.history = []
         t.persistedLSN = lsn
         // What was known committed belonged to the history the snapshot replaced, which may
         // have run further than `lsn`: only the snapshot's own lsn is known committed now.
@@ -362,6 +372,7 @@ extension StandbyReplication {
         let count = Int(target - t.appliedLSN)
         t.appliedChecksum = t.tail[count - 1].checksum
         t.appliedLSN = target
+        t.remember(applied: t.tail[..<count])
         t.tail.removeFirst(count)
         tenants[tenant] = t
         return [.apply(tenant, throughLSN: target, checksum: t.appliedChecksum)]
@@ -427,7 +438,7 @@ extension StandbyReplication {
             let t = tenants[tenant]!
             positions.append(TenantPosition(
                 tenant: tenant, appliedLSN: t.appliedLSN, appliedChecksum: t.appliedChecksum, lastLSN: t.lastLSN,
-                tail: Array(t.tail.prefix(config.unappliedRecordsMax))))
+                tail: Array(t.tail.prefix(config.unappliedRecordsMax)), history: Array(t.history.suffix(TenantPosition.historyMax))))
         }
         return [.send(connection, .hello(Hello(nodeID: nodeID, epoch: epoch, tenants: positions)))]
     }
@@ -482,6 +493,8 @@ private struct TenantState: Sendable {
     var appliedChecksum: UInt64
     /// `appliedLSN + 1 ... lastLSN`: in the log, or being persisted.
     var tail: [RecordSummary]
+    /// The last applied records, ending at `appliedLSN` (``TenantPosition/history``).
+    var history: [RecordSummary]
     /// Records up to here are fsynced (≥ `appliedLSN`).
     var persistedLSN: LSN
     /// The primary's committed lsn, as told on the current connection.
@@ -495,7 +508,14 @@ private struct TenantState: Sendable {
         appliedLSN = log.appliedLSN
         appliedChecksum = log.appliedChecksum
         tail = log.tail
+        history = log.history
         persistedLSN = log.appliedLSN + UInt64(log.tail.count)
         committedLSN = log.appliedLSN
+    }
+
+    mutating func remember(applied: ArraySlice<RecordSummary>) {
+        history.append(contentsOf: applied)
+        // Trim in chunks so applies stay amortised O(1).
+        if history.count >= 2 * TenantPosition.historyMax { history.removeFirst(history.count - TenantPosition.historyMax) }
     }
 }

@@ -139,6 +139,11 @@ extension WireCodec {
                     w.write(s.epoch.rawValue)
                     w.write(s.checksum)
                 }
+                w.write(UInt32(t.history.count))
+                for s in t.history {
+                    w.write(s.epoch.rawValue)
+                    w.write(s.checksum)
+                }
             }
         case .welcome(let m):
             w.write(TypeCode.welcome.rawValue)
@@ -242,7 +247,18 @@ extension WireCodec {
                     let c = try r.read(UInt64.self)
                     tail.append(RecordSummary(lsn: applied + 1 + UInt64(i), epoch: e, checksum: c))
                 }
-                tenants.append(TenantPosition(tenant: tenant, appliedLSN: applied, appliedChecksum: appliedChecksum, lastLSN: last, tail: tail))
+                let historyCount = try readCount(&r, max: TenantPosition.historyMax, what: "history summaries")
+                guard UInt64(historyCount) <= applied else {
+                    throw DecodeError("tenant position: applied \(applied), \(historyCount) history summaries")
+                }
+                var history: [RecordSummary] = []
+                history.reserveCapacity(historyCount)
+                for i in 0..<historyCount {
+                    let e = try readEpoch(&r)
+                    let c = try r.read(UInt64.self)
+                    history.append(RecordSummary(lsn: applied - UInt64(historyCount) + 1 + UInt64(i), epoch: e, checksum: c))
+                }
+                tenants.append(TenantPosition(tenant: tenant, appliedLSN: applied, appliedChecksum: appliedChecksum, lastLSN: last, tail: tail, history: history))
             }
             return .hello(Hello(protocolVersion: version, nodeID: nodeID, epoch: epoch, tenants: tenants))
         case .welcome:

@@ -345,7 +345,11 @@ final class FormationSimulator {
                 tail.append(RecordSummary(record))
                 lsn += 1
             }
-            logs[tenant] = StandbyTenantLog(appliedLSN: disk.appliedLSN, appliedChecksum: disk.db.checksum, tail: tail)
+            // `StandbyNode.init`: the applied records the log still holds, newest last.
+            let oldest = max(disk.base.lsn + 1, disk.appliedLSN + 1 - min(disk.appliedLSN, LSN(TenantPosition.historyMax)))
+            let history = disk.appliedLSN < oldest ? [] : (oldest...disk.appliedLSN).compactMap { disk.record($0).map(RecordSummary.init) }
+            logs[tenant] = StandbyTenantLog(appliedLSN: disk.appliedLSN, appliedChecksum: disk.db.checksum, tail: tail,
+                                            history: history.count == Int(disk.appliedLSN + 1 - oldest) ? history : [])
         }
         node.standby = StandbyReplication(nodeID: node.id, epoch: node.state.epoch, config: params.replication, tenants: logs, now: local(node))
         log("\(node.id) standby core: epoch \(node.state.epoch)")
@@ -581,12 +585,12 @@ final class FormationSimulator {
                 }
                 // StandbyPreparation: the database agrees with the log, then counts as applied
                 // through the log's last record (the new primary compares that with its history).
+                // The log keeps its records: they tell where the histories part.
                 var held: [String] = []
                 for tenant in node.disks.keys.sorted() {
                     let disk = node.disks[tenant]!
                     disk.fsync()
                     disk.applyLog(through: disk.lastLSN)
-                    disk.compact(through: disk.lastLSN)
                     held.append("\(tenant) \(disk.lastSummary)")
                 }
                 log("\(node.id) rejoins as the standby of \(primary), holding \(held)")
@@ -881,6 +885,9 @@ final class FormationSimulator {
                 commitDurable(node, tenant, lsn)
             case .commitFailed(let tenant, let lsn, let failure):
                 commitFailed(node, tenant, lsn, failure)
+            case .standbyDiverged(let divergence):
+                count("primary.standbyDiverged.\(divergence.bySnapshot ? "snapshot" : "rewind").\(divergence.sharedThroughLSN == nil ? "pointNotFound" : "exact")")
+                checkDivergence(node, divergence)
             case .stepDown(let newer):
                 count("primary.stepDown")
                 if newer > monitorState.epoch.next { fail("\(node.id) stepped down to epoch \(newer), which the monitor never made") }
@@ -888,6 +895,30 @@ final class FormationSimulator {
             }
         }
         if steppedDown { demote(node) }
+    }
+
+    /// A rejoin's report names what the standby discards: never an acknowledged write
+    /// (invariant 2), and the shared record it names is the same on both nodes. (That the next
+    /// one differs is not checked here: a rolled-back record may be written again identically
+    /// before this check reads the primary's log.)
+    private func checkDivergence(_ node: SimNode, _ d: Divergence) {
+        log("\(node.id) reports: \(d)")
+        guard let standby = nodes[d.standby], let theirs = standby.disks[d.tenant], let ours = node.disks[d.tenant] else {
+            return fail("\(node.id) reports a divergence of \(d.standby)'s \(d.tenant), which it does not hold")
+        }
+        func summary(_ disk: TenantDisk, _ lsn: LSN) -> RecordSummary? {
+            disk.record(lsn).map(RecordSummary.init) ?? (lsn <= disk.appliedLSN ? disk.history[lsn] : nil)
+        }
+        for lsn in d.discardedFromLSN...d.discardedThroughLSN {
+            if let discarded = summary(theirs, lsn), acked[d.tenant]?[lsn] == discarded {
+                return fail("invariant 2: \(d.standby) discards acknowledged \(d.tenant) \(discarded) (\(d))")
+            }
+        }
+        if let shared = d.sharedThroughLSN, shared > 0 {
+            guard let a = summary(ours, shared), let b = summary(theirs, shared), a == b else {
+                return fail("\(d): lsn \(shared) is not the same record on both nodes")
+            }
+        }
     }
 
     /// The snapshot is the database as published (SQLite shows only durable commits).
@@ -1610,6 +1641,7 @@ final class FormationSimulator {
         case .commitDurable(let t, let l): return "commitDurable \(t) \(l)"
         case .commitFailed(let t, let l, let f): return "commitFailed \(t) \(l) \(f)"
         case .stepDown(let e): return "stepDown to \(e)"
+        case .standbyDiverged(let d): return "standbyDiverged: \(d)"
         }
     }
 

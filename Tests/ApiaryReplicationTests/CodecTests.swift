@@ -16,6 +16,9 @@ final class ReplicationCodecTests: XCTestCase {
                 TenantPosition(tenant: tenant, appliedLSN: 10, appliedChecksum: 0xABCD, lastLSN: 13, tail: [
                     RecordSummary(lsn: 11, epoch: Epoch(8), checksum: 1),
                     RecordSummary(lsn: 12, epoch: Epoch(9), checksum: 2),
+                ], history: [
+                    RecordSummary(lsn: 9, epoch: Epoch(7), checksum: 3),
+                    RecordSummary(lsn: 10, epoch: Epoch(8), checksum: 0xABCD),
                 ]),
                 .empty(other),
             ])),

@@ -159,6 +159,69 @@ final class PrimaryScenarioTests: XCTestCase {
         XCTAssertEqual(s.status(of: tenant)?.lastLSN, 4)
     }
 
+    func testDivergedUnappliedTailIsReportedExactly() {
+        let position = TenantPosition(tenant: tenant, appliedLSN: 3, appliedChecksum: summary(3).checksum, lastLSN: 5,
+                                      tail: [summary(4), summary(5, variant: 7)])
+        var (p, actions) = primary(lastLSN: 6, standby: position)
+        guard case .readLogSummaries(conn1, let request)? = actions.last else { return XCTFail("\(actions)") }
+        actions = p.onLogSummaries(conn1, request: request, summaries: (request.fromLSN...request.throughLSN).map { summary($0) }, now: 1)
+        let reports = actions.compactMap { if case .standbyDiverged(let d) = $0 { return d } else { return nil } }
+        XCTAssertEqual(reports, [Divergence(tenant: tenant, standby: "node-b", sharedThroughLSN: 4, discardedFromLSN: 5, discardedThroughLSN: 5,
+                                            discardedEpochs: [Epoch(1)], bySnapshot: false)])
+    }
+
+    /// A former primary rejoins: its database holds lsn 5 of epoch 1, which it committed but
+    /// its standby never confirmed; the new primary wrote its own lsn 5 and 6 in epoch 2. The
+    /// rejoining node's history (its applied records) lets the new primary name exactly what
+    /// the snapshot replaces.
+    func testARejoiningFormerPrimarysDiscardedRecordsAreNamedExactly() {
+        let history = (1...4).map { summary($0) } + [summary(5, variant: 9)]
+        let position = TenantPosition(tenant: tenant, appliedLSN: 5, appliedChecksum: summary(5, variant: 9).checksum, lastLSN: 5, tail: [],
+                                      history: history)
+        let ours: [LSN: RecordSummary] = [1: summary(1), 2: summary(2), 3: summary(3), 4: summary(4), 5: summary(5, epoch: Epoch(2)), 6: summary(6, epoch: Epoch(2))]
+        let logs = [tenant: PrimaryTenantLog(last: ours[6]!, firstLSN: 1, baseChecksum: 0)]
+        var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(2), mode: .sync, config: testConfig(), standbyNodeID: "node-b", tenants: logs)
+        _ = p.onConnected(conn1, peer: standbyPeer, now: 0)
+        var actions = p.onMessage(hello(epoch: Epoch(2), [position]), from: conn1, now: 0)
+        // First the applied point is checked; it differs, so the history is read and compared.
+        guard case .readLogSummaries(conn1, let check)? = actions.last else { return XCTFail("\(actions)") }
+        actions = p.onLogSummaries(conn1, request: check, summaries: (check.fromLSN...check.throughLSN).map { ours[$0]! }, now: 1)
+        guard case .readLogSummaries(conn1, let compare)? = actions.last else { return XCTFail("\(actions)") }
+        XCTAssertEqual([compare.fromLSN, compare.throughLSN], [1, 5])
+        actions = p.onLogSummaries(conn1, request: compare, summaries: (compare.fromLSN...compare.throughLSN).map { ours[$0]! }, now: 2)
+        XCTAssertEqual(actions.count, 2, "\(actions)")
+        XCTAssertEqual(actions.first, .standbyDiverged(Divergence(tenant: tenant, standby: "node-b", sharedThroughLSN: 4, discardedFromLSN: 5,
+                                                                  discardedThroughLSN: 5, discardedEpochs: [Epoch(1)], bySnapshot: true)))
+        guard case .sendSnapshot(conn1, _)? = actions.last else { return XCTFail("\(actions)") }
+        XCTAssertEqual("\(Divergence(tenant: tenant, standby: "node-b", sharedThroughLSN: 4, discardedFromLSN: 5, discardedThroughLSN: 7, discardedEpochs: [Epoch(1)], bySnapshot: true))",
+                       "node node-b discards tenant acme's lsns 5–7 (epoch 1): not on the primary's history; histories part after lsn 4; replaced by a snapshot")
+    }
+
+    /// Without a history (an older standby's log compacted), the report says the point was
+    /// not found rather than guessing.
+    func testADivergenceWithoutHistorySaysThePointWasNotFound() {
+        let position = TenantPosition(tenant: tenant, appliedLSN: 7, appliedChecksum: 42, lastLSN: 7, tail: [])
+        let (_, actions) = primary(lastLSN: 6, standby: position)
+        XCTAssertEqual(actions.compactMap { if case .standbyDiverged(let d) = $0 { return d } else { return nil } },
+                       [Divergence(tenant: tenant, standby: "node-b", sharedThroughLSN: nil, discardedFromLSN: 7, discardedThroughLSN: 7, discardedEpochs: [], bySnapshot: true)])
+        guard case .sendSnapshot? = actions.last else { return XCTFail("\(actions)") }
+    }
+
+    func testTheStandbyKeepsItsLastAppliedRecordsForItsHello() {
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), tenants: [
+            tenant: StandbyTenantLog(appliedLSN: 2, appliedChecksum: summary(2).checksum, tail: [summary(3)], history: [summary(1), summary(2)]),
+        ], now: 0)
+        guard case .hello(let h)? = welcomedStandby(&s) else { return XCTFail() }
+        XCTAssertEqual(h.tenants.first?.history, [summary(1), summary(2)])
+        // Applying moves records from the tail into the history.
+        _ = s.onMessage(.primaryHeartbeat(PrimaryHeartbeat(epoch: Epoch(1), sentAtMs: 1, committed: [TenantCommitted(tenant: tenant, committedLSN: 3)])), from: conn1, now: 1)
+        XCTAssertEqual(s.status(of: tenant)?.appliedLSN, 3)
+        _ = s.onDisconnected(conn1, now: 2)
+        XCTAssertEqual(s.onTick(now: 10_000), [.connect])
+        guard case .hello(let again)? = sent(s.onConnected(conn2, peer: primaryPeer, now: 10_000)).first else { return XCTFail() }
+        XCTAssertEqual(again.tenants.first?.history, [summary(1), summary(2), summary(3)])
+    }
+
     func testLogNoLongerReachingBackSendsASnapshotThenStreams() {
         var (p, actions) = primary(lastLSN: 12, firstLSN: 10, standby: TenantPosition(tenant: tenant, appliedLSN: 3, appliedChecksum: summary(3).checksum, lastLSN: 3, tail: []))
         guard case .sendSnapshot(conn1, let request)? = actions.last else { return XCTFail("\(actions)") }
@@ -272,7 +335,8 @@ final class PrimaryScenarioTests: XCTestCase {
         var w = ByteWriter()
         w.write(UInt8(1))
         w.write(UInt32(0x4150_5250))
-        w.write(UInt16(2))
+        let unknown = Hello.currentProtocolVersion + 1
+        w.write(unknown)
         w.write([1, 2, 3])
         let message = try WireCodec.decode(body: w.bytes)
         var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig(), standbyNodeID: "node-b")
@@ -280,7 +344,7 @@ final class PrimaryScenarioTests: XCTestCase {
         let actions = p.onMessage(message, from: conn1, now: 1)
         guard case .send(conn1, .reject(let r))? = actions.first else { return XCTFail("\(actions)") }
         XCTAssertEqual(r.code, .unsupportedVersion)
-        XCTAssertTrue(r.reason.contains("version 2") && r.reason.contains("version 1"), r.reason)
+        XCTAssertTrue(r.reason.contains("version \(unknown)") && r.reason.contains("version \(Hello.currentProtocolVersion)"), r.reason)
         XCTAssertEqual(actions.last, .closeConnection(conn1, .rejectedPeer(.unsupportedVersion)))
     }
 

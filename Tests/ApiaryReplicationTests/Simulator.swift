@@ -625,6 +625,8 @@ final class Simulation {
                 commitDurable(tenantIndex[tenant]!, lsn)
             case .commitFailed(let tenant, let lsn, let failure):
                 commitFailed(tenantIndex[tenant]!, lsn, failure)
+            case .standbyDiverged:
+                count("standbyDiverged")
             case .stepDown(let newer):
                 count("stepDown")
                 if newer > monitorEpoch { fail("primary stepped down to epoch \(newer), which the monitor never made") }
@@ -1035,7 +1037,7 @@ final class Simulation {
         init(_ action: PrimaryAction) {
             switch action {
             case .send(_, .reject), .closeConnection: self = .rejectOrClose
-            case .send, .readLog, .readLogSummaries, .sendSnapshot, .commitDurable, .commitFailed, .stepDown: self = .other
+            case .send, .readLog, .readLogSummaries, .sendSnapshot, .commitDurable, .commitFailed, .stepDown, .standbyDiverged: self = .other
             }
         }
     }
@@ -1478,6 +1480,7 @@ final class Simulation {
         case .commitDurable(let t, let l): return "commitDurable \(t) \(l)"
         case .commitFailed(let t, let l, let f): return "commitFailed \(t) \(l) \(f)"
         case .stepDown(let e): return "stepDown to \(e)"
+        case .standbyDiverged(let d): return "standbyDiverged: \(d)"
         }
     }
 

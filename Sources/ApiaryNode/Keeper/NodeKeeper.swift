@@ -69,7 +69,8 @@ final class NodeKeeper: @unchecked Sendable {
         // "reached primary" with figures from before it (from wait_primary).
         let before = lock.withLock { core }
         let figures = await roles.keeperFigures()
-        let report = before.report(tenants: figures.tenants, streaming: figures.streaming, holdsLease: figures.holdsLease)
+        var report = before.report(tenants: figures.tenants, streaming: figures.streaming, holdsLease: figures.holdsLease)
+        report.divergences = figures.divergences
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         guard let body = try? encoder.encode(HeartbeatBody(report)) else { return }
@@ -88,6 +89,7 @@ final class NodeKeeper: @unchecked Sendable {
             default: return problem("the monitor answered \(response.status): \(message)")
             }
         }
+        roles.divergencesDelivered(report.divergences)
         guard let wire = try? JSONDecoder().decode(AssignmentBody.self, from: Data(response.body)) else {
             return problem("the monitor's answer is not an assignment: \(response.text.prefix(200))")
         }
@@ -190,4 +192,13 @@ private final class Wakeup: @unchecked Sendable {
         }
         waiting?.succeed()
     }
+}
+
+/// What a node tells the monitor beside its role and goal (``NodeRoles/keeperFigures()``).
+struct KeeperFigures {
+    var tenants: [TenantID: TenantReport]
+    var streaming: Bool
+    var holdsLease: Bool?
+    /// A primary's rejoin reports not yet delivered.
+    var divergences: [Divergence] = []
 }
