@@ -42,6 +42,16 @@ public struct HeartbeatBody: Codable, Sendable, Equatable {
             case tenant, standby, sharedThroughLSN = "shared_through_lsn", discardedFromLSN = "discarded_from_lsn"
             case discardedThroughLSN = "discarded_through_lsn", discardedEpochs = "discarded_epochs", bySnapshot = "by_snapshot"
         }
+        public init(tenant: String, standby: String, sharedThroughLSN: UInt64?, discardedFromLSN: UInt64, discardedThroughLSN: UInt64,
+                    discardedEpochs: [UInt64], bySnapshot: Bool) {
+            self.tenant = tenant
+            self.standby = standby
+            self.sharedThroughLSN = sharedThroughLSN
+            self.discardedFromLSN = discardedFromLSN
+            self.discardedThroughLSN = discardedThroughLSN
+            self.discardedEpochs = discardedEpochs
+            self.bySnapshot = bySnapshot
+        }
     }
 
     public init(role: String, epoch: UInt64, reached: Reached?, tenants: [String: Tenant] = [:], streaming: Bool, lease: Bool? = nil,

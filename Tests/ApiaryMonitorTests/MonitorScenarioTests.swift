@@ -52,6 +52,36 @@ final class MonitorScenarioTests: XCTestCase {
         cluster.assertClean()
     }
 
+    /// A primary's report of what its rejoining standby discarded is recorded once, however
+    /// often the keeper repeats it (until a heartbeat carrying it is answered), and survives the
+    /// wire form.
+    func testARejoinsDivergenceReportIsRecordedOnce() throws {
+        let cluster = SimCluster()
+        cluster.converge(commitsPerStep: 1)
+        let w = cluster.id(.primary), s = cluster.id(.standby)
+        var report = cluster.report(of: w)
+        report.divergences = [Divergence(tenant: try TenantID("acme"), standby: s, sharedThroughLSN: 19, discardedFromLSN: 20,
+                                         discardedThroughLSN: 21, discardedEpochs: [Epoch(1)], bySnapshot: true)]
+        guard case .success(let decoded) = try JSONDecoder().decode(HeartbeatBody.self, from: JSONEncoder().encode(HeartbeatBody(report))).report() else {
+            return XCTFail("the wire form did not decode")
+        }
+        XCTAssertEqual(decoded, report)
+        cluster.heartbeat(w, report: decoded)
+        cluster.heartbeat(w, report: decoded)
+        let noted = cluster.events(containing: "rejoin: node \(s) discards tenant acme's lsns 20–21 (epoch 1)")
+        XCTAssertEqual(noted.count, 1, "\(cluster.events.suffix(5))")
+        XCTAssertEqual(noted.first?.node, s)
+        cluster.assertClean()
+    }
+
+    func testAMalformedDivergenceReportIsRefused() {
+        var body = HeartbeatBody(role: "primary", epoch: 1, reached: nil, streaming: true)
+        body.divergences = [.init(tenant: "acme", standby: "b", sharedThroughLSN: 30, discardedFromLSN: 20, discardedThroughLSN: 21,
+                                  discardedEpochs: [1], bySnapshot: true)]
+        guard case .failure(let error) = body.report() else { return XCTFail("a shared lsn past the discarded ones was accepted") }
+        XCTAssertTrue("\(error)".contains("malformed divergence report"), "\(error)")
+    }
+
     // MARK: Primary lost
 
     func testKilledPrimaryIsReplacedOnlyAfterTheTimeoutAndTheStandbysConfirmation() {
