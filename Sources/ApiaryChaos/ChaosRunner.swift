@@ -60,6 +60,7 @@ public final class ChaosRunner: @unchecked Sendable {
         var clients: [Task<Void, Never>] = []
         for c in 0..<scenario.setClients { clients.append(Task { await self.setClient(c) }) }
         for c in 0..<scenario.bankClients { clients.append(Task { await self.bankClient(scenario.setClients + c) }) }
+        for c in 0..<scenario.registerClients { clients.append(Task { await self.registerClient(scenario.setClients + scenario.bankClients + c) }) }
         for fault in scenario.faults.sorted(by: { $0.at < $1.at }) {
             let due = workloadStart + Int64(fault.at * 1000)
             if due > nowMs { try await Task.sleep(for: .milliseconds(due - nowMs)) } // the schedule is wall-clock time
@@ -87,6 +88,26 @@ public final class ChaosRunner: @unchecked Sendable {
         checks.append(Checkers.set(history: ops, finalValues: values))
         let total = try await query("SELECT sum(bal) FROM b").first?.first ?? -1
         checks.append(Checkers.bank(history: ops, total: Self.accounts * Self.balance, finalTotal: total))
+        var finalReads: [WorkloadOperation] = []
+        if scenario.registerClients > 0 {
+            // Every register read once more after healing: an acknowledged write lost in a
+            // failover shows as a read the history cannot explain.
+            let invoked = nowMs
+            let finalRegisters = try await query("SELECT k, v FROM registers", level: "linearizable")
+            let completed = nowMs
+            for row in finalRegisters where row.count == 2 {
+                finalReads.append(.registerRead(client: -1, key: row[0], value: row[1], invokedMs: invoked - workloadStart, completedMs: completed - workloadStart,
+                                         outcome: .ok, detail: "final read after healing"))
+            }
+            let clock = ContinuousClock()
+            var check = CheckResult(name: "", passed: false, detail: "")
+            let took = clock.measure {
+                check = Checkers.registers(history: ops + finalReads, statesMax: scenario.linearizabilityStatesMax ?? Linearizability.statesMaxDefault)
+            }
+            check.detail += "; \(took)"
+            checks.append(check)
+            checks.append(Checkers.registerReadsMonotonic(history: ops + finalReads))
+        }
         checks.append(Checkers.oneWriterPerEpoch(claims: writerClaims()))
         checks.append(await verifyReplicas())
         let availability = Availability(history: ops, durationMs: durationMs)
@@ -97,7 +118,7 @@ public final class ChaosRunner: @unchecked Sendable {
         let faults = lock.withLock { applied }.map { FaultRecord(atMs: $0.atMs - workloadStart, text: $0.text) }
         return ChaosReport(scenario: scenario.name, startedAt: ISO8601DateFormatter().string(from: started), durationMs: durationMs,
                            network: "loopback, process faults only (zones in network namespaces are not built yet)",
-                           checks: checks, availability: availability, faults: faults, operations: ops)
+                           checks: checks, availability: availability, faults: faults, operations: ops + finalReads)
     }
 
     // MARK: Faults
@@ -175,8 +196,8 @@ public final class ChaosRunner: @unchecked Sendable {
         var value = id
         while !lock.withLock({ stopped }) {
             let body = Array("[[\"INSERT INTO s(v) VALUES(?)\", \(value)]]".utf8)
-            let (outcome, detail, _, invoked, completed) = await send(.POST, "/db/execute", body: body, key: "set-\(value)")
-            lock.withLock { history.append(WorkloadOperation(kind: .add, client: id, value: value, invokedMs: invoked, completedMs: completed, outcome: outcome, detail: detail)) }
+            let r = await send(.POST, "/db/execute", body: body, key: "set-\(value)")
+            lock.withLock { history.append(WorkloadOperation(kind: .add, client: id, value: value, invokedMs: r.invokedMs, completedMs: r.completedMs, outcome: r.outcome, detail: r.detail)) }
             value += 64
         }
     }
@@ -187,9 +208,9 @@ public final class ChaosRunner: @unchecked Sendable {
         while !lock.withLock({ stopped }) {
             n += 1
             if n % 4 == 0 {
-                let (outcome, detail, rows, invoked, completed) = await send(.GET, "/db/query?level=strong&q=SELECT%20sum(bal)%20FROM%20b", body: nil, key: nil)
-                var op = WorkloadOperation(kind: .readTotal, client: id, value: n, invokedMs: invoked, completedMs: completed, outcome: outcome, detail: detail)
-                op.readValue = rows.first?.first
+                let r = await send(.GET, "/db/query?level=strong&q=SELECT%20sum(bal)%20FROM%20b", body: nil, key: nil)
+                var op = WorkloadOperation(kind: .readTotal, client: id, value: n, invokedMs: r.invokedMs, completedMs: r.completedMs, outcome: r.outcome, detail: r.detail)
+                op.readValue = r.rows.first?.first
                 lock.withLock { history.append(op) }
                 continue
             }
@@ -198,8 +219,8 @@ public final class ChaosRunner: @unchecked Sendable {
             let amount = Int.random(in: 1...5, using: &rng)
             // One statement: both sides or neither, and never below zero.
             let sql = "UPDATE b SET bal = bal + (CASE id WHEN \(from) THEN -\(amount) ELSE \(amount) END) WHERE id IN (\(from), \(to)) AND (SELECT bal FROM b WHERE id = \(from)) >= \(amount)"
-            let (outcome, detail, _, invoked, completed) = await send(.POST, "/db/execute", body: Array("[\"\(sql)\"]".utf8), key: "bank-\(id)-\(n)")
-            var op = WorkloadOperation(kind: .transfer, client: id, value: n, invokedMs: invoked, completedMs: completed, outcome: outcome, detail: detail)
+            let r = await send(.POST, "/db/execute", body: Array("[\"\(sql)\"]".utf8), key: "bank-\(id)-\(n)")
+            var op = WorkloadOperation(kind: .transfer, client: id, value: n, invokedMs: r.invokedMs, completedMs: r.completedMs, outcome: r.outcome, detail: r.detail)
             op.from = from
             op.to = to
             op.amount = amount
@@ -207,10 +228,64 @@ public final class ChaosRunner: @unchecked Sendable {
         }
     }
 
+    /// Reads, writes and compare-and-sets on `registerKeys` registers. Every value written is
+    /// unique (`id * 1_000_000 + n`, never the initial 0), which keeps the linearizability
+    /// search small; a compare-and-set expects the value this client last saw in that register.
+    private func registerClient(_ id: Int) async {
+        var n = 0
+        var rng = SystemRandomNumberGenerator()
+        var lastSeen = [Int](repeating: 0, count: scenario.registerKeys)
+        // Bounded: values stay unique per client up to a million operations.
+        while !lock.withLock({ stopped }), n < 999_999 {
+            n += 1
+            let key = Int.random(in: 0..<scenario.registerKeys, using: &rng)
+            let value = id * 1_000_000 + n
+            let op: WorkloadOperation
+            switch Int.random(in: 0..<10, using: &rng) {
+            case 0..<4:
+                let sql = "SELECT v FROM registers WHERE k = \(key)"
+                let r = await send(.GET, "/db/query?level=linearizable&q=" + sql.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!, body: nil, key: nil)
+                op = .registerRead(client: id, key: key, value: r.rows.first?.first, invokedMs: r.invokedMs, completedMs: r.completedMs, outcome: r.outcome, detail: r.detail)
+                if r.outcome == .ok, let v = r.rows.first?.first { lastSeen[key] = v }
+            case 4..<7:
+                let body = Array("[[\"UPDATE registers SET v = ? WHERE k = ?\", \(value), \(key)]]".utf8)
+                let r = await send(.POST, "/db/execute", body: body, key: "reg-\(id)-\(n)")
+                op = .registerWrite(client: id, key: key, value: value, invokedMs: r.invokedMs, completedMs: r.completedMs, outcome: r.outcome,
+                                    detail: r.detail + (r.outcome == .ok && r.rowsAffected != 1 ? " rows_affected \(r.rowsAffected.map(String.init) ?? "?")" : ""))
+                if r.outcome == .ok { lastSeen[key] = value }
+            default:
+                let expected = lastSeen[key]
+                let body = Array("[[\"UPDATE registers SET v = ? WHERE k = ? AND v = ?\", \(value), \(key), \(expected)]]".utf8)
+                let r = await send(.POST, "/db/execute", body: body, key: "reg-\(id)-\(n)")
+                // rows_affected 1: it found `expected` and wrote; 0: it found another value.
+                let swapped = r.rowsAffected.flatMap { $0 == 1 ? true : $0 == 0 ? false : nil }
+                op = .registerCAS(client: id, key: key, expected: expected, value: value, swapped: r.outcome == .ok ? swapped : nil,
+                                  invokedMs: r.invokedMs, completedMs: r.completedMs, outcome: r.outcome, detail: r.detail)
+                if swapped == true { lastSeen[key] = value }
+            }
+            var recorded = op
+            recorded.value = n
+            lock.withLock { history.append(recorded) }
+        }
+    }
+
+    /// What one request came to, as its client saw it.
+    struct Reply {
+        var outcome: Outcome
+        var detail: String
+        /// The integer rows of a query's answer.
+        var rows: [[Int]] = []
+        /// An acknowledged execute's `rows_affected` (of its first statement; rqlite leaves
+        /// out 0); nil when the answer does not say.
+        var rowsAffected: Int?
+        var invokedMs: Int64
+        var completedMs: Int64
+    }
+
     /// One request through a gateway (the second if the first cannot be reached), as an
-    /// application: its outcome, a short detail, the rows of a query, when it was invoked and
-    /// completed.
-    private func send(_ method: HTTPMethod, _ path: String, body: [UInt8]?, key: String?) async -> (Outcome, String, [[Int]], Int64, Int64) {
+    /// application: its outcome, a short detail, the rows of a query or the rows an execute
+    /// changed, when it was invoked and completed.
+    private func send(_ method: HTTPMethod, _ path: String, body: [UInt8]?, key: String?) async -> Reply {
         let invoked = nowMs
         var headers = [("Authorization", authorization)]
         if let key { headers.append(("Idempotency-Key", key)) }
@@ -223,17 +298,27 @@ public final class ChaosRunner: @unchecked Sendable {
                     r = try await c.request(method, path, headers: headers, body: body, timeoutMs: 10_000)
                 } catch {
                     // Sent, no answer: a read is just failed; a write may or may not be applied.
-                    return (method == .GET ? .failed : .unknown, "no answer: \(error)", [], invoked, nowMs)
+                    return Reply(outcome: method == .GET ? .failed : .unknown, detail: "no answer: \(error)", invokedMs: invoked, completedMs: nowMs)
                 }
-                if r.status == 200, let rows = r.integerRows { return (.ok, "200", rows, invoked, nowMs) }
+                if r.status == 200, let rows = r.integerRows {
+                    return Reply(outcome: .ok, detail: "200", rows: rows, rowsAffected: method == .GET ? nil : Self.rowsAffected(r.body),
+                                 invokedMs: invoked, completedMs: nowMs)
+                }
                 let code = r.errorCode ?? "-"
                 let unknown = r.header("x-apiary-outcome") == "unknown"
-                return (unknown ? .unknown : .failed, "\(r.status) \(code)", [], invoked, nowMs)
+                return Reply(outcome: unknown ? .unknown : .failed, detail: "\(r.status) \(code)", invokedMs: invoked, completedMs: nowMs)
             } catch {
                 continue // could not connect: nothing was sent; try the other gateway
             }
         }
-        return (.failed, "no gateway reachable", [], invoked, nowMs)
+        return Reply(outcome: .failed, detail: "no gateway reachable", invokedMs: invoked, completedMs: nowMs)
+    }
+
+    /// `rows_affected` of the first result in an rqlite answer to an execute (absent means 0).
+    static func rowsAffected(_ body: [UInt8]) -> Int? {
+        guard let json = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
+              let first = (json["results"] as? [[String: Any]])?.first else { return nil }
+        return (first["rows_affected"] as? NSNumber)?.intValue ?? 0
     }
 
     // MARK: Setup and checks
@@ -274,17 +359,19 @@ public final class ChaosRunner: @unchecked Sendable {
         try await accounts.createUser("chaos", tenant: "chaos", role: "writer", password: password)
         authorization = "Basic " + Data("chaos:\(password)".utf8).base64EncodedString()
         let rows = (0..<Self.accounts).map { "(\($0), \(Self.balance))" }.joined(separator: ", ")
-        let body = Array("[\"CREATE TABLE s (v INTEGER)\", \"CREATE TABLE b (id INTEGER PRIMARY KEY, bal INTEGER NOT NULL)\", \"INSERT INTO b VALUES \(rows)\"]".utf8)
-        let (outcome, detail, _, _, _) = await send(.POST, "/db/execute?transaction", body: body, key: nil)
-        guard outcome == .ok else { throw ChaosError("cannot create the workload's tables: \(detail)") }
+        let registers = (0..<scenario.registerKeys).map { "(\($0), 0)" }.joined(separator: ", ")
+        let body = Array(("[\"CREATE TABLE s (v INTEGER)\", \"CREATE TABLE b (id INTEGER PRIMARY KEY, bal INTEGER NOT NULL)\", \"INSERT INTO b VALUES \(rows)\", "
+            + "\"CREATE TABLE registers (k INTEGER PRIMARY KEY, v INTEGER NOT NULL)\", \"INSERT INTO registers VALUES \(registers)\"]").utf8)
+        let r = await send(.POST, "/db/execute?transaction", body: body, key: nil)
+        guard r.outcome == .ok else { throw ChaosError("cannot create the workload's tables: \(r.detail)") }
     }
 
-    /// A query through a gateway at level strong, held until it is answered (after healing).
-    private func query(_ sql: String) async throws -> [[Int]] {
-        let path = "/db/query?level=strong&q=" + sql.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!
+    /// A query through a gateway at `level`, held until it is answered (after healing).
+    private func query(_ sql: String, level: String = "strong") async throws -> [[Int]] {
+        let path = "/db/query?level=\(level)&q=" + sql.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!
         for _ in 0..<50 {
-            let (outcome, _, rows, _, _) = await send(.GET, path, body: nil, key: nil)
-            if outcome == .ok { return rows }
+            let r = await send(.GET, path, body: nil, key: nil)
+            if r.outcome == .ok { return r.rows }
             try await Task.sleep(for: .milliseconds(200))
         }
         throw ChaosError("the final read '\(sql)' never succeeded")

@@ -23,6 +23,12 @@ public struct WorkloadOperation: Codable, Sendable, Hashable {
         case transfer
         /// Read the bank's total at level `strong`.
         case readTotal = "read_total"
+        /// Read register `key` at level `linearizable` (`readValue`; nil: no row).
+        case registerRead = "register_read"
+        /// Set register `key` to `written`.
+        case registerWrite = "register_write"
+        /// Set register `key` to `written` if it holds `expected` (`swapped` says whether it did).
+        case registerCAS = "register_cas"
     }
     public var kind: Kind
     public var client: Int
@@ -32,6 +38,16 @@ public struct WorkloadOperation: Codable, Sendable, Hashable {
     public var amount: Int = 0
     /// A read's answer.
     public var readValue: Int?
+    /// Register operations: the register (the others leave it out of the JSON).
+    public var key: Int?
+    /// A register write's or compare-and-set's new value, unique per operation in the workload.
+    public var written: Int?
+    /// A compare-and-set's expected value.
+    public var expected: Int?
+    /// An acknowledged compare-and-set's result: true when it found `expected` and wrote
+    /// (`rows_affected` 1), false when it found another value (0). An `ok` one without it is
+    /// checked as an unknown outcome.
+    public var swapped: Bool?
     public var invokedMs: Int64
     public var completedMs: Int64
     public var outcome: Outcome
@@ -46,6 +62,33 @@ public struct WorkloadOperation: Codable, Sendable, Hashable {
         self.completedMs = completedMs
         self.outcome = outcome
         self.detail = detail
+    }
+
+    /// A register read that returned `value` (nil: no row).
+    public static func registerRead(client: Int, key: Int, value: Int?, invokedMs: Int64, completedMs: Int64, outcome: Outcome, detail: String = "") -> WorkloadOperation {
+        var op = WorkloadOperation(kind: .registerRead, client: client, value: 0, invokedMs: invokedMs, completedMs: completedMs, outcome: outcome, detail: detail)
+        op.key = key
+        op.readValue = value
+        return op
+    }
+
+    /// A register write of `value`.
+    public static func registerWrite(client: Int, key: Int, value: Int, invokedMs: Int64, completedMs: Int64, outcome: Outcome, detail: String = "") -> WorkloadOperation {
+        var op = WorkloadOperation(kind: .registerWrite, client: client, value: 0, invokedMs: invokedMs, completedMs: completedMs, outcome: outcome, detail: detail)
+        op.key = key
+        op.written = value
+        return op
+    }
+
+    /// A compare-and-set from `expected` to `value`; `swapped` for an acknowledged one.
+    public static func registerCAS(client: Int, key: Int, expected: Int, value: Int, swapped: Bool?, invokedMs: Int64, completedMs: Int64,
+                                   outcome: Outcome, detail: String = "") -> WorkloadOperation {
+        var op = WorkloadOperation(kind: .registerCAS, client: client, value: 0, invokedMs: invokedMs, completedMs: completedMs, outcome: outcome, detail: detail)
+        op.key = key
+        op.written = value
+        op.expected = expected
+        op.swapped = swapped
+        return op
     }
 }
 

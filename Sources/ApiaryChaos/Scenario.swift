@@ -41,9 +41,36 @@ public struct Scenario: Codable, Sendable {
     public var setClients: Int
     /// Clients moving money between accounts, and reading the total at level `strong`.
     public var bankClients: Int
+    /// Clients reading, writing and compare-and-setting registers (at level `linearizable`),
+    /// checked for linearizability. 0 when the file leaves it out.
+    public var registerClients: Int
+    /// How many registers they share (5 when left out): fewer keys, more contention.
+    public var registerKeys: Int
+    /// The linearizability search's bound per key (``Linearizability/statesMaxDefault`` when
+    /// left out); past it the check says "could not decide", a failure.
+    public var linearizabilityStatesMax: Int?
     public var faults: [Fault]
     /// Availability the run must reach, both ways, if given (the `hour` scenario: 0.999).
     public var availabilityMin: Double?
+
+    enum CodingKeys: String, CodingKey {
+        case name, description, seconds, setClients, bankClients, registerClients, registerKeys, linearizabilityStatesMax, faults, availabilityMin
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        description = try c.decode(String.self, forKey: .description)
+        seconds = try c.decode(Double.self, forKey: .seconds)
+        setClients = try c.decode(Int.self, forKey: .setClients)
+        bankClients = try c.decode(Int.self, forKey: .bankClients)
+        // Added with the register workload: files written before it still load.
+        registerClients = try c.decodeIfPresent(Int.self, forKey: .registerClients) ?? 0
+        registerKeys = try c.decodeIfPresent(Int.self, forKey: .registerKeys) ?? 5
+        linearizabilityStatesMax = try c.decodeIfPresent(Int.self, forKey: .linearizabilityStatesMax)
+        faults = try c.decode([Fault].self, forKey: .faults)
+        availabilityMin = try c.decodeIfPresent(Double.self, forKey: .availabilityMin)
+    }
 
     /// Loads `chaos/scenarios/NAME.json` (or a path).
     public static func load(_ nameOrPath: String, directory: String) throws -> Scenario {
@@ -56,9 +83,12 @@ public struct Scenario: Codable, Sendable {
 
     func validate() throws {
         guard seconds > 0, seconds <= 86_400 else { throw ChaosError("seconds must be 0...86400") }
-        guard setClients >= 0, bankClients >= 0, setClients + bankClients > 0, setClients + bankClients <= 64 else {
+        let clients = setClients + bankClients + registerClients
+        guard setClients >= 0, bankClients >= 0, registerClients >= 0, clients > 0, clients <= 64 else {
             throw ChaosError("between 1 and 64 clients in all")
         }
+        guard registerKeys >= 1, registerKeys <= 64 else { throw ChaosError("registerKeys must be 1...64") }
+        if let bound = linearizabilityStatesMax, bound < 1 { throw ChaosError("linearizabilityStatesMax must be at least 1") }
         for fault in faults {
             guard fault.at >= 0, fault.at < seconds else { throw ChaosError("fault '\(fault)' is outside the run") }
             if fault.kind == .pause { guard let s = fault.seconds, s > 0 else { throw ChaosError("a pause needs seconds > 0") } }

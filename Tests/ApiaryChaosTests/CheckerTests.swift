@@ -50,5 +50,6 @@ final class CheckerTests: XCTestCase {
         }
         let smoke = try Scenario.load("smoke", directory: root + "/chaos/scenarios")
         XCTAssertLessThanOrEqual(smoke.seconds, 120, "smoke runs in CI: at most a few minutes")
+        XCTAssertGreaterThan(smoke.registerClients, 0, "smoke checks registers for linearizability too")
     }
 }
