@@ -17,8 +17,8 @@ public enum Linearizability {
     /// gives up with ``Verdict/undecided``. What it takes grows with how many operations on one
     /// key overlap in time, not with the length of the history: a few thousand operations per
     /// key from a handful of clients take about as many states (milliseconds); 300,000 states take
-    /// about a second and 120 MB in a release build (measured: 16 clients on one key with 270
-    /// unknown outcomes decide in under 400,000; 32 clients on one key do not decide).
+    /// about a second and 120 MB in a release build (measured: a linearizable history of 16
+    /// clients on one key decides in under 150,000; of 32 clients, not within the bound).
     public static let statesMaxDefault = 300_000
 
     public enum Verdict: String, Codable, Sendable {
@@ -32,8 +32,8 @@ public enum Linearizability {
     public struct KeyResult: Sendable, Hashable {
         public var key: Int
         public var verdict: Verdict
-        /// Operations the search had to order (acknowledged ones and unknown writes); reads and
-        /// writes that were not executed are left out.
+        /// Operations the search had to order (acknowledged ones, and writes and compare-and-sets
+        /// of unknown outcome); operations not executed and reads without an answer are left out.
         public var operations: Int
         /// Of them, writes and compare-and-sets whose outcome is unknown.
         public var unknown: Int
