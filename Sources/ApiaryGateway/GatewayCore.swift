@@ -95,6 +95,9 @@ public struct RequestProgress: Hashable, Sendable {
     /// The topology version of the last attempt that a node refused or that could not be sent;
     /// the next goes to the same writer only once the topology changed or a backoff passed.
     fileprivate var refusedAtVersion: UInt64?
+    /// The topology's version when the last attempt was sent: a refusal counts against that
+    /// topology (a newer one explains it, and the request goes on at once).
+    fileprivate var sentAtVersion: UInt64 = 0
     fileprivate var retryAt: Int64 = .min
 
     public init(traits: RequestTraits, now: Int64) {
@@ -155,9 +158,21 @@ public struct GatewayCore: Sendable {
         return .forward(writer)
     }
 
+    /// An attempt of `request` is under way on `node`, and the topology changed: whether to give
+    /// that attempt up now (close its connection; it then ends as "no answer") rather than wait
+    /// for its answer. Only when another writer is ready and the request may be sent again
+    /// safely (a read, or a write with an idempotency key): a primary that lost its role, paused
+    /// or cut off, may never answer, and the request should not wait out the attempt's timeout.
+    /// A write without a key stays with its attempt: its outcome is the client's to learn.
+    public func abandons(_ request: RequestProgress, sentTo node: NodeID) -> Bool {
+        guard request.traits.resendable, let writer = topology.writer, topology.writerReady else { return false }
+        return writer != node
+    }
+
     /// The shell is about to send `request` (after `.forward`).
     public func sending(_ request: inout RequestProgress) {
         request.attempts += 1
+        request.sentAtVersion = topology.version
     }
 
     /// How the attempt ended: answer the client, ask `next` again, or give up.
@@ -189,7 +204,7 @@ public struct GatewayCore: Sendable {
     }
 
     private func refused(_ request: inout RequestProgress, now: Int64) {
-        request.refusedAtVersion = topology.version
+        request.refusedAtVersion = request.sentAtVersion
         request.retryAt = now + min(config.backoffMaxMs, config.backoffStepMs * Int64(request.attempts))
     }
 }

@@ -47,6 +47,28 @@ final class GatewayCoreTests: XCTestCase {
         XCTAssertEqual(c.next(r, now: 30), .forward("node-a"))
     }
 
+    /// A primary cut off or paused may never answer: once another writer is ready, an attempt
+    /// still waiting on the old one is given up and sent again, if that is safe.
+    func testAnAttemptOnAFormerWriterIsAbandonedOnlyWhenItMayBeSentAgain() {
+        var c = core()
+        var keyed = RequestProgress(traits: keyedWrite, now: 0), reading = RequestProgress(traits: read, now: 0), plain = RequestProgress(traits: write, now: 0)
+        c.sending(&keyed) // all three sent to node-a in version 1
+        c.sending(&reading)
+        c.sending(&plain)
+        for r in [keyed, reading, plain] { XCTAssertFalse(c.abandons(r, sentTo: "node-a"), "the writer is still node-a") }
+        c.onTopology(GatewayTopology(version: 2, epoch: Epoch(2), writer: "node-b", writerReady: false))
+        XCTAssertFalse(c.abandons(keyed, sentTo: "node-a"), "no other writer is ready yet: nowhere better to send it")
+        c.onTopology(GatewayTopology(version: 3, epoch: Epoch(2), writer: "node-b", writerReady: true))
+        XCTAssertTrue(c.abandons(keyed, sentTo: "node-a"))
+        XCTAssertTrue(c.abandons(reading, sentTo: "node-a"))
+        XCTAssertFalse(c.abandons(plain, sentTo: "node-a"), "a write without a key waits for its own outcome")
+        XCTAssertFalse(c.abandons(keyed, sentTo: "node-b"))
+        // The abandoned attempt ends as "no answer"; the keyed write goes to node-b at once (no
+        // backoff: the new topology explains the refusal).
+        XCTAssertEqual(c.onOutcome(.noAnswer, of: &keyed, now: 10), .forward("node-b"))
+        XCTAssertEqual(c.onOutcome(.noAnswer, of: &reading, now: 10), .forward("node-b"))
+    }
+
     func testAWriteWithoutAKeyIsNeverSentAgainOnceItMayHaveBeenExecuted() {
         let c = core()
         var r = RequestProgress(traits: write, now: 0)

@@ -50,7 +50,7 @@ struct GatewayForwarder: HTTPResponder {
             switch decision {
             case .forward(let node):
                 state.with { $0.sending(&progress) }
-                let (outcome, answer) = await attempt(request, on: node)
+                let (outcome, answer) = await attempt(request, on: node, progress: progress)
                 lastAnswer = answer
                 (decision, seen) = state.with { ($0.onOutcome(outcome, of: &progress, now: monotonicNowMs()), $0.topology) }
             case .wait(let untilMs):
@@ -65,7 +65,7 @@ struct GatewayForwarder: HTTPResponder {
     }
 
     /// One attempt on `node`: how it ended, and the node's answer if it gave one.
-    private func attempt(_ request: APIRequest, on node: NodeID) async -> (AttemptOutcome, APIResponse?) {
+    private func attempt(_ request: APIRequest, on node: NodeID, progress: RequestProgress) async -> (AttemptOutcome, APIResponse?) {
         guard let pool = pools[node] else {
             logger.warning("the monitor names a writer this gateway has no address for", metadata: ["node": "\(node)"])
             return (.notSent, nil)
@@ -77,6 +77,10 @@ struct GatewayForwarder: HTTPResponder {
         let channel = connection.channel
         let timeout = channel.eventLoop.scheduleTask(in: .milliseconds(Self.attemptTimeoutMs)) { channel.close(promise: nil) }
         defer { timeout.cancel() }
+        // While the attempt is under way, a change of writer may make waiting for it pointless
+        // (GatewayCore.abandons): the state then closes its connection and the core sends it again.
+        let token = state.attemptBegins(progress, on: node, channel: channel)
+        defer { state.attemptEnded(token) }
         let response: HTTPSConnection.Response
         do {
             response = try await connection.request(request.method, request.uri, headers: headers,

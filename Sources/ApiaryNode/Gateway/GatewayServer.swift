@@ -81,18 +81,43 @@ final class GatewayState: @unchecked Sendable {
     private var core: GatewayCore
     private var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
     private var nextWaiter: UInt64 = 0
+    /// Attempts under way: a change of writer may abandon them (``GatewayCore/abandons(_:sentTo:)``).
+    private var inFlight: [UInt64: (request: RequestProgress, node: NodeID, channel: any Channel)] = [:]
+    private var nextAttempt: UInt64 = 0
 
     init(core: GatewayCore) { self.core = core }
 
     func with<T>(_ body: (inout GatewayCore) -> T) -> T { lock.withLock { body(&core) } }
 
-    func onTopology(_ topology: GatewayTopology) {
-        let woken: [CheckedContinuation<Void, Never>] = lock.withLock {
-            guard core.onTopology(topology) else { return [] }
+    /// - Returns: how many attempts under way it gave up (their writer is no longer the writer).
+    @discardableResult
+    func onTopology(_ topology: GatewayTopology) -> Int {
+        let (woken, abandoned): ([CheckedContinuation<Void, Never>], [any Channel]) = lock.withLock {
+            guard core.onTopology(topology) else { return ([], []) }
             defer { waiters.removeAll() }
-            return Array(waiters.values)
+            let abandoned = inFlight.values.filter { core.abandons($0.request, sentTo: $0.node) }.map(\.channel)
+            return (Array(waiters.values), abandoned)
         }
+        // Their attempts end as "no answer"; the core sends them again to the new writer.
+        for channel in abandoned { channel.close(promise: nil) }
         for w in woken { w.resume() }
+        return abandoned.count
+    }
+
+    /// An attempt of `request` on `node` begins on `channel`; returns its token for ``attemptEnded(_:)``.
+    func attemptBegins(_ request: RequestProgress, on node: NodeID, channel: any Channel) -> UInt64 {
+        let (token, abandon) = lock.withLock { () -> (UInt64, Bool) in
+            nextAttempt += 1
+            inFlight[nextAttempt] = (request, node, channel)
+            // The writer may have changed since the decision to send here.
+            return (nextAttempt, core.abandons(request, sentTo: node))
+        }
+        if abandon { channel.close(promise: nil) }
+        return token
+    }
+
+    func attemptEnded(_ token: UInt64) {
+        lock.withLock { _ = inFlight.removeValue(forKey: token) }
     }
 
     /// Returns when the topology is no longer `seen` (it may have changed between the decision
@@ -150,7 +175,11 @@ final class TopologyWatch: @unchecked Sendable {
                     version = body.version
                     if body.run != run { version = 0 } // a restarted monitor: its versions start over
                     run = body.run
-                    state.onTopology(GatewayTopology(version: body.version, run: body.run, epoch: Epoch(body.epoch), writer: body.writer, writerReady: body.writerReady))
+                    let abandoned = state.onTopology(GatewayTopology(version: body.version, run: body.run, epoch: Epoch(body.epoch), writer: body.writer, writerReady: body.writerReady))
+                    if abandoned > 0 {
+                        logger.notice("the writer changed: attempts still waiting on the former writer are sent to the new one",
+                                      metadata: ["writer": "\(body.writer ?? "-")", "epoch": "\(body.epoch)", "attempts": "\(abandoned)"])
+                    }
                     if complained { logger.notice("the monitor's topology watch answers again") }
                     complained = false
                 } catch {
