@@ -6,6 +6,6 @@ struct Apiary: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "apiary",
         abstract: "A multi-zone replicated SQL database.",
-        subcommands: [Certs.self, Node.self, Monitor.self, Gateway.self, Up.self, Ctl.self, Bench.self, Chaos.self]
+        subcommands: [Certs.self, Node.self, Monitor.self, Gateway.self, Up.self, Ctl.self, Bench.self, Chaos.self, Drill.self]
     )
 }

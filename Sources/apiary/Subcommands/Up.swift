@@ -23,6 +23,11 @@ struct Up: AsyncParsableCommand {
         let writer = try await Self.writer(monitor: Address(argument: "127.0.0.1:\(m)")!, certificates: cluster.certificates)
         let w = writer == cluster.standby.name ? s : p
         // A tenant and its first user, made as the cluster operator (a new password each run).
+        // For operators' tools on this cluster (`apiary drill zone-loss`): where everything
+        // listens, which process is in which zone. Removed when the cluster stops.
+        let descriptionPath = directory + "/cluster.json"
+        try cluster.describe(name: "local (\(directory))").write(to: descriptionPath)
+        defer { try? FileManager.default.removeItem(atPath: descriptionPath) }
         let accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: w)
         do { try await accounts.createTenant("demo") } catch where "\(error)".contains("409") || "\(error)".contains("exists") {}
         let user = "demo-\(Int.random(in: 1000...9999))", password = AccountsClient.randomPassword()
@@ -30,7 +35,7 @@ struct Up: AsyncParsableCommand {
         print("""
 
         Apiary demo cluster is up (data, certificates and logs in \(directory)):
-          endpoint        https://localhost:\(g)   (gateway-1; gateway-2 on \(g2): either follows the primary through failover)
+          endpoint        https://localhost:\(g)   (gateway-1, zone a; gateway-2 on \(g2), zone b: either follows the primary through failover)
           node-a          https://127.0.0.1:\(p)   (zone a)
           node-b          https://127.0.0.1:\(s)  (zone b; synchronous replica of node-a, or the other way round)
           monitor         https://127.0.0.1:\(m)  (zone c: promotes the standby within a second if the primary dies)
@@ -52,6 +57,9 @@ struct Up: AsyncParsableCommand {
           \(CommandLine.arguments[0]) ctl status --monitor 127.0.0.1:\(m) --certs \(cluster.certificates)
           \(CommandLine.arguments[0]) ctl events --monitor 127.0.0.1:\(m) --certs \(cluster.certificates)
           \(CommandLine.arguments[0]) ctl failover --monitor 127.0.0.1:\(m) --certs \(cluster.certificates)
+
+        Lose a zone under writes, with RTO, RPO and an evidence report (the zone's processes are paused, then resumed):
+          \(CommandLine.arguments[0]) drill zone-loss --zone primary --cluster \(descriptionPath) --dry-run
 
         Prove both replicas are identical:
           \(CommandLine.arguments[0]) ctl verify --certs \(cluster.certificates) --primary 127.0.0.1:\(w) --standby 127.0.0.1:\(w == p ? s : p)
