@@ -44,7 +44,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
 
     // Event-loop-only state.
     private var core: PrimaryReplication
-    private var channels = ReplicationChannels()
+    private let channels = ReplicationChannels()
     private var waiters: [TenantLSN: CommitWaiter] = [:]
     /// Told (on the loop) when the core steps down: the node changes its role.
     var onSteppedDown: ((Epoch) -> Void)?

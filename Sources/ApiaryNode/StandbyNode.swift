@@ -182,7 +182,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
 
     // Event-loop-only state.
     private var core: StandbyReplication
-    private var channels = ReplicationChannels()
+    private let channels = ReplicationChannels()
     /// The connection being dialled, until it is reported connected or failed (exactly once:
     /// a TCP connection whose TLS handshake fails or stalls closes without ever connecting,
     /// and the core must hear of it, or it waits in "connecting" forever).

@@ -219,7 +219,13 @@ enum ClusterTransport {
 
 /// The open replication connections of one node, by the ids the cores know them by.
 /// Event-loop-only, like the core that names them.
-struct ReplicationChannels {
+///
+/// A class, not a struct held in its node: closing a channel may report it inactive at once,
+/// on the same stack, and the node then forgets it here. With a struct, that second access to
+/// the node's property overlapped the first (the mutating `close`), a Swift exclusivity
+/// violation that crashed a primary whose paused standby timed out (`GatewayTests`, a paused
+/// primary). Each access here ends before a channel is closed.
+final class ReplicationChannels {
     private var channels: [ConnectionID: any Channel] = [:]
 
     subscript(id: ConnectionID) -> (any Channel)? {
@@ -236,7 +242,7 @@ struct ReplicationChannels {
 
     /// Closes and forgets a connection; false if it was not open.
     @discardableResult
-    mutating func close(_ id: ConnectionID, reason: CloseReason? = nil, logger: Logger) -> Bool {
+    func close(_ id: ConnectionID, reason: CloseReason? = nil, logger: Logger) -> Bool {
         guard let channel = channels.removeValue(forKey: id) else { return false }
         if let reason { logger.info("closing replication connection", metadata: ["connection": "\(id)", "reason": "\(reason)"]) }
         channel.close(promise: nil)
@@ -244,10 +250,11 @@ struct ReplicationChannels {
     }
 
     /// Forgets a connection that closed by itself; false if it was not open.
-    mutating func forget(_ id: ConnectionID) -> Bool { channels.removeValue(forKey: id) != nil }
+    func forget(_ id: ConnectionID) -> Bool { channels.removeValue(forKey: id) != nil }
 
-    mutating func closeAll() {
-        for (_, channel) in channels { channel.close(promise: nil) }
+    func closeAll() {
+        let all = channels.values
         channels.removeAll()
+        for channel in all { channel.close(promise: nil) }
     }
 }
