@@ -84,6 +84,40 @@ final class GatewayTests: NodeProcessTestCase {
         XCTAssertEqual(Set(unkeyed.acked).subtracting(unkeyedIDs), [], "acknowledged writes missing")
     }
 
+    /// A primary that stops answering without closing its connections (paused, or its zone cut
+    /// off): the requests the gateway had already sent it are sent to the new primary as soon
+    /// as it is ready, rather than waiting out the attempt's timeout and failing as "outcome
+    /// unknown" (GatewayCore.abandons). Clients with idempotency keys see no error at all.
+    func testAPausedPrimaryCostsKeyedClientsNoError() async throws {
+        let monitor = try await MonitorClient(cluster: cluster)
+        let setup = try await connect()
+        let created = try await setup.request(.POST, "/db/execute", headers: [authorization],
+                                              body: Array(#"["CREATE TABLE t (id INTEGER, keyed INTEGER)"]"#.utf8))
+        XCTAssertEqual(created.status, 200, created.text)
+        await setup.close()
+        try await monitor.waitUntil("in sync", timeoutSeconds: 60) { s in
+            s.node("node-a")?.reported == "primary" && s.node("node-b")?.promotable == true
+        }
+        // Several clients, so that requests are under way to node-a when it stops.
+        let clients = (0..<3).map { _ in GatewayWriter() }
+        let writers = clients.enumerated().map { i, w in Task { await self.write(w, withKeys: true, idsFrom: i * 1_000_000) } }
+        for w in clients { try await w.waitForMore(5, timeoutSeconds: 60) }
+        let pid = try XCTUnwrap(cluster.processID(of: cluster.primary))
+        kill(pid, SIGSTOP)
+        var paused = true
+        defer { if paused { kill(pid, SIGCONT) } }
+        try await monitor.waitUntil("node-b promoted", timeoutSeconds: 30) { s in s.node("node-b")?.reported == "wait_primary" }
+        for w in clients { try await w.waitForMore(5, timeoutSeconds: 30) }
+        kill(pid, SIGCONT)
+        paused = false
+        try await monitor.waitUntil("node-a rejoined", timeoutSeconds: 60) { s in s.node("node-a")?.reported == "secondary" }
+        for w in clients { w.stop() }
+        for w in writers { await w.value }
+        for w in clients { XCTAssertEqual(w.failures, [], "a keyed client saw errors while the primary was paused") }
+        let grep = (try? String(contentsOfFile: directory + "/logs/gateway-1.log", encoding: .utf8)) ?? ""
+        XCTAssertTrue(grep.contains("attempts still waiting on the former writer are sent to the new one"), "requests were under way to node-a when it stopped")
+    }
+
     /// A planned switchover and a failover drill, under writes through the gateway: a client
     /// whose writes carry idempotency keys sees no error at all.
     func testASwitchoverAndADrillCostAGatewayClientNoError() async throws {
@@ -113,9 +147,9 @@ final class GatewayTests: NodeProcessTestCase {
 
     /// One client of the gateway. With keys, it sends each write once (the gateway does the
     /// resending); without, it moves on after "outcome unknown" (the id may or may not be there).
-    func write(_ w: GatewayWriter, withKeys: Bool) async {
+    func write(_ w: GatewayWriter, withKeys: Bool, idsFrom first: Int = 0) async {
         var connection: HTTPSConnection?
-        var id = 0
+        var id = first
         while !w.stopped {
             do {
                 if connection?.isOpen != true { connection = try await connect() }

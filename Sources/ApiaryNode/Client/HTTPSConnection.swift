@@ -55,8 +55,7 @@ public final class HTTPSConnection: @unchecked Sendable {
     public func request(_ method: HTTPMethod, _ path: String, headers: [(String, String)] = [], body: [UInt8]? = nil,
                         timeoutMs: Int64? = nil) async throws -> Response {
         guard let timeoutMs else { return try await request(method, path, headers: headers, body: body) }
-        let channel = self.channel
-        let timer = channel.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) { channel.close(promise: nil) }
+        let timer = channel.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) { [self] in abandon() }
         defer { timer.cancel() }
         return try await request(method, path, headers: headers, body: body)
     }
@@ -93,6 +92,18 @@ public final class HTTPSConnection: @unchecked Sendable {
     public func close() async {
         try? await channel.close()
     }
+
+    /// Gives up the request under way now: it fails at once with ``HTTPSConnectionClosed``,
+    /// and the connection is closed. (A plain close of a TLS connection waits for the peer's
+    /// close_notify, up to seconds, before the request fails: a peer that is paused or cut off
+    /// never sends it.)
+    public func abandon() {
+        let handler = self.handler, channel = self.channel
+        channel.eventLoop.execute {
+            handler.failAll(HTTPSConnectionClosed())
+            channel.close(promise: nil)
+        }
+    }
 }
 
 /// Matches responses to requests in order; fails every waiting request when the connection dies.
@@ -120,10 +131,15 @@ final class ResponseCollector: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        let error = HTTPSConnectionClosed()
-        for promise in waiting { promise.fail(error) }
-        waiting.removeAll()
+        failAll(HTTPSConnectionClosed())
         context.fireChannelInactive()
+    }
+
+    /// On the channel's event loop.
+    func failAll(_ error: any Error) {
+        let failed = waiting
+        waiting.removeAll()
+        for promise in failed { promise.fail(error) }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

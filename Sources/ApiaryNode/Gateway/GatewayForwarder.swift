@@ -75,11 +75,11 @@ struct GatewayForwarder: HTTPResponder {
         var headers: [(String, String)] = request.headers.compactMap { Self.notForwarded.contains($0.name.lowercased()) ? nil : ($0.name, $0.value) }
         if let client = request.clientAddress { headers.append(("X-Forwarded-For", client)) }
         let channel = connection.channel
-        let timeout = channel.eventLoop.scheduleTask(in: .milliseconds(Self.attemptTimeoutMs)) { channel.close(promise: nil) }
+        let timeout = channel.eventLoop.scheduleTask(in: .milliseconds(Self.attemptTimeoutMs)) { connection.abandon() }
         defer { timeout.cancel() }
         // While the attempt is under way, a change of writer may make waiting for it pointless
         // (GatewayCore.abandons): the state then closes its connection and the core sends it again.
-        let token = state.attemptBegins(progress, on: node, channel: channel)
+        let token = state.attemptBegins(progress, on: node, connection: connection)
         defer { state.attemptEnded(token) }
         let response: HTTPSConnection.Response
         do {

@@ -82,7 +82,7 @@ final class GatewayState: @unchecked Sendable {
     private var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
     private var nextWaiter: UInt64 = 0
     /// Attempts under way: a change of writer may abandon them (``GatewayCore/abandons(_:sentTo:)``).
-    private var inFlight: [UInt64: (request: RequestProgress, node: NodeID, channel: any Channel)] = [:]
+    private var inFlight: [UInt64: (request: RequestProgress, node: NodeID, connection: HTTPSConnection)] = [:]
     private var nextAttempt: UInt64 = 0
 
     init(core: GatewayCore) { self.core = core }
@@ -92,27 +92,27 @@ final class GatewayState: @unchecked Sendable {
     /// - Returns: how many attempts under way it gave up (their writer is no longer the writer).
     @discardableResult
     func onTopology(_ topology: GatewayTopology) -> Int {
-        let (woken, abandoned): ([CheckedContinuation<Void, Never>], [any Channel]) = lock.withLock {
+        let (woken, abandoned): ([CheckedContinuation<Void, Never>], [HTTPSConnection]) = lock.withLock {
             guard core.onTopology(topology) else { return ([], []) }
             defer { waiters.removeAll() }
-            let abandoned = inFlight.values.filter { core.abandons($0.request, sentTo: $0.node) }.map(\.channel)
+            let abandoned = inFlight.values.filter { core.abandons($0.request, sentTo: $0.node) }.map(\.connection)
             return (Array(waiters.values), abandoned)
         }
         // Their attempts end as "no answer"; the core sends them again to the new writer.
-        for channel in abandoned { channel.close(promise: nil) }
+        for connection in abandoned { connection.abandon() }
         for w in woken { w.resume() }
         return abandoned.count
     }
 
-    /// An attempt of `request` on `node` begins on `channel`; returns its token for ``attemptEnded(_:)``.
-    func attemptBegins(_ request: RequestProgress, on node: NodeID, channel: any Channel) -> UInt64 {
+    /// An attempt of `request` on `node` begins on `connection`; returns its token for ``attemptEnded(_:)``.
+    func attemptBegins(_ request: RequestProgress, on node: NodeID, connection: HTTPSConnection) -> UInt64 {
         let (token, abandon) = lock.withLock { () -> (UInt64, Bool) in
             nextAttempt += 1
-            inFlight[nextAttempt] = (request, node, channel)
+            inFlight[nextAttempt] = (request, node, connection)
             // The writer may have changed since the decision to send here.
             return (nextAttempt, core.abandons(request, sentTo: node))
         }
-        if abandon { channel.close(promise: nil) }
+        if abandon { connection.abandon() }
         return token
     }
 
@@ -250,9 +250,12 @@ final class NodePool: @unchecked Sendable {
         lock.withLock { idle.append((connection, monotonicNowMs())) }
     }
 
+    /// Forgets a connection and closes it without waiting: a TLS close waits for the peer's
+    /// close_notify, which a paused or cut-off node never sends, and the request that gave the
+    /// connection up goes on at once.
     func discard(_ connection: HTTPSConnection) async {
         lock.withLock { open -= 1 }
-        await connection.close()
+        connection.abandon()
     }
 
     func closeAll() async {
