@@ -101,6 +101,7 @@ public final class ZoneLossDrill: @unchecked Sendable {
     /// in time) ends the drill with what it found.
     public func run(log: @escaping @Sendable (String) -> Void) async throws -> DrillReport {
         let startedAt = ISO8601DateFormatter().string(from: started)
+        _ = try resolveZone(try await monitorStatus()) // a zone the cluster lacks: refused before anything is done
         try await prepare()
         var results: [DrillRepetition] = []
         var failure: String?
