@@ -134,7 +134,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "ApiaryIntegrationTests", dependencies: [
-            "ApiaryNode", "ApiaryStorage", "ApiaryTLS", "ApiaryReplication", "ApiaryMonitor",
+            "ApiaryNode", "ApiaryStorage", "ApiaryTLS", "ApiaryReplication", "ApiaryMonitor", "ApiaryChaos",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOTLS", package: "swift-nio"),

@@ -7,27 +7,39 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 
-/// Runs one scenario against a real local cluster (two nodes, the monitor, two gateways) on
-/// loopback: the workload through the gateways, the faults on schedule, then the checks, and
-/// writes the report. Process faults only for now: zones in network namespaces (partitions,
-/// delay, loss) are not built yet, and the report says so.
+/// Runs one scenario against a real local cluster (two nodes, the monitor, two gateways): the
+/// workload through the gateways, the faults on schedule, then the checks, and writes the
+/// report. The zones are network namespaces (``ZoneNetwork``) where this machine allows it —
+/// node-a and gateway-1 in zone a, node-b and gateway-2 in b, the monitor in c, the clients
+/// outside — and network faults cut them apart; elsewhere everything runs on loopback with
+/// process faults only, and the report says so.
 public final class ChaosRunner: @unchecked Sendable {
     public struct Settings: Sendable {
         public var executable: String
         public var directory: String
         public var reportsDirectory: String
         public var basePort: Int
-        public init(executable: String, directory: String, reportsDirectory: String, basePort: Int) {
+        /// Run on loopback even where zones could be namespaces.
+        public var loopback: Bool
+        public init(executable: String, directory: String, reportsDirectory: String, basePort: Int, loopback: Bool = false) {
             self.executable = executable
             self.directory = directory
             self.reportsDirectory = reportsDirectory
             self.basePort = basePort
+            self.loopback = loopback
         }
     }
 
     let scenario: Scenario
     let settings: Settings
     let cluster: LocalCluster
+    /// The zones, when they are network namespaces; nil on loopback.
+    let network: ZoneNetwork?
+    /// How the run is networked, for the report.
+    let networkText: String
+    /// The gateway clients try first; the other when it cannot be reached (as an application's
+    /// client library does with two endpoints).
+    private var preferredGateway = 0
     private let lock = NSLock()
     private var history: [WorkloadOperation] = []
     private var applied: [(atMs: Int64, text: String)] = []
@@ -35,23 +47,45 @@ public final class ChaosRunner: @unchecked Sendable {
     private var killedNode: LocalCluster.NodeSpec?
     private var down: Set<String> = []
     private var paused: Set<Int32> = []
+    /// Zones with network faults in force.
+    private var cut: Set<String> = []
     private let started = Date()
     private var authorization = ""
     static let accounts = 8
     static let balance = 100
 
-    public init(scenario: Scenario, settings: Settings) {
+    /// Makes the zones (network namespaces where possible); the cluster starts in ``run(log:)``.
+    public init(scenario: Scenario, settings: Settings) throws {
         self.scenario = scenario
         self.settings = settings
+        let unavailable = settings.loopback ? "loopback chosen (--loopback)" : ZoneNetwork.unavailableReason()
+        if let unavailable {
+            network = nil
+            networkText = "loopback, process faults only: \(unavailable)"
+        } else {
+            let network = try ZoneNetwork()
+            self.network = network
+            networkText = "zones a, b, c in network namespaces \(network.namespace("*")) on \(network.subnet).0/24, clients outside; network faults by nftables"
+        }
         cluster = LocalCluster(directory: settings.directory, executable: settings.executable, basePort: settings.basePort,
-                               monitorArguments: [], gateways: 2)
+                               monitorArguments: [], gateways: 2, zones: network?.placement)
+    }
+
+    /// Stops every process and removes the zones at once (the run was interrupted).
+    public func abort() {
+        cluster.stopAll()
+        network?.destroy()
     }
 
     var nowMs: Int64 { Int64(Date().timeIntervalSince(started) * 1000) }
 
     /// Runs the scenario; the report says whether every check passed.
     public func run(log: @escaping @Sendable (String) -> Void) async throws -> ChaosReport {
-        defer { cluster.stopAll() }
+        defer {
+            cluster.stopAll()
+            network?.destroy()
+        }
+        log("network: \(networkText)")
         try cluster.startBoth()
         try await waitForSync(timeoutSeconds: 60)
         try await prepare()
@@ -117,7 +151,7 @@ public final class ChaosRunner: @unchecked Sendable {
         }
         let faults = lock.withLock { applied }.map { FaultRecord(atMs: $0.atMs - workloadStart, text: $0.text) }
         return ChaosReport(scenario: scenario.name, startedAt: ISO8601DateFormatter().string(from: started), durationMs: durationMs,
-                           network: "loopback, process faults only (zones in network namespaces are not built yet)",
+                           network: networkText,
                            checks: checks, availability: availability, faults: faults, operations: ops + finalReads)
     }
 
@@ -162,6 +196,35 @@ public final class ChaosRunner: @unchecked Sendable {
                     self.lock.withLock { _ = self.paused.remove(pid) }
                     self.note("resume \(spec.name)")
                 }
+            case (.isolate, _), (.cut, _), (.cutOneWay, _):
+                guard let network else { return skipped(text, "network faults need zones in network namespaces; this run is on loopback") }
+                let seconds = fault.seconds ?? 0
+                let zone: String
+                switch fault.target {
+                case .primary, .standby: zone = cluster.zone(of: try await node(fault.target))
+                case .monitor: zone = cluster.zone(of: cluster.monitor!)
+                default: zone = cluster.zone(of: cluster.gateways[0])
+                }
+                let other = zone == "a" ? "b" : "a"
+                switch fault.kind {
+                case .isolate:
+                    try network.isolate(zone)
+                    text += " (zone \(zone): \(cluster.all.filter { cluster.zone(of: $0) == zone }.map(\.name).joined(separator: ", ")))"
+                case .cut:
+                    try network.cut(zone, from: other)
+                    text += " (zone \(zone) ↔ zone \(other))"
+                default:
+                    try network.cut(zone, from: other, oneWay: true)
+                    text += " (zone \(zone) → zone \(other) dropped)"
+                }
+                text += " for \(seconds) s"
+                lock.withLock { _ = cut.insert(zone) }
+                Task {
+                    try? await Task.sleep(for: .milliseconds(Int64(seconds * 1000)))
+                    try? network.heal(zone)
+                    self.lock.withLock { _ = self.cut.remove(zone) }
+                    self.note("reconnect zone \(zone)")
+                }
             default:
                 text += ": not a fault this harness knows"
             }
@@ -174,8 +237,15 @@ public final class ChaosRunner: @unchecked Sendable {
 
     private func note(_ text: String) { lock.withLock { applied.append((nowMs, text)) } }
 
+    private func skipped(_ text: String, _ reason: String) -> String {
+        let line = text + ": skipped (\(reason))"
+        note(line)
+        return line
+    }
+
     private func healAll() async {
         for pid in lock.withLock({ paused }) { kill(pid, SIGCONT) }
+        network?.healAll()
         let specs = [cluster.primary, cluster.standby, cluster.monitor!] + cluster.gateways
         for spec in specs where lock.withLock({ down.contains(spec.name) }) || !cluster.isRunning(spec) {
             try? cluster.start(spec)
@@ -289,9 +359,12 @@ public final class ChaosRunner: @unchecked Sendable {
         let invoked = nowMs
         var headers = [("Authorization", authorization)]
         if let key { headers.append(("Idempotency-Key", key)) }
-        for gateway in cluster.gateways {
+        let first = lock.withLock { preferredGateway }
+        for index in [first, 1 - first] {
+            let gateway = cluster.gateways[index]
             do {
-                let c = try await connect(port: gateway.apiPort, asOperator: false)
+                let c = try await connect(to: gateway, asOperator: false)
+                if index != first { lock.withLock { preferredGateway = index } }
                 defer { Task { await c.close() } }
                 let r: HTTPSConnection.Response
                 do {
@@ -323,7 +396,7 @@ public final class ChaosRunner: @unchecked Sendable {
 
     // MARK: Setup and checks
 
-    private func connect(port: Int, asOperator: Bool) async throws -> HTTPSConnection {
+    private func connect(to spec: LocalCluster.NodeSpec, asOperator: Bool) async throws -> HTTPSConnection {
         var tls: TLSConfiguration
         if asOperator {
             tls = try ClusterCredentials(directory: cluster.certificates, name: "operator").clusterClient()
@@ -331,11 +404,11 @@ public final class ChaosRunner: @unchecked Sendable {
             tls = TLSConfiguration.makeClientConfiguration()
             tls.trustRoots = .file(cluster.certificates + "/ca.pem")
         }
-        return try await HTTPSConnection.connect(host: "127.0.0.1", port: port, tls: tls, group: MultiThreadedEventLoopGroup.singleton, timeoutMs: 2_000)
+        return try await HTTPSConnection.connect(host: spec.host, port: spec.apiPort, tls: tls, group: MultiThreadedEventLoopGroup.singleton, timeoutMs: 2_000)
     }
 
     private func topology() async throws -> TopologyBody {
-        let c = try await connect(port: cluster.monitor!.apiPort, asOperator: true)
+        let c = try await connect(to: cluster.monitor!, asOperator: true)
         defer { Task { await c.close() } }
         let r = try await c.request(.GET, "/topology", timeoutMs: 5_000)
         return try JSONDecoder().decode(TopologyBody.self, from: Data(r.body))
@@ -353,7 +426,7 @@ public final class ChaosRunner: @unchecked Sendable {
 
     private func prepare() async throws {
         let writer = try await node(.primary)
-        let accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: writer.apiPort)
+        let accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: writer.host, port: writer.apiPort)
         try await accounts.createTenant("chaos")
         let password = AccountsClient.randomPassword()
         try await accounts.createUser("chaos", tenant: "chaos", role: "writer", password: password)
@@ -399,7 +472,7 @@ public final class ChaosRunner: @unchecked Sendable {
         do {
             let writer = try await node(.primary)
             let report = try await ClusterVerifier(certificatesDirectory: cluster.certificates, operatorName: "operator")
-                .verify(primary: ("127.0.0.1", writer.apiPort), standby: ("127.0.0.1", cluster.peer(of: writer).apiPort), waitMs: 30_000)
+                .verify(primary: (writer.host, writer.apiPort), standby: (cluster.peer(of: writer).host, cluster.peer(of: writer).apiPort), waitMs: 30_000)
             return CheckResult(name: "replicas identical (ctl verify)", passed: report.consistent, detail: report.text)
         } catch {
             return CheckResult(name: "replicas identical (ctl verify)", passed: false, detail: "\(error)")

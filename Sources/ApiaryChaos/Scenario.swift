@@ -12,6 +12,18 @@ public struct Scenario: Codable, Sendable {
             /// `SIGSTOP` the target for `seconds`, then `SIGCONT`: a process that is alive but
             /// does nothing (the classic split-brain test when it is the primary).
             case pause
+            /// Drop everything the target's zone sends and receives for `seconds` (its other
+            /// processes with it: zone a holds node-a and gateway-1), then connect it again.
+            /// Network faults need zones in network namespaces (``ZoneNetwork``).
+            case isolate
+            /// Drop what goes between the primary's zone and the standby's, both ways, for
+            /// `seconds`: only the replication link; the monitor and clients still reach both.
+            case cut
+            /// Drop only what the target's zone sends to the other node's zone, for `seconds`:
+            /// its packets are lost, the other side's still arrive.
+            case cutOneWay = "cut_one_way"
+
+            var isNetworkFault: Bool { self == .isolate || self == .cut || self == .cutOneWay }
         }
         public enum Target: String, Codable, Sendable {
             /// The node the monitor names as the writer when the fault happens.
@@ -27,7 +39,7 @@ public struct Scenario: Codable, Sendable {
         public var at: Double
         public var kind: Kind
         public var target: Target
-        /// For `pause`: how long.
+        /// For `pause` and the network faults: how long.
         public var seconds: Double?
 
         public var description: String { "\(kind.rawValue) \(target.rawValue)" + (seconds.map { " for \($0) s" } ?? "") + " at \(at) s" }
@@ -73,29 +85,175 @@ public struct Scenario: Codable, Sendable {
     }
 
     /// Loads `chaos/scenarios/NAME.json` (or a path).
+    /// - Throws: a ``ChaosError`` naming the file and the line of what is wrong (an unknown
+    ///   fault, a missing field, a value out of range, a syntax error).
     public static func load(_ nameOrPath: String, directory: String) throws -> Scenario {
         let path = nameOrPath.hasSuffix(".json") ? nameOrPath : directory + "/" + nameOrPath + ".json"
         guard let data = FileManager.default.contents(atPath: path) else { throw ChaosError("no scenario at \(path)") }
-        let scenario = try JSONDecoder().decode(Scenario.self, from: data)
-        try scenario.validate()
+        func located(_ at: [JSONLocation.Step], _ message: String) -> ChaosError {
+            let line = JSONLocation.line(of: at, in: Array(data)).map { ":\($0)" } ?? ""
+            return ChaosError("\(path)\(line): \(message)")
+        }
+        let scenario: Scenario
+        do { scenario = try JSONDecoder().decode(Scenario.self, from: data) } catch let error as DecodingError {
+            switch error {
+            case .keyNotFound(let key, let context):
+                throw located(JSONLocation.steps(context.codingPath), "'\(key.stringValue)' is missing")
+            case .typeMismatch(_, let context), .valueNotFound(_, let context):
+                throw located(JSONLocation.steps(context.codingPath), "'\(context.codingPath.last?.stringValue ?? "")': \(context.debugDescription)")
+            case .dataCorrupted(let context) where !context.codingPath.isEmpty:
+                // An unknown fault kind or target: name the allowed ones.
+                let field = context.codingPath.last?.stringValue ?? ""
+                let allowed = field == "kind" ? " (faults: kill, restart, pause, isolate, cut, cut_one_way)"
+                    : field == "target" ? " (targets: primary, standby, monitor, gateway, killed_node)" : ""
+                throw located(JSONLocation.steps(context.codingPath), "'\(field)': \(context.debugDescription)\(allowed)")
+            case .dataCorrupted(let context):
+                throw ChaosError("\(path) is not valid JSON: \(context.underlyingError.map { "\($0)" } ?? context.debugDescription)")
+            @unknown default:
+                throw ChaosError("\(path): \(error)")
+            }
+        }
+        do { try scenario.validate() } catch let problem as Problem {
+            throw located(problem.at, problem.message)
+        }
         return scenario
     }
 
+    /// What ``validate()`` found wrong, and where in the file.
+    struct Problem: Error {
+        var at: [JSONLocation.Step]
+        var message: String
+    }
+
     func validate() throws {
-        guard seconds > 0, seconds <= 86_400 else { throw ChaosError("seconds must be 0...86400") }
+        guard seconds > 0, seconds <= 86_400 else { throw Problem(at: [.key("seconds")], message: "seconds must be 0...86400") }
         let clients = setClients + bankClients + registerClients
         guard setClients >= 0, bankClients >= 0, registerClients >= 0, clients > 0, clients <= 64 else {
-            throw ChaosError("between 1 and 64 clients in all")
+            throw Problem(at: [.key("setClients")], message: "between 1 and 64 clients in all")
         }
-        guard registerKeys >= 1, registerKeys <= 64 else { throw ChaosError("registerKeys must be 1...64") }
-        if let bound = linearizabilityStatesMax, bound < 1 { throw ChaosError("linearizabilityStatesMax must be at least 1") }
-        for fault in faults {
-            guard fault.at >= 0, fault.at < seconds else { throw ChaosError("fault '\(fault)' is outside the run") }
-            if fault.kind == .pause { guard let s = fault.seconds, s > 0 else { throw ChaosError("a pause needs seconds > 0") } }
-            if fault.kind == .restart, fault.target == .primary || fault.target == .standby {
-                throw ChaosError("'restart \(fault.target.rawValue)': restart takes monitor, gateway or killed_node")
+        guard registerKeys >= 1, registerKeys <= 64 else { throw Problem(at: [.key("registerKeys")], message: "registerKeys must be 1...64") }
+        if let bound = linearizabilityStatesMax, bound < 1 {
+            throw Problem(at: [.key("linearizabilityStatesMax")], message: "linearizabilityStatesMax must be at least 1")
+        }
+        for (index, fault) in faults.enumerated() {
+            func problem(_ message: String) -> Problem { Problem(at: [.key("faults"), .index(index)], message: "fault '\(fault)': " + message) }
+            guard fault.at >= 0, fault.at < seconds else { throw problem("outside the run (0 to \(seconds) s)") }
+            if fault.kind == .pause || fault.kind.isNetworkFault {
+                guard let s = fault.seconds, s > 0 else { throw problem("'\(fault.kind.rawValue)' needs seconds > 0") }
             }
-            if fault.kind != .restart, fault.target == .killedNode { throw ChaosError("killed_node goes with restart only") }
+            if fault.kind == .cut || fault.kind == .cutOneWay, fault.target != .primary && fault.target != .standby {
+                throw problem("a cut is between the nodes' zones; it takes primary or standby")
+            }
+            if fault.kind == .restart, fault.target == .primary || fault.target == .standby {
+                throw problem("restart takes monitor, gateway or killed_node")
+            }
+            if fault.kind != .restart, fault.target == .killedNode { throw problem("killed_node goes with restart only") }
+        }
+    }
+}
+
+/// Where a value is in a JSON text, for error messages that name the line: a JSON decoder
+/// reports the path to what it did not like (`faults[3].kind`), not its position.
+enum JSONLocation {
+    enum Step: Equatable {
+        case key(String)
+        case index(Int)
+    }
+
+    static func steps(_ path: [any CodingKey]) -> [Step] {
+        path.map { key in key.intValue.map { .index($0) } ?? .key(key.stringValue) }
+    }
+
+    /// The line (from 1) where the value at `path` begins; nil when the text does not have it.
+    static func line(of path: [Step], in text: [UInt8]) -> Int? {
+        var scanner = Scanner(bytes: text)
+        scanner.skipSpace()
+        for step in path {
+            switch step {
+            case .key(let wanted):
+                guard scanner.take(UInt8(ascii: "{")) else { return nil }
+                while true {
+                    scanner.skipSpace()
+                    guard let key = scanner.string() else { return nil }
+                    scanner.skipSpace()
+                    guard scanner.take(UInt8(ascii: ":")) else { return nil }
+                    scanner.skipSpace()
+                    if key == wanted { break }
+                    scanner.skipValue()
+                    scanner.skipSpace()
+                    guard scanner.take(UInt8(ascii: ",")) else { return nil }
+                }
+            case .index(let wanted):
+                guard scanner.take(UInt8(ascii: "[")) else { return nil }
+                for _ in 0..<wanted {
+                    scanner.skipSpace()
+                    scanner.skipValue()
+                    scanner.skipSpace()
+                    guard scanner.take(UInt8(ascii: ",")) else { return nil }
+                }
+                scanner.skipSpace()
+            }
+        }
+        return scanner.line
+    }
+
+    struct Scanner {
+        let bytes: [UInt8]
+        var i = 0
+        var line = 1
+
+        mutating func advance() {
+            if bytes[i] == UInt8(ascii: "\n") { line += 1 }
+            i += 1
+        }
+
+        mutating func skipSpace() {
+            while i < bytes.count, [UInt8(ascii: " "), UInt8(ascii: "\t"), UInt8(ascii: "\r"), UInt8(ascii: "\n")].contains(bytes[i]) { advance() }
+        }
+
+        mutating func take(_ byte: UInt8) -> Bool {
+            guard i < bytes.count, bytes[i] == byte else { return false }
+            advance()
+            return true
+        }
+
+        /// A string's contents (escapes kept as written: keys here are plain).
+        mutating func string() -> String? {
+            guard take(UInt8(ascii: "\"")) else { return nil }
+            let start = i
+            while i < bytes.count, bytes[i] != UInt8(ascii: "\"") {
+                if bytes[i] == UInt8(ascii: "\\") { advance() }
+                if i < bytes.count { advance() }
+            }
+            let text = String(decoding: bytes[start..<min(i, bytes.count)], as: UTF8.self)
+            return take(UInt8(ascii: "\"")) ? text : nil
+        }
+
+        /// Skips one value: an object or array with all it holds, a string, a number or a word.
+        mutating func skipValue() {
+            guard i < bytes.count else { return }
+            if bytes[i] == UInt8(ascii: "\"") {
+                _ = string()
+                return
+            }
+            var depth = 0
+            while i < bytes.count {
+                let byte = bytes[i]
+                if byte == UInt8(ascii: "\"") {
+                    _ = string()
+                    continue
+                }
+                if byte == UInt8(ascii: "{") || byte == UInt8(ascii: "[") { depth += 1 }
+                if byte == UInt8(ascii: "}") || byte == UInt8(ascii: "]") {
+                    if depth == 0 { return }
+                    depth -= 1
+                    advance()
+                    if depth == 0 { return }
+                    continue
+                }
+                if depth == 0, byte == UInt8(ascii: ",") || byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\n") { return }
+                advance()
+            }
         }
     }
 }

@@ -329,11 +329,12 @@ final class WriteLedger: @unchecked Sendable {
 
 /// The monitor's `/status`, with the operator's certificate.
 struct MonitorClient {
-    let host = "127.0.0.1"
+    let host: String
     let port: Int
     let tls: TLSConfiguration
 
     init(cluster: LocalCluster) async throws {
+        host = cluster.monitor!.host
         port = cluster.monitor!.apiPort
         tls = try ClusterCredentials(directory: cluster.certificates, name: "operator").clusterClient()
     }

@@ -44,7 +44,7 @@ func portIsFree(_ port: Int) -> Bool {
 /// certificate: it may name any tenant by header, and its writes create tenants) or, with
 /// `asOperator: false`, as an application with no certificate (which needs credentials).
 struct APIClient {
-    let host = "127.0.0.1"
+    var host = "127.0.0.1"
     let port: Int
     let caPath: String
     var asOperator = true

@@ -60,10 +60,14 @@ extension LocalCluster {
     /// The zone each process of the local cluster stands for: the nodes in a and b, the monitor
     /// in c, the gateways spread over a and b (a client that loses one zone keeps a gateway).
     public func zone(of spec: NodeSpec) -> String {
-        switch spec.role {
+        Self.zone(role: spec.role, name: spec.name, gatewayIndex: gateways.firstIndex { $0.name == spec.name } ?? 0)
+    }
+
+    static func zone(role: String, name: String, gatewayIndex: Int) -> String {
+        switch role {
         case "monitor": return "c"
-        case "gateway": return gateways.firstIndex { $0.name == spec.name }.map { $0 % 2 == 0 ? "a" : "b" } ?? "a"
-        default: return spec.name == primary.name ? "a" : "b"
+        case "gateway": return gatewayIndex % 2 == 0 ? "a" : "b"
+        default: return name == "node-a" ? "a" : "b"
         }
     }
 
@@ -71,13 +75,13 @@ extension LocalCluster {
     public func describe(name: String) -> ClusterDescription {
         var members: [ClusterDescription.Member] = []
         for spec in [primary, standby] {
-            members.append(.init(name: spec.name, kind: "node", zone: zone(of: spec), address: "127.0.0.1:\(spec.apiPort)", pid: processID(of: spec)))
+            members.append(.init(name: spec.name, kind: "node", zone: zone(of: spec), address: spec.apiAddress, pid: processID(of: spec)))
         }
         if let monitor {
-            members.append(.init(name: monitor.name, kind: "monitor", zone: zone(of: monitor), address: "127.0.0.1:\(monitor.apiPort)", pid: processID(of: monitor)))
+            members.append(.init(name: monitor.name, kind: "monitor", zone: zone(of: monitor), address: monitor.apiAddress, pid: processID(of: monitor)))
         }
         for gateway in gateways {
-            members.append(.init(name: gateway.name, kind: "gateway", zone: zone(of: gateway), address: "127.0.0.1:\(gateway.apiPort)", pid: processID(of: gateway)))
+            members.append(.init(name: gateway.name, kind: "gateway", zone: zone(of: gateway), address: gateway.apiAddress, pid: processID(of: gateway)))
         }
         return ClusterDescription(name: name, certificates: certificates, members: members)
     }

@@ -13,6 +13,24 @@ public final class LocalCluster: @unchecked Sendable {
         public var extraArguments: [String] = []
         /// Set in the node's environment on top of this process's (tests arm seams with it).
         public var environment: [String: String] = [:]
+        /// The address it listens on and is reached at.
+        public var host = "127.0.0.1"
+        /// The Linux network namespace it runs in (its zone's), if the cluster has zones.
+        public var namespace: String?
+        /// `host:port` of its API (a node's, the monitor's, a gateway's client endpoint).
+        public var apiAddress: String { "\(host):\(apiPort)" }
+        public var replicationAddress: String { "\(host):\(replicationPort)" }
+    }
+
+    /// Where each zone's processes run when zones are network namespaces (the chaos runner's
+    /// zones): the namespace and the address of each zone, by zone name.
+    public struct ZonePlacement: Sendable {
+        public var namespaces: [String: String]
+        public var addresses: [String: String]
+        public init(namespaces: [String: String], addresses: [String: String]) {
+            self.namespaces = namespaces
+            self.addresses = addresses
+        }
     }
 
     public let directory: String
@@ -39,16 +57,26 @@ public final class LocalCluster: @unchecked Sendable {
     ///   - basePort: the primary's API port; the others follow it.
     ///   - monitorArguments: nil for a cluster without a monitor; else the monitor's extra flags.
     ///   - gateways: how many gateways (they need the monitor), listening from `basePort + 30` on.
+    ///   - zones: each zone's network namespace and address; nil: every process on loopback.
     public init(directory: String, executable: String, basePort: Int, primaryArguments: [String] = [], standbyArguments: [String] = [],
-                monitorArguments: [String]? = nil, gateways: Int = 0, gatewayArguments: [String] = []) {
+                monitorArguments: [String]? = nil, gateways: Int = 0, gatewayArguments: [String] = [], zones: ZonePlacement? = nil) {
         precondition(gateways == 0 || monitorArguments != nil, "gateways follow the monitor")
         self.directory = directory
         self.executable = executable
-        primary = NodeSpec(name: "node-a", role: "primary", apiPort: basePort, replicationPort: basePort + 1, extraArguments: primaryArguments)
-        standby = NodeSpec(name: "node-b", role: "standby", apiPort: basePort + 10, replicationPort: basePort + 11, extraArguments: standbyArguments)
-        monitor = monitorArguments.map { NodeSpec(name: "monitor", role: "monitor", apiPort: basePort + 20, replicationPort: 0, extraArguments: $0) }
+        func placed(_ spec: NodeSpec, gatewayIndex: Int = 0) -> NodeSpec {
+            guard let zones else { return spec }
+            var spec = spec
+            let zone = Self.zone(role: spec.role, name: spec.name, gatewayIndex: gatewayIndex)
+            spec.namespace = zones.namespaces[zone]
+            spec.host = zones.addresses[zone] ?? spec.host
+            return spec
+        }
+        primary = placed(NodeSpec(name: "node-a", role: "primary", apiPort: basePort, replicationPort: basePort + 1, extraArguments: primaryArguments))
+        standby = placed(NodeSpec(name: "node-b", role: "standby", apiPort: basePort + 10, replicationPort: basePort + 11, extraArguments: standbyArguments))
+        monitor = monitorArguments.map { placed(NodeSpec(name: "monitor", role: "monitor", apiPort: basePort + 20, replicationPort: 0, extraArguments: $0)) }
         self.gateways = (0..<gateways).map { i in
-            NodeSpec(name: "gateway-\(i + 1)", role: "gateway", apiPort: basePort + 30 + i, replicationPort: 0, extraArguments: gatewayArguments)
+            placed(NodeSpec(name: "gateway-\(i + 1)", role: "gateway", apiPort: basePort + 30 + i, replicationPort: 0, extraArguments: gatewayArguments),
+                   gatewayIndex: i)
         }
     }
 
@@ -60,32 +88,38 @@ public final class LocalCluster: @unchecked Sendable {
         try FileManager.default.createDirectory(atPath: directory + "/logs", withIntermediateDirectories: true)
         guard !FileManager.default.fileExists(atPath: certificates + "/ca.key") else { return }
         let ca = try CertificateAuthority.create(in: certificates)
+        // Every certificate names every address of the cluster: clients check the host they
+        // connected to, and in zones the processes have addresses other than loopback.
+        let hosts = ["localhost", "127.0.0.1", "::1"] + Set(all.map(\.host)).subtracting(["127.0.0.1"]).sorted()
         for identity in [PeerIdentity(role: .node, name: primary.name), PeerIdentity(role: .node, name: standby.name),
                          PeerIdentity(role: .operator, name: "operator"), PeerIdentity(role: .gateway, name: "gateway"),
                          PeerIdentity(role: .monitor, name: "monitor")] + gateways.map({ PeerIdentity(role: .gateway, name: $0.name) }) {
-            try ca.issue(identity, into: certificates)
+            try ca.issue(identity, hosts: hosts, into: certificates)
         }
     }
 
+    /// Every process of the cluster: the nodes, the monitor, the gateways.
+    public var all: [NodeSpec] { [primary, standby] + (monitor.map { [$0] } ?? []) + gateways }
+
     public func arguments(_ spec: NodeSpec) -> [String] {
         if spec.role == "gateway" {
-            return ["gateway", "--name", spec.name, "--certs", certificates, "--listen", "127.0.0.1:\(spec.apiPort)",
-                    "--monitor", "127.0.0.1:\(monitor!.apiPort)",
-                    "--node", "\(primary.name)=127.0.0.1:\(primary.apiPort)", "--node", "\(standby.name)=127.0.0.1:\(standby.apiPort)"] + spec.extraArguments
+            return ["gateway", "--name", spec.name, "--certs", certificates, "--listen", spec.apiAddress,
+                    "--monitor", monitor!.apiAddress,
+                    "--node", "\(primary.name)=\(primary.apiAddress)", "--node", "\(standby.name)=\(standby.apiAddress)"] + spec.extraArguments
         }
         if spec.role == "monitor" {
             return ["monitor", "--name", spec.name, "--data", directory + "/" + spec.name, "--certs", certificates,
-                    "--listen", "127.0.0.1:\(spec.apiPort)", "--formation", "local",
+                    "--listen", spec.apiAddress, "--formation", "local",
                     "--primary", primary.name + "@a", "--standby", standby.name + "@b"] + spec.extraArguments
         }
         var args = ["node", "--name", spec.name, "--role", spec.role, "--data", directory + "/" + spec.name,
-                    "--certs", certificates, "--api", "127.0.0.1:\(spec.apiPort)"]
+                    "--certs", certificates, "--api", spec.apiAddress]
         // A standby listens on its replication address only once promoted.
-        args += ["--replication", "127.0.0.1:\(spec.replicationPort)"]
+        args += ["--replication", spec.replicationAddress]
         if spec.role == "primary" { args += ["--standby", standby.name] }
         // Either node follows the other whenever it is the standby.
-        args += ["--peer", "127.0.0.1:\(peer(of: spec).replicationPort)"]
-        if let monitor { args += ["--monitor", "127.0.0.1:\(monitor.apiPort)"] }
+        args += ["--peer", peer(of: spec).replicationAddress]
+        if let monitor { args += ["--monitor", monitor.apiAddress] }
         return args + spec.extraArguments
     }
 
@@ -131,8 +165,14 @@ public final class LocalCluster: @unchecked Sendable {
 
     private func launch(_ spec: NodeSpec) throws -> Launched {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments(spec)
+        if let namespace = spec.namespace {
+            // `ip netns exec` execs the node in place: the pid is the node's, signals reach it.
+            process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+            process.arguments = ["netns", "exec", namespace, executable] + arguments(spec)
+        } else {
+            process.executableURL = URL(fileURLWithPath: executable)
+            process.arguments = arguments(spec)
+        }
         // A node started for a demo or a test dies with its parent, even if the parent is killed.
         var environment = ProcessInfo.processInfo.environment
         environment["APIARY_EXIT_WITH_PARENT"] = String(getpid())

@@ -13,7 +13,7 @@ struct Chaos: AsyncParsableCommand {
     struct Run: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Run a scenario (chaos/scenarios/NAME.json, or a path); exit 1 when a check fails.",
-            discussion: "Writes a JSON report and an HTML page with a timeline to --reports. Process faults on loopback for now (kill -9, SIGSTOP/SIGCONT, restarts); zones in network namespaces are a later step (docs/chaos.md)."
+            discussion: "Writes a JSON report and an HTML page with a timeline to --reports. As root, the three zones are Linux network namespaces and network faults (isolate, cut, cut_one_way) are nftables rules in them; otherwise everything runs on loopback with process faults only (kill -9, SIGSTOP/SIGCONT, restarts), and the report says so (docs/chaos.md). Ctrl-C stops the cluster and removes the namespaces."
         )
         @Argument(help: "The scenario: a name in --scenarios, or a path to a JSON file.") var scenario: String
         @Option(help: "Where scenarios are.") var scenarios = "chaos/scenarios"
@@ -21,6 +21,7 @@ struct Chaos: AsyncParsableCommand {
         @Option(help: "Working directory of the cluster (removed afterwards unless --keep).") var dir: String?
         @Flag(help: "Keep the working directory (logs, data).") var keep = false
         @Option(help: "The cluster's base port (nodes, monitor 20 higher, gateways 30 higher).") var basePort = 30001
+        @Flag(help: "Run on loopback (process faults only) even where zones could be network namespaces.") var loopback = false
 
         func run() async throws {
             NIOSingletons.groupLoopCountSuggestion = max(2, System.coreCount)
@@ -28,8 +29,23 @@ struct Chaos: AsyncParsableCommand {
             do { loaded = try Scenario.load(scenario, directory: scenarios) } catch { throw ValidationError("\(error)") }
             let directory = dir ?? (NSTemporaryDirectory() + "apiary-chaos-\(getpid())")
             defer { if !keep { try? FileManager.default.removeItem(atPath: directory) } }
-            let runner = ChaosRunner(scenario: loaded, settings: .init(executable: "/proc/self/exe".resolvedLink, directory: directory,
-                                                                        reportsDirectory: reports, basePort: basePort))
+            let runner = try ChaosRunner(scenario: loaded, settings: .init(executable: "/proc/self/exe".resolvedLink, directory: directory,
+                                                                            reportsDirectory: reports, basePort: basePort, loopback: loopback))
+            // Interrupted: the cluster stopped and the namespaces removed before exiting.
+            signal(SIGINT, SIG_IGN)
+            signal(SIGTERM, SIG_IGN)
+            let sources = [SIGINT, SIGTERM].map { sig -> any DispatchSourceSignal in
+                let source = DispatchSource.makeSignalSource(signal: sig)
+                source.setEventHandler {
+                    print("interrupted: stopping the cluster and removing its zones")
+                    runner.abort()
+                    if !keep { try? FileManager.default.removeItem(atPath: directory) }
+                    Glibc.exit(130)
+                }
+                source.resume()
+                return source
+            }
+            defer { withExtendedLifetime(sources) {} }
             let report = try await runner.run { line in
                 print(line)
                 fflush(stdout)

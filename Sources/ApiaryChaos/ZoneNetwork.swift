@@ -1,0 +1,175 @@
+import ApiaryNode
+import Foundation
+
+/// The three zones of a chaos run as Linux network namespaces (`apiary-<pid>-a`, `-b`, `-c`),
+/// each joined to a bridge in this namespace by a veth pair, on a /24 of their own: zone a is
+/// `.1`, b `.2`, c `.3`, the bridge (where the workload's clients are) `.254`. Network faults
+/// are nftables rules inside a zone's namespace, so they touch nothing outside the run:
+/// isolating a zone drops everything it sends and receives but its loopback; a cut drops what
+/// goes between two zones, both ways or one way. Healing flushes the rules.
+///
+/// Needs root and `ip`/`nft` (iproute2, nftables). ``unavailableReason()`` says why not, and
+/// the runner then stays on loopback with process faults only and says so.
+public final class ZoneNetwork: @unchecked Sendable {
+    public static let zones = ["a", "b", "c"]
+    static let ip = "/usr/sbin/ip"
+    static let nft = "/usr/sbin/nft"
+    static let table = "apiary_chaos"
+
+    /// The run's owner, in every name: leftovers of a run that died are found by it.
+    let owner: Int32
+    /// The first three octets of the run's /24.
+    let subnet: String
+    private var created = false
+    private let lock = NSLock()
+
+    /// The bridge's name in this namespace (at most 15 characters, as Linux requires).
+    var bridge: String { "apbr\(owner)" }
+    public func namespace(_ zone: String) -> String { "apiary-\(owner)-\(zone)" }
+    public func address(_ zone: String) -> String { "\(subnet).\(Self.zones.firstIndex(of: zone)! + 1)" }
+    /// Where the zones reach this namespace (the workload's clients).
+    public var outside: String { "\(subnet).254" }
+
+    public var placement: LocalCluster.ZonePlacement {
+        .init(namespaces: Dictionary(uniqueKeysWithValues: Self.zones.map { ($0, namespace($0)) }),
+              addresses: Dictionary(uniqueKeysWithValues: Self.zones.map { ($0, address($0)) }))
+    }
+
+    /// Why zones cannot be made here (not root, no `ip` or `nft`, namespaces refused), or nil.
+    public static func unavailableReason() -> String? {
+        guard geteuid() == 0 else { return "network namespaces need root (this run is uid \(geteuid()))" }
+        for tool in [ip, nft] where !FileManager.default.isExecutableFile(atPath: tool) {
+            return "\(tool) is missing (install iproute2 and nftables: scripts/install-system-packages)"
+        }
+        let probe = "apiary-probe-\(getpid())"
+        do {
+            try run(ip, ["netns", "add", probe])
+            defer { _ = try? run(ip, ["netns", "delete", probe]) }
+            try run(ip, ["netns", "exec", probe, nft, "add", "table", "inet", table])
+        } catch {
+            return "cannot make a network namespace with a firewall here: \(error)"
+        }
+        return nil
+    }
+
+    /// Makes the namespaces, the bridge and the links, after removing what runs that died left.
+    /// On failure, removes what it made.
+    public init() throws {
+        let owner = getpid()
+        self.owner = owner
+        Self.removeLeftovers()
+        let used = (try? Self.run(Self.ip, ["-o", "-4", "addr"])) ?? ""
+        // A /24 no interface here is on, picked by the owner so that runs side by side differ.
+        let third = (0..<250).map { (Int(owner) + $0) % 250 }.first { !used.contains("10.213.\($0).") } ?? 0
+        subnet = "10.213.\(third)"
+        do { try build() } catch {
+            destroy()
+            throw error
+        }
+    }
+
+    private func build() throws {
+        created = true
+        try Self.run(Self.ip, ["link", "add", bridge, "type", "bridge"])
+        try Self.run(Self.ip, ["addr", "add", outside + "/24", "dev", bridge])
+        try Self.run(Self.ip, ["link", "set", bridge, "up"])
+        for zone in Self.zones {
+            let ns = namespace(zone)
+            let outer = "apv\(owner)\(zone)", inner = "apz\(owner)\(zone)"
+            try Self.run(Self.ip, ["netns", "add", ns])
+            try Self.run(Self.ip, ["link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns])
+            try Self.run(Self.ip, ["link", "set", outer, "master", bridge, "up"])
+            try Self.run(Self.ip, ["-n", ns, "addr", "add", address(zone) + "/24", "dev", inner])
+            try Self.run(Self.ip, ["-n", ns, "link", "set", inner, "up"])
+            try Self.run(Self.ip, ["-n", ns, "link", "set", "lo", "up"])
+            try nft(zone, """
+                table inet \(Self.table) {
+                    chain input { type filter hook input priority 0; policy accept; }
+                    chain output { type filter hook output priority 0; policy accept; }
+                }
+                """)
+        }
+    }
+
+    /// Everything `zone` sends or receives is dropped, but its loopback.
+    public func isolate(_ zone: String) throws {
+        try nft(zone, """
+            add rule inet \(Self.table) input iifname != "lo" drop
+            add rule inet \(Self.table) output oifname != "lo" drop
+            """)
+    }
+
+    /// What goes between `zone` and `other` is dropped: both ways, or only from `zone` to
+    /// `other` (`other` still reaches `zone`, and its packets arrive; no answer comes back).
+    public func cut(_ zone: String, from other: String, oneWay: Bool = false) throws {
+        var rules = "add rule inet \(Self.table) output ip daddr \(address(other)) drop"
+        if !oneWay { rules += "\nadd rule inet \(Self.table) input ip saddr \(address(other)) drop" }
+        try nft(zone, rules)
+    }
+
+    /// Removes every rule of `zone`: it is connected again.
+    public func heal(_ zone: String) throws {
+        try nft(zone, """
+            flush chain inet \(Self.table) input
+            flush chain inet \(Self.table) output
+            """)
+    }
+
+    public func healAll() {
+        for zone in Self.zones { try? heal(zone) }
+    }
+
+    /// Removes the namespaces (their veth ends go with them) and the bridge. Processes still in
+    /// a namespace keep it alive until they exit: stop them first.
+    public func destroy() {
+        // Once, whoever comes first: the run's end or an interrupt.
+        guard lock.withLock({ defer { created = false }; return created }) else { return }
+        for zone in Self.zones { _ = try? Self.run(Self.ip, ["netns", "delete", namespace(zone)]) }
+        _ = try? Self.run(Self.ip, ["link", "delete", bridge])
+    }
+
+    deinit { destroy() }
+
+    private func nft(_ zone: String, _ script: String) throws {
+        try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.nft, "-f", "-"], input: script)
+    }
+
+    /// Namespaces and bridges of runs whose process is gone (killed, or the machine's power
+    /// cut mid-run): removed, so that a crashed run costs nothing but itself.
+    public static func removeLeftovers() {
+        guard let listing = try? run(ip, ["netns", "list"]) else { return }
+        var dead: Set<Int32> = []
+        for line in listing.split(separator: "\n") {
+            let name = line.split(separator: " ").first.map(String.init) ?? ""
+            let parts = name.split(separator: "-")
+            guard parts.count == 3, parts[0] == "apiary", let pid = Int32(parts[1]), zones.contains(String(parts[2])) else { continue }
+            if kill(pid, 0) != 0 && errno == ESRCH {
+                dead.insert(pid)
+                _ = try? run(ip, ["netns", "delete", name])
+            }
+        }
+        for pid in dead { _ = try? run(ip, ["link", "delete", "apbr\(pid)"]) }
+    }
+
+    /// Runs a tool; its output, or an error with what it printed.
+    @discardableResult
+    static func run(_ tool: String, _ arguments: [String], input: String? = nil) throws -> String {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: tool)
+        process.arguments = arguments
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        let stdin = Pipe()
+        process.standardInput = stdin
+        try process.run()
+        if let input { stdin.fileHandleForWriting.write(Data(input.utf8)) }
+        try? stdin.fileHandleForWriting.close()
+        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw ChaosError("\(([tool] + arguments).joined(separator: " ")) failed: \(text.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+        return text
+    }
+}

@@ -1,0 +1,91 @@
+@testable import ApiaryChaos
+import Foundation
+import XCTest
+
+/// A malformed scenario is refused with a message that names the file's line (issue 11: "the
+/// runner refuses an unknown fault or a malformed scenario with a clear message naming the line").
+final class ScenarioFileTests: XCTestCase {
+    var directory = ""
+
+    override func setUp() {
+        directory = NSTemporaryDirectory() + "apiary-scenarios-" + UUID().uuidString
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(atPath: directory) }
+
+    /// Loads `text` as a scenario file; the error's text when it is refused.
+    func refusal(_ text: String) -> String? {
+        let path = directory + "/s.json"
+        FileManager.default.createFile(atPath: path, contents: Data(text.utf8))
+        do {
+            _ = try Scenario.load(path, directory: directory)
+            return nil
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    func scenario(faults: [String], extra: String = "") -> String {
+        """
+        {
+          "name": "t",
+          "description": "d",
+          "seconds": 30,\(extra)
+          "setClients": 1,
+          "bankClients": 1,
+          "faults": [
+        \(faults.map { "    " + $0 }.joined(separator: ",\n"))
+          ]
+        }
+        """
+    }
+
+    func testAGoodFileLoads() throws {
+        XCTAssertNil(refusal(scenario(faults: [#"{"at": 1, "kind": "isolate", "target": "primary", "seconds": 2}"#,
+                                               #"{"at": 5, "kind": "cut_one_way", "target": "standby", "seconds": 2}"#])))
+    }
+
+    func testAnUnknownFaultNamesItsLineAndTheFaultsThereAre() throws {
+        let message = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 1, "kind": "kill", "target": "primary"}"#,
+                                                              #"{"at": 2, "kind": "explode", "target": "primary"}"#])))
+        XCTAssertTrue(message.contains("s.json:9:"), message)
+        XCTAssertTrue(message.contains("explode") && message.contains("faults: kill, restart, pause, isolate, cut, cut_one_way"), message)
+    }
+
+    func testAnUnknownTargetNamesItsLine() throws {
+        let message = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 1, "kind": "kill", "target": "the-moon"}"#])))
+        XCTAssertTrue(message.contains("s.json:8:") && message.contains("the-moon") && message.contains("targets: primary"), message)
+    }
+
+    func testAFaultTheRulesRefuseNamesItsLine() throws {
+        let missingSeconds = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 1, "kind": "kill", "target": "primary"}"#,
+                                                                     #"{"at": 1, "kind": "pause", "target": "primary"}"#,
+                                                                     #"{"at": 2, "kind": "kill", "target": "monitor"}"#])))
+        XCTAssertTrue(missingSeconds.contains("s.json:9:") && missingSeconds.contains("'pause' needs seconds > 0"), missingSeconds)
+        let late = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 31, "kind": "kill", "target": "primary"}"#])))
+        XCTAssertTrue(late.contains("s.json:8:") && late.contains("outside the run"), late)
+        let cutMonitor = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "cut", "target": "monitor", "seconds": 1}"#])))
+        XCTAssertTrue(cutMonitor.contains("s.json:8:") && cutMonitor.contains("takes primary or standby"), cutMonitor)
+    }
+
+    func testAMissingOrMistypedFieldNamesItsLine() throws {
+        let noTarget = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 1, "kind": "kill"}"#])))
+        XCTAssertTrue(noTarget.contains("s.json:8:") && noTarget.contains("'target' is missing"), noTarget)
+        let text = try XCTUnwrap(refusal(scenario(faults: [], extra: "\n  \"registerKeys\": \"five\",")))
+        XCTAssertTrue(text.contains("s.json:5:") && text.contains("registerKeys"), text)
+    }
+
+    func testNotJSONAtAllSaysSo() throws {
+        let message = try XCTUnwrap(refusal("{ \"name\": \"t\", "))
+        XCTAssertTrue(message.contains("is not valid JSON"), message)
+    }
+
+    func testTheLocatorFindsNestedValues() {
+        let text = Array("{\n \"a\": [1, {\"x\": \"}\"},\n  {\"y\": [\n 2]}],\n \"b\": true\n}".utf8)
+        XCTAssertEqual(JSONLocation.line(of: [.key("a"), .index(2), .key("y"), .index(0)], in: text), 4)
+        XCTAssertEqual(JSONLocation.line(of: [.key("a"), .index(1)], in: text), 2)
+        XCTAssertEqual(JSONLocation.line(of: [.key("b")], in: text), 5)
+        XCTAssertNil(JSONLocation.line(of: [.key("c")], in: text))
+    }
+}

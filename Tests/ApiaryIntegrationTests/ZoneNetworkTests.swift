@@ -1,0 +1,200 @@
+import ApiaryChaos
+import ApiaryNode
+import Foundation
+import XCTest
+
+/// The chaos runner's zones (issue 11): three Linux network namespaces joined by a bridge, and
+/// network faults as nftables rules inside them. Each test puts a real cluster in the zones
+/// (node-a in a, node-b in b, the monitor in c) and checks that a fault does what it says,
+/// seen from the monitor, and that healing undoes it. They need root (CI runs as root).
+final class ZoneNetworkTests: NodeProcessTestCase {
+    var network: ZoneNetwork?
+
+    override func setUp() async throws {
+        if let reason = ZoneNetwork.unavailableReason() { throw XCTSkip(reason) }
+        let network = try ZoneNetwork()
+        self.network = network
+        directory = NSTemporaryDirectory() + "apiary-zones-" + UUID().uuidString
+        cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
+                               monitorArguments: ["--tick-interval-ms", "20"], zones: network.placement)
+        try cluster.startBoth()
+    }
+
+    override func tearDown() async throws {
+        try await super.tearDown() // stops the processes first: a namespace lives while one runs in it
+        network?.destroy()
+        if let network {
+            let left = try ZoneNetworkTests.namespaces().filter { $0.hasPrefix(network.namespace("")) }
+            XCTAssertEqual(left, [], "every namespace removed")
+        }
+    }
+
+    static func namespaces() throws -> [String] {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        process.arguments = ["netns", "list"]
+        let output = Pipe()
+        process.standardOutput = output
+        try process.run()
+        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        return text.split(separator: "\n").compactMap { $0.split(separator: " ").first.map(String.init) }
+    }
+
+    func inSync(_ monitor: MonitorClient, primary: String, standby: String) async throws {
+        try await monitor.waitUntil("\(primary) primary, \(standby) promotable", timeoutSeconds: 60) { s in
+            s.node(primary)?.reported == "primary" && s.node(standby)?.reported == "secondary" && s.node(standby)?.promotable == true
+        }
+    }
+
+    /// One write straight to a node's API, as the operator: its HTTP status, or nil when the node
+    /// cannot be reached within the client's connect timeout.
+    func write(to spec: LocalCluster.NodeSpec, id: Int) async -> UInt? {
+        let client = APIClient(host: spec.host, port: spec.apiPort, caPath: cluster.certificates + "/ca.pem")
+        guard let c = try? await client.connect() else { return nil }
+        defer { Task { await c.close() } }
+        let r = try? await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "zones")],
+                                     body: Array("[\"CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY)\", \"INSERT INTO t VALUES (\(id))\"]".utf8))
+        return r.map { UInt($0.status) }
+    }
+
+    /// Zone a cut off from everything: the monitor (zone c) no longer hears node-a and promotes
+    /// node-b; clients outside cannot reach node-a. Healed, node-a learns of the new epoch and
+    /// rejoins as the standby.
+    func testIsolatingTheZoneOfThePrimaryFailsItOverAndHealingLetsItRejoin() async throws {
+        let network = try XCTUnwrap(network)
+        let monitor = try await MonitorClient(cluster: cluster)
+        try await inSync(monitor, primary: "node-a", standby: "node-b")
+        let status1 = await write(to: cluster.primary, id: 1)
+        XCTAssertEqual(status1, 200)
+
+        try network.isolate("a")
+        try await monitor.waitUntil("node-b promoted in epoch 2", timeoutSeconds: 30) { s in
+            s.epoch == 2 && (s.node("node-b")?.reported == "primary" || s.node("node-b")?.reported == "wait_primary")
+        }
+        let status2 = await write(to: cluster.primary, id: 2)
+        XCTAssertNil(status2, "node-a cannot be reached from outside its zone")
+        let status3 = await write(to: cluster.standby, id: 3)
+        XCTAssertEqual(status3, 200, "node-b takes writes")
+
+        try network.heal("a")
+        try await inSync(monitor, primary: "node-b", standby: "node-a")
+    }
+
+    /// Only the link between zones a and b cut, both ways: the monitor still hears both nodes, so
+    /// nothing fails over; the standby loses the stream, is marked not promotable, and the primary
+    /// commits alone. Healed, the standby catches up and is promotable again.
+    func testCuttingTheReplicationLinkLetsThePrimaryCommitAloneWithoutAFailover() async throws {
+        let network = try XCTUnwrap(network)
+        let monitor = try await MonitorClient(cluster: cluster)
+        try await inSync(monitor, primary: "node-a", standby: "node-b")
+
+        try network.cut("a", from: "b")
+        try await monitor.waitUntil("node-a commits alone, node-b not promotable, no failover", timeoutSeconds: 30) { s in
+            s.epoch == 1 && s.node("node-a")?.reported == "wait_primary" && s.node("node-b")?.promotable == false
+        }
+        let status4 = await write(to: cluster.primary, id: 1)
+        XCTAssertEqual(status4, 200, "node-a commits alone")
+
+        try network.heal("a")
+        try await inSync(monitor, primary: "node-a", standby: "node-b")
+        let status = try await monitor.status()
+        XCTAssertEqual(status.epoch, 1, "a cut replication link is not a failover")
+    }
+
+    /// One way only: what zone a sends to zone b is lost, what b sends still arrives. The
+    /// standby hears nothing from the primary: the same as a cut, seen from the monitor.
+    func testAOneWayCutIsSeenAsALostStandby() async throws {
+        let network = try XCTUnwrap(network)
+        let monitor = try await MonitorClient(cluster: cluster)
+        try await inSync(monitor, primary: "node-a", standby: "node-b")
+
+        try network.cut("a", from: "b", oneWay: true)
+        try await monitor.waitUntil("node-a commits alone", timeoutSeconds: 30) { s in
+            s.epoch == 1 && s.node("node-a")?.reported == "wait_primary" && s.node("node-b")?.promotable == false
+        }
+        try network.heal("a")
+        try await inSync(monitor, primary: "node-a", standby: "node-b")
+    }
+}
+
+/// A chaos run cleans up after itself: when interrupted, and (for a run killed outright) at the
+/// start of the next one.
+final class ChaosCleanupTests: XCTestCase {
+    func testAnInterruptedRunStopsItsClusterAndRemovesItsZones() throws {
+        if let reason = ZoneNetwork.unavailableReason() { throw XCTSkip(reason) }
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+        let directory = NSTemporaryDirectory() + "apiary-chaos-interrupted-" + UUID().uuidString
+        let outputPath = directory + ".out"
+        defer {
+            try? FileManager.default.removeItem(atPath: directory)
+            try? FileManager.default.removeItem(atPath: outputPath)
+        }
+        FileManager.default.createFile(atPath: outputPath, contents: nil)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try apiaryExecutable())
+        process.arguments = ["chaos", "run", "smoke", "--scenarios", root + "/chaos/scenarios", "--reports", directory + "-reports",
+                             "--base-port", String(freeBasePort()), "--dir", directory, "--keep"]
+        process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outputPath))
+        process.standardError = process.standardOutput
+        try process.run()
+        // Polling the run's output for its line, bounded.
+        let deadline = Date().addingTimeInterval(120)
+        var output = ""
+        while Date() < deadline, process.isRunning {
+            output = (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
+            if output.contains("cluster up and in sync") { break }
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        XCTAssertTrue(output.contains("network: zones a, b, c in network namespaces apiary-\(process.processIdentifier)-*"), output)
+        XCTAssertTrue(output.contains("cluster up and in sync"), output)
+        XCTAssertEqual(try ZoneNetworkTests.namespaces().filter { $0.hasPrefix("apiary-\(process.processIdentifier)-") }.count, 3)
+
+        kill(process.processIdentifier, SIGINT)
+        process.waitUntilExit()
+        XCTAssertEqual(process.terminationStatus, 130)
+        output = (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
+        XCTAssertTrue(output.contains("interrupted: stopping the cluster and removing its zones"), output)
+        XCTAssertEqual(try ZoneNetworkTests.namespaces().filter { $0.hasPrefix("apiary-\(process.processIdentifier)-") }, [])
+        XCTAssertFalse(try Self.processes().contains { $0.contains(directory + "/") }, "no process of the run is left")
+    }
+
+    func testWhatADeadRunLeftIsRemovedByTheNext() throws {
+        if let reason = ZoneNetwork.unavailableReason() { throw XCTSkip(reason) }
+        // A pid that belonged to a process that has exited: a run killed with -9.
+        let gone = Process()
+        gone.executableURL = URL(fileURLWithPath: "/bin/true")
+        try gone.run()
+        gone.waitUntilExit()
+        let pid = gone.processIdentifier
+        for zone in ZoneNetwork.zones { try Self.ip(["netns", "add", "apiary-\(pid)-\(zone)"]) }
+        try Self.ip(["link", "add", "apbr\(pid)", "type", "bridge"])
+        // A namespace of a live run (this process) is left alone.
+        try Self.ip(["netns", "add", "apiary-\(getpid())-a"])
+        defer { try? Self.ip(["netns", "delete", "apiary-\(getpid())-a"]) }
+
+        ZoneNetwork.removeLeftovers()
+        let names = try ZoneNetworkTests.namespaces()
+        XCTAssertEqual(names.filter { $0.hasPrefix("apiary-\(pid)-") }, [])
+        XCTAssertTrue(names.contains("apiary-\(getpid())-a"))
+        XCTAssertThrowsError(try Self.ip(["link", "show", "apbr\(pid)"]), "the dead run's bridge is removed")
+    }
+
+    static func ip(_ arguments: [String]) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        process.arguments = arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        process.waitUntilExit()
+        if process.terminationStatus != 0 { throw NodeError("ip \(arguments.joined(separator: " ")) failed") }
+    }
+
+    /// The command lines of every process on the machine.
+    static func processes() throws -> [String] {
+        try FileManager.default.contentsOfDirectory(atPath: "/proc").filter { Int($0) != nil }.compactMap { pid in
+            (try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/cmdline"))).map { String(decoding: $0.map { $0 == 0 ? 32 : $0 }, as: UTF8.self) }
+        }
+    }
+}
