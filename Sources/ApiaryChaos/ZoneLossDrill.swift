@@ -46,6 +46,9 @@ public final class ZoneLossDrill: @unchecked Sendable {
         public var writeIntervalMs: Int64 = 25
         /// Bound on every wait (writes resuming, convergence, checksums).
         public var timeoutMs: Int64 = 90_000
+        /// Start even if the cluster is not healthy (no sync primary with a promotable standby):
+        /// the first repetition cuts the zone at once instead of refusing.
+        public var force = false
 
         public init(zone: String, cut: ZoneCut) {
             self.zone = zone
@@ -85,6 +88,9 @@ public final class ZoneLossDrill: @unchecked Sendable {
         let zone = try resolveZone(status)
         let members = cluster.members(inZone: zone).map { "\($0.name) (\($0.kind)\($0.pid.map { ", pid \($0)" } ?? ""))" }
         let writer = status.nodes.first { $0.goal.hasPrefix("primary") || $0.goal.hasPrefix("wait_primary") }?.id ?? "none"
+        let health = Self.unhealthy(status).map {
+            "\n  the cluster is NOT healthy now (\($0)): the drill would refuse to start" + (settings.force ? ", but --force is given" : " unless --force")
+        } ?? ""
         return """
         zone-loss drill on cluster \(cluster.name) (formation \(status.formation), epoch \(status.epoch), writer \(writer)):
           1. write steadily through the gateways (\(cluster.gateways.map(\.address).joined(separator: ", "))), a new write every \(settings.writeIntervalMs) ms, each with an idempotency key
@@ -92,7 +98,7 @@ public final class ZoneLossDrill: @unchecked Sendable {
           3. measure RTO: from the cut to the first acknowledged write begun after it
           4. keep the zone away \(settings.holdMs) ms more, then restore it
           5. wait for the formation to converge (a sync primary, a promotable standby) and for equal checksums on both nodes
-          6. measure RPO: acknowledged writes missing from the cluster (must be 0)
+          6. measure RPO: acknowledged writes missing from the cluster (must be 0)\(health)
           repeated \(settings.repetitions) time(s); nothing is changed by --dry-run
         """
     }
@@ -101,7 +107,13 @@ public final class ZoneLossDrill: @unchecked Sendable {
     /// in time) ends the drill with what it found.
     public func run(log: @escaping @Sendable (String) -> Void) async throws -> DrillReport {
         let startedAt = ISO8601DateFormatter().string(from: started)
-        _ = try resolveZone(try await monitorStatus()) // a zone the cluster lacks: refused before anything is done
+        let status = try await monitorStatus()
+        _ = try resolveZone(status) // a zone the cluster lacks: refused before anything is done
+        // A cluster that cannot fail over now would make the drill measure that, and cost its
+        // users an outage: refused, unless the operator insists.
+        if let problem = Self.unhealthy(status), !settings.force {
+            throw ChaosError("the cluster is not healthy: \(problem). A zone-loss drill needs a sync primary with a promotable standby; wait until the standby is in sync (apiary ctl status), or give --force")
+        }
         try await prepare()
         var results: [DrillRepetition] = []
         var failure: String?
@@ -130,7 +142,8 @@ public final class ZoneLossDrill: @unchecked Sendable {
     // MARK: One repetition
 
     private func runOnce(_ repetition: Int, log: @escaping @Sendable (String) -> Void) async throws -> DrillRepetition {
-        let before = try await waitForHealth(since: nowMs)
+        // Forced: the first repetition takes the cluster as it is.
+        let before = repetition == 1 && settings.force ? try await monitorStatus() : try await waitForHealth(since: nowMs)
         let zone = try resolveZone(before)
         let cutMembers = cluster.members(inZone: zone)
         let writerBefore = writer(before) ?? "?"
@@ -183,8 +196,25 @@ public final class ZoneLossDrill: @unchecked Sendable {
         }
     }
 
-    private func writer(_ status: StatusBody) -> String? {
+    private func writer(_ status: StatusBody) -> String? { Self.writer(status) }
+
+    static func writer(_ status: StatusBody) -> String? {
         status.nodes.first { $0.goal == "primary" || $0.goal == "wait_primary" }?.id
+    }
+
+    /// What keeps the formation from failing over now, or nil when it is healthy: a writer that
+    /// is primary in sync mode, and a promotable standby that reports itself secondary.
+    static func unhealthy(_ status: StatusBody) -> String? {
+        guard let w = writer(status), let writer = status.nodes.first(where: { $0.id == w }) else { return "no node is the writer" }
+        guard let standby = status.nodes.first(where: { $0.id != w }) else { return "there is no standby" }
+        // The standby first: a writer in `wait_primary` is the consequence of a standby out of sync.
+        guard standby.promotable, standby.reported == "secondary" else {
+            return "the standby \(standby.id) is not in sync (\(standby.reported ?? "silent"), \(standby.promotable ? "promotable" : "not promotable"))"
+        }
+        guard writer.goal == "primary", writer.reported == "primary" else {
+            return "the writer \(w) is \(writer.reported ?? "silent") (goal \(writer.goal)), not a primary in sync mode"
+        }
+        return nil
     }
 
     // MARK: Cutting and restoring
@@ -236,8 +266,7 @@ public final class ZoneLossDrill: @unchecked Sendable {
         while nowMs - since < settings.timeoutMs {
             if let s = try? await monitorStatus() {
                 last = s
-                if let w = writer(s), s.nodes.contains(where: { $0.id == w && $0.goal == "primary" && $0.reported == "primary" }),
-                   s.nodes.contains(where: { $0.id != w && $0.promotable && $0.reported == "secondary" }) { return s }
+                if Self.unhealthy(s) == nil { return s }
             }
             try await Task.sleep(for: .milliseconds(50)) // polling a condition, bounded above
         }
@@ -246,7 +275,7 @@ public final class ZoneLossDrill: @unchecked Sendable {
 
     /// The drill's tenant, table and user (a new password each run; never printed).
     private func prepare() async throws {
-        let status = try await waitForHealth(since: nowMs)
+        let status = settings.force ? try await monitorStatus() : try await waitForHealth(since: nowMs)
         guard let w = writer(status), let node = cluster.nodes.first(where: { $0.name == w }) else { throw ChaosError("the writer is not among the cluster's nodes") }
         let address = try Self.split(node.address)
         let accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: address.host, port: address.port)

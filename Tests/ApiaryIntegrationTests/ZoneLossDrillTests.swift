@@ -72,4 +72,30 @@ final class ZoneLossDrillTests: NodeProcessTestCase {
         XCTAssertGreaterThan(repetition?["acknowledged"] as? Int ?? 0, 0)
         XCTAssertNotNil(repetition?["resumedAtMs"] as? Int, "writes resumed after the cut")
     }
+
+    /// Bad input: a cluster that cannot fail over now (its standby is down) is not drilled
+    /// unless forced; the dry run says so too. Nothing is cut.
+    func testAClusterThatIsNotHealthyIsRefusedUnlessForced() async throws {
+        let monitor = try await MonitorClient(cluster: cluster)
+        try await monitor.waitUntil("node-a primary, node-b promotable", timeoutSeconds: 60) { s in
+            s.node("node-a")?.reported == "primary" && s.node("node-b")?.promotable == true
+        }
+        cluster.kill(cluster.standby)
+        try await monitor.waitUntil("node-b not promotable", timeoutSeconds: 30) { s in s.node("node-b")?.promotable == false }
+
+        let plan = try drill(["--zone", "primary", "--dry-run"])
+        XCTAssertEqual(plan.status, 0, plan.output)
+        XCTAssertTrue(plan.output.contains("the cluster is NOT healthy now (the standby node-b is not in sync"), plan.output)
+        XCTAssertTrue(plan.output.contains("unless --force"), plan.output)
+
+        let refused = try drill(["--zone", "primary"])
+        XCTAssertNotEqual(refused.status, 0)
+        XCTAssertTrue(refused.output.contains("the cluster is not healthy: the standby node-b is not in sync"), refused.output)
+        XCTAssertTrue(refused.output.contains("--force"), refused.output)
+        XCTAssertFalse(refused.output.contains("cut"), "nothing was cut: \(refused.output)")
+        let status = try await monitor.status()
+        XCTAssertEqual(status.epoch, 1)
+        XCTAssertEqual(status.node("node-a")?.reported, "wait_primary", "the primary was not touched")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/evidence"))
+    }
 }

@@ -37,6 +37,7 @@ struct Drill: AsyncParsableCommand {
         @Option(help: "Bound on every wait (ms).") var timeoutMs: Int64 = 90_000
         @Option(help: "Where the evidence goes.") var reports = "drill-reports"
         @Flag(help: "Say what the drill would do, and do nothing.") var dryRun = false
+        @Flag(help: "Start even if the cluster is not healthy (no sync primary with a promotable standby); refused otherwise.") var force = false
 
         func validate() throws {
             guard repetitions >= 1 else { throw ValidationError("--repetitions must be at least 1") }
@@ -68,6 +69,7 @@ struct Drill: AsyncParsableCommand {
             settings.repetitions = repetitions
             settings.holdMs = holdMs
             settings.timeoutMs = timeoutMs
+            settings.force = force
             let drill: ZoneLossDrill
             do { drill = try ZoneLossDrill(cluster: description, settings: settings) } catch { throw ValidationError("\(error)") }
             if dryRun {
