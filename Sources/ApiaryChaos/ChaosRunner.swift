@@ -37,6 +37,13 @@ public final class ChaosRunner: @unchecked Sendable {
     let network: ZoneNetwork?
     /// How the run is networked, for the report.
     let networkText: String
+    /// Each node's data directory on a small file system of its own, when the scenario fills
+    /// disks (`fill_disk`) and this run may mount (root).
+    let disks: [String: SmallDisk]
+    /// Why `fill_disk` faults are skipped, if they are.
+    let disksUnavailable: String?
+    /// The size of a node's own file system: room for any scenario's data, in memory.
+    static let diskBytes = 256 << 20
     /// The gateway clients try first; the other when it cannot be reached (as an application's
     /// client library does with two endpoints).
     private var preferredGateway = 0
@@ -69,11 +76,20 @@ public final class ChaosRunner: @unchecked Sendable {
         }
         cluster = LocalCluster(directory: settings.directory, executable: settings.executable, basePort: settings.basePort,
                                monitorArguments: [], gateways: 2, zones: network?.placement)
+        var disks: [String: SmallDisk] = [:]
+        if scenario.faults.contains(where: { $0.kind == .fillDisk }), geteuid() == 0 {
+            for node in [cluster.primary, cluster.standby] {
+                disks[node.name] = try SmallDisk(path: settings.directory + "/" + node.name, bytes: Self.diskBytes)
+            }
+        }
+        self.disks = disks
+        disksUnavailable = disks.isEmpty ? "a node's own small file system needs root (mount)" : nil
     }
 
     /// Stops every process and removes the zones at once (the run was interrupted).
     public func abort() {
         cluster.stopAll()
+        for disk in disks.values { disk.unmount() }
         network?.destroy()
     }
 
@@ -81,10 +97,7 @@ public final class ChaosRunner: @unchecked Sendable {
 
     /// Runs the scenario; the report says whether every check passed.
     public func run(log: @escaping @Sendable (String) -> Void) async throws -> ChaosReport {
-        defer {
-            cluster.stopAll()
-            network?.destroy()
-        }
+        defer { abort() }
         log("network: \(networkText)")
         try cluster.startBoth()
         try await waitForSync(timeoutSeconds: 60)
@@ -196,7 +209,19 @@ public final class ChaosRunner: @unchecked Sendable {
                     self.lock.withLock { _ = self.paused.remove(pid) }
                     self.note("resume \(spec.name)")
                 }
-            case (.isolate, _), (.cut, _), (.cutOneWay, _):
+            case (.fillDisk, _):
+                guard disksUnavailable == nil else { return skipped(text, disksUnavailable!) }
+                let node = try await node(fault.target)
+                guard let disk = disks[node.name] else { return skipped(text, "\(node.name) has no file system of its own") }
+                let taken = try disk.fill()
+                let seconds = fault.seconds ?? 0
+                text += " (\(node.name): the last \(taken / 1024) KiB of its file system taken) for \(seconds) s"
+                Task {
+                    try? await Task.sleep(for: .milliseconds(Int64(seconds * 1000)))
+                    disk.free()
+                    self.note("free the disk of \(node.name)")
+                }
+            case (.isolate, _), (.cut, _), (.cutOneWay, _), (.loss, _):
                 guard let network else { return skipped(text, "network faults need zones in network namespaces; this run is on loopback") }
                 let seconds = fault.seconds ?? 0
                 let zone: String
@@ -213,6 +238,9 @@ public final class ChaosRunner: @unchecked Sendable {
                 case .cut:
                     try network.cut(zone, from: other)
                     text += " (zone \(zone) ↔ zone \(other))"
+                case .loss:
+                    try network.lose(zone, from: other, percent: fault.percent ?? 0)
+                    text += " (\(fault.percent ?? 0)% of zone \(zone) ↔ zone \(other))"
                 default:
                     try network.cut(zone, from: other, oneWay: true)
                     text += " (zone \(zone) → zone \(other) dropped)"
@@ -246,6 +274,7 @@ public final class ChaosRunner: @unchecked Sendable {
     private func healAll() async {
         for pid in lock.withLock({ paused }) { kill(pid, SIGCONT) }
         network?.healAll()
+        for disk in disks.values { disk.free() }
         let specs = [cluster.primary, cluster.standby, cluster.monitor!] + cluster.gateways
         for spec in specs where lock.withLock({ down.contains(spec.name) }) || !cluster.isRunning(spec) {
             try? cluster.start(spec)

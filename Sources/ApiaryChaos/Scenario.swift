@@ -22,8 +22,16 @@ public struct Scenario: Codable, Sendable {
             /// Drop only what the target's zone sends to the other node's zone, for `seconds`:
             /// its packets are lost, the other side's still arrive.
             case cutOneWay = "cut_one_way"
+            /// Drop `percent` of the packets between the primary's zone and the standby's, both
+            /// ways, at random, for `seconds` (netem's loss; this harness has no netem delay).
+            case loss
+            /// Fill the target node's file system (a small one of its own, mounted for the run)
+            /// for `seconds`, then free it: every write it must make fails with ENOSPC.
+            case fillDisk = "fill_disk"
 
-            var isNetworkFault: Bool { self == .isolate || self == .cut || self == .cutOneWay }
+            var isNetworkFault: Bool { self == .isolate || self == .cut || self == .cutOneWay || self == .loss }
+            /// Faults that last `seconds` and end by themselves.
+            var lasts: Bool { isNetworkFault || self == .pause || self == .fillDisk }
         }
         public enum Target: String, Codable, Sendable {
             /// The node the monitor names as the writer when the fault happens.
@@ -39,8 +47,10 @@ public struct Scenario: Codable, Sendable {
         public var at: Double
         public var kind: Kind
         public var target: Target
-        /// For `pause` and the network faults: how long.
+        /// For `pause`, `fill_disk` and the network faults: how long.
         public var seconds: Double?
+        /// For `loss`: the share of packets dropped, 1...100.
+        public var percent: Int?
 
         public var description: String { "\(kind.rawValue) \(target.rawValue)" + (seconds.map { " for \($0) s" } ?? "") + " at \(at) s" }
     }
@@ -104,7 +114,7 @@ public struct Scenario: Codable, Sendable {
             case .dataCorrupted(let context) where !context.codingPath.isEmpty:
                 // An unknown fault kind or target: name the allowed ones.
                 let field = context.codingPath.last?.stringValue ?? ""
-                let allowed = field == "kind" ? " (faults: kill, restart, pause, isolate, cut, cut_one_way)"
+                let allowed = field == "kind" ? " (faults: kill, restart, pause, isolate, cut, cut_one_way, loss, fill_disk)"
                     : field == "target" ? " (targets: primary, standby, monitor, gateway, killed_node)" : ""
                 throw located(JSONLocation.steps(context.codingPath), "'\(field)': \(context.debugDescription)\(allowed)")
             case .dataCorrupted(let context):
@@ -138,11 +148,16 @@ public struct Scenario: Codable, Sendable {
         for (index, fault) in faults.enumerated() {
             func problem(_ message: String) -> Problem { Problem(at: [.key("faults"), .index(index)], message: "fault '\(fault)': " + message) }
             guard fault.at >= 0, fault.at < seconds else { throw problem("outside the run (0 to \(seconds) s)") }
-            if fault.kind == .pause || fault.kind.isNetworkFault {
+            if fault.kind.lasts {
                 guard let s = fault.seconds, s > 0 else { throw problem("'\(fault.kind.rawValue)' needs seconds > 0") }
             }
-            if fault.kind == .cut || fault.kind == .cutOneWay, fault.target != .primary && fault.target != .standby {
-                throw problem("a cut is between the nodes' zones; it takes primary or standby")
+            if [.cut, .cutOneWay, .loss, .fillDisk].contains(fault.kind), fault.target != .primary && fault.target != .standby {
+                throw problem("'\(fault.kind.rawValue)' is about a node; it takes primary or standby")
+            }
+            if fault.kind == .loss {
+                guard let p = fault.percent, (1...100).contains(p) else { throw problem("'loss' needs percent 1...100") }
+            } else if fault.percent != nil {
+                throw problem("percent goes with loss only")
             }
             if fault.kind == .restart, fault.target == .primary || fault.target == .standby {
                 throw problem("restart takes monitor, gateway or killed_node")

@@ -6,7 +6,8 @@ import Foundation
 /// `.1`, b `.2`, c `.3`, the bridge (where the workload's clients are) `.254`. Network faults
 /// are nftables rules inside a zone's namespace, so they touch nothing outside the run:
 /// isolating a zone drops everything it sends and receives but its loopback; a cut drops what
-/// goes between two zones, both ways or one way. Healing flushes the rules.
+/// goes between two zones, both ways or one way; loss drops a share of it at random. Healing
+/// flushes the rules.
 ///
 /// Needs root and `ip`/`nft` (iproute2, nftables). ``unavailableReason()`` says why not, and
 /// the runner then stays on loopback with process faults only and says so.
@@ -105,6 +106,21 @@ public final class ZoneNetwork: @unchecked Sendable {
         var rules = "add rule inet \(Self.table) output ip daddr \(address(other)) drop"
         if !oneWay { rules += "\nadd rule inet \(Self.table) input ip saddr \(address(other)) drop" }
         try nft(zone, rules)
+    }
+
+    /// `percent` of the packets between `zone` and `other` dropped at random, each way (each
+    /// rule counts what it dropped: ``droppedPackets(_:)``).
+    public func lose(_ zone: String, from other: String, percent: Int) throws {
+        try nft(zone, """
+            add rule inet \(Self.table) output ip daddr \(address(other)) numgen random mod 100 < \(percent) counter drop
+            add rule inet \(Self.table) input ip saddr \(address(other)) numgen random mod 100 < \(percent) counter drop
+            """)
+    }
+
+    /// Packets the counting rules of `zone` have dropped so far.
+    public func droppedPackets(_ zone: String) throws -> Int {
+        let listing = try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.nft, "list", "table", "inet", Self.table])
+        return listing.components(separatedBy: "counter packets ").dropFirst().compactMap { Int($0.prefix { $0.isNumber }) }.reduce(0, +)
     }
 
     /// Removes every rule of `zone`: it is connected again.

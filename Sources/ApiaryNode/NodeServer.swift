@@ -303,6 +303,16 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
                                    primaryHost: config.primaryHost, primaryPort: config.primaryPort, group: replicationGroup,
                                    loop: loop, credentials: credentials, ids: ids, logger: logger)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in node.tick() }
+        let (root, logger) = (layout.root, logger)
+        node.onStoppedForFullDisk = {
+            // A thread of its own: it waits, and the loops keep answering meanwhile.
+            Thread.detachNewThread {
+                logger.critical("the data directory's file system is full: waiting for free space, then restarting in place to resume from what is durable",
+                                metadata: ["data": "\(root)", "free_bytes_needed": "\(DiskSpace.roomNeeded(root))"])
+                DiskSpace.waitForRoom(root)
+                NodeServer.restartInPlace(logger: logger)
+            }
+        }
         lock.withLock {
             current = StandbySQLService(node: node)
             standby = node

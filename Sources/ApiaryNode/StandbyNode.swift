@@ -194,6 +194,9 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private(set) var fatal: NodeError?
     /// Set once promotion starts: nothing more is taken from the old primary.
     private var promoting = false
+    /// Called once, on the loop, when the standby stops because its file system is full
+    /// (``stop(_:cause:)``): the node waits for room and starts again from what is durable.
+    var onStoppedForFullDisk: (@Sendable () -> Void)?
     /// The tenant whose records were last persisted on the loop itself, and when.
     private var lastInline: (tenant: TenantID, atNs: UInt64)?
     /// Another tenant persisted inline this recently: this one goes through its queue.
@@ -335,7 +338,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                             break
                         }
                     } catch {
-                        stop(NodeError("tenant \(tenantID): \(error)"))
+                        stop(NodeError("tenant \(tenantID): \(error)"), cause: error)
                         return
                     }
                 }
@@ -453,7 +456,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                 self.logger.notice("installed a snapshot", metadata: ["tenant": "\(tenantID)", "lsn": "\(lsn)", "pages": "\(dbSizePages)"])
                 self.loop.execute { self.interpret(self.core.onSnapshotInstalled(tenantID, lsn: lsn, now: monotonicNowMs())) }
             } catch {
-                self.loop.execute { self.stop(NodeError("tenant \(tenantID): installing a snapshot failed: \(error)")) }
+                self.loop.execute { self.stop(NodeError("tenant \(tenantID): installing a snapshot failed: \(error)"), cause: error) }
             }
         } }
     }
@@ -475,7 +478,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             } catch {
                 self.loop.execute {
                     if counted { tenant.ioPending -= 1 }
-                    self.stop(NodeError("tenant \(tenantID): \(error)"))
+                    self.stop(NodeError("tenant \(tenantID): \(error)"), cause: error)
                 }
             }
         }
@@ -496,16 +499,27 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             tenants[id] = t
             return t
         } catch {
-            stop(NodeError("tenant \(id): cannot create its storage: \(error)"))
+            stop(NodeError("tenant \(id): cannot create its storage: \(error)"), cause: error)
             return nil
         }
     }
 
-    private func stop(_ error: NodeError) {
+    /// Stops replicating for good (this process): what failed may have left the in-memory
+    /// state unlike the files. A full disk is the one cause that goes away by itself: the log
+    /// and the applied state on disk are as they were before the failed write, so the node
+    /// starts again from them once there is room (``onStoppedForFullDisk``).
+    private func stop(_ error: NodeError, cause: (any Error)? = nil) {
         guard fatal == nil else { return }
         fatal = error
         logger.critical("standby stopped replicating", metadata: ["error": "\(error)"])
         channels.closeAll()
+        if let cause, Self.isDiskFull(cause) || DiskSpace.isFull(layout.root) { onStoppedForFullDisk?() }
+    }
+
+    static func isDiskFull(_ error: any Error) -> Bool {
+        if let e = error as? LogError { return e.code == .diskFull }
+        if let e = error as? StorageError { return e.code == .diskFull || (e.cause.map(isDiskFull) ?? false) }
+        return false
     }
 
     // MARK: - Promotion

@@ -43,14 +43,16 @@ final class ScenarioFileTests: XCTestCase {
 
     func testAGoodFileLoads() throws {
         XCTAssertNil(refusal(scenario(faults: [#"{"at": 1, "kind": "isolate", "target": "primary", "seconds": 2}"#,
-                                               #"{"at": 5, "kind": "cut_one_way", "target": "standby", "seconds": 2}"#])))
+                                               #"{"at": 5, "kind": "cut_one_way", "target": "standby", "seconds": 2}"#,
+                                               #"{"at": 6, "kind": "loss", "target": "primary", "seconds": 2, "percent": 30}"#,
+                                               #"{"at": 7, "kind": "fill_disk", "target": "standby", "seconds": 2}"#])))
     }
 
     func testAnUnknownFaultNamesItsLineAndTheFaultsThereAre() throws {
         let message = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 1, "kind": "kill", "target": "primary"}"#,
                                                               #"{"at": 2, "kind": "explode", "target": "primary"}"#])))
         XCTAssertTrue(message.contains("s.json:9:"), message)
-        XCTAssertTrue(message.contains("explode") && message.contains("faults: kill, restart, pause, isolate, cut, cut_one_way"), message)
+        XCTAssertTrue(message.contains("explode") && message.contains("faults: kill, restart, pause, isolate, cut, cut_one_way, loss, fill_disk"), message)
     }
 
     func testAnUnknownTargetNamesItsLine() throws {
@@ -67,6 +69,10 @@ final class ScenarioFileTests: XCTestCase {
         XCTAssertTrue(late.contains("s.json:8:") && late.contains("outside the run"), late)
         let cutMonitor = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "cut", "target": "monitor", "seconds": 1}"#])))
         XCTAssertTrue(cutMonitor.contains("s.json:8:") && cutMonitor.contains("takes primary or standby"), cutMonitor)
+        let noPercent = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "loss", "target": "primary", "seconds": 1}"#])))
+        XCTAssertTrue(noPercent.contains("s.json:8:") && noPercent.contains("'loss' needs percent 1...100"), noPercent)
+        let fillMonitor = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "fill_disk", "target": "monitor", "seconds": 1}"#])))
+        XCTAssertTrue(fillMonitor.contains("s.json:8:") && fillMonitor.contains("takes primary or standby"), fillMonitor)
     }
 
     func testAMissingOrMistypedFieldNamesItsLine() throws {

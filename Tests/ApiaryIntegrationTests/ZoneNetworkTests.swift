@@ -116,6 +116,24 @@ final class ZoneNetworkTests: NodeProcessTestCase {
         try network.heal("a")
         try await inSync(monitor, primary: "node-a", standby: "node-b")
     }
+
+    /// A fifth of the packets between zones a and b lost at random, each way: TCP carries the
+    /// stream through, every write is acknowledged, and the rules did drop packets.
+    func testLossBetweenTheZonesDropsPacketsAndWritesGoOn() async throws {
+        let network = try XCTUnwrap(network)
+        let monitor = try await MonitorClient(cluster: cluster)
+        try await inSync(monitor, primary: "node-a", standby: "node-b")
+
+        try network.lose("a", from: "b", percent: 20)
+        for id in 1...30 {
+            let status = await write(to: cluster.primary, id: id)
+            XCTAssertEqual(status, 200, "write \(id)")
+        }
+        XCTAssertGreaterThan(try network.droppedPackets("a"), 0, "the loss rules dropped packets")
+        try network.heal("a")
+        XCTAssertEqual(try network.droppedPackets("a"), 0, "healed: no rule left")
+        try await inSync(monitor, primary: "node-a", standby: "node-b")
+    }
 }
 
 /// A chaos run cleans up after itself: when interrupted, and (for a run killed outright) at the
