@@ -51,6 +51,10 @@ public struct NodeConfiguration: Sendable {
     public var monitorPort = 4100
     /// How often the keeper heartbeats to the monitor (well under its primary timeout).
     public var keeperIntervalMs: Int64 = 100
+    /// The other node's HTTPS API (`host:port`): where this node, whenever it is not the
+    /// writer, sends rqlite clients (301 with `Location`), as an rqlite follower sends them to
+    /// its leader. Nil: it answers 503 "not primary".
+    public var peerAPI: String?
 
     public init(name: String, role: Role, dataDirectory: String, certificatesDirectory: String) {
         self.name = name
@@ -263,6 +267,13 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         self.group = group
         self.credentials = credentials
         self.logger = logger
+    }
+
+    /// A standby or demoted node's writer is its peer: the only other node of the formation.
+    var redirectTarget: String? {
+        guard let peerAPI = config.peerAPI else { return nil }
+        let serving = lock.withLock { current }
+        return serving is StandbySQLService || serving is DemotedSQLService ? peerAPI : nil
     }
 
     private var service: any SQLService {

@@ -116,7 +116,7 @@ struct APIRoutes: HTTPResponder {
     /// ``respond(to:)``.
     func respond(to request: APIRequest, then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {
         let (tenantInPath, route) = Self.route(request.path)
-        guard request.method == .POST, route.elementsEqual(["db", "execute"]) else {
+        guard request.method == .POST, route.elementsEqual(["db", "execute"]), request.peer != nil || service.redirectTarget == nil else {
             Task {
                 let response = await respond(to: request)
                 done { response }
@@ -162,6 +162,9 @@ struct APIRoutes: HTTPResponder {
 
     func respond(to request: APIRequest) async -> APIResponse {
         let (tenantInPath, route) = Self.route(request.path)
+        if route.first == "db", request.method != .OPTIONS, request.peer == nil, let writer = service.redirectTarget {
+            return Self.redirect(request, to: writer)
+        }
         switch (Array(route), request.method) {
         case (_, .OPTIONS):
             // rqlite answers OPTIONS on any path before authentication (CORS preflight).
@@ -391,6 +394,21 @@ struct APIRoutes: HTTPResponder {
     /// The tenant a request names, if any (its path, else its header).
     static func tenantName(_ request: APIRequest, _ inPath: Substring?) -> String? {
         inPath.map(String.init) ?? request.headers.first(name: tenantHeader)
+    }
+
+    /// rqlite's answer on a node that is not the leader: 301 to the same request on the writer
+    /// (`Location` absolute, the query kept), which rqlite's clients follow. For applications
+    /// only: the cluster's own (gateways, operators) follow the monitor's topology and get
+    /// 503 `not_executed`, which a gateway acts on. Only for a request that carries credentials
+    /// (checked by the writer): one without is 401 here, as anywhere.
+    static func redirect(_ request: APIRequest, to writer: String) -> APIResponse {
+        guard request.headers.contains(name: "authorization") else {
+            return response(APIError(.unauthorized, "credentials needed: HTTP basic auth with a user name and password"))
+        }
+        let location = "https://" + writer + request.path + (request.query.map { "?" + $0 } ?? "")
+        return APIResponse(status: .movedPermanently,
+                           body: RqliteJSON.error("not primary: this node is not the writer; the request goes to \(location)", code: .notExecuted),
+                           headers: [("Location", location)])
     }
 
     static func response(_ error: APIError) -> APIResponse {

@@ -26,6 +26,13 @@ public protocol SQLService: Sendable {
     /// Operator-only: make this standby the primary of a new epoch (DESIGN §6, manual until
     /// the monitor exists). Returns a JSON report.
     func promote() async throws -> [UInt8]
+    /// Where rqlite clients are sent (`host:port` of the writer's API, answered 301) while this
+    /// node is not the writer; nil: requests are answered here.
+    var redirectTarget: String? { get }
+}
+
+extension SQLService {
+    public var redirectTarget: String? { nil }
 }
 
 extension SQLService {

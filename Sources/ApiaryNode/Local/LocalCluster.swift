@@ -118,7 +118,7 @@ public final class LocalCluster: @unchecked Sendable {
         args += ["--replication", spec.replicationAddress]
         if spec.role == "primary" { args += ["--standby", standby.name] }
         // Either node follows the other whenever it is the standby.
-        args += ["--peer", peer(of: spec).replicationAddress]
+        args += ["--peer", peer(of: spec).replicationAddress, "--peer-api", peer(of: spec).apiAddress]
         if let monitor { args += ["--monitor", monitor.apiAddress] }
         return args + spec.extraArguments
     }

@@ -28,6 +28,7 @@ struct Node: AsyncParsableCommand {
     @Option(help: "Primary: replication listen address (host:port).") var replication = Address(argument: "127.0.0.1:4002")!
     @Option(help: "Standby: the primary's replication address (host:port). Same as --peer.") var primary: Address?
     @Option(help: "The other node's replication address (host:port): the primary this node follows whenever it is the standby (not needed by the lone node of a one-node formation).") var peer: Address?
+    @Option(help: "The other node's HTTPS API address (host:port): whenever this node is not the writer, rqlite clients are sent there (301 with Location). Without it they are answered 503 \"not primary\".") var peerApi: Address?
     @Option(help: "The monitor's address (host:port): the node then follows the monitor's goals (promotion, step-down, rejoin); without it only an operator's promote changes its role.") var monitor: Address?
     @Option(help: "With --monitor: how often the node heartbeats to it.") var keeperIntervalMs: Int64 = 100
     @Option(help: "The lease each standby ack grants; a promoted standby waits out its last one. Both nodes should use the same value.") var leaseMs: Int64 = 500
@@ -80,6 +81,7 @@ struct Node: AsyncParsableCommand {
             config.primaryHost = followed.host
             config.primaryPort = followed.port
         }
+        config.peerAPI = peerApi.map { "\($0.host):\($0.port)" }
         if let monitor {
             config.monitorHost = monitor.host
             config.monitorPort = monitor.port
