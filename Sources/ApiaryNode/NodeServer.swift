@@ -437,6 +437,10 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         try await accounts.createUser(name, tenant: tenant, role: role, password: password)
     }
     func listUsers(tenant: TenantID) async throws -> [(name: String, role: UserRole)] { try await accounts.listUsers(tenant: tenant) }
+    func createToken(user: String, tenant: TenantID, ttlSeconds: Int) async throws -> (id: String, token: String, expiresMs: Int64) {
+        try await accounts.createToken(user: user, tenant: tenant, ttlSeconds: ttlSeconds)
+    }
+    func revokeToken(id: String, tenant: TenantID) async throws { try await accounts.revokeToken(id: id, tenant: tenant) }
 
     /// An operator's promotion of a node that runs without a monitor: standby → primary of
     /// epoch + 1, committing alone (`single`). Under a monitor it is refused: the monitor

@@ -108,6 +108,69 @@ final class AccountsTests: NodeProcessTestCase {
         XCTAssertEqual(again.status, 409, again.text)
     }
 
+    /// Bearer tokens: made by an operator (or the tenant's admin) for a user, shown once; a
+    /// client that sends one acts as that user in that user's tenant; a wrong, malformed,
+    /// revoked or dropped tenant's token is 401; a token outlives a failover like any account.
+    func testBearerTokensSignInAsTheirUserUntilRevoked() async throws {
+        let made = try await accounts.createToken(user: "alice", tenant: "acme")
+        XCTAssertTrue(made.token.hasPrefix("apiary_" + made.id + "_"), made.token)
+        let bearer = [("Authorization", "Bearer " + made.token)]
+        let write = try await send(.POST, "/db/execute", headers: bearer, body: #"["CREATE TABLE t (x)", "INSERT INTO t VALUES ('by-token')"]"#)
+        XCTAssertEqual(write.status, 200, write.text)
+        let read = try await send(.GET, "/db/query?q=SELECT+x+FROM+t", headers: bearer)
+        XCTAssertTrue(read.text.contains("by-token"), read.text)
+        let otherTenant = try await send(.GET, "/db/query?q=SELECT+1", headers: bearer + [("X-Apiary-Tenant", "globex")])
+        XCTAssertEqual(otherTenant.status, 403, otherTenant.text)
+
+        // A reader's token reads only; a tenant's admin makes tokens for its own users only.
+        let adminMade = try await send(.POST, "/admin/tenants/acme/users/bob/tokens", as: "ann", body: #"{"ttl_seconds": 3600}"#)
+        XCTAssertEqual(adminMade.status, 201, adminMade.text)
+        let bobToken = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(adminMade.body)) as? [String: Any])?["token"] as? String)
+        let bobWrites = try await send(.POST, "/db/execute", headers: [("Authorization", "Bearer " + bobToken)], body: #"["INSERT INTO t VALUES (1)"]"#)
+        XCTAssertEqual(bobWrites.status, 403, bobWrites.text)
+        let crossTenant = try await send(.POST, "/admin/tenants/globex/users/gina/tokens", as: "ann", body: "{}")
+        XCTAssertEqual(crossTenant.status, 403, crossTenant.text)
+        let writerMakes = try await send(.POST, "/admin/tenants/acme/users/alice/tokens", as: "alice", body: "{}")
+        XCTAssertEqual(writerMakes.status, 403, writerMakes.text)
+        let noSuchUser = try await accounts.request(.POST, "/admin/tenants/acme/users/gina/tokens", jsonObject: [:])
+        XCTAssertEqual(noSuchUser.status, 404, noSuchUser.text)
+        let tooLong = try await accounts.request(.POST, "/admin/tenants/acme/users/alice/tokens", jsonObject: ["ttl_seconds": 400 * 86_400])
+        XCTAssertEqual(tooLong.status, 400, tooLong.text)
+
+        // Wrong secret, malformed, unknown id: 401, and the answer echoes nothing.
+        let wrongSecret = String(made.token.dropLast(4)) + "AAAA"
+        for bad in [wrongSecret, "apiary_0123456789abcdef_" + String(repeating: "A", count: 43), "not-a-token"] {
+            let r = try await send(.GET, "/db/query?q=SELECT+1", headers: [("Authorization", "Bearer " + bad)])
+            XCTAssertEqual(r.status, 401, "\(bad): \(r.text)")
+            XCTAssertFalse(r.text.contains(bad), r.text)
+        }
+
+        // Revoked: refused at once (the node's cache of verified credentials is cleared).
+        let revoked = try await accounts.request(.DELETE, "/admin/tenants/acme/tokens/\(made.id)")
+        XCTAssertEqual(revoked.status, 200, revoked.text)
+        let afterRevoke = try await send(.GET, "/db/query?q=SELECT+1", headers: bearer)
+        XCTAssertEqual(afterRevoke.status, 401, afterRevoke.text)
+        let revokedTwice = try await accounts.request(.DELETE, "/admin/tenants/acme/tokens/\(made.id)")
+        XCTAssertEqual(revokedTwice.status, 404, revokedTwice.text)
+
+        // A dropped tenant's tokens die with it.
+        let ginaToken = try await accounts.createToken(user: "gina", tenant: "globex")
+        let ginaReads = try await send(.GET, "/db/query?q=SELECT+1", headers: [("Authorization", "Bearer " + ginaToken.token)])
+        XCTAssertEqual(ginaReads.status, 200, ginaReads.text)
+        _ = try await accounts.request(.DELETE, "/admin/tenants/globex")
+        let ginaAfter = try await send(.GET, "/db/query?q=SELECT+1", headers: [("Authorization", "Bearer " + ginaToken.token)])
+        XCTAssertEqual(ginaAfter.status, 401, ginaAfter.text)
+
+        // Replicated like every account: the token works on the promoted standby.
+        let kept = try await accounts.createToken(user: "alice", tenant: "acme")
+        cluster.kill(cluster.primary)
+        let promoted = try cluster.promoteWithCtl(cluster.standby)
+        XCTAssertEqual(promoted.status, 0, promoted.output)
+        let onNewPrimary = try await send(.GET, "/db/query?q=SELECT+x+FROM+t", headers: [("Authorization", "Bearer " + kept.token)], port: cluster.standby.apiPort)
+        XCTAssertEqual(onNewPrimary.status, 200, onNewPrimary.text)
+        XCTAssertTrue(onNewPrimary.text.contains("by-token"), onNewPrimary.text)
+    }
+
     /// Accounts live in the replicated system database: after a failover the same credentials
     /// work on the new primary.
     func testAccountsSurviveAFailover() async throws {

@@ -19,16 +19,22 @@ public enum UserRole: String, Sendable, CaseIterable, Codable {
 public enum Credentials: Hashable, Sendable {
     /// HTTP basic auth, as rqlite clients send it (`http://user:pass@host`).
     case basic(user: String, password: String)
+    /// `Authorization: Bearer apiary_<id>_<secret>`: a token made for a user (``Tokens``).
+    case bearer(id: String, secret: String)
 
     /// Reads the `Authorization` header; nil when there is none.
     /// - Throws: `APIError(.unauthorized)` for a header that is present but malformed.
     static func from(_ headers: HTTPHeaders) throws -> Credentials? {
         guard let value = headers.first(name: "authorization") else { return nil }
         let parts = value.split(separator: " ", maxSplits: 1)
+        if parts.count == 2, parts[0].lowercased() == "bearer" {
+            guard let token = Tokens.parse(parts[1]) else { throw APIError(.unauthorized, "wrong token") }
+            return .bearer(id: token.id, secret: token.secret)
+        }
         guard parts.count == 2, parts[0].lowercased() == "basic", parts[1].utf8.count <= 4096,
               let decoded = Data(base64Encoded: String(parts[1])), let text = String(data: decoded, encoding: .utf8),
               let colon = text.firstIndex(of: ":") else {
-            throw APIError(.unauthorized, "malformed Authorization header: use HTTP basic auth")
+            throw APIError(.unauthorized, "malformed Authorization header: use HTTP basic auth or a bearer token")
         }
         let user = String(text[..<colon]), password = String(text[text.index(after: colon)...])
         guard !user.isEmpty, user.utf8.count <= UserName.lengthMax, password.utf8.count <= Passwords.lengthMax else {
@@ -119,4 +125,9 @@ public protocol AccountService: Sendable {
     func dropTenant(_ tenant: TenantID) async throws
     func createUser(_ name: String, tenant: TenantID, role: UserRole, password: String) async throws
     func listUsers(tenant: TenantID) async throws -> [(name: String, role: UserRole)]
+    /// A new bearer token for `user` of `tenant`, valid `ttlSeconds`: the token (shown once),
+    /// its id (to revoke it) and when it expires (ms since 1970).
+    func createToken(user: String, tenant: TenantID, ttlSeconds: Int) async throws -> (id: String, token: String, expiresMs: Int64)
+    /// Revokes the token `id` of a user of `tenant`.
+    func revokeToken(id: String, tenant: TenantID) async throws
 }

@@ -21,6 +21,8 @@ final class AccountStore: AccountService, @unchecked Sendable {
     static let schema = [
         "CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, tenant TEXT NOT NULL, role TEXT NOT NULL, password TEXT NOT NULL, created_ms INTEGER NOT NULL)",
         "CREATE TABLE IF NOT EXISTS dropped_tenants (name TEXT PRIMARY KEY, dropped_ms INTEGER NOT NULL)",
+        // Bearer tokens: the SHA-256 of the secret only (Tokens.swift).
+        "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, user TEXT NOT NULL, hash TEXT NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL)",
     ]
 
     init(node: PrimaryNode) {
@@ -87,6 +89,9 @@ final class AccountStore: AccountService, @unchecked Sendable {
         if let known = cache[credentials] { return known }
         // An account change while this runs must not be undone by caching what it read before.
         let generation = cache.generation
+        if case .bearer(let id, let secret) = credentials {
+            return try await authenticateToken(id: id, secret: secret, credentials: credentials, generation: generation)
+        }
         guard case .basic(let user, let password) = credentials else { return nil }
         let found = try await rows("SELECT tenant, role, password FROM users WHERE name = ?", [.text(user)]).first
         let verified = try await checkPassword(password, against: found.flatMap { row in
@@ -97,6 +102,23 @@ final class AccountStore: AccountService, @unchecked Sendable {
         guard try await !isDropped(tenant) else { return nil }
         let principal = UserPrincipal(name: user, tenant: tenant, role: role)
         cache.store(principal, for: credentials, ifStill: generation)
+        return principal
+    }
+
+    private func authenticateToken(id: String, secret: String, credentials: Credentials, generation: Int) async throws -> UserPrincipal? {
+        let found = try await rows("""
+            SELECT t.hash, t.expires_ms, u.name, u.tenant, u.role FROM tokens t JOIN users u ON u.name = t.user WHERE t.id = ?
+            """, [.text(id)]).first
+        guard let row = found, case .text(let stored) = row[0], Tokens.verify(secret, against: stored),
+              case .integer(let expiresMs) = row[1], expiresMs > Self.nowMs(),
+              case .text(let user) = row[2], case .text(let tenantName) = row[3], case .text(let roleName) = row[4],
+              let tenant = try? TenantID(tenantName), let role = UserRole(rawValue: roleName) else { return nil }
+        guard try await !isDropped(tenant) else { return nil }
+        let principal = UserPrincipal(name: user, tenant: tenant, role: role)
+        // Not cached past its expiry: a token near its end is checked each time.
+        if expiresMs - Self.nowMs() > Int64(CredentialCache.lifetimeNs / 1_000_000) {
+            cache.store(principal, for: credentials, ifStill: generation)
+        }
         return principal
     }
 
@@ -143,6 +165,7 @@ final class AccountStore: AccountService, @unchecked Sendable {
         guard try node.layout.existingTenants().contains(tenant) else { throw APIError(.notFound, "no such tenant") }
         let results = try await write([
             SQLStatement("INSERT OR IGNORE INTO dropped_tenants (name, dropped_ms) VALUES (?, ?)", [.text(tenant.rawValue), .integer(Self.nowMs())]),
+            SQLStatement("DELETE FROM tokens WHERE user IN (SELECT name FROM users WHERE tenant = ?)", [.text(tenant.rawValue)]),
             SQLStatement("DELETE FROM users WHERE tenant = ?", [.text(tenant.rawValue)]),
         ])
         for case .failure(let message) in results { throw APIError(.notExecuted, "not dropped (\(message)); retry") }
@@ -169,6 +192,30 @@ final class AccountStore: AccountService, @unchecked Sendable {
             guard case .text(let name) = row[0], case .text(let role) = row[1], let r = UserRole(rawValue: role) else { return nil }
             return (name, r)
         }
+    }
+
+    func createToken(user: String, tenant: TenantID, ttlSeconds: Int) async throws -> (id: String, token: String, expiresMs: Int64) {
+        guard (1...Tokens.ttlSecondsMax).contains(ttlSeconds) else {
+            throw APIError(.badRequest, "ttl_seconds must be 1...\(Tokens.ttlSecondsMax) (a year)")
+        }
+        guard try await !isDropped(tenant),
+              try await !rows("SELECT 1 FROM users WHERE name = ? AND tenant = ?", [.text(user), .text(tenant.rawValue)]).isEmpty else {
+            throw APIError(.notFound, "no such user in tenant \(tenant)")
+        }
+        let made = Tokens.make()
+        let expiresMs = Self.nowMs() + Int64(ttlSeconds) * 1000
+        let results = try await write([SQLStatement("INSERT INTO tokens (id, user, hash, created_ms, expires_ms) VALUES (?, ?, ?, ?, ?)",
+                                                    [.text(made.id), .text(user), .text(made.hash), .integer(Self.nowMs()), .integer(expiresMs)])])
+        if case .failure(let message)? = results.first { throw APIError(.notExecuted, "token not created (\(message)); retry") }
+        return (made.id, made.token, expiresMs)
+    }
+
+    func revokeToken(id: String, tenant: TenantID) async throws {
+        let owned = "SELECT 1 FROM tokens WHERE id = ? AND user IN (SELECT name FROM users WHERE tenant = ?)"
+        guard try await !rows(owned, [.text(id), .text(tenant.rawValue)]).isEmpty else { throw APIError(.notFound, "no such token in tenant \(tenant)") }
+        let results = try await write([SQLStatement("DELETE FROM tokens WHERE id = ?", [.text(id)])])
+        if case .failure(let message)? = results.first { throw APIError(.notExecuted, "token not revoked (\(message)); retry") }
+        cache.removeAll()
     }
 
     private static func nowMs() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
@@ -201,6 +248,7 @@ final class CredentialCache: @unchecked Sendable {
     private static func key(_ credentials: Credentials) -> SHA256Digest {
         switch credentials {
         case .basic(let user, let password): return SHA256.hash(data: Array(("basic\0" + user + "\0" + password).utf8))
+        case .bearer(let id, let secret): return SHA256.hash(data: Array(("bearer\0" + id + "\0" + secret).utf8))
         }
     }
 

@@ -19,6 +19,11 @@ public struct AccountsClient {
 
     /// One request with the operator's certificate; the answer as it came.
     public func request(_ method: HTTPMethod, _ path: String, json: [String: String]? = nil) async throws -> HTTPSConnection.Response {
+        try await request(method, path, jsonObject: json)
+    }
+
+    /// The same with any JSON object as the body.
+    public func request(_ method: HTTPMethod, _ path: String, jsonObject json: [String: Any]?) async throws -> HTTPSConnection.Response {
         let connection = try await HTTPSConnection.connect(host: host, port: port, tls: credentials.clusterClient(),
                                                            group: MultiThreadedEventLoopGroup.singleton)
         defer { Task { await connection.close() } }
@@ -35,6 +40,16 @@ public struct AccountsClient {
     public func createUser(_ name: String, tenant: String, role: String, password: String) async throws {
         let response = try await request(.POST, "/admin/tenants/\(tenant)/users", json: ["name": name, "role": role, "password": password])
         guard response.status == 201 else { throw NodeError("cannot create user \(name): \(response.status) \(response.text)") }
+    }
+
+    /// A bearer token for `user` (shown once): the token and its id.
+    public func createToken(user: String, tenant: String, ttlSeconds: Int? = nil) async throws -> (token: String, id: String) {
+        let response = try await request(.POST, "/admin/tenants/\(tenant)/users/\(user)/tokens", jsonObject: ttlSeconds.map { ["ttl_seconds": $0] } ?? [:])
+        guard response.status == 201, let object = try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any],
+              let token = object["token"] as? String, let id = object["id"] as? String else {
+            throw NodeError("cannot create a token for \(user): \(response.status) \(response.text)")
+        }
+        return (token, id)
     }
 
     /// A random password of 24 URL-safe characters.

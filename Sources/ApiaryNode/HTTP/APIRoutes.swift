@@ -457,7 +457,7 @@ struct APIRoutes: HTTPResponder {
 
     // MARK: Accounts
 
-    /// `/admin/tenants[/{tenant}[/users]]`.
+    /// `/admin/tenants[/{tenant}[/users[/{user}/tokens]]]`, `/admin/tenants/{tenant}/tokens/{id}`.
     private func admin(_ request: APIRequest, _ path: [Substring], _ method: HTTPMethod) async -> APIResponse {
         do {
             guard let accounts else { throw APIError(.notFound, "no accounts on this server") }
@@ -493,6 +493,20 @@ struct APIRoutes: HTTPResponder {
                 guard let role = UserRole(rawValue: roleName) else { throw APIError(.badRequest, "role must be admin, writer or reader") }
                 try await accounts.createUser(name, tenant: tenant, role: role, password: password)
                 return APIResponse(status: .created, body: Self.json(["user": name, "tenant": tenant.rawValue, "role": role.rawValue]))
+            case (4, .POST) where path[1] == "users" && path[3] == "tokens":
+                let tenant = try Self.tenant(path[0])
+                try Access.check(principal, may: .manageUsers(tenant))
+                let fields = request.body.isEmpty ? [:] : (try? JSONSerialization.jsonObject(with: Data(try body(request))) as? [String: Any]) ?? nil
+                guard let fields else { throw APIError(.badRequest, "the body must be a JSON object (or empty)") }
+                let ttl = fields["ttl_seconds"].map { ($0 as? NSNumber)?.intValue ?? -1 } ?? Tokens.ttlSecondsDefault
+                let made = try await accounts.createToken(user: String(path[2]), tenant: tenant, ttlSeconds: ttl)
+                return APIResponse(status: .created, body: Self.json(["token": made.token, "id": made.id, "user": String(path[2]),
+                                                                      "tenant": tenant.rawValue, "expires_ms": made.expiresMs]))
+            case (3, .DELETE) where path[1] == "tokens":
+                let tenant = try Self.tenant(path[0])
+                try Access.check(principal, may: .manageUsers(tenant))
+                try await accounts.revokeToken(id: String(path[2]), tenant: tenant)
+                return APIResponse(status: .ok, body: Self.json(["revoked": String(path[2])]))
             case (0, _): return Self.methodNotAllowed(request, allow: "GET, POST")
             case (1, _): return Self.methodNotAllowed(request, allow: "DELETE")
             case (2, _) where path[1] == "users": return Self.methodNotAllowed(request, allow: "GET, POST")

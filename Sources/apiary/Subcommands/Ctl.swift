@@ -10,7 +10,7 @@ import NIOPosix
 struct Ctl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Operate a cluster (with an operator certificate).",
-        subcommands: [Verify.self, Status.self, Events.self, Switchover.self, Failover.self, Maintenance.self, Promote.self, Tenant.self, User.self]
+        subcommands: [Verify.self, Status.self, Events.self, Switchover.self, Failover.self, Maintenance.self, Promote.self, Tenant.self, User.self, Token.self]
     )
 
     /// Where the operator's certificate is: shared by every `ctl` subcommand.

@@ -91,6 +91,43 @@ extension Ctl {
         }
     }
 
+    /// `apiary ctl token create|revoke`.
+    struct Token: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Make or revoke a user's bearer tokens (on the primary).",
+                                                        subcommands: [Create.self, Revoke.self])
+
+        struct Create: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Make a bearer token for a user: clients send 'Authorization: Bearer TOKEN' instead of a password.",
+                discussion: "Prints the token once (it is stored only as a hash) with its id, which revokes it."
+            )
+            @Option(help: "The user the token signs in as.") var user: String
+            @Option(help: "The user's tenant.") var tenant: String
+            @Option(help: "Days until it expires (at most 365).") var ttlDays = 30
+            @Option(help: "The primary's HTTPS API (host:port).") var node: Address
+            @OptionGroup var options: OperatorOptions
+
+            func run() async throws {
+                guard (1...365).contains(ttlDays) else { throw ValidationError("--ttl-days must be 1...365") }
+                let response = try await options.accounts(node).request(.POST, "/admin/tenants/\(tenant)/users/\(user)/tokens",
+                                                                        jsonObject: ["ttl_seconds": ttlDays * 86_400])
+                try Ctl.show(response, expecting: 201)
+            }
+        }
+
+        struct Revoke: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Revoke a bearer token by its id.")
+            @Argument(help: "The token's id (printed when it was made).") var id: String
+            @Option(help: "The tenant of the token's user.") var tenant: String
+            @Option(help: "The primary's HTTPS API (host:port).") var node: Address
+            @OptionGroup var options: OperatorOptions
+
+            func run() async throws {
+                try await Ctl.show(try options.accounts(node).request(.DELETE, "/admin/tenants/\(tenant)/tokens/\(id)"), expecting: 200)
+            }
+        }
+    }
+
     static func show(_ response: HTTPSConnection.Response, expecting status: Int) throws {
         Swift.print(response.text)
         if response.status != status { throw ExitCode(1) }
