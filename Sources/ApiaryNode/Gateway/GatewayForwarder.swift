@@ -38,6 +38,14 @@ struct GatewayForwarder: HTTPResponder {
         if request.bodyTooLarge {
             return APIResponse(status: .payloadTooLarge, body: RqliteJSON.error("request body larger than \(bodyBytesMax) bytes", code: .tooLarge))
         }
+        if request.memoryShort {
+            // The body was dropped unread: forwarding the request without it would run
+            // something else (a POST /db/query's `q=`) or fail falsely. Nothing was sent.
+            var refusal = APIResponse(status: .serviceUnavailable,
+                                      body: RqliteJSON.error("not executed: the gateway is short of memory for request bodies; send it again", code: .notExecuted))
+            refusal.headers.append(("Retry-After", "1"))
+            return refusal
+        }
         if let refusal = limits.admit(request) { return refusal }
         let path = request.path
         // /db/query, also under /tenants/{t}/; GETs other than the SQL endpoints (status, nodes).
