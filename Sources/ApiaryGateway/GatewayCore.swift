@@ -92,12 +92,12 @@ public struct RequestProgress: Hashable, Sendable {
     public fileprivate(set) var attempts = 0
     /// Some attempt may have been executed by a node (sent, and not answered "not executed").
     public fileprivate(set) var mayHaveExecuted = false
-    /// The topology version of the last attempt that a node refused or that could not be sent;
-    /// the next goes to the same writer only once the topology changed or a backoff passed.
-    fileprivate var refusedAtVersion: UInt64?
-    /// The topology's version when the last attempt was sent: a refusal counts against that
-    /// topology (a newer one explains it, and the request goes on at once).
-    fileprivate var sentAtVersion: UInt64 = 0
+    /// The topology of the last attempt that a node refused or that could not be sent; the
+    /// next goes to the same writer only once the topology changed or a backoff passed.
+    fileprivate var refusedUnder: GatewayTopology?
+    /// The topology when the last attempt was sent: a refusal counts against that topology (a
+    /// newer one explains it, and the request goes on at once).
+    fileprivate var sentUnder = GatewayTopology.unknown
     fileprivate var retryAt: Int64 = .min
 
     public init(traits: RequestTraits, now: Int64) {
@@ -145,6 +145,22 @@ public struct GatewayCore: Sendable {
         return true
     }
 
+    /// A node answered in `epoch` (its `X-Apiary-Epoch`), as the writer (it served the request)
+    /// or not (it refused it as not the writer). An epoch newer than the topology's is news the
+    /// watch has not brought yet (the monitor may be slow or cut off from this gateway), and the
+    /// newer epoch wins, as the watch's own answers do: a writer in it becomes the writer; a
+    /// node that is not, leaves no writer known until the watch names it. An epoch the topology
+    /// has already, or an older one, changes nothing.
+    /// - Returns: whether the topology changed (waiting requests should ask again).
+    @discardableResult
+    public mutating func onNodeAnswer(from node: NodeID, epoch: Epoch, asWriter: Bool) -> Bool {
+        guard epoch > topology.epoch else { return false }
+        topology.epoch = epoch
+        topology.writer = asWriter ? node : nil
+        topology.writerReady = asWriter
+        return true
+    }
+
     /// What to do with `request` now: forward it, wait, or give up.
     public func next(_ request: RequestProgress, now: Int64) -> GatewayDecision {
         if now - request.startedAt >= config.holdMs || request.attempts >= config.attemptsMax {
@@ -152,7 +168,7 @@ public struct GatewayCore: Sendable {
         }
         let deadline = request.startedAt + config.holdMs
         guard let writer = topology.writer, topology.writerReady else { return .wait(untilMs: deadline) }
-        if request.refusedAtVersion == topology.version, now < request.retryAt {
+        if request.refusedUnder == topology, now < request.retryAt {
             return .wait(untilMs: min(request.retryAt, deadline))
         }
         return .forward(writer)
@@ -172,7 +188,7 @@ public struct GatewayCore: Sendable {
     /// The shell is about to send `request` (after `.forward`).
     public func sending(_ request: inout RequestProgress) {
         request.attempts += 1
-        request.sentAtVersion = topology.version
+        request.sentUnder = topology
     }
 
     /// How the attempt ended: answer the client, ask `next` again, or give up.
@@ -204,7 +220,7 @@ public struct GatewayCore: Sendable {
     }
 
     private func refused(_ request: inout RequestProgress, now: Int64) {
-        request.refusedAtVersion = request.sentAtVersion
+        request.refusedUnder = request.sentUnder
         request.retryAt = now + min(config.backoffMaxMs, config.backoffStepMs * Int64(request.attempts))
     }
 }

@@ -92,8 +92,20 @@ final class GatewayState: @unchecked Sendable {
     /// - Returns: how many attempts under way it gave up (their writer is no longer the writer).
     @discardableResult
     func onTopology(_ topology: GatewayTopology) -> Int {
+        changed { $0.onTopology(topology) }
+    }
+
+    /// A node's answer told its epoch (``GatewayCore/onNodeAnswer(from:epoch:asWriter:)``).
+    func onNodeAnswer(from node: NodeID, epoch: Epoch, asWriter: Bool) {
+        changed { $0.onNodeAnswer(from: node, epoch: epoch, asWriter: asWriter) }
+    }
+
+    /// Applies `change` to the core; if the topology changed, wakes the waiting requests and
+    /// gives up the attempts on a former writer that the core says to.
+    @discardableResult
+    private func changed(_ change: (inout GatewayCore) -> Bool) -> Int {
         let (woken, abandoned): ([CheckedContinuation<Void, Never>], [HTTPSConnection]) = lock.withLock {
-            guard core.onTopology(topology) else { return ([], []) }
+            guard change(&core) else { return ([], []) }
             defer { waiters.removeAll() }
             let abandoned = inFlight.values.filter { core.abandons($0.request, sentTo: $0.node) }.map(\.connection)
             return (Array(waiters.values), abandoned)
