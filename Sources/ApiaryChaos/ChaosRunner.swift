@@ -56,6 +56,8 @@ public final class ChaosRunner: @unchecked Sendable {
     private var paused: Set<Int32> = []
     /// Zones with network faults in force.
     private var cut: Set<String> = []
+    /// The writer and epoch through the run (``sampleRoles()``).
+    private var roleSamples: [RoleSample] = []
     private let started = Date()
     private var authorization = ""
     static let accounts = 8
@@ -108,6 +110,7 @@ public final class ChaosRunner: @unchecked Sendable {
         for c in 0..<scenario.setClients { clients.append(Task { await self.setClient(c) }) }
         for c in 0..<scenario.bankClients { clients.append(Task { await self.bankClient(scenario.setClients + c) }) }
         for c in 0..<scenario.registerClients { clients.append(Task { await self.registerClient(scenario.setClients + scenario.bankClients + c) }) }
+        let sampler = Task { await self.sampleRoles() }
         for fault in scenario.faults.sorted(by: { $0.at < $1.at }) {
             let due = workloadStart + Int64(fault.at * 1000)
             if due > nowMs { try await Task.sleep(for: .milliseconds(due - nowMs)) } // the schedule is wall-clock time
@@ -118,6 +121,7 @@ public final class ChaosRunner: @unchecked Sendable {
         if end > nowMs { try await Task.sleep(for: .milliseconds(end - nowMs)) }
         lock.withLock { stopped = true }
         for client in clients { await client.value }
+        await sampler.value
         let durationMs = nowMs - workloadStart
 
         // Heal: everything back up, then the formation must converge.
@@ -163,9 +167,12 @@ public final class ChaosRunner: @unchecked Sendable {
                                       detail: String(format: "requests %.5f, time %.5f", availability.byRequests, availability.byTime)))
         }
         let faults = lock.withLock { applied }.map { FaultRecord(atMs: $0.atMs - workloadStart, text: $0.text) }
-        return ChaosReport(scenario: scenario.name, startedAt: ISO8601DateFormatter().string(from: started), durationMs: durationMs,
-                           network: networkText,
-                           checks: checks, availability: availability, faults: faults, operations: ops + finalReads)
+        let roles = lock.withLock { roleSamples }.map { sample -> RoleSample in var s = sample; s.atMs -= workloadStart; return s }
+        var report = ChaosReport(scenario: scenario.name, startedAt: ISO8601DateFormatter().string(from: started), durationMs: durationMs,
+                                 network: networkText,
+                                 checks: checks, availability: availability, faults: faults, operations: ops + finalReads)
+        report.roles = roles
+        return report
     }
 
     // MARK: Faults
@@ -287,6 +294,18 @@ public final class ChaosRunner: @unchecked Sendable {
         guard let writer = topology.writer else { throw ChaosError("the monitor names no writer") }
         let primary = writer == cluster.primary.name ? cluster.primary : cluster.standby
         return target == .primary ? primary : cluster.peer(of: primary)
+    }
+
+    /// Asks the monitor for the writer and the epoch twice a second until the workload stops,
+    /// for the report's timeline (a monitor that cannot be reached leaves a gap).
+    private func sampleRoles() async {
+        while !lock.withLock({ stopped }) {
+            if let t = try? await topology() {
+                let sample = RoleSample(atMs: nowMs, epoch: t.epoch, writer: t.writer, writerReady: t.writerReady)
+                lock.withLock { roleSamples.append(sample) }
+            }
+            try? await Task.sleep(for: .milliseconds(500)) // a sampling period, not an ordering of events
+        }
     }
 
     // MARK: The workload
