@@ -61,6 +61,9 @@ public final class ChaosRunner: @unchecked Sendable {
     private let started = Date()
     private var authorization = ""
     static let accounts = 8
+    /// What an operation may take in all, its resend to the other gateway included: past it,
+    /// it counts as failed (a read) or unknown (a write).
+    static let operationTimeoutMs: Int64 = 10_000
     static let balance = 100
 
     /// Makes the zones (network namespaces where possible); the cluster starts in ``run(log:)``.
@@ -408,6 +411,8 @@ public final class ChaosRunner: @unchecked Sendable {
         var headers = [("Authorization", authorization)]
         if let key { headers.append(("Idempotency-Key", key)) }
         let first = lock.withLock { preferredGateway }
+        let deadline = invoked + Self.operationTimeoutMs
+        var dropped: String?
         for index in [first, 1 - first] {
             let gateway = cluster.gateways[index]
             do {
@@ -416,22 +421,34 @@ public final class ChaosRunner: @unchecked Sendable {
                 defer { Task { await c.close() } }
                 let r: HTTPSConnection.Response
                 do {
-                    r = try await c.request(method, path, headers: headers, body: body, timeoutMs: 10_000)
+                    r = try await c.request(method, path, headers: headers, body: body, timeoutMs: max(1, deadline - nowMs))
                 } catch {
-                    // Sent, no answer: a read is just failed; a write may or may not be applied.
-                    return Reply(outcome: method == .GET ? .failed : .unknown, detail: "no answer: \(error)", invokedMs: invoked, completedMs: nowMs)
+                    // Sent, no answer. A gateway that dropped the connection before the time was
+                    // up (it crashed): a request that may be sent again — a read, or a write with
+                    // an idempotency key — goes to the other gateway, as an application's client
+                    // library with two endpoints sends it. Otherwise a read is just failed, and a
+                    // write may or may not have been applied.
+                    if index == first, method == .GET || key != nil, nowMs < deadline - 100 {
+                        dropped = "\(gateway.name) gave no answer (\(error))"
+                        lock.withLock { preferredGateway = 1 - index }
+                        continue
+                    }
+                    return Reply(outcome: method == .GET ? .failed : .unknown, detail: "no answer: \(error)" + (dropped.map { "; before: \($0)" } ?? ""),
+                                 invokedMs: invoked, completedMs: nowMs)
                 }
+                let resent = dropped.map { " (sent again after \($0))" } ?? ""
                 if r.status == 200, let rows = r.integerRows {
-                    return Reply(outcome: .ok, detail: "200", rows: rows, rowsAffected: method == .GET ? nil : Self.rowsAffected(r.body),
+                    return Reply(outcome: .ok, detail: "200" + resent, rows: rows, rowsAffected: method == .GET ? nil : Self.rowsAffected(r.body),
                                  invokedMs: invoked, completedMs: nowMs)
                 }
                 let code = r.errorCode ?? "-"
                 let unknown = r.header("x-apiary-outcome") == "unknown"
-                return Reply(outcome: unknown ? .unknown : .failed, detail: "\(r.status) \(code)", invokedMs: invoked, completedMs: nowMs)
+                return Reply(outcome: unknown ? .unknown : .failed, detail: "\(r.status) \(code)" + resent, invokedMs: invoked, completedMs: nowMs)
             } catch {
                 continue // could not connect: nothing was sent; try the other gateway
             }
         }
+        if let dropped { return Reply(outcome: method == .GET ? .failed : .unknown, detail: dropped, invokedMs: invoked, completedMs: nowMs) }
         return Reply(outcome: .failed, detail: "no gateway reachable", invokedMs: invoked, completedMs: nowMs)
     }
 
