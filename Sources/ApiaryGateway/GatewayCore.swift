@@ -145,19 +145,20 @@ public struct GatewayCore: Sendable {
         return true
     }
 
-    /// A node answered in `epoch` (its `X-Apiary-Epoch`), as the writer (it served the request)
-    /// or not (it refused it as not the writer). An epoch newer than the topology's is news the
-    /// watch has not brought yet (the monitor may be slow or cut off from this gateway), and the
-    /// newer epoch wins, as the watch's own answers do: a writer in it becomes the writer; a
-    /// node that is not, leaves no writer known until the watch names it. An epoch the topology
-    /// has already, or an older one, changes nothing.
+    /// A node served a request as the writer in `epoch` (its `X-Apiary-Epoch` on a success).
+    /// An epoch newer than the topology's is news the watch has not brought yet (the monitor may
+    /// be slow or cut off from this gateway), and the newer epoch wins, as the watch's own
+    /// answers do: the node is the writer. An epoch the topology has already, or an older one,
+    /// changes nothing. (A refusal teaches nothing: the writer itself refuses for reasons of
+    /// its own — overloaded, draining, no lease for a strong read — so a refusal in a newer
+    /// epoch does not tell who the writer is, nor that it is not this node.)
     /// - Returns: whether the topology changed (waiting requests should ask again).
     @discardableResult
-    public mutating func onNodeAnswer(from node: NodeID, epoch: Epoch, asWriter: Bool) -> Bool {
+    public mutating func onWriterAnswer(from node: NodeID, epoch: Epoch) -> Bool {
         guard epoch > topology.epoch else { return false }
         topology.epoch = epoch
-        topology.writer = asWriter ? node : nil
-        topology.writerReady = asWriter
+        topology.writer = node
+        topology.writerReady = true
         return true
     }
 

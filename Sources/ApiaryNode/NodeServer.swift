@@ -269,11 +269,13 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         self.logger = logger
     }
 
-    /// A standby or demoted node's writer is its peer: the only other node of the formation.
+    /// A standby's writer is its peer, the only other node of the formation — known to be
+    /// the writer while the standby streams from it. Otherwise (its peer lost, a promotion
+    /// under way, a demoted node) applications get 503 "not primary", safe to retry.
     var redirectTarget: String? {
         guard let peerAPI = config.peerAPI else { return nil }
-        let serving = lock.withLock { current }
-        return serving is StandbySQLService || serving is DemotedSQLService ? peerAPI : nil
+        guard let standby = lock.withLock({ current }) as? StandbySQLService, standby.node.isStreaming else { return nil }
+        return peerAPI
     }
 
     private var service: any SQLService {
@@ -315,11 +317,19 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
                                    loop: loop, credentials: credentials, ids: ids, logger: logger)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in node.tick() }
         let (root, logger) = (layout.root, logger)
+        let layout = self.layout
         node.onStoppedForFullDisk = {
             // A thread of its own: it waits, and the loops keep answering meanwhile.
             Thread.detachNewThread {
                 logger.critical("the data directory's file system is full: waiting for free space, then restarting in place to resume from what is durable",
                                 metadata: ["data": "\(root)", "free_bytes_needed": "\(DiskSpace.roomNeeded(root))"])
+                // A snapshot being received holds space only a restart would give back: it is
+                // removed now (one whose install began, with its marker, is kept: the restart
+                // finishes it). The primary sends a new one.
+                for tenant in (try? layout.existingTenants()) ?? [] where !FileManager.default.fileExists(atPath: layout.snapshotInstallMarker(tenant)) {
+                    try? FileManager.default.removeItem(atPath: layout.snapshotScratch(tenant))
+                }
+                sleep(DiskSpace.nextRestartDelaySeconds())
                 DiskSpace.waitForRoom(root)
                 NodeServer.restartInPlace(logger: logger)
             }
@@ -441,6 +451,9 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         try await accounts.createToken(user: user, tenant: tenant, ttlSeconds: ttlSeconds)
     }
     func revokeToken(id: String, tenant: TenantID) async throws { try await accounts.revokeToken(id: id, tenant: tenant) }
+    func listTokens(user: String, tenant: TenantID) async throws -> [(id: String, expiresMs: Int64)] {
+        try await accounts.listTokens(user: user, tenant: tenant)
+    }
 
     /// An operator's promotion of a node that runs without a monitor: standby → primary of
     /// epoch + 1, committing alone (`single`). Under a monitor it is refused: the monitor

@@ -194,6 +194,10 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private(set) var fatal: NodeError?
     /// Set once promotion starts: nothing more is taken from the old primary.
     private var promoting = false
+    /// Whether the standby streams from its primary now (set on the loop after each event):
+    /// only then does the API send applications there (``NodeRoles/redirectTarget``).
+    private let streaming = LockedValue(false)
+    var isStreaming: Bool { streaming.withLock { $0 } }
     /// Called once, on the loop, when the standby stops because its file system is full
     /// (``stop(_:cause:)``): the node waits for room and starts again from what is durable.
     var onStoppedForFullDisk: (@Sendable () -> Void)?
@@ -297,6 +301,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
 
     private func interpret(_ actions: [StandbyAction]) {
         loop.preconditionInEventLoop()
+        defer { streaming.withLock { $0 = core.streamingConnection != nil && fatal == nil && !promoting } }
         guard !promoting else { return }
         // Persists done inline, reported once this list's actions have all run, in order.
         var persisted: [(TenantID, LSN)] = []
@@ -511,6 +516,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private func stop(_ error: NodeError, cause: (any Error)? = nil) {
         guard fatal == nil else { return }
         fatal = error
+        streaming.withLock { $0 = false }
         logger.critical("standby stopped replicating", metadata: ["error": "\(error)"])
         channels.closeAll()
         if let cause, Self.isDiskFull(cause) || DiskSpace.isFull(layout.root) { onStoppedForFullDisk?() }

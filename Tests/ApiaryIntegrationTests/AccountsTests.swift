@@ -136,6 +136,26 @@ final class AccountsTests: NodeProcessTestCase {
         XCTAssertEqual(noSuchUser.status, 404, noSuchUser.text)
         let tooLong = try await accounts.request(.POST, "/admin/tenants/acme/users/alice/tokens", jsonObject: ["ttl_seconds": 400 * 86_400])
         XCTAssertEqual(tooLong.status, 400, tooLong.text)
+        // A token does not make tokens (nor users), even an admin's: a leaked one must not mint more.
+        let annToken = try await accounts.createToken(user: "ann", tenant: "acme")
+        let minted = try await send(.POST, "/admin/tenants/acme/users/alice/tokens", headers: [("Authorization", "Bearer " + annToken.token)], body: "{}")
+        XCTAssertEqual(minted.status, 403, minted.text)
+        // Listing names ids and expiry, never a token; another tenant's admin neither lists nor revokes.
+        let listed = try await send(.GET, "/admin/tenants/acme/users/alice/tokens", as: "ann")
+        XCTAssertEqual(listed.status, 200, listed.text)
+        XCTAssertTrue(listed.text.contains(made.id) && !listed.text.contains(made.token), listed.text)
+        try await accounts.createUser("gus", tenant: "globex", role: "admin", password: "gus-password-12345")
+        let foreignRevoke = try await send(.DELETE, "/admin/tenants/globex/tokens/\(made.id)", as: "gus", password: "gus-password-12345")
+        XCTAssertEqual(foreignRevoke.status, 404, "not globex's token: \(foreignRevoke.text)")
+        let foreignList = try await send(.GET, "/admin/tenants/acme/users/alice/tokens", as: "gus", password: "gus-password-12345")
+        XCTAssertEqual(foreignList.status, 403, foreignList.text)
+        // A user has a bounded number of tokens.
+        var capped: HTTPSConnection.Response?
+        for _ in 0..<25 {
+            let r = try await accounts.request(.POST, "/admin/tenants/acme/users/bob/tokens", jsonObject: [:])
+            if r.status != 201 { capped = r; break }
+        }
+        XCTAssertEqual(capped?.status, 409, capped?.text ?? "25 tokens made for one user")
 
         // Wrong secret, malformed, unknown id: 401, and the answer echoes nothing.
         let wrongSecret = String(made.token.dropLast(4)) + "AAAA"

@@ -8,7 +8,8 @@ import XCTest
 /// answers its data requests with 301 and an absolute `Location` on the writer (the path and
 /// query kept), which rqlite's clients follow. After a failover the roles swap and so do the
 /// redirects. The cluster's own identities keep getting 503 `not_executed` (a gateway acts on
-/// it), and a request without credentials is 401 on any node.
+/// it), and a request without credentials is 401 on any node. A standby that lost its writer
+/// sends no one there.
 final class StandbyRedirectTests: NodeProcessTestCase {
     override func setUp() async throws {
         directory = NSTemporaryDirectory() + "apiary-redirect-" + UUID().uuidString
@@ -39,6 +40,7 @@ final class StandbyRedirectTests: NodeProcessTestCase {
         let moved = try await standby.request(.POST, "/db/execute?timings&transaction", headers: auth, body: body)
         XCTAssertEqual(moved.status, 301, moved.text)
         XCTAssertEqual(moved.header("Location"), "https://127.0.0.1:\(cluster.primary.apiPort)/db/execute?timings&transaction")
+        XCTAssertEqual(moved.header("Cache-Control"), "no-store", "after a failover it goes the other way")
         XCTAssertTrue(moved.text.contains("not_executed"), moved.text)
         let read = try await standby.request(.GET, "/db/query?level=strong&q=SELECT%20v%20FROM%20t", headers: auth)
         XCTAssertEqual(read.status, 301, read.text)
@@ -74,6 +76,24 @@ final class StandbyRedirectTests: NodeProcessTestCase {
         let sent = try await former.request(.POST, "/db/execute", headers: auth, body: Array(#"["INSERT INTO t VALUES ('again')"]"#.utf8))
         XCTAssertEqual(sent.status, 301, sent.text)
         XCTAssertEqual(sent.header("Location"), "https://127.0.0.1:\(cluster.standby.apiPort)/db/execute")
+
+        // A standby that lost its writer does not send clients to it: 503, safe to retry. (The
+        // monitor is paused so that nothing is promoted meanwhile.)
+        let monitorPid = try XCTUnwrap(cluster.processID(of: cluster.monitor!))
+        kill(monitorPid, SIGSTOP)
+        defer { kill(monitorPid, SIGCONT) }
+        cluster.kill(cluster.standby) // node-b, the writer now
+        let deadline = Date().addingTimeInterval(30)
+        var last: HTTPSConnection.Response?
+        while Date() < deadline {
+            let c = try await application(cluster.primary)
+            last = try await c.request(.POST, "/db/execute", headers: auth, body: Array(#"["INSERT INTO t VALUES ('lost')"]"#.utf8))
+            await c.close()
+            if last?.status == 503 { break }
+            try await Task.sleep(for: .milliseconds(50)) // polling a condition, bounded by the deadline
+        }
+        XCTAssertEqual(last?.status, 503, last?.text ?? "no answer")
+        XCTAssertNil(last?.header("Location"))
         await former.close()
     }
 }

@@ -62,6 +62,9 @@ public struct UserPrincipal: Hashable, Sendable {
     public var name: String
     public var tenant: TenantID
     public var role: UserRole
+    /// Signed in with a bearer token, not the password: it may use the tenant as its role
+    /// allows, but not manage users or tokens (a leaked token must not mint more).
+    public var byToken = false
 }
 
 /// Who a request is from.
@@ -104,6 +107,7 @@ enum Access {
             guard user.role.mayManageUsers, user.tenant == tenant else {
                 throw APIError(.forbidden, "only an admin of the tenant (or a cluster operator) manages its users")
             }
+            guard !user.byToken else { throw APIError(.forbidden, "users and tokens are managed with a password, not a bearer token") }
         case .manageTenants:
             throw APIError(.forbidden, "only a cluster operator (its certificate) manages tenants")
         }
@@ -128,6 +132,8 @@ public protocol AccountService: Sendable {
     /// A new bearer token for `user` of `tenant`, valid `ttlSeconds`: the token (shown once),
     /// its id (to revoke it) and when it expires (ms since 1970).
     func createToken(user: String, tenant: TenantID, ttlSeconds: Int) async throws -> (id: String, token: String, expiresMs: Int64)
+    /// The unexpired tokens of `user` of `tenant`: ids and expiry (never the tokens).
+    func listTokens(user: String, tenant: TenantID) async throws -> [(id: String, expiresMs: Int64)]
     /// Revokes the token `id` of a user of `tenant`.
     func revokeToken(id: String, tenant: TenantID) async throws
 }

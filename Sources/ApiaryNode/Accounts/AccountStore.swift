@@ -22,7 +22,9 @@ final class AccountStore: AccountService, @unchecked Sendable {
         "CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, tenant TEXT NOT NULL, role TEXT NOT NULL, password TEXT NOT NULL, created_ms INTEGER NOT NULL)",
         "CREATE TABLE IF NOT EXISTS dropped_tenants (name TEXT PRIMARY KEY, dropped_ms INTEGER NOT NULL)",
         // Bearer tokens: the SHA-256 of the secret only (Tokens.swift).
-        "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, user TEXT NOT NULL, hash TEXT NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL)",
+        // A token names its user's tenant too: user names are free again after their tenant is
+        // dropped, and a token must never sign in as a later user of the same name.
+        "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, user TEXT NOT NULL, tenant TEXT NOT NULL, hash TEXT NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL)",
     ]
 
     init(node: PrimaryNode) {
@@ -107,14 +109,14 @@ final class AccountStore: AccountService, @unchecked Sendable {
 
     private func authenticateToken(id: String, secret: String, credentials: Credentials, generation: Int) async throws -> UserPrincipal? {
         let found = try await rows("""
-            SELECT t.hash, t.expires_ms, u.name, u.tenant, u.role FROM tokens t JOIN users u ON u.name = t.user WHERE t.id = ?
+            SELECT t.hash, t.expires_ms, u.name, u.tenant, u.role FROM tokens t JOIN users u ON u.name = t.user AND u.tenant = t.tenant WHERE t.id = ?
             """, [.text(id)]).first
         guard let row = found, case .text(let stored) = row[0], Tokens.verify(secret, against: stored),
               case .integer(let expiresMs) = row[1], expiresMs > Self.nowMs(),
               case .text(let user) = row[2], case .text(let tenantName) = row[3], case .text(let roleName) = row[4],
               let tenant = try? TenantID(tenantName), let role = UserRole(rawValue: roleName) else { return nil }
         guard try await !isDropped(tenant) else { return nil }
-        let principal = UserPrincipal(name: user, tenant: tenant, role: role)
+        let principal = UserPrincipal(name: user, tenant: tenant, role: role, byToken: true)
         // Not cached past its expiry: a token near its end is checked each time.
         if expiresMs - Self.nowMs() > Int64(CredentialCache.lifetimeNs / 1_000_000) {
             cache.store(principal, for: credentials, ifStill: generation)
@@ -165,7 +167,7 @@ final class AccountStore: AccountService, @unchecked Sendable {
         guard try node.layout.existingTenants().contains(tenant) else { throw APIError(.notFound, "no such tenant") }
         let results = try await write([
             SQLStatement("INSERT OR IGNORE INTO dropped_tenants (name, dropped_ms) VALUES (?, ?)", [.text(tenant.rawValue), .integer(Self.nowMs())]),
-            SQLStatement("DELETE FROM tokens WHERE user IN (SELECT name FROM users WHERE tenant = ?)", [.text(tenant.rawValue)]),
+            SQLStatement("DELETE FROM tokens WHERE tenant = ?", [.text(tenant.rawValue)]),
             SQLStatement("DELETE FROM users WHERE tenant = ?", [.text(tenant.rawValue)]),
         ])
         for case .failure(let message) in results { throw APIError(.notExecuted, "not dropped (\(message)); retry") }
@@ -198,20 +200,42 @@ final class AccountStore: AccountService, @unchecked Sendable {
         guard (1...Tokens.ttlSecondsMax).contains(ttlSeconds) else {
             throw APIError(.badRequest, "ttl_seconds must be 1...\(Tokens.ttlSecondsMax) (a year)")
         }
-        guard try await !isDropped(tenant),
-              try await !rows("SELECT 1 FROM users WHERE name = ? AND tenant = ?", [.text(user), .text(tenant.rawValue)]).isEmpty else {
-            throw APIError(.notFound, "no such user in tenant \(tenant)")
-        }
         let made = Tokens.make()
-        let expiresMs = Self.nowMs() + Int64(ttlSeconds) * 1000
-        let results = try await write([SQLStatement("INSERT INTO tokens (id, user, hash, created_ms, expires_ms) VALUES (?, ?, ?, ?, ?)",
-                                                    [.text(made.id), .text(user), .text(made.hash), .integer(Self.nowMs()), .integer(expiresMs)])])
-        if case .failure(let message)? = results.first { throw APIError(.notExecuted, "token not created (\(message)); retry") }
+        let now = Self.nowMs(), expiresMs = now + Int64(ttlSeconds) * 1000
+        // One transaction: expired tokens go; the new one goes in only if its user exists in a
+        // tenant that is not dropped (checked in the insert itself, so a drop cannot come
+        // between the check and the write) and has fewer than the cap.
+        let results = try await write([
+            SQLStatement("DELETE FROM tokens WHERE expires_ms <= ?", [.integer(now)]),
+            SQLStatement("""
+                INSERT INTO tokens (id, user, tenant, hash, created_ms, expires_ms)
+                SELECT ?, name, tenant, ?, ?, ? FROM users WHERE name = ? AND tenant = ?
+                  AND NOT EXISTS (SELECT 1 FROM dropped_tenants WHERE name = ?)
+                  AND (SELECT count(*) FROM tokens WHERE user = ? AND tenant = ?) < ?
+                """, [.text(made.id), .text(made.hash), .integer(now), .integer(expiresMs), .text(user), .text(tenant.rawValue),
+                      .text(tenant.rawValue), .text(user), .text(tenant.rawValue), .integer(Int64(Tokens.perUserMax))]),
+        ])
+        for case .failure(let message) in results { throw APIError(.notExecuted, "token not created (\(message)); retry") }
+        guard case .success(let inserted)? = results.last, inserted.rowsAffected == 1 else {
+            guard try await !isDropped(tenant),
+                  try await !rows("SELECT 1 FROM users WHERE name = ? AND tenant = ?", [.text(user), .text(tenant.rawValue)]).isEmpty else {
+                throw APIError(.notFound, "no such user in tenant \(tenant)")
+            }
+            throw APIError(.conflict, "user \(user) has \(Tokens.perUserMax) tokens: revoke one first")
+        }
         return (made.id, made.token, expiresMs)
     }
 
+    func listTokens(user: String, tenant: TenantID) async throws -> [(id: String, expiresMs: Int64)] {
+        try await rows("SELECT id, expires_ms FROM tokens WHERE user = ? AND tenant = ? AND expires_ms > ? ORDER BY expires_ms",
+                       [.text(user), .text(tenant.rawValue), .integer(Self.nowMs())]).compactMap { row in
+            guard case .text(let id) = row[0], case .integer(let expires) = row[1] else { return nil }
+            return (id, expires)
+        }
+    }
+
     func revokeToken(id: String, tenant: TenantID) async throws {
-        let owned = "SELECT 1 FROM tokens WHERE id = ? AND user IN (SELECT name FROM users WHERE tenant = ?)"
+        let owned = "SELECT 1 FROM tokens WHERE id = ? AND tenant = ?"
         guard try await !rows(owned, [.text(id), .text(tenant.rawValue)]).isEmpty else { throw APIError(.notFound, "no such token in tenant \(tenant)") }
         let results = try await write([SQLStatement("DELETE FROM tokens WHERE id = ?", [.text(id)])])
         if case .failure(let message)? = results.first { throw APIError(.notExecuted, "token not revoked (\(message)); retry") }

@@ -13,6 +13,8 @@ enum Tokens {
     /// Lifetimes a token may be given; 30 days when none is asked for.
     static let ttlSecondsDefault = 30 * 86_400
     static let ttlSecondsMax = 365 * 86_400
+    /// Unexpired tokens a user may have at once (the system database stays bounded).
+    static let perUserMax = 20
 
     /// A new token: its id, the whole token (shown once), and the hash to store.
     static func make() -> (id: String, token: String, hash: String) {

@@ -103,11 +103,10 @@ struct GatewayForwarder: HTTPResponder {
         if response.header("connection")?.lowercased() == "close" { await pool.discard(connection) } else { pool.give(back: connection) }
         // Only a refusal's code matters to the core; a 200's body (results) is never parsed.
         let code = response.status == 200 ? nil : response.errorCode
-        // The node's epoch may be news the monitor's watch has not brought yet. Only the SQL
-        // endpoints say who the writer is: only a writer serves them (a standby's /status is 200).
-        if request.path.contains("/db/"), let epoch = response.header("x-apiary-epoch").flatMap(UInt64.init),
-           response.status == 200 || code == "not_executed" {
-            state.onNodeAnswer(from: node, epoch: Epoch(epoch), asWriter: response.status == 200)
+        // The node's epoch may be news the monitor's watch has not brought yet. Only a success
+        // of an SQL endpoint says the node is the writer (a standby's /status is 200 too).
+        if request.path.contains("/db/"), response.status == 200, let epoch = response.header("x-apiary-epoch").flatMap(UInt64.init) {
+            state.onWriterAnswer(from: node, epoch: Epoch(epoch))
         }
         let unknown = response.header("x-apiary-outcome")?.lowercased() == "unknown"
         var answer = APIResponse(status: HTTPResponseStatus(statusCode: response.status), body: response.body,

@@ -95,9 +95,9 @@ final class GatewayState: @unchecked Sendable {
         changed { $0.onTopology(topology) }
     }
 
-    /// A node's answer told its epoch (``GatewayCore/onNodeAnswer(from:epoch:asWriter:)``).
-    func onNodeAnswer(from node: NodeID, epoch: Epoch, asWriter: Bool) {
-        changed { $0.onNodeAnswer(from: node, epoch: epoch, asWriter: asWriter) }
+    /// A node served a request as the writer in `epoch` (``GatewayCore/onWriterAnswer(from:epoch:)``).
+    func onWriterAnswer(from node: NodeID, epoch: Epoch) {
+        changed { $0.onWriterAnswer(from: node, epoch: epoch) }
     }
 
     /// Applies `change` to the core; if the topology changed, wakes the waiting requests and

@@ -406,9 +406,10 @@ struct APIRoutes: HTTPResponder {
             return response(APIError(.unauthorized, "credentials needed: HTTP basic auth with a user name and password"))
         }
         let location = "https://" + writer + request.path + (request.query.map { "?" + $0 } ?? "")
+        // Not to be cached: after a failover the redirect goes the other way.
         return APIResponse(status: .movedPermanently,
                            body: RqliteJSON.error("not primary: this node is not the writer; the request goes to \(location)", code: .notExecuted),
-                           headers: [("Location", location)])
+                           headers: [("Location", location), ("Cache-Control", "no-store")])
     }
 
     static func response(_ error: APIError) -> APIResponse {
@@ -502,6 +503,11 @@ struct APIRoutes: HTTPResponder {
                 let made = try await accounts.createToken(user: String(path[2]), tenant: tenant, ttlSeconds: ttl)
                 return APIResponse(status: .created, body: Self.json(["token": made.token, "id": made.id, "user": String(path[2]),
                                                                       "tenant": tenant.rawValue, "expires_ms": made.expiresMs]))
+            case (4, .GET) where path[1] == "users" && path[3] == "tokens":
+                let tenant = try Self.tenant(path[0])
+                try Access.check(principal, may: .manageUsers(tenant))
+                let tokens = try await accounts.listTokens(user: String(path[2]), tenant: tenant).map { ["id": $0.id, "expires_ms": $0.expiresMs] as [String: Any] }
+                return APIResponse(status: .ok, body: Self.json(["tokens": tokens]))
             case (3, .DELETE) where path[1] == "tokens":
                 let tenant = try Self.tenant(path[0])
                 try Access.check(principal, may: .manageUsers(tenant))
