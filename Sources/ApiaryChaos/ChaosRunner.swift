@@ -83,6 +83,7 @@ public final class ChaosRunner: @unchecked Sendable {
                                monitorArguments: [], gateways: 2, zones: network?.placement)
         var disks: [String: SmallDisk] = [:]
         if scenario.faults.contains(where: { $0.kind == .fillDisk }), geteuid() == 0 {
+            SmallDisk.removeLeftovers()
             for node in [cluster.primary, cluster.standby] {
                 disks[node.name] = try SmallDisk(path: settings.directory + "/" + node.name, bytes: Self.diskBytes)
             }

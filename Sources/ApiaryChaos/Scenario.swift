@@ -163,6 +163,10 @@ public struct Scenario: Codable, Sendable {
                 throw problem("restart takes monitor, gateway or killed_node")
             }
             if fault.kind != .restart, fault.target == .killedNode { throw problem("killed_node goes with restart only") }
+            // Healing a zone removes all its rules: network faults at once would end together.
+            if fault.kind.isNetworkFault, let earlier = faults[..<index].last(where: { $0.kind.isNetworkFault && $0.at + ($0.seconds ?? 0) > fault.at && $0.at <= fault.at }) {
+                throw problem("overlaps '\(earlier)': one network fault at a time")
+            }
         }
     }
 }

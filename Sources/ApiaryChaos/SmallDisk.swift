@@ -9,12 +9,28 @@ public final class SmallDisk: @unchecked Sendable {
     private var mounted = false
     private let lock = NSLock()
 
+    /// The mount's source names the run's process, so that what a run killed outright left
+    /// is found by the next (``removeLeftovers()``).
+    static func source(of owner: Int32) -> String { "apiary-chaos-\(owner)" }
+
     /// Mounts a tmpfs of `bytes` on `path` (made if missing).
     public init(path: String, bytes: Int) throws {
         self.path = path
         try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-        try ZoneNetwork.run("/bin/mount", ["-t", "tmpfs", "-o", "size=\(bytes)", "apiary-chaos", path])
+        try ZoneNetwork.run("/bin/mount", ["-t", "tmpfs", "-o", "size=\(bytes)", Self.source(of: getpid()), path])
         mounted = true
+    }
+
+    /// Unmounts the file systems of runs whose process is gone (a run killed with -9 cannot).
+    public static func removeLeftovers() {
+        guard let mounts = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8) else { return }
+        for line in mounts.split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            guard fields.count > 2, fields[0].hasPrefix("apiary-chaos-"), let pid = Int32(fields[0].dropFirst("apiary-chaos-".count)),
+                  kill(pid, 0) != 0, errno == ESRCH else { continue }
+            // /proc/mounts escapes spaces in paths as \040.
+            _ = try? ZoneNetwork.run("/bin/umount", ["-l", String(fields[1]).replacingOccurrences(of: "\\040", with: " ")])
+        }
     }
 
     /// Takes every free byte with one file.

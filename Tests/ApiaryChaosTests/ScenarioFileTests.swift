@@ -44,8 +44,8 @@ final class ScenarioFileTests: XCTestCase {
     func testAGoodFileLoads() throws {
         XCTAssertNil(refusal(scenario(faults: [#"{"at": 1, "kind": "isolate", "target": "primary", "seconds": 2}"#,
                                                #"{"at": 5, "kind": "cut_one_way", "target": "standby", "seconds": 2}"#,
-                                               #"{"at": 6, "kind": "loss", "target": "primary", "seconds": 2, "percent": 30}"#,
-                                               #"{"at": 7, "kind": "fill_disk", "target": "standby", "seconds": 2}"#])))
+                                               #"{"at": 8, "kind": "loss", "target": "primary", "seconds": 2, "percent": 30}"#,
+                                               #"{"at": 9, "kind": "fill_disk", "target": "standby", "seconds": 2}"#])))
     }
 
     func testAnUnknownFaultNamesItsLineAndTheFaultsThereAre() throws {
@@ -71,6 +71,9 @@ final class ScenarioFileTests: XCTestCase {
         XCTAssertTrue(cutMonitor.contains("s.json:8:") && cutMonitor.contains("takes primary or standby"), cutMonitor)
         let noPercent = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "loss", "target": "primary", "seconds": 1}"#])))
         XCTAssertTrue(noPercent.contains("s.json:8:") && noPercent.contains("'loss' needs percent 1...100"), noPercent)
+        let overlap = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "isolate", "target": "monitor", "seconds": 5}"#,
+                                                              #"{"at": 6, "kind": "cut", "target": "primary", "seconds": 1}"#])))
+        XCTAssertTrue(overlap.contains("s.json:9:") && overlap.contains("one network fault at a time"), overlap)
         let fillMonitor = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "fill_disk", "target": "monitor", "seconds": 1}"#])))
         XCTAssertTrue(fillMonitor.contains("s.json:8:") && fillMonitor.contains("takes primary or standby"), fillMonitor)
     }

@@ -191,22 +191,33 @@ final class ChaosCleanupTests: XCTestCase {
         try Self.ip(["netns", "add", "apiary-\(getpid())-a"])
         defer { try? Self.ip(["netns", "delete", "apiary-\(getpid())-a"]) }
 
+        // And its small file system, mounted under its pid's name.
+        let mountPoint = NSTemporaryDirectory() + "apiary-leftover-mount-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: mountPoint) }
+        try Self.run("/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "apiary-chaos-\(pid)", mountPoint])
+
         ZoneNetwork.removeLeftovers()
+        SmallDisk.removeLeftovers()
+        let mounts = try String(contentsOfFile: "/proc/mounts", encoding: .utf8)
+        XCTAssertFalse(mounts.contains("apiary-chaos-\(pid) "), "the dead run's file system is unmounted")
         let names = try ZoneNetworkTests.namespaces()
         XCTAssertEqual(names.filter { $0.hasPrefix("apiary-\(pid)-") }, [])
         XCTAssertTrue(names.contains("apiary-\(getpid())-a"))
         XCTAssertThrowsError(try Self.ip(["link", "show", "apbr\(pid)"]), "the dead run's bridge is removed")
     }
 
-    static func ip(_ arguments: [String]) throws {
+    static func ip(_ arguments: [String]) throws { try run("/usr/sbin/ip", arguments) }
+
+    static func run(_ tool: String, _ arguments: [String]) throws {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        process.executableURL = URL(fileURLWithPath: tool)
         process.arguments = arguments
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
         process.waitUntilExit()
-        if process.terminationStatus != 0 { throw NodeError("ip \(arguments.joined(separator: " ")) failed") }
+        if process.terminationStatus != 0 { throw NodeError("\(tool) \(arguments.joined(separator: " ")) failed") }
     }
 
     /// The command lines of every process on the machine.
