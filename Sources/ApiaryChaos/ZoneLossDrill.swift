@@ -276,7 +276,8 @@ public final class ZoneLossDrill: @unchecked Sendable {
     /// The drill's tenant, table and user (a new password each run; never printed).
     private func prepare() async throws {
         let status = settings.force ? try await monitorStatus() : try await waitForHealth(since: nowMs)
-        guard let w = writer(status), let node = cluster.nodes.first(where: { $0.name == w }) else { throw ChaosError("the writer is not among the cluster's nodes") }
+        guard let w = writer(status) else { throw ChaosError("no node is the writer now: the drill's writes need one, even with --force") }
+        guard let node = cluster.nodes.first(where: { $0.name == w }) else { throw ChaosError("the writer \(w) is not among the cluster's nodes") }
         let address = try Self.split(node.address)
         let accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: address.host, port: address.port)
         do { try await accounts.createTenant("drill") } catch where "\(error)".contains("409") {}
