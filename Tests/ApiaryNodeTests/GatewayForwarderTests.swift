@@ -1,7 +1,12 @@
+import ApiaryCore
 import ApiaryGateway
+import ApiaryTLS
 import Foundation
 import Logging
+import NIOCore
 import NIOHTTP1
+import NIOPosix
+import NIOSSL
 import XCTest
 @testable import ApiaryNode
 
@@ -38,5 +43,62 @@ final class GatewayForwarderTests: XCTestCase {
         request.bodyTooLarge = true
         let response = await answer(request)
         XCTAssertEqual(response.status, .payloadTooLarge)
+    }
+}
+
+/// A node that answers garbage over a good mutual-TLS connection: the gateway treats the
+/// attempt as sent and unanswered (never as an answer to pass on), tells the client what that
+/// means for its request, and goes on serving.
+final class GatewayGarbageNodeTests: XCTestCase {
+    /// Writes `garbage` in answer to whatever arrives, and keeps the connection open.
+    final class Garbage: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        typealias OutboundOut = ByteBuffer
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: "\u{1}\u{2}NOT HTTP AT ALL\r\n\r\n")), promise: nil)
+        }
+    }
+
+    func testANodeAnsweringGarbageIsNoAnswerAndTheGatewayGoesOn() async throws {
+        let directory = NSTemporaryDirectory() + "apiary-garbage-" + UUID().uuidString
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let ca = try CertificateAuthority.create(in: directory)
+        try ca.issue(PeerIdentity(role: .node, name: "node-a"), into: directory)
+        try ca.issue(PeerIdentity(role: .gateway, name: "gateway"), into: directory)
+        let serverTLS = try NIOSSLContext(configuration: ClusterCredentials(directory: directory, name: "node-a").clusterServer())
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: serverTLS))
+                    try channel.pipeline.syncOperations.addHandler(Garbage())
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { server.close(promise: nil) }
+        let port = try XCTUnwrap(server.localAddress?.port)
+
+        var config = GatewayConfig()
+        config.holdMs = 500
+        var core = GatewayCore(config: config)
+        core.onTopology(GatewayTopology(version: 1, epoch: Epoch(1), writer: "node-a", writerReady: true))
+        let pool = NodePool(node: "node-a", host: "127.0.0.1", port: port,
+                            tls: try ClusterCredentials(directory: directory, name: "gateway").clusterClient(), group: MultiThreadedEventLoopGroup.singleton)
+        let forwarder = GatewayForwarder(name: "gateway-test", state: GatewayState(core: core), pools: ["node-a": pool], bodyBytesMax: 1 << 20,
+                                         limits: RequestLimits(perAddress: .init(perSecond: 1_000, burst: 1_000)), logger: Logger(label: "test"))
+        func answer(_ request: APIRequest) async -> APIResponse {
+            await withCheckedContinuation { continuation in forwarder.respond(to: request) { make in continuation.resume(returning: make()) } }
+        }
+
+        // A write without a key reached the node and got no answer: its outcome is unknown.
+        let write = await answer(APIRequest(method: .POST, uri: "/db/execute", headers: ["Authorization": "Basic YTpi"], body: Array(#"["INSERT INTO t VALUES (1)"]"#.utf8)))
+        XCTAssertEqual(write.status, .internalServerError)
+        XCTAssertTrue(write.outcomeUnknown)
+        XCTAssertTrue(String(decoding: write.body, as: UTF8.self).contains("outcome_unknown"))
+        XCTAssertFalse(String(decoding: write.body, as: UTF8.self).contains("NOT HTTP"), "the garbage is never passed on")
+        // A read may be sent again; none answers within the hold: not executed, safe to retry.
+        let read = await answer(APIRequest(method: .GET, uri: "/db/query?q=SELECT%201", headers: ["Authorization": "Basic YTpi"], body: []))
+        XCTAssertEqual(read.status, .serviceUnavailable)
+        XCTAssertFalse(read.outcomeUnknown)
+        XCTAssertTrue(String(decoding: read.body, as: UTF8.self).contains("not_executed"))
     }
 }
