@@ -597,7 +597,11 @@ struct PrimarySQLService: SQLService {
     let epoch: Epoch
 
     func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?) async throws -> [StatementResult] {
-        guard let t = try await openTenant(tenant, create: true) else { throw APIError(.notFound, "no such tenant") }
+        // A tenant exists only once created (`apiary ctl tenant create`): a write, even an
+        // operator's, never makes one (a mistyped name would otherwise become a tenant).
+        guard let t = try await openTenant(tenant, create: false) else {
+            throw APIError(.notFound, "no such tenant \(tenant): create it first (apiary ctl tenant create \(tenant))")
+        }
         do {
             return try await t.database.execute(statements, transaction: transaction, idempotencyKey: idempotencyKey)
         } catch let error as StorageError {

@@ -243,6 +243,10 @@ final class AutomaticFailoverTests: NodeProcessTestCase {
         if writer == 0 {
             while !ledger.stopped {
                 if let c = try? await APIClient(port: nodes[target].apiPort, caPath: ca).connect() {
+                    // The tenant first (a write never makes one); on a node that is not the
+                    // writer both fail, and the loop tries the other.
+                    _ = try? await c.request(.POST, "/admin/tenants", headers: [("Content-Type", "application/json")],
+                                             body: Array("{\"name\": \"\(Self.tenant)\"}".utf8))
                     let r = try? await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", Self.tenant)],
                                                  body: Array(#"["CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, writer INTEGER)"]"#.utf8))
                     await c.close()

@@ -128,6 +128,14 @@ extension XCTestCase {
     }
 }
 
+/// Creates `tenant` through `connection` (an operator's): a write never creates one. One that
+/// exists already is fine.
+func createTenant(_ tenant: String, on connection: HTTPSConnection, file: StaticString = #filePath, line: UInt = #line) async throws {
+    let r = try await connection.request(.POST, "/admin/tenants", headers: [("Content-Type", "application/json")],
+                                         body: Array("{\"name\": \"\(tenant)\"}".utf8))
+    XCTAssertTrue(r.status == 201 || r.status == 409, "creating tenant \(tenant): \(r.status) \(r.text)", file: file, line: line)
+}
+
 /// Sends each statement as a request of its own to `tenant`; every one must succeed.
 func executeEach(_ statements: [String], tenant: String, on connection: HTTPSConnection,
                  file: StaticString = #filePath, line: UInt = #line) async throws {
@@ -138,6 +146,13 @@ func executeEach(_ statements: [String], tenant: String, on connection: HTTPSCon
 }
 
 extension LocalCluster {
+    /// Creates `tenant` as the operator on `spec` (the bootstrap primary by default): a write
+    /// never creates one.
+    func createTenant(_ tenant: String, on spec: NodeSpec? = nil) async throws {
+        let node = spec ?? primary
+        try await AccountsClient(certificatesDirectory: certificates, host: node.host, port: node.apiPort).createTenant(tenant)
+    }
+
     /// `apiary ctl promote` on `spec`, as an operator's failover drill runs it: its exit status
     /// and what it printed.
     func promoteWithCtl(_ spec: NodeSpec) throws -> (status: Int32, output: String) {

@@ -9,6 +9,7 @@ final class CorruptLogTests: XCTestCase {
         let (cluster, directory, api) = try startSinglePrimary("corrupt")
         let executable = cluster.executable
         let c = try await api.connect()
+        try await createTenant("acme", on: c)
         try await executeEach(["CREATE TABLE t (x)"] + (0..<20).map { "INSERT INTO t VALUES (\($0))" }, tenant: "acme", on: c)
         await c.close()
         cluster.stopAll()

@@ -29,6 +29,7 @@ final class CrashWindowTests: NodeProcessTestCase {
     /// The table (lsn 2, after the tenant's bootstrap at lsn 1) and `count` acknowledged inserts
     /// (lsns 3...), one commit each: each waits for its answer.
     func createAndInsert(_ count: Int, on connection: HTTPSConnection) async throws -> Set<Int> {
+        try await createTenant("acme", on: connection)
         try await executeEach(["CREATE TABLE kv (id INTEGER PRIMARY KEY)"], tenant: "acme", on: connection)
         var acked: Set<Int> = []
         for id in 0..<count {

@@ -21,6 +21,7 @@ final class FullDiskTests: XCTestCase {
         defer { cluster.stopAll() }
         try cluster.startBoth()
         let c = try await APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem").connect()
+        try await createTenant("acme", on: c)
         let create = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: Array(#"["CREATE TABLE kv (id INTEGER PRIMARY KEY, payload BLOB)"]"#.utf8))
         XCTAssertEqual(create.status, 200, create.text)
 
@@ -92,6 +93,7 @@ final class StandbyFullDiskTests: NodeProcessTestCase {
             XCTAssertEqual(r.status, 200, r.text)
             XCTAssertFalse(r.text.contains("\"error\""), r.text)
         }
+        try await createTenant("acme", on: c)
         let create = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: Array(#"["CREATE TABLE kv (id INTEGER PRIMARY KEY, payload BLOB)"]"#.utf8))
         XCTAssertEqual(create.status, 200, create.text)
         for id in 0..<20 { try await insert(id) }

@@ -8,6 +8,7 @@ final class GracefulShutdownTests: XCTestCase {
     func testSIGTERMStopsTheNodePromptlyAndLosesNothing() async throws {
         let (cluster, directory, api) = try startSinglePrimary("sigterm")
         let c = try await api.connect()
+        try await createTenant("acme", on: c)
         try await executeEach(["CREATE TABLE kv (id INTEGER PRIMARY KEY)"] + (0..<20).map { "INSERT INTO kv VALUES (\($0))" }, tenant: "acme", on: c)
 
         let started = Date()

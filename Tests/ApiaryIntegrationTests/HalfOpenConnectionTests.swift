@@ -18,6 +18,7 @@ final class HalfOpenConnectionTests: XCTestCase {
         try cluster.prepareCertificates()
         try cluster.startBoth()
         let api = try await APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem").connect()
+        try await createTenant("acme", on: api)
         try await executeEach(["CREATE TABLE t (x)"], tenant: "acme", on: api)
 
         let silent = (0..<24).map { _ in SilentSocket(port: cluster.primary.replicationPort) }

@@ -13,6 +13,7 @@ final class IdempotencyKeyTests: XCTestCase {
         let c = try await api.connect()
         defer { Task { await c.close() } }
         let headers = [("X-Apiary-Tenant", "acme"), ("Idempotency-Key", "k-1")]
+        try await createTenant("acme", on: c)
         let created = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: Array(#"["CREATE TABLE t (v TEXT)"]"#.utf8))
         XCTAssertEqual(created.status, 200, created.text)
         let first = try await c.request(.POST, "/db/execute", headers: headers, body: Array(#"[["INSERT INTO t VALUES(?)", "a"]]"#.utf8))
@@ -32,6 +33,7 @@ final class IdempotencyKeyTests: XCTestCase {
             try? FileManager.default.removeItem(atPath: directory)
         }
         try cluster.startBoth()
+        try await cluster.createTenant("acme")
         func send(_ port: Int, _ body: String, key: String? = nil) async throws -> HTTPSConnection.Response {
             let c = try await APIClient(port: port, caPath: cluster.certificates + "/ca.pem").connect()
             defer { Task { await c.close() } }

@@ -10,6 +10,7 @@ final class RedoTests: XCTestCase {
     func testLostWALFramesAreRedoneFromTheLog() async throws {
         let (cluster, directory, api) = try startSinglePrimary("redo")
         var c = try await api.connect()
+        try await createTenant("acme", on: c)
         try await executeEach(["CREATE TABLE kv (id INTEGER PRIMARY KEY)"] + (0..<50).map { "INSERT INTO kv VALUES (\($0))" }, tenant: "acme", on: c)
         await c.close()
         cluster.kill(cluster.primary, signal: SIGKILL)

@@ -35,6 +35,7 @@ final class RejoinTests: NodeProcessTestCase {
         }
 
         let onA = try await APIClient(port: a.apiPort, caPath: cluster.certificates + "/ca.pem").connect()
+        try await createTenant("rejoin", on: onA)
         try await executeEach(["CREATE TABLE kv (id INTEGER PRIMARY KEY)"], tenant: "rejoin", on: onA)
         var acked: Set<Int> = []
         for id in 3..<seamLSN {

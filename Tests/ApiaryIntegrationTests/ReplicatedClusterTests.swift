@@ -16,6 +16,7 @@ final class ReplicatedClusterTests: NodeProcessTestCase {
         cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
                                primaryArguments: ["--standby-wait-ms", "1000"], standbyArguments: ["--log-level", "debug"])
         try cluster.startBoth()
+        try await cluster.createTenant("acme")
     }
 
     var api: APIClient { APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem") }
@@ -30,6 +31,7 @@ final class ReplicatedClusterTests: NodeProcessTestCase {
     /// parallel (`StandbyNode`). Every tenant ends identical on both nodes.
     func testManyTenantsWritingAtOnceEndIdentical() async throws {
         let tenants = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
+        for tenant in tenants { try await cluster.createTenant(tenant) }
         try await withThrowingTaskGroup(of: Void.self) { group in
             for tenant in tenants {
                 for client in 0..<3 {
@@ -160,6 +162,7 @@ final class ReplicatedClusterTests: NodeProcessTestCase {
     }
 
     func testWritesFailHonestlyWhileTheStandbyIsDownAndResumeAfter() async throws {
+        try await cluster.createTenant("t1")
         cluster.kill(cluster.standby, signal: SIGKILL)
         let connection = try await api.connect()
         let response = try await connection.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "t1")], body: Array(#"["CREATE TABLE t (x)"]"#.utf8))

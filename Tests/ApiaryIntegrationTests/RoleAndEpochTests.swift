@@ -32,6 +32,7 @@ final class RoleAndEpochTests: NodeProcessTestCase {
 
     func testAPromotedNodeRestartedWithItsOldFlagsIsStillPrimaryOfItsEpoch() async throws {
         try cluster.startBoth()
+        try await cluster.createTenant("acme")
         let created = try await write(cluster.primary, "CREATE TABLE t (x)")
         XCTAssertEqual(created.status, 200, created.text)
         cluster.kill(cluster.primary)
@@ -85,8 +86,10 @@ final class RoleAndEpochTests: NodeProcessTestCase {
         XCTAssertTrue(refused, "the standby never met the primary's claim")
         let state = try DurableNodeState(text: String(contentsOfFile: stateFile(cluster.standby), encoding: .utf8))
         XCTAssertEqual(state, .full(NodeState(role: .standby, epoch: Epoch(1), mode: .sync)), "the standby moved its epoch on a peer's word")
-        // So the primary has no standby, and in sync mode commits nothing.
-        let response = try await write(cluster.primary, "CREATE TABLE t (x)")
+        // So the primary has no standby, and in sync mode commits nothing: not even a tenant's
+        // first commit.
+        let response = try await AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: cluster.primary.apiPort)
+            .request(.POST, "/admin/tenants", json: ["name": "acme"])
         XCTAssertEqual(response.status, 503, response.text)
         // Found in review: promoting this standby would make it primary of epoch 2 — or of an
         // epoch its primary already holds. It is refused, and the standby goes on as it was.

@@ -68,6 +68,7 @@ final class SQLFuzzTests: XCTestCase {
         let (cluster, _, api) = try startSinglePrimary("fuzz")
         let tenant = [("X-Apiary-Tenant", "fuzz")]
         let c = try await api.connect()
+        try await createTenant("fuzz", on: c)
         try await executeEach(["CREATE TABLE t (id INTEGER PRIMARY KEY, v)", "INSERT INTO t (v) VALUES ('seed')"], tenant: "fuzz", on: c)
 
         var answered = 0

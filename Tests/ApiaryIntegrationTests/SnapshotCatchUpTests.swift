@@ -16,6 +16,7 @@ final class SnapshotCatchUpTests: XCTestCase {
         try cluster.startBoth()
         let api = APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
         let c = try await api.connect()
+        try await createTenant("acme", on: c)
         func write(_ sql: String) async throws {
             let r = try await c.request(.POST, "/db/execute", headers: [("X-Apiary-Tenant", "acme")], body: Array("[\"\(sql)\"]".utf8))
             XCTAssertEqual(r.status, 200, r.text)

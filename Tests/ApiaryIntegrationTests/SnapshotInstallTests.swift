@@ -51,6 +51,7 @@ final class SnapshotInstallTests: NodeProcessTestCase {
                                primaryArguments: ["--mode", "wait-primary"] + smallLog, standbyArguments: smallLog)
         try cluster.startBoth()
         let c = try await APIClient(port: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem").connect()
+        try await createTenant("acme", on: c)
         func write(_ sql: String) async throws {
             let r = try await c.request(.POST, "/db/execute", headers: tenant, body: Array("[\"\(sql)\"]".utf8))
             XCTAssertEqual(r.status, 200, r.text, file: file, line: line)

@@ -65,6 +65,7 @@ final class ZoneNetworkTests: NodeProcessTestCase {
         let network = try XCTUnwrap(network)
         let monitor = try await MonitorClient(cluster: cluster)
         try await inSync(monitor, primary: "node-a", standby: "node-b")
+        try await cluster.createTenant("zones")
         let status1 = await write(to: cluster.primary, id: 1)
         XCTAssertEqual(status1, 200)
 
@@ -88,6 +89,7 @@ final class ZoneNetworkTests: NodeProcessTestCase {
         let network = try XCTUnwrap(network)
         let monitor = try await MonitorClient(cluster: cluster)
         try await inSync(monitor, primary: "node-a", standby: "node-b")
+        try await cluster.createTenant("zones")
 
         try network.cut("a", from: "b")
         try await monitor.waitUntil("node-a commits alone, node-b not promotable, no failover", timeoutSeconds: 30) { s in
@@ -123,6 +125,7 @@ final class ZoneNetworkTests: NodeProcessTestCase {
         let network = try XCTUnwrap(network)
         let monitor = try await MonitorClient(cluster: cluster)
         try await inSync(monitor, primary: "node-a", standby: "node-b")
+        try await cluster.createTenant("zones")
 
         try network.lose("a", from: "b", percent: 20)
         for id in 1...30 {

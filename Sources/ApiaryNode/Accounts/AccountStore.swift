@@ -6,7 +6,7 @@ import Foundation
 /// Users, and dropped tenants, in the system database (`TenantID.system`): stored, captured
 /// and replicated like a tenant's data, so accounts survive a failover. Lives on the primary.
 ///
-/// A tenant exists when its database does (created by `createTenant`, or by a cluster
+/// A tenant exists when its database does (made by `createTenant` only: no write makes one);
 /// operator's first write to it); dropping one refuses every request to it from then on
 /// (its files stay until tenant deletion is replicated: a later issue).
 final class AccountStore: AccountService, @unchecked Sendable {
