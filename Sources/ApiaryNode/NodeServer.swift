@@ -391,6 +391,10 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         do { try service.execute(tenant: tenant, statements, transaction: transaction, idempotencyKey: idempotencyKey, then: done) } catch { done(.failure(error)) }
     }
 
+    func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) async throws -> [StatementResult] {
+        try await service.query(tenant: tenant, statements, level: level, transaction: transaction)
+    }
+
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] {
         try await service.query(tenant: tenant, statements, level: level)
     }
@@ -624,6 +628,10 @@ struct PrimarySQLService: SQLService {
     }
 
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult] {
+        try await query(tenant: tenant, statements, level: level, transaction: false)
+    }
+
+    func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) async throws -> [StatementResult] {
         guard node.servesReads else {
             throw APIError(.notExecuted, "not serving reads yet: this primary restarted and waits for the monitor to confirm that it is still the writer (retry in a moment)")
         }
@@ -637,7 +645,7 @@ struct PrimarySQLService: SQLService {
             }
         }
         do {
-            return try await t.database.query(statements)
+            return try await t.database.query(statements, transaction: transaction)
         } catch let error as StorageError {
             throw Self.apiError(error)
         }

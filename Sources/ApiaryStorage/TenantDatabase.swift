@@ -206,8 +206,16 @@ public final class TenantDatabase: @unchecked Sendable {
     }
 
     /// Runs read-only statements on a reader connection (sees only committed, durable data).
-    public func query(_ statements: [SQLStatement]) async throws -> [StatementResult] {
+    /// - Parameter transaction: the statements read one snapshot, in one read transaction
+    ///   (rqlite's `?transaction` on a query); without it each reads the latest commit.
+    public func query(_ statements: [SQLStatement], transaction: Bool = false) async throws -> [StatementResult] {
         try await readers.run { connection in
+            // A deferred transaction: its snapshot is taken by the first statement's read.
+            // (A statement interrupted by a time limit may end it early; the rest then read on
+            // their own, and the COMMIT's error is of no interest.)
+            let snapshot = transaction && statements.count > 1
+            if snapshot { try connection.execPrepared("BEGIN") }
+            defer { if snapshot { try? connection.execPrepared("COMMIT") } }
             var budget = RequestBudget(options: self.options)
             var results: [StatementResult] = []
             for s in statements {

@@ -139,3 +139,42 @@ final class IdempotencyTests: XCTestCase {
         guard case .failure = read[0] else { return XCTFail("a reader must not read the keys") }
     }
 }
+
+/// rqlite's `?transaction` on a query: the statements read one snapshot. A write commits while
+/// the first statement is held at a gate; with a transaction the second statement still sees
+/// the table as the first did, without one it sees the write.
+final class ReadTransactionTests: XCTestCase {
+    func counts(transaction: Bool) async throws -> [[[SQLValue]]] {
+        let directory = TemporaryDirectory()
+        let gates = SQLGates()
+        var options = TenantDatabase.Options()
+        gates.install(on: &options)
+        let db = try TenantDatabase(tenant: try TenantID("acme"), path: directory.path + "/acme.db",
+                                    sink: ReplicaSink(replicaPath: directory.path + "/replica.db"), options: options)
+        defer { db.close() }
+        defer { gates.openAll() }
+        try await db.mustExecute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        try await db.mustExecute("INSERT INTO t VALUES (1)")
+        let read = Task {
+            try await db.query([SQLStatement("SELECT count(*), test_gate('between') FROM t"), SQLStatement("SELECT count(*) FROM t")],
+                               transaction: transaction)
+        }
+        try await gates.reached("between")
+        try await db.mustExecute("INSERT INTO t VALUES (2)") // commits while the first statement waits
+        gates.open("between")
+        return try await read.value.map { result in
+            guard case .success(let outcome) = result else { return [] }
+            return outcome.rows.map { [$0[0]] }
+        }
+    }
+
+    func testAQueryWithATransactionReadsOneSnapshot() async throws {
+        let counts = try await counts(transaction: true)
+        XCTAssertEqual(counts, [[[.integer(1)]], [[.integer(1)]]])
+    }
+
+    func testWithoutOneEachStatementReadsTheLatestCommit() async throws {
+        let counts = try await counts(transaction: false)
+        XCTAssertEqual(counts, [[[.integer(1)]], [[.integer(2)]]])
+    }
+}

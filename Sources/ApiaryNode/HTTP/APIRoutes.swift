@@ -245,7 +245,7 @@ struct APIRoutes: HTTPResponder {
         } else {
             statements = try self.statements(request)
         }
-        return try await service.query(tenant: tenant, statements, level: options.level)
+        return try await service.query(tenant: tenant, statements, level: options.level, transaction: options.transaction)
     }
 
     /// rqlite's unified endpoint, reads and writes together. A request of reads only (each
@@ -260,7 +260,7 @@ struct APIRoutes: HTTPResponder {
         let statements = try self.statements(request)
         if statements.allSatisfy({ Self.isRead($0.sql) }) {
             try Access.check(principal, may: .read)
-            return try await service.query(tenant: tenant, statements, level: options.level)
+            return try await service.query(tenant: tenant, statements, level: options.level, transaction: options.transaction)
         }
         try Access.check(principal, may: .write)
         let idempotencyKey = try Self.idempotencyKey(request)

@@ -18,6 +18,9 @@ public protocol SQLService: Sendable {
     func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?,
                  then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void)
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult]
+    /// The same, the statements reading one snapshot when `transaction` (rqlite's
+    /// `?transaction` on a query). By default: as ``query(tenant:_:level:)``.
+    func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) async throws -> [StatementResult]
     /// Operator-only status (tenant names, positions): JSON bytes.
     func statusJSON() async -> [UInt8]
     /// This node's name, role and epoch (rqlite's `/readyz`, `/status`, `/nodes`); nil while
@@ -33,6 +36,10 @@ public protocol SQLService: Sendable {
 
 extension SQLService {
     public var redirectTarget: String? { nil }
+
+    public func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) async throws -> [StatementResult] {
+        try await query(tenant: tenant, statements, level: level)
+    }
 }
 
 extension SQLService {
