@@ -220,6 +220,7 @@ final class SQLiteConnection {
                 columns = Int(sqlite3_column_count(statement))
                 outcome.columns = (0..<columns).map { sqlite3_column_name(statement, Int32($0)).map { String(cString: $0) } ?? "" }
                 outcome.declaredTypes = (0..<columns).map { sqlite3_column_decltype(statement, Int32($0)).map { String(cString: $0).lowercased() } ?? "" }
+                outcome.columnTables = (0..<columns).map { sqlite3_column_table_name(statement, Int32($0)).map { String(cString: $0) } ?? "" }
             }
             if step == SQLITE_DONE { break }
             guard step == SQLITE_ROW else { throw lastError }
@@ -395,6 +396,9 @@ public struct StatementOutcome: Sendable, Equatable, Codable {
     public var columns: [String] = []
     /// Declared column types, lower-cased ("" for expressions), as rqlite reports `types`.
     public var declaredTypes: [String] = []
+    /// The table each column comes from ("" for expressions), for rqlite's `qualify_columns`;
+    /// nil in results stored before it was kept (idempotency keys).
+    public var columnTables: [String]?
     public var rows: [[SQLValue]] = []
     public var rowsAffected = 0
     public var lastInsertID: Int64 = 0

@@ -179,7 +179,7 @@ final class RqliteCompatibilityTests: XCTestCase {
         for (query, message) in [("freshness=5", "freshness is not a valid duration"), ("timeout=", "timeout is not a valid duration"),
                                  ("retries=x", "retries is not a valid integer"), ("freshness_strict", "freshness_strict requires freshness"),
                                  ("q=", "query parameter not set"), ("level=eventual", "unknown level 'eventual'"),
-                                 ("qualify_columns", "qualify_columns is not supported"), ("transaction=%zz", "not valid %-encoding")] {
+                                 ("transaction=%zz", "not valid %-encoding")] {
             XCTAssertThrowsError(try RqliteQuery.parse(Substring(query)), query) { error in
                 XCTAssertEqual((error as? APIError)?.kind, .badRequest, query)
                 XCTAssertTrue(String(describing: error).contains(message), "\(query): \(error)")

@@ -55,6 +55,30 @@ final class RqliteJSONTests: XCTestCase {
         XCTAssertEqual(results[2]["error"] as? String, "near \"x\": syntax error")
     }
 
+    /// `?qualify_columns`: a table's column is `table.column`, an expression keeps its name;
+    /// in the associative form too.
+    func testQualifiedColumns() throws {
+        var read = StatementOutcome()
+        read.columns = ["id", "n"]
+        read.declaredTypes = ["integer", ""]
+        read.columnTables = ["t", ""]
+        read.rows = [[.integer(1), .integer(2)]]
+        var format = RqliteJSON.Format()
+        format.qualifyColumns = true
+        let plain = try JSONSerialization.jsonObject(with: Data(RqliteJSON.response([.success(read)], format: format))) as! [String: Any]
+        XCTAssertEqual((plain["results"] as! [[String: Any]])[0]["columns"] as? [String], ["t.id", "n"])
+        format.associative = true
+        let associative = try JSONSerialization.jsonObject(with: Data(RqliteJSON.response([.success(read)], format: format))) as! [String: Any]
+        let row = ((associative["results"] as! [[String: Any]])[0]["rows"] as! [[String: Any]])[0]
+        XCTAssertEqual(row["t.id"] as? Int, 1)
+        XCTAssertEqual(row["n"] as? Int, 2)
+        // Without the flag, and for results kept from before tables were recorded: bare names.
+        read.columnTables = nil
+        let old = try JSONSerialization.jsonObject(with: Data(RqliteJSON.response([.success(read)], format: RqliteJSON.Format(qualifyColumns: true)))) as! [String: Any]
+        XCTAssertEqual((old["results"] as! [[String: Any]])[0]["columns"] as? [String], ["id", "n"])
+        XCTAssertTrue(try RqliteQuery.parse("qualify_columns").format.qualifyColumns)
+    }
+
     func testQueryStringValuesDecodeAsFormsDo() throws {
         XCTAssertEqual(try APIRoutes.formValue("q", in: "q=SELECT+*+FROM+t&level=weak"), "SELECT * FROM t")
         XCTAssertEqual(try APIRoutes.formValue("q", in: "level=none&q=SELECT%201%2B1"), "SELECT 1+1")

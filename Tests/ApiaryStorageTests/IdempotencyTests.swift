@@ -173,6 +173,17 @@ final class ReadTransactionTests: XCTestCase {
         XCTAssertEqual(counts, [[[.integer(1)]], [[.integer(1)]]])
     }
 
+    /// The table of each column is kept (rqlite's `qualify_columns`), "" for an expression.
+    func testColumnsKnowTheirTables() async throws {
+        let directory = TemporaryDirectory()
+        let db = try TenantDatabase(tenant: try TenantID("acme"), path: directory.path + "/acme.db", sink: ReplicaSink(replicaPath: directory.path + "/replica.db"))
+        defer { db.close() }
+        try await db.mustExecute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        let results = try await db.query([SQLStatement("SELECT id, id + 1 AS n FROM t")])
+        guard case .success(let outcome)? = results.first else { return XCTFail("\(results)") }
+        XCTAssertEqual(outcome.columnTables, ["t", ""])
+    }
+
     func testWithoutOneEachStatementReadsTheLatestCommit() async throws {
         let counts = try await counts(transaction: false)
         XCTAssertEqual(counts, [[[.integer(1)]], [[.integer(2)]]])

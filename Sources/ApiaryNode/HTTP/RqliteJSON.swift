@@ -22,10 +22,14 @@ public enum RqliteJSON {
         public var pretty = false
         /// `?blob_array`: BLOBs as arrays of byte values rather than base64 strings.
         public var blobsAsArrays = false
+        /// `?qualify_columns`: a column of a table is named `table.column`.
+        public var qualifyColumns = false
         /// Results of `/db/query` are rows even without columns; `/db/execute` and
         /// `/db/request` report a statement as rows only when it returned columns.
         public var allRows = false
-        public init(associative: Bool = false, timings: Bool = false, pretty: Bool = false, blobsAsArrays: Bool = false, allRows: Bool = false) {
+        public init(associative: Bool = false, timings: Bool = false, pretty: Bool = false, blobsAsArrays: Bool = false, allRows: Bool = false,
+                    qualifyColumns: Bool = false) {
+            self.qualifyColumns = qualifyColumns
             self.associative = associative
             self.timings = timings
             self.pretty = pretty
@@ -74,11 +78,15 @@ public enum RqliteJSON {
             out += Array("{\"error\":\(quote(message))}".utf8)
         case .success(let o) where format.allRows || !o.columns.isEmpty:
             let types = reportedTypes(o)
+            let columns = format.qualifyColumns ? o.columns.indices.map { i in
+                let table = o.columnTables.flatMap { i < $0.count ? $0[i] : nil } ?? ""
+                return table.isEmpty ? o.columns[i] : table + "." + o.columns[i]
+            } : o.columns
             var fields: [String] = []
             if format.associative {
                 // Go writes a map's keys sorted, and a repeated column name keeps its last value.
                 var lastIndex: [String: Int] = [:]
-                for (i, c) in o.columns.enumerated() { lastIndex[c] = i }
+                for (i, c) in columns.enumerated() { lastIndex[c] = i }
                 let keys = lastIndex.keys.sorted()
                 if !keys.isEmpty {
                     fields.append("\"types\":{" + keys.map { quote($0) + ":" + quote(types[lastIndex[$0]!]) }.joined(separator: ",") + "}")
@@ -91,8 +99,8 @@ public enum RqliteJSON {
                 }
                 fields.append("\"rows\":[" + rows.joined(separator: ",") + "]")
             } else {
-                if !o.columns.isEmpty {
-                    fields.append("\"columns\":[" + o.columns.map(quote).joined(separator: ",") + "]")
+                if !columns.isEmpty {
+                    fields.append("\"columns\":[" + columns.map(quote).joined(separator: ",") + "]")
                     fields.append("\"types\":[" + types.map(quote).joined(separator: ",") + "]")
                 }
                 if !o.rows.isEmpty {

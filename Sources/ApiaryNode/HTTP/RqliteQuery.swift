@@ -63,8 +63,7 @@ struct RqliteQuery: Sendable, Equatable {
             case "freshness_strict": freshnessStrict = true
             case "ver": result.version = value()
             case "key": result.key = value()
-            case "qualify_columns":
-                throw APIError(.badRequest, "qualify_columns is not supported: name the columns with AS in the query")
+            case "qualify_columns": result.format.qualifyColumns = true
             case "q":
                 let q = value()
                 guard !q.isEmpty else { throw APIError(.badRequest, "query parameter not set") }
