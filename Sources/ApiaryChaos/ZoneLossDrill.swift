@@ -62,6 +62,8 @@ public final class ZoneLossDrill: @unchecked Sendable {
     private let clientTLS: TLSConfiguration
     private let lock = NSLock()
     private var authorization = ""
+    /// The drill's own user, dropped when the drill ends.
+    private var drillUser: String?
     private var gatewayTurn = 0
     /// Keep-alive connections per gateway, as an application's client pool keeps them (a new
     /// TLS handshake per write would measure the drill's own CPU, not the cluster).
@@ -128,6 +130,7 @@ public final class ZoneLossDrill: @unchecked Sendable {
                 break
             }
         }
+        await dropDrillUser(log: log)
         return DrillReport(cluster: cluster.name, startedAt: startedAt, version: Self.version, zoneArgument: settings.zone,
                            method: settings.cut.description, repetitions: results, failure: failure)
     }
@@ -273,6 +276,21 @@ public final class ZoneLossDrill: @unchecked Sendable {
         throw ChaosError("the formation did not reach a sync primary with a promotable standby within \(settings.timeoutMs) ms; last status: \(last.map { "\($0.nodes.map { "\($0.id) \($0.goal)/\($0.reported ?? "-")" })" } ?? "none")")
     }
 
+    /// Drops the drill's user on the writer: a drill leaves no credentials behind. (Its tenant
+    /// and table stay: the next drill uses them again.)
+    private func dropDrillUser(log: @escaping @Sendable (String) -> Void) async {
+        guard let user = lock.withLock({ drillUser }) else { return }
+        do {
+            guard let w = writer(try await monitorStatus()), let node = cluster.nodes.first(where: { $0.name == w }) else { throw ChaosError("no writer") }
+            let address = try Self.split(node.address)
+            let r = try await AccountsClient(certificatesDirectory: cluster.certificates, host: address.host, port: address.port)
+                .request(.DELETE, "/admin/tenants/drill/users/\(user)")
+            guard r.status == 200 else { throw ChaosError("\(r.status) \(r.text)") }
+        } catch {
+            log("the drill's user \(user) was not dropped (\(error)); drop it with apiary ctl user drop \(user) --tenant drill")
+        }
+    }
+
     /// The drill's tenant, table and user (a new password each run; never printed).
     private func prepare() async throws {
         let status = settings.force ? try await monitorStatus() : try await waitForHealth(since: nowMs)
@@ -283,7 +301,10 @@ public final class ZoneLossDrill: @unchecked Sendable {
         do { try await accounts.createTenant("drill") } catch where "\(error)".contains("409") {}
         let user = "drill-\(UUID().uuidString.prefix(8).lowercased())", password = AccountsClient.randomPassword()
         try await accounts.createUser(user, tenant: "drill", role: "writer", password: password)
-        lock.withLock { authorization = "Basic " + Data("\(user):\(password)".utf8).base64EncodedString() }
+        lock.withLock {
+            authorization = "Basic " + Data("\(user):\(password)".utf8).base64EncodedString()
+            drillUser = user
+        }
         let create = Array("[\"CREATE TABLE IF NOT EXISTS writes (rep INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (rep, id))\", \"DELETE FROM writes\"]".utf8)
         for _ in 0..<100 {
             switch await write(body: create, key: nil, path: "/db/execute?transaction") {

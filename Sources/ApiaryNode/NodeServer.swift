@@ -451,6 +451,7 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         try await accounts.createUser(name, tenant: tenant, role: role, password: password)
     }
     func listUsers(tenant: TenantID) async throws -> [(name: String, role: UserRole)] { try await accounts.listUsers(tenant: tenant) }
+    func dropUser(_ name: String, tenant: TenantID) async throws { try await accounts.dropUser(name, tenant: tenant) }
     func createToken(user: String, tenant: TenantID, ttlSeconds: Int) async throws -> (id: String, token: String, expiresMs: Int64) {
         try await accounts.createToken(user: user, tenant: tenant, ttlSeconds: ttlSeconds)
     }

@@ -71,6 +71,13 @@ final class ZoneLossDrillTests: NodeProcessTestCase {
         XCTAssertEqual(repetition?["missing"] as? [Int], [])
         XCTAssertGreaterThan(repetition?["acknowledged"] as? Int ?? 0, 0)
         XCTAssertNotNil(repetition?["resumedAtMs"] as? Int, "writes resumed after the cut")
+
+        // The drill leaves no credentials behind.
+        let writer = try XCTUnwrap(status.node("node-b")?.reported == "primary" ? cluster.standby : nil)
+        let users = try await AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: writer.apiPort)
+            .request(.GET, "/admin/tenants/drill/users")
+        XCTAssertEqual(users.status, 200, users.text)
+        XCTAssertFalse(users.text.contains("drill-"), users.text)
     }
 
     /// Bad input: a cluster that cannot fail over now (its standby is down) is not drilled

@@ -129,6 +129,8 @@ public protocol AccountService: Sendable {
     func dropTenant(_ tenant: TenantID) async throws
     func createUser(_ name: String, tenant: TenantID, role: UserRole, password: String) async throws
     func listUsers(tenant: TenantID) async throws -> [(name: String, role: UserRole)]
+    /// Removes `name` of `tenant`, and its tokens: its credentials stop working at once.
+    func dropUser(_ name: String, tenant: TenantID) async throws
     /// A new bearer token for `user` of `tenant`, valid `ttlSeconds`: the token (shown once),
     /// its id (to revoke it) and when it expires (ms since 1970).
     func createToken(user: String, tenant: TenantID, ttlSeconds: Int) async throws -> (id: String, token: String, expiresMs: Int64)

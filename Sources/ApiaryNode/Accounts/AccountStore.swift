@@ -189,6 +189,18 @@ final class AccountStore: AccountService, @unchecked Sendable {
         cache.removeAll()
     }
 
+    func dropUser(_ name: String, tenant: TenantID) async throws {
+        guard try await !rows("SELECT 1 FROM users WHERE name = ? AND tenant = ?", [.text(name), .text(tenant.rawValue)]).isEmpty else {
+            throw APIError(.notFound, "no such user in tenant \(tenant)")
+        }
+        let results = try await write([
+            SQLStatement("DELETE FROM tokens WHERE user = ? AND tenant = ?", [.text(name), .text(tenant.rawValue)]),
+            SQLStatement("DELETE FROM users WHERE name = ? AND tenant = ?", [.text(name), .text(tenant.rawValue)]),
+        ])
+        for case .failure(let message) in results { throw APIError(.notExecuted, "user not dropped (\(message)); retry") }
+        cache.removeAll()
+    }
+
     func listUsers(tenant: TenantID) async throws -> [(name: String, role: UserRole)] {
         try await rows("SELECT name, role FROM users WHERE tenant = ? ORDER BY name", [.text(tenant.rawValue)]).compactMap { row in
             guard case .text(let name) = row[0], case .text(let role) = row[1], let r = UserRole(rawValue: role) else { return nil }

@@ -515,6 +515,11 @@ struct APIRoutes: HTTPResponder {
                 return APIResponse(status: .ok, body: Self.json(["revoked": String(path[2])]))
             case (0, _): return Self.methodNotAllowed(request, allow: "GET, POST")
             case (1, _): return Self.methodNotAllowed(request, allow: "DELETE")
+            case (3, .DELETE) where path[1] == "users":
+                let tenant = try Self.tenant(path[0])
+                try Access.check(principal, may: .manageUsers(tenant))
+                try await accounts.dropUser(String(path[2]), tenant: tenant)
+                return APIResponse(status: .ok, body: Self.json(["dropped": String(path[2]), "tenant": tenant.rawValue]))
             case (2, _) where path[1] == "users": return Self.methodNotAllowed(request, allow: "GET, POST")
             default: throw APIError(.notFound, "no such endpoint: \(request.path.prefix(200))")
             }

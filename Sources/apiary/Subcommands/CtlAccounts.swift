@@ -49,8 +49,20 @@ extension Ctl {
 
     /// `apiary ctl user create|list`.
     struct User: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create or list a tenant's users (on the primary).",
-                                                        subcommands: [Create.self, List.self])
+        static let configuration = CommandConfiguration(abstract: "Create, list or drop a tenant's users (on the primary).",
+                                                        subcommands: [Create.self, List.self, Drop.self])
+
+        struct Drop: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Drop a user and its tokens: its credentials stop working at once.")
+            @Argument(help: "The user's name.") var name: String
+            @Option(help: "The tenant the user belongs to.") var tenant: String
+            @Option(help: "The primary's HTTPS API (host:port).") var node: Address
+            @OptionGroup var options: OperatorOptions
+
+            func run() async throws {
+                try await Ctl.show(try options.accounts(node).request(.DELETE, "/admin/tenants/\(tenant)/users/\(name)"), expecting: 200)
+            }
+        }
 
         struct Create: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
