@@ -10,17 +10,9 @@ final class ChaosSmokeTests: XCTestCase {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
         let reports = NSTemporaryDirectory() + "apiary-chaos-reports-" + UUID().uuidString
         defer { try? FileManager.default.removeItem(atPath: reports) }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try apiaryExecutable())
-        process.arguments = ["chaos", "run", "smoke", "--scenarios", root + "/chaos/scenarios", "--reports", reports,
-                             "--base-port", String(freeBasePort())]
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        XCTAssertEqual(process.terminationStatus, 0, text.split(separator: "\n").suffix(60).joined(separator: "\n"))
+        let (status, text) = try runApiary(["chaos", "run", "smoke", "--scenarios", root + "/chaos/scenarios", "--reports", reports,
+                                            "--base-port", String(freeBasePort())])
+        XCTAssertEqual(status, 0, text.split(separator: "\n").suffix(60).joined(separator: "\n"))
         XCTAssertTrue(text.contains("scenario smoke: PASSED"), text.split(separator: "\n").suffix(30).joined(separator: "\n"))
         if geteuid() == 0 {
             // As root (CI) the zones are namespaces and every fault of the scenario is applied.

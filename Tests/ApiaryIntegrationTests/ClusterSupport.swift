@@ -195,18 +195,23 @@ class NodeProcessTestCase: XCTestCase {
     }
 }
 
+/// `apiary ARGS` to its end: its exit status and what it printed (both streams).
+func runApiary(_ arguments: [String]) throws -> (status: Int32, output: String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: try apiaryExecutable())
+    process.arguments = arguments
+    let output = Pipe()
+    process.standardOutput = output
+    process.standardError = output
+    try process.run()
+    let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    process.waitUntilExit()
+    return (process.terminationStatus, text)
+}
+
 extension NodeProcessTestCase {
     /// `apiary ctl ARGS --monitor … --certs …`: its exit status and what it printed (both streams).
     func ctl(_ arguments: [String]) throws -> (status: Int32, output: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try apiaryExecutable())
-        process.arguments = ["ctl"] + arguments + ["--monitor", "127.0.0.1:\(cluster.monitor!.apiPort)", "--certs", cluster.certificates]
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        return (process.terminationStatus, text)
+        try runApiary(["ctl"] + arguments + ["--monitor", "127.0.0.1:\(cluster.monitor!.apiPort)", "--certs", cluster.certificates])
     }
 }

@@ -18,16 +18,7 @@ final class ZoneLossDrillTests: NodeProcessTestCase {
     }
 
     func drill(_ arguments: [String]) throws -> (status: Int32, output: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try apiaryExecutable())
-        process.arguments = ["drill", "zone-loss", "--cluster", directory + "/cluster.json", "--reports", directory + "/evidence"] + arguments
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        return (process.terminationStatus, text)
+        try runApiary(["drill", "zone-loss", "--cluster", directory + "/cluster.json", "--reports", directory + "/evidence"] + arguments)
     }
 
     func testLosingThePrimarysZoneLosesNothingAndTheEvidenceSaysSo() async throws {
