@@ -105,9 +105,17 @@ public final class ChaosRunner: @unchecked Sendable {
     public func run(log: @escaping @Sendable (String) -> Void) async throws -> ChaosReport {
         defer { abort() }
         log("network: \(networkText)")
-        try cluster.startBoth()
-        try await waitForSync(timeoutSeconds: 60)
-        try await prepare()
+        do {
+            try cluster.startBoth()
+            try await waitForSync(timeoutSeconds: 60)
+            try await prepare()
+        } catch {
+            // Fail fast, with what each process said: the report is the evidence.
+            log("the cluster did not start: \(error)")
+            return ChaosReport(scenario: scenario.name, startedAt: ISO8601DateFormatter().string(from: started), durationMs: 0, network: networkText,
+                               checks: [CheckResult(name: "cluster started", passed: false, detail: "\(error)\n" + processLogs())],
+                               availability: Availability(history: [], durationMs: 0), faults: [], operations: [])
+        }
         log("cluster up and in sync; workload for \(scenario.seconds) s with \(scenario.faults.count) faults")
         let workloadStart = nowMs
         var clients: [Task<Void, Never>] = []
@@ -298,6 +306,14 @@ public final class ChaosRunner: @unchecked Sendable {
         guard let writer = topology.writer else { throw ChaosError("the monitor names no writer") }
         let primary = writer == cluster.primary.name ? cluster.primary : cluster.standby
         return target == .primary ? primary : cluster.peer(of: primary)
+    }
+
+    /// The last lines of every process's log, for a report of a run that could not start.
+    private func processLogs(lines: Int = 40) -> String {
+        cluster.all.map { spec in
+            let text = (try? String(contentsOfFile: cluster.directory + "/logs/\(spec.name).log", encoding: .utf8)) ?? "(no log)"
+            return "---- \(spec.name) (last \(lines) lines) ----\n" + text.split(separator: "\n").suffix(lines).joined(separator: "\n")
+        }.joined(separator: "\n")
     }
 
     /// Asks the monitor for the writer and the epoch twice a second until the workload stops,

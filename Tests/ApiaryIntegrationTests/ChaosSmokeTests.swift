@@ -1,4 +1,6 @@
 import Foundation
+import NIOCore
+import NIOPosix
 import XCTest
 
 /// `apiary chaos run smoke` as CI runs it: a real cluster, the workload through the gateways,
@@ -24,5 +26,27 @@ final class ChaosSmokeTests: XCTestCase {
         }
         let written = (try? FileManager.default.contentsOfDirectory(atPath: reports)) ?? []
         XCTAssertTrue(written.contains { $0.hasSuffix(".json") } && written.contains { $0.hasSuffix(".html") }, "\(written)")
+    }
+}
+
+/// Bad input: a run whose cluster cannot start fails fast, and its report holds what each
+/// process said (here node-a's API port is taken).
+final class ChaosStartFailureTests: XCTestCase {
+    func testARunThatCannotStartItsClusterFailsFastWithTheLogsInItsReport() async throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+        let reports = NSTemporaryDirectory() + "apiary-chaos-reports-" + UUID().uuidString
+        defer { try? FileManager.default.removeItem(atPath: reports) }
+        let basePort = freeBasePort()
+        let taken = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: basePort).get()
+        defer { taken.close(promise: nil) }
+
+        let (status, text) = try runApiary(["chaos", "run", "smoke", "--scenarios", root + "/chaos/scenarios", "--reports", reports,
+                                            "--base-port", String(basePort), "--loopback"])
+        XCTAssertEqual(status, 1, text)
+        XCTAssertTrue(text.contains("the cluster did not start") && text.contains("[FAIL] cluster started"), text)
+        let json = try XCTUnwrap((try FileManager.default.contentsOfDirectory(atPath: reports)).first { $0.hasSuffix(".json") }, "a report is written")
+        let report = try String(contentsOfFile: reports + "/" + json, encoding: .utf8)
+        XCTAssertTrue(report.contains("---- node-a (last 40 lines) ----"), report)
+        XCTAssertTrue(report.contains("in use"), "node-a's own words on the taken port: \(report.prefix(3000))")
     }
 }
