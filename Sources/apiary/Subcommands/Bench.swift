@@ -27,12 +27,14 @@ struct Inserts: AsyncParsableCommand {
     @Flag(help: "Keep the working directory.") var keep = false
     @Option(help: "API base port for the benchmark clusters.") var basePort = 24001
     @Option(help: "Event loop threads driving the clients (pgbench in bench/ uses up to 2).") var clientThreads = 1
+    @Option(help: "inserts (one INSERT per request) or reads (one SELECT by primary key per request, level weak).") var workload = "inserts"
 
     func validate() throws {
         guard clientThreads > 0, clientThreads <= 64 else { throw ValidationError("--client-threads must be 1...64") }
         guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be 1...3600") }
         guard !clientCounts.isEmpty, clientCounts.allSatisfy({ $0 > 0 && $0 <= 1024 }) else { throw ValidationError("--clients must list counts of 1...1024") }
         guard setupList.allSatisfy({ ["replicated", "single", "gateway"].contains($0) }) else { throw ValidationError("--setups takes replicated, single and/or gateway") }
+        guard ["inserts", "reads"].contains(workload) else { throw ValidationError("--workload takes inserts or reads") }
     }
 
     var clientCounts: [Int] { clients.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
@@ -42,7 +44,9 @@ struct Inserts: AsyncParsableCommand {
         let root = dir ?? (NSTemporaryDirectory() + "apiary-bench-\(getpid())")
         defer { if !keep { try? FileManager.default.removeItem(atPath: root) } }
         print("# machine: nproc=\(ProcessInfo.processInfo.activeProcessorCount) \(cpuModel()) fs=\(root)")
-        print("# workload: one INSERT of a 100-byte payload per request, HTTPS keep-alive, HTTP basic auth, \(seconds)s per client count, \(clientThreads) client thread(s)")
+        let what = workload == "reads" ? "one SELECT of a 100-byte row by primary key per request (GET /db/query, level weak; 1,000 rows)"
+            : "one INSERT of a 100-byte payload per request"
+        print("# workload: \(what), HTTPS keep-alive, HTTP basic auth, \(seconds)s per client count, \(clientThreads) client thread(s)")
         let load = MultiThreadedEventLoopGroup(numberOfThreads: clientThreads)
         for (index, setup) in setupList.enumerated() {
             // `gateway`: the replicated pair under its monitor, the load through one gateway.
@@ -63,7 +67,7 @@ struct Inserts: AsyncParsableCommand {
             defer { cluster.stopAll() }
             var target = BenchTarget(port: setup == "gateway" ? cluster.gateways[0].apiPort : cluster.primary.apiPort,
                                      accountsPort: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
-            try await target.prepare()
+            try await target.prepare(rows: workload == "reads" ? 1_000 : 0)
             // CPU per insert is steadier than throughput on a shared VM: it shows what a change
             // costs or saves even when the run's throughput moves with the machine's mood.
             var measured: [(String, Int32)] = [("primary", cluster.processID(of: cluster.primary) ?? -1)]
@@ -72,13 +76,13 @@ struct Inserts: AsyncParsableCommand {
             measured.append(("client", getpid()))
             for count in clientCounts {
                 let before = measured.map { CPUTime.ticks(of: $0.1) }
-                let result = try await target.measure(clients: count, seconds: seconds, group: load)
+                let result = try await target.measure(clients: count, seconds: seconds, group: load, reads: workload == "reads")
                 let inserts = result.tps * result.wallSeconds
                 let cpu = zip(measured, before).map { process, start -> String in
                     guard let start, let end = CPUTime.ticks(of: process.1), inserts > 0 else { return "\(process.0):?" }
                     return "\(process.0):" + String(format: "%.1f", Double(end - start) * CPUTime.microsecondsPerTick / inserts)
                 }
-                print("apiary-\(setup) clients=\(count) tps=\(String(format: "%.1f", result.tps)) p50_ms=\(String(format: "%.3f", result.p50Ms)) p99_ms=\(String(format: "%.3f", result.p99Ms)) errors=\(result.errors) cpu_us_per_insert=\(cpu.joined(separator: ","))")
+                print("apiary-\(setup) clients=\(count) tps=\(String(format: "%.1f", result.tps)) p50_ms=\(String(format: "%.3f", result.p50Ms)) p99_ms=\(String(format: "%.3f", result.p99Ms)) errors=\(result.errors) cpu_us_per_\(workload == "reads" ? "read" : "insert")=\(cpu.joined(separator: ","))")
                 fflush(stdout)
             }
         }
@@ -109,25 +113,31 @@ struct BenchTarget {
         return try await HTTPSConnection.connect(host: "127.0.0.1", port: port, tls: tls, group: MultiThreadedEventLoopGroup.singleton)
     }
 
-    /// Creates the tenant and a writer (as the operator), then the table (as that writer).
-    mutating func prepare() async throws {
+    /// Creates the tenant and a writer (as the operator), then the table (as that writer), with
+    /// `rows` rows in it for a read workload.
+    mutating func prepare(rows: Int = 0) async throws {
         let accounts = try AccountsClient(certificatesDirectory: (caPath as NSString).deletingLastPathComponent, host: "127.0.0.1", port: accountsPort ?? port)
         try await accounts.createTenant("bench")
         let password = AccountsClient.randomPassword()
         try await accounts.createUser("bench-writer", tenant: "bench", role: "writer", password: password)
         authorization = AccountsClient.basicAuthorization(user: "bench-writer", password: password)
         let c = try await connect()
+        let fill = rows > 0 ? ", \"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < \(rows)) INSERT OR IGNORE INTO bench(id, payload) SELECT i, printf('%.100c', 'x') FROM n\"" : ""
         let r = try await c.request(.POST, "/db/execute", headers: [("Authorization", authorization)],
-                                    body: Array(#"["CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)"]"#.utf8))
+                                    body: Array("[\"CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)\"\(fill)]".utf8))
         await c.close()
-        guard r.status == 200 else { throw ValidationError("cannot create the bench table: \(r.status) \(r.text)") }
+        guard r.status == 200, !r.text.contains("\"error\"") else { throw ValidationError("cannot create the bench table: \(r.status) \(r.text)") }
     }
 
     struct Result { var tps: Double; var p50Ms: Double; var p99Ms: Double; var errors: Int; var wallSeconds: Double }
 
-    func measure(clients: Int, seconds: Int, group: any EventLoopGroup) async throws -> Result {
-        let body = Array(#"[["INSERT INTO bench(payload) VALUES(?)", "\#(String(repeating: "x", count: 100))"]]"#.utf8)
-        let head = "POST /db/execute HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: \(authorization)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n\r\n"
+    /// - Parameter reads: one `SELECT` by primary key per request (the same row: the request is
+    ///   encoded once, as the inserts' is) instead of an `INSERT`.
+    func measure(clients: Int, seconds: Int, group: any EventLoopGroup, reads: Bool = false) async throws -> Result {
+        let body = reads ? [] : Array(#"[["INSERT INTO bench(payload) VALUES(?)", "\#(String(repeating: "x", count: 100))"]]"#.utf8)
+        let head = reads
+            ? "GET /db/query?q=SELECT%20payload%20FROM%20bench%20WHERE%20id%3D500 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: \(authorization)\r\n\r\n"
+            : "POST /db/execute HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: \(authorization)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n\r\n"
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.trustRoots = .file(caPath)
         let start = ContinuousClock.now
