@@ -26,7 +26,7 @@ PORT_STANDBY=""
 usage() {
   cat <<EOF
 usage: $0 [--clients "1 8 32 64"] [--seconds 10] [--warmup 2] [--workdir DIR]
-          [--port-primary PORT] [--port-standby PORT]
+          [--port-primary PORT] [--port-standby PORT] [--workload inserts|reads]
 
   --clients LIST      space-separated pgbench client counts (default: "1 8 32 64")
   --seconds N         duration of each pgbench run in seconds (default: 10)
@@ -37,6 +37,9 @@ usage: $0 [--clients "1 8 32 64"] [--seconds 10] [--warmup 2] [--workdir DIR]
                       is always removed on exit, DIR itself is left alone
   --port-primary P    TCP port of the primary on 127.0.0.1 (default: a free port)
   --port-standby P    TCP port of the standby on 127.0.0.1 (default: a free port)
+  --workload W        inserts (default: one INSERT per transaction) or reads (one
+                      SELECT by primary key of 1,000 rows per transaction, like
+                      pgbench -S)
 EOF
 }
 
@@ -57,6 +60,8 @@ while [[ $# -gt 0 ]]; do
     --port-primary=*) PORT_PRIMARY="${1#*=}"; shift ;;
     --port-standby)  [[ $# -ge 2 ]] || die "--port-standby needs a value"; PORT_STANDBY="$2"; shift 2 ;;
     --port-standby=*) PORT_STANDBY="${1#*=}"; shift ;;
+    --workload)      [[ $# -ge 2 ]] || die "--workload needs a value"; WORKLOAD="$2"; shift 2 ;;
+    --workload=*)    WORKLOAD="${1#*=}"; shift ;;
     -h|--help)       usage; exit 0 ;;
     *)               usage >&2; die "unknown argument: $1" ;;
   esac
@@ -66,6 +71,8 @@ is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
 is_uint "$SECONDS_PER_RUN" && [[ "$SECONDS_PER_RUN" -ge 1 ]] || die "--seconds must be a positive integer"
 is_uint "$WARMUP_SECONDS" || die "--warmup must be a non-negative integer"
+WORKLOAD="${WORKLOAD:-inserts}"
+[[ "$WORKLOAD" == inserts || "$WORKLOAD" == reads ]] || die "--workload takes inserts or reads"
 read -r -a CLIENT_LIST <<<"$CLIENTS"
 [[ ${#CLIENT_LIST[@]} -ge 1 ]] || die "--clients must list at least one client count"
 MAX_CLIENTS=0
@@ -296,9 +303,19 @@ log "standby1 is streaming with sync_state=sync"
 psql_p -c "CREATE DATABASE apiary_bench"
 psql_p -d apiary_bench -c "CREATE TABLE bench (id bigserial PRIMARY KEY, payload text NOT NULL)"
 
-cat >"$RUN_DIR/insert.sql" <<'EOF'
+if [[ "$WORKLOAD" == reads ]]; then
+  psql_p -d apiary_bench -c "INSERT INTO bench(payload) SELECT repeat('x', 100) FROM generate_series(1, 1000)"
+  cat >"$RUN_DIR/insert.sql" <<'EOF'
+\set id random(1, 1000)
+SELECT payload FROM bench WHERE id = :id;
+EOF
+  TXN_TEXT="1 SELECT by primary key of 1,000 100-byte rows per txn"
+else
+  cat >"$RUN_DIR/insert.sql" <<'EOF'
 INSERT INTO bench(payload) VALUES (repeat('x', 100));
 EOF
+  TXN_TEXT="1 INSERT of 100-byte payload per txn"
+fi
 
 # --------------------------------------------------------------- header
 PG_VERSION_STR=$(psql_p -At -c "SELECT version()")
@@ -306,7 +323,7 @@ NPROC=$(nproc)
 CPU_MODEL=$(grep -m1 -E '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' || true)
 echo "# postgres: $PG_VERSION_STR"
 echo "# machine: nproc=$NPROC model=\"${CPU_MODEL:-unknown}\" fs=$FS_TYPE"
-echo "# config: primary+1 sync standby on 127.0.0.1 (same host), synchronous_commit=on fsync=on full_page_writes=on, 1 INSERT of 100-byte payload per txn, ${SECONDS_PER_RUN}s per run after a ${WARMUP_SECONDS}s warm-up"
+echo "# config: primary+1 sync standby on 127.0.0.1 (same host), synchronous_commit=on fsync=on full_page_writes=on, $TXN_TEXT, ${SECONDS_PER_RUN}s per run after a ${WARMUP_SECONDS}s warm-up"
 
 # --------------------------------------------------------------- 4. runs
 percentiles() {
@@ -342,8 +359,8 @@ fi
 
 for c in "${CLIENT_LIST[@]}"; do
   threads=$(( c < 2 ? c : 2 ))
-  # Same starting point for every client count.
-  psql_p -d apiary_bench -c "TRUNCATE bench RESTART IDENTITY" -c "CHECKPOINT"
+  # Same starting point for every client count (reads keep their rows).
+  [[ "$WORKLOAD" == reads ]] || psql_p -d apiary_bench -c "TRUNCATE bench RESTART IDENTITY" -c "CHECKPOINT"
   wait_for_sync
 
   prefix="$LOG_DIR/pgbench_c${c}"
