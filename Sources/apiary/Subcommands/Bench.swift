@@ -1,4 +1,5 @@
 import ApiaryNode
+import ApiaryTLS
 import ArgumentParser
 import Foundation
 import NIOCore
@@ -28,6 +29,7 @@ struct Inserts: AsyncParsableCommand {
     @Option(help: "API base port for the benchmark clusters.") var basePort = 24001
     @Option(help: "Event loop threads driving the clients (pgbench in bench/ uses up to 2).") var clientThreads = 1
     @Option(help: "inserts (one INSERT per request) or reads (one SELECT by primary key per request, level weak).") var workload = "inserts"
+    @Option(help: "How the load signs in: password (HTTP basic auth, as applications do) or certificate (the operator's, in the TLS handshake: no per-request authentication, for measuring what it costs; not through a gateway).") var signIn = "password"
 
     func validate() throws {
         guard clientThreads > 0, clientThreads <= 64 else { throw ValidationError("--client-threads must be 1...64") }
@@ -35,6 +37,8 @@ struct Inserts: AsyncParsableCommand {
         guard !clientCounts.isEmpty, clientCounts.allSatisfy({ $0 > 0 && $0 <= 1024 }) else { throw ValidationError("--clients must list counts of 1...1024") }
         guard setupList.allSatisfy({ ["replicated", "single", "gateway"].contains($0) }) else { throw ValidationError("--setups takes replicated, single and/or gateway") }
         guard ["inserts", "reads"].contains(workload) else { throw ValidationError("--workload takes inserts or reads") }
+        guard ["password", "certificate"].contains(signIn) else { throw ValidationError("--sign-in takes password or certificate") }
+        guard signIn == "password" || !setupList.contains("gateway") else { throw ValidationError("--sign-in certificate does not go through a gateway") }
     }
 
     var clientCounts: [Int] { clients.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
@@ -46,7 +50,7 @@ struct Inserts: AsyncParsableCommand {
         print("# machine: nproc=\(ProcessInfo.processInfo.activeProcessorCount) \(cpuModel()) fs=\(root)")
         let what = workload == "reads" ? "one SELECT of a 100-byte row by primary key per request (GET /db/query, level weak; 1,000 rows)"
             : "one INSERT of a 100-byte payload per request"
-        print("# workload: \(what), HTTPS keep-alive, HTTP basic auth, \(seconds)s per client count, \(clientThreads) client thread(s)")
+        print("# workload: \(what), HTTPS keep-alive, \(signIn == "password" ? "HTTP basic auth" : "the operator's certificate (no per-request authentication)"), \(seconds)s per client count, \(clientThreads) client thread(s)")
         let load = MultiThreadedEventLoopGroup(numberOfThreads: clientThreads)
         for (index, setup) in setupList.enumerated() {
             // `gateway`: the replicated pair under its monitor, the load through one gateway.
@@ -67,6 +71,7 @@ struct Inserts: AsyncParsableCommand {
             defer { cluster.stopAll() }
             var target = BenchTarget(port: setup == "gateway" ? cluster.gateways[0].apiPort : cluster.primary.apiPort,
                                      accountsPort: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
+            target.byCertificate = signIn == "certificate"
             try await target.prepare(rows: workload == "reads" ? 1_000 : 0)
             // CPU per insert is steadier than throughput on a shared VM: it shows what a change
             // costs or saves even when the run's throughput moves with the machine's mood.
@@ -106,6 +111,8 @@ struct BenchTarget {
     let caPath: String
     /// The bench user's `Authorization` header: the load signs in as an application does.
     var authorization = ""
+    /// Sign in with the operator's certificate instead (measuring what authentication costs).
+    var byCertificate = false
 
     func connect() async throws -> HTTPSConnection {
         var tls = TLSConfiguration.makeClientConfiguration()
@@ -135,11 +142,17 @@ struct BenchTarget {
     ///   encoded once, as the inserts' is) instead of an `INSERT`.
     func measure(clients: Int, seconds: Int, group: any EventLoopGroup, reads: Bool = false) async throws -> Result {
         let body = reads ? [] : Array(#"[["INSERT INTO bench(payload) VALUES(?)", "\#(String(repeating: "x", count: 100))"]]"#.utf8)
+        let signIn = byCertificate ? "X-Apiary-Tenant: bench" : "Authorization: \(authorization)"
         let head = reads
-            ? "GET /db/query?q=SELECT%20payload%20FROM%20bench%20WHERE%20id%3D500 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: \(authorization)\r\n\r\n"
-            : "POST /db/execute HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: \(authorization)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n\r\n"
+            ? "GET /db/query?q=SELECT%20payload%20FROM%20bench%20WHERE%20id%3D500 HTTP/1.1\r\nHost: 127.0.0.1\r\n\(signIn)\r\n\r\n"
+            : "POST /db/execute HTTP/1.1\r\nHost: 127.0.0.1\r\n\(signIn)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n\r\n"
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.trustRoots = .file(caPath)
+        if byCertificate {
+            let credentials = try ClusterCredentials(directory: (caPath as NSString).deletingLastPathComponent, name: "operator")
+            tls.certificateChain = credentials.certificateChain.map { .certificate($0) }
+            tls.privateKey = .privateKey(credentials.privateKey)
+        }
         let start = ContinuousClock.now
         let outcomes = try await BenchLoad.run(clients: clients, port: port, tls: tls, request: Array(head.utf8) + body,
                                                until: NIODeadline.now() + TimeAmount.seconds(Int64(seconds)), group: group)
