@@ -76,7 +76,7 @@ public final class ZoneNetwork: @unchecked Sendable {
         try Self.run(Self.ip, ["link", "set", bridge, "up"])
         for zone in Self.zones {
             let ns = namespace(zone)
-            let outer = "apv\(owner)\(zone)", inner = "apz\(owner)\(zone)"
+            let outer = Self.outerLink(owner, zone), inner = "apz\(owner)\(zone)"
             try Self.run(Self.ip, ["netns", "add", ns])
             try Self.run(Self.ip, ["link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns])
             try Self.run(Self.ip, ["link", "set", outer, "master", bridge, "up"])
@@ -135,13 +135,15 @@ public final class ZoneNetwork: @unchecked Sendable {
         for zone in Self.zones { try? heal(zone) }
     }
 
-    /// Removes the namespaces (their veth ends go with them) and the bridge. Processes still in
-    /// a namespace keep it alive until they exit: stop them first.
+    /// Removes the links, the namespaces and the bridge. Each veth pair is deleted by its outer
+    /// end, which is gone when the command returns: a namespace's own teardown frees its links
+    /// later, on the kernel's schedule, and not at all while anything still holds the namespace
+    /// (a process in it, an open handle), so a network made again at once under the same names
+    /// would find them taken.
     public func destroy() {
         // Once, whoever comes first: the run's end or an interrupt.
         guard lock.withLock({ defer { created = false }; return created }) else { return }
-        for zone in Self.zones { _ = try? Self.run(Self.ip, ["netns", "delete", namespace(zone)]) }
-        _ = try? Self.run(Self.ip, ["link", "delete", bridge])
+        Self.remove(owner)
     }
 
     deinit { destroy() }
@@ -159,12 +161,21 @@ public final class ZoneNetwork: @unchecked Sendable {
             let name = line.split(separator: " ").first.map(String.init) ?? ""
             let parts = name.split(separator: "-")
             guard parts.count == 3, parts[0] == "apiary", let pid = Int32(parts[1]), zones.contains(String(parts[2])) else { continue }
-            if kill(pid, 0) != 0 && errno == ESRCH {
-                dead.insert(pid)
-                _ = try? run(ip, ["netns", "delete", name])
-            }
+            if kill(pid, 0) != 0 && errno == ESRCH { dead.insert(pid) }
         }
-        for pid in dead { _ = try? run(ip, ["link", "delete", "apbr\(pid)"]) }
+        for pid in dead { remove(pid) }
+    }
+
+    /// The veth pair's end in this namespace (at most 15 characters).
+    static func outerLink(_ owner: Int32, _ zone: String) -> String { "apv\(owner)\(zone)" }
+
+    /// Everything a run of `owner` makes, whatever of it exists.
+    static func remove(_ owner: Int32) {
+        for zone in zones {
+            _ = try? run(ip, ["link", "delete", outerLink(owner, zone)])
+            _ = try? run(ip, ["netns", "delete", "apiary-\(owner)-\(zone)"])
+        }
+        _ = try? run(ip, ["link", "delete", "apbr\(owner)"])
     }
 
     /// Runs a tool; its output, or an error with what it printed.
