@@ -299,9 +299,20 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
 
     // MARK: - Actions (event loop)
 
+    /// Whether applications are sent to the primary (``isStreaming``), and a line when that
+    /// changes: operators (and tests) see when a standby starts answering 503 instead.
+    private func noteStreaming() {
+        let now = core.streamingConnection != nil && fatal == nil && !promoting
+        let was = streaming.withLock { was in defer { was = now }; return was }
+        if was != now {
+            logger.notice(now ? "streaming from the primary: applications are redirected to it"
+                              : "not streaming from the primary: applications get 503 until it streams again")
+        }
+    }
+
     private func interpret(_ actions: [StandbyAction]) {
         loop.preconditionInEventLoop()
-        defer { streaming.withLock { $0 = core.streamingConnection != nil && fatal == nil && !promoting } }
+        defer { noteStreaming() }
         guard !promoting else { return }
         // Persists done inline, reported once this list's actions have all run, in order.
         var persisted: [(TenantID, LSN)] = []
@@ -516,7 +527,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     private func stop(_ error: NodeError, cause: (any Error)? = nil) {
         guard fatal == nil else { return }
         fatal = error
-        streaming.withLock { $0 = false }
+        noteStreaming()
         logger.critical("standby stopped replicating", metadata: ["error": "\(error)"])
         channels.closeAll()
         if let cause, Self.isDiskFull(cause) || DiskSpace.isFull(layout.root) { onStoppedForFullDisk?() }

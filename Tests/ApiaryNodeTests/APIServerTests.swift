@@ -390,13 +390,27 @@ final class APIServerTests: XCTestCase {
         XCTAssertEqual(responses.first?.body, "[+]node ok\n[+]leader ok\n[+]store ok")
     }
 
-    /// A request line past the parser's 80 KiB (a long query in the URL) gets 431, as rqlite
-    /// answers, with the way out in the message; the server is unharmed.
+    /// A query in a URL of up to rqlite's limit (Go's 1 MiB of request line and headers) is
+    /// taken, as rqlite takes it.
+    func testAQueryInAURLOfNearlyAMebibyteIsAnswered() async throws {
+        let service = RecordingSQLService()
+        let server = try await startServer(service)
+        let client = try await connectRaw(server)
+        let sql = "SELECT '" + String(repeating: "x", count: 1_000_000) + "'"
+        client.send("GET /db/query?q=" + sql.addingPercentEncoding(withAllowedCharacters: .alphanumerics)! + " HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n")
+        let answered = await eventually(seconds: 30) { client.responses.count == 1 }
+        XCTAssertTrue(answered)
+        XCTAssertEqual(client.responses.first?.status, 200, client.responses.first?.body ?? "")
+        XCTAssertEqual(service.calls.map { $0.statements.first?.sql }, [sql])
+    }
+
+    /// A request line past 1 MiB (a long query in the URL) gets 431, as rqlite answers, with the
+    /// way out in the message; the server is unharmed.
     func testAnOverlongRequestLineGets431() async throws {
         let service = RecordingSQLService()
         let server = try await startServer(service)
         let client = try await connectRaw(server)
-        client.send("GET /db/query?q=" + String(repeating: "x", count: 100_000) + " HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n")
+        client.send("GET /db/query?q=" + String(repeating: "x", count: 1_100_000) + " HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n")
         let closed = await eventually { client.isClosed }
         XCTAssertTrue(closed)
         XCTAssertEqual(client.responses.map(\.status), [431])

@@ -98,6 +98,40 @@ final class MemoryBudgetTests: XCTestCase {
         XCTAssertEqual(service.calls.count, 2)
     }
 
+    /// A long head (a query in the URL, up to 1 MiB) holds the budget from its bytes' arrival
+    /// to its answer: past the connection's own charge, every byte of it.
+    func testALongHeadIsChargedAsItArrivesAndGivenBackWhenAnswered() async throws {
+        try await start(budget: 8 << 20)
+        let raw = try await connect()
+        let head = "GET /db/query?q=SELECT%20'" + String(repeating: "x", count: 600_000)
+        raw.send(head)
+        let charged = await eventually { self.server.memoryInUseBytes == head.utf8.count }
+        XCTAssertTrue(charged, "in use \(server.memoryInUseBytes), expected the head's \(head.utf8.count) (its first \(Self.connectionBytes) the connection's own)")
+        raw.send("' HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\n\r\n")
+        let answered = await eventually(seconds: 30) { raw.responses.count == 1 }
+        XCTAssertTrue(answered)
+        XCTAssertEqual(raw.responses.first?.status, 200, raw.responses.first?.body ?? "")
+        let released = await eventually { self.server.memoryInUseBytes == Self.connectionBytes }
+        XCTAssertTrue(released, "in use \(server.memoryInUseBytes), expected one connection's \(Self.connectionBytes)")
+    }
+
+    func testAHeadTheBudgetCannotHoldClosesItsConnectionAndTheNodeServesOn() async throws {
+        try await start(budget: 4 * Self.connectionBytes)
+        let long = try await connect()
+        let other = try await connect()
+        long.send("GET /db/query?q=" + String(repeating: "x", count: 500_000))
+        let closed = await eventually(seconds: 30) { long.isClosed }
+        XCTAssertTrue(closed, "a head past the budget was kept")
+        XCTAssertEqual(long.responses.count, 0)
+        other.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        let answered = await eventually { other.responses.count == 1 }
+        XCTAssertTrue(answered)
+        XCTAssertEqual(other.responses.first?.status, 200)
+        XCTAssertTrue(service.calls.isEmpty)
+        let settled = await eventually { self.server.memoryInUseBytes == Self.connectionBytes }
+        XCTAssertTrue(settled, "in use \(server.memoryInUseBytes), expected one connection's \(Self.connectionBytes)")
+    }
+
     func testConnectionsPastTheBudgetAreClosedAndItsReturnLetsThemIn() async throws {
         try await start(budget: 3 * Self.connectionBytes)
         var open: [RawTLSConnection] = []

@@ -47,8 +47,19 @@ public final class APIServer: Sendable {
         public init() {}
     }
 
-    /// Bytes the HTTP decoder may hold undecoded (headers are far smaller; bodies stream through).
-    static let decoderBufferBytesMax = 1 << 20
+    /// Bytes the HTTP decoder may hold undecoded: a request line and headers of up to
+    /// ``headBytesMax`` (bodies stream through).
+    static let decoderBufferBytesMax = 1 << 21
+    /// The request line and headers of one request, at most: rqlite's (Go's) limit, so that a
+    /// long query in a URL that rqlite takes is taken here too. Past it: 431. What a head holds
+    /// past the connection's own charge counts against the memory budget (``RequestHeadCharge``).
+    static let headBytesMax = 1 << 20
+    static let decoderLimits: NIOHTTPDecoderLimitConfiguration = {
+        var limits = NIOHTTPDecoderLimitConfiguration()
+        limits.maxHeaderFieldSize = headBytesMax
+        limits.maxHeaderListSize = headBytesMax
+        return limits
+    }()
 
     let channel: any Channel
     /// The port it listens on (useful when asked for port 0).
@@ -125,15 +136,16 @@ public final class APIServer: Sendable {
                 }
                 return channel.eventLoop.makeCompletedFuture {
                     let timeouts = ConnectionTimeouts(idleMs: limits.idleTimeoutMs, requestReadMs: limits.requestReadTimeoutMs)
+                    let headCharge = RequestHeadCharge(memory: memory, freeBytes: limits.connectionMemoryBytes)
                     let handlers: [any ChannelHandler] = [
                         NIOSSLServerHandler(context: context),
-                        RequestStartWatcher(timeouts),
+                        RequestStartWatcher(timeouts, headCharge: headCharge, logger: logger),
                         // Bounded: the decoder stops parsing after an Upgrade or CONNECT request and
                         // would otherwise keep every byte that follows.
-                        ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes),
+                        ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: APIServer.decoderLimits),
                                              maximumBufferSize: APIServer.decoderBufferBytesMax),
                         APIChannelHandler(routes: routes, logger: logger, timeouts: timeouts, pipelinedMax: limits.pipelinedRequestsMax,
-                                          heldForSlowReaders: heldForSlowReaders, memory: memory),
+                                          heldForSlowReaders: heldForSlowReaders, memory: memory, headCharge: headCharge),
                     ]
                     try channel.pipeline.syncOperations.addHandlers(handlers)
                 }
@@ -268,13 +280,17 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     private var answeringReserved = 0
     /// The node's budget had no room for the body being read: it is dropped, answered 503.
     private var memoryShort = false
+    /// What the request being read holds of the budget for its head (a long URL).
+    private let headCharge: RequestHeadCharge
+    private var headReserved = 0
     /// The client's certificate identity (operators, monitors), read at the first request.
     private var peer: ApiaryTLS.PeerIdentity?
     private var peerRead = false
 
     init(routes: any HTTPResponder, logger: Logger, timeouts: ConnectionTimeouts, pipelinedMax: Int, heldForSlowReaders: LockedValue<Int>,
-         memory: MemoryBudget) {
+         memory: MemoryBudget, headCharge: RequestHeadCharge) {
         self.memory = memory
+        self.headCharge = headCharge
         self.pipelinedMax = pipelinedMax
         self.heldForSlowReaders = heldForSlowReaders
         self.routes = routes
@@ -293,10 +309,11 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     func handlerRemoved(context: ChannelHandlerContext) {
         timeouts.stop()
         // Bodies read and never answered give their budget back.
-        var held = readingReserved + answeringReserved
+        var held = readingReserved + answeringReserved + headReserved
         for case .request(let request, _) in waiting { held += request.reservedBytes }
         readingReserved = 0
         answeringReserved = 0
+        headReserved = 0
         waiting.removeAll()
         if held > 0 { memory.release(held) }
     }
@@ -324,6 +341,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             body = nil
             bodyTooLarge = false
             memoryShort = false
+            headReserved = headCharge.headDecoded()
             if let length = h.headers.first(name: "content-length").flatMap(Int.init), length > 0, length <= routes.bodyBytesMax {
                 reserveBody(length) // before the body arrives: refused, it is never kept
             }
@@ -353,14 +371,16 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             }
         case .end:
             timeouts.requestComplete()
+            headCharge.requestEnded()
             guard let head else { return }
             self.head = nil
             continueOwed = false
             let request = APIRequest(method: head.method, uri: head.uri, headers: head.headers,
                                      body: body.map { Array($0.readableBytesView) } ?? [], bodyTooLarge: bodyTooLarge,
-                                     memoryShort: memoryShort, reservedBytes: readingReserved)
+                                     memoryShort: memoryShort, reservedBytes: readingReserved + headReserved)
             body = nil
             readingReserved = 0 // the request holds it now
+            headReserved = 0
             // After an Upgrade or CONNECT request NIO's decoder parses nothing more: answer and close.
             let upgrade = head.method == .CONNECT || head.headers.contains(name: "upgrade")
             let framing = Framing(version: head.version, keepAlive: head.isKeepAlive && !upgrade, headersOnly: head.method == .HEAD)
@@ -487,7 +507,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     /// The answer to bytes that are not HTTP/1.1 (the connection closes after it).
     static let malformed = APIResponse(status: .badRequest, body: RqliteJSON.error("malformed HTTP request", code: .badRequest))
     static let headersTooLarge = APIResponse(status: .requestHeaderFieldsTooLarge,
-                                             body: RqliteJSON.error("the request line and headers are larger than 80 KiB: send a long query in a POST body (/db/query takes a JSON array of statements)", code: .tooLarge))
+                                             body: RqliteJSON.error("the request line and headers are larger than 1 MiB: send a long query in a POST body (/db/query takes a JSON array of statements)", code: .tooLarge))
 
     /// Status line, headers and (unless HEAD) body; `last` adds `Connection: close`.
     static func encode(_ response: APIResponse, _ framing: Framing, last: Bool, into out: inout ByteBuffer) {
@@ -580,7 +600,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         if let parserError = error as? HTTPParserError, !closing {
             head = nil
             timeouts.requestComplete()
-            // Past the parser's limit on the request line and headers (80 KiB): rqlite answers
+            // Past the parser's limit on the request line and headers (1 MiB): rqlite answers
             // 431 here too; a long query belongs in a POST body.
             enqueue(.malformed(parserError == .headerOverflow ? Self.headersTooLarge : Self.malformed), context: context)
             return
@@ -686,15 +706,80 @@ final class ConnectionTimeouts: @unchecked Sendable {
 }
 
 /// Sits before the HTTP decoder and notes a request's first bytes (the decoder says nothing
-/// until the headers are whole).
+/// until the headers are whole), and charges a long head to the memory budget as it arrives.
 final class RequestStartWatcher: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
     private let timeouts: ConnectionTimeouts
-    init(_ timeouts: ConnectionTimeouts) { self.timeouts = timeouts }
+    private let headCharge: RequestHeadCharge
+    private let logger: Logger
+    private var closed = false
+
+    init(_ timeouts: ConnectionTimeouts, headCharge: RequestHeadCharge, logger: Logger) {
+        self.timeouts = timeouts
+        self.headCharge = headCharge
+        self.logger = logger
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !closed else { return }
         timeouts.bytesArrived()
+        guard headCharge.arrived(unwrapInboundIn(data).readableBytes) else {
+            // The decoder would hold what the budget has no room for: nothing of the request is
+            // kept, and the client learns by the closed connection (as when accepting it).
+            logger.warning("API connection closed: the node's memory budget has no room for its request's headers",
+                           metadata: ["budget": "\(headCharge.memory.bytesMax)"])
+            closed = true
+            context.close(promise: nil)
+            return
+        }
         context.fireChannelRead(data)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) { headCharge.release() }
+}
+
+/// What one connection's request head holds of the node's memory budget while it arrives: the
+/// connection's own charge covers `freeBytes` of it; past that, every byte is reserved (a head
+/// may be 1 MiB, and 4,096 connections each holding one would be 4 GiB). The decoded head takes
+/// the reservation with it (``headDecoded()``), to be released when the request is answered.
+/// Loop only.
+final class RequestHeadCharge: @unchecked Sendable {
+    let memory: MemoryBudget
+    private let freeBytes: Int
+    /// Bytes of the head being read (counted from the end of the last request to its head).
+    private var pending = 0
+    private var reading = true
+    private var reserved = 0
+
+    init(memory: MemoryBudget, freeBytes: Int) {
+        self.memory = memory
+        self.freeBytes = freeBytes
+    }
+
+    /// `bytes` arrived; false if the budget had no room for them.
+    func arrived(_ bytes: Int) -> Bool {
+        guard reading else { return true }
+        pending += bytes
+        let owed = max(0, pending - freeBytes) - reserved
+        guard owed > 0 else { return true }
+        guard memory.tryReserve(owed) else { return false }
+        reserved += owed
+        return true
+    }
+
+    /// The head is whole: what it holds of the budget, for its request to give back.
+    func headDecoded() -> Int {
+        defer { reading = false; pending = 0; reserved = 0 }
+        return reserved
+    }
+
+    /// The request's body is read too: what arrives now is the next request's head.
+    func requestEnded() { reading = true }
+
+    /// The connection is gone: a head not yet whole gives back what it held.
+    func release() {
+        if reserved > 0 { memory.release(reserved) }
+        reserved = 0
     }
 }

@@ -227,9 +227,14 @@ public final class LocalCluster: @unchecked Sendable {
 
     /// Waits until the node (its latest start) has printed `text`, on stdout or stderr (its log
     /// lines); false if it did not within `timeoutSeconds` or its output ended first.
-    public func waitForOutput(of spec: NodeSpec, containing text: String, timeoutSeconds: Double = 60) -> Bool {
+    public func waitForOutput(of spec: NodeSpec, containing text: String, times: Int = 1, timeoutSeconds: Double = 60) -> Bool {
         guard let output = lock.withLock({ outputs[spec.name] }) else { return false }
-        return output.wait(for: text, until: Date().addingTimeInterval(timeoutSeconds))
+        return output.wait(for: text, times: times, until: Date().addingTimeInterval(timeoutSeconds))
+    }
+
+    /// How often the node (its latest start) has printed `text` so far: to wait for its next time.
+    public func outputCount(of spec: NodeSpec, containing text: String) -> Int {
+        lock.withLock({ outputs[spec.name] })?.count(text) ?? 0
     }
 
     /// The running process of `spec`, if started (benchmarks read its CPU time).
@@ -293,15 +298,21 @@ final class NodeOutput: @unchecked Sendable {
         }
     }
 
-    /// True once `needle` has been printed; false at `deadline` or the output's end without it.
-    func wait(for needle: String, until deadline: Date) -> Bool {
+    /// True once `needle` has been printed `times` times; false at `deadline` or the output's
+    /// end short of that.
+    func wait(for needle: String, times: Int = 1, until deadline: Date) -> Bool {
         condition.withLock {
-            while !text.contains(needle) {
-                if ended || !condition.wait(until: deadline) { return text.contains(needle) }
+            while occurrences(of: needle) < times {
+                if ended || !condition.wait(until: deadline) { return occurrences(of: needle) >= times }
             }
             return true
         }
     }
+
+    /// How often `needle` has been printed so far.
+    func count(_ needle: String) -> Int { condition.withLock { occurrences(of: needle) } }
+
+    private func occurrences(of needle: String) -> Int { text.components(separatedBy: needle).count - 1 }
 
     /// True once the output has ended (the process closed it: it exited); false at `deadline`.
     func waitForEnd(until deadline: Date) -> Bool {
