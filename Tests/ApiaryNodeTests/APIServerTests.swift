@@ -536,21 +536,39 @@ final class APIServerTests: XCTestCase {
 
     // MARK: Limits
 
-    func testConnectionsBeyondMaxAreClosed() async throws {
+    func testConnectionsBeyondMaxAreAnswered503AndClosed() async throws {
         var limits = APIServer.Limits()
         limits.connectionsMax = 2
-        let server = try await startServer(RecordingSQLService(), limits: limits)
+        limits.refusalsMax = 1
+        let service = RecordingSQLService()
+        let server = try await startServer(service, limits: limits)
         let first = try await connect(server)
         let second = try await connect(server)
         try await expectStatus(200, first, .GET, "/readyz", tenant: nil)
         try await expectStatus(200, second, .GET, "/readyz", tenant: nil)
 
+        // The third is told why, and when to come back; nothing it sent runs.
         let third = try await connectRaw(server)
-        third.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        third.send("POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nContent-Length: 28\r\n\r\n[\"INSERT INTO t VALUES (1)\"]")
         let closed = await eventually { third.isClosed }
         XCTAssertTrue(closed, "a third connection was kept")
-        XCTAssertTrue(third.responses.isEmpty)
-        XCTAssertFalse(third.collector.handshakeCompleted)
+        XCTAssertEqual(third.responses.map(\.status), [503])
+        XCTAssertEqual(third.responses.first?.headers["retry-after"], "1")
+        XCTAssertTrue(third.responses.first?.body.contains("too many connections open") ?? false, third.responses.first?.body ?? "")
+        XCTAssertTrue(third.responses.first?.body.contains("not_executed") ?? false, third.responses.first?.body ?? "")
+        XCTAssertTrue(service.calls.isEmpty)
+
+        // Telling costs a handshake: past `refusalsMax` being told at once, one is closed at accept.
+        let silent = try await connectRaw(server) // its handshake completes; it sends no request: it holds the one refusal
+        let handshaken = await eventually { silent.collector.handshakeCompleted }
+        XCTAssertTrue(handshaken)
+        let fifth = try await connectRaw(server)
+        fifth.send("GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        let fifthClosed = await eventually { fifth.isClosed }
+        XCTAssertTrue(fifthClosed)
+        XCTAssertTrue(fifth.responses.isEmpty)
+        XCTAssertFalse(fifth.collector.handshakeCompleted)
+        await silent.close()
         // The two admitted connections are unaffected.
         try await expectStatus(200, first, .GET, "/readyz", tenant: nil)
 

@@ -23,7 +23,7 @@ public final class APIServer: Sendable {
         /// Request bodies larger than this are refused unread (400).
         public var bodyBytesMax = 8 << 20
         public var statementsMax = 10_000
-        /// Connections open at once; more are closed on accept (invariant 8).
+        /// Connections open at once; more are answered 503 and closed (invariant 8).
         public var connectionsMax = 4096
         /// Open connections from one client address at most (the rest of `connectionsMax` stays
         /// for the others).
@@ -44,6 +44,11 @@ public final class APIServer: Sendable {
         public var memoryBudgetBytes = 1 << 30
         /// What one open connection is charged (TLS records, the decoder's buffer).
         public var connectionMemoryBytes = 64 << 10
+        /// Connections past `connectionsMax` (or their address's share) being told so at once:
+        /// each costs a handshake, so past this many they are closed at accept, unanswered.
+        public var refusalsMax = 64
+        /// How long a refused connection may take to send its first request.
+        public var refusalTimeoutMs: Int64 = 10_000
         public init() {}
     }
 
@@ -117,6 +122,8 @@ public final class APIServer: Sendable {
         let connections = OpenConnections(max: limits.connectionsMax, perAddressMax: limits.connectionsPerAddressMax)
         let heldForSlowReaders = LockedValue(0)
         let memory = MemoryBudget(bytesMax: limits.memoryBudgetBytes)
+        let refusing = LockedValue(0)
+        let refusal = RefusingHandler.answer(limits)
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -132,7 +139,19 @@ public final class APIServer: Sendable {
                         "max": "\(limits.connectionsMax)", "perAddressMax": "\(limits.connectionsPerAddressMax)",
                         "client": "\(channel.remoteAddress?.ipAddress ?? "?")",
                     ])
-                    return channel.close()
+                    let toldWhy = refusing.withLock { count -> Bool in
+                        guard count < limits.refusalsMax else { return false }
+                        count += 1
+                        return true
+                    }
+                    guard toldWhy else { return channel.close() }
+                    channel.closeFuture.whenComplete { _ in refusing.withLock { $0 -= 1 } }
+                    return channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandlers([
+                            NIOSSLServerHandler(context: context),
+                            RefusingHandler(answer: refusal, timeout: .milliseconds(limits.refusalTimeoutMs)),
+                        ])
+                    }
                 }
                 return channel.eventLoop.makeCompletedFuture {
                     let timeouts = ConnectionTimeouts(idleMs: limits.idleTimeoutMs, requestReadMs: limits.requestReadTimeoutMs)
@@ -702,6 +721,48 @@ final class ConnectionTimeouts: @unchecked Sendable {
         if answering { return arm(at: now + idle) }
         if now >= lastActivity + idle { return onExpiry(.idle) }
         arm(at: lastActivity + idle)
+    }
+}
+
+/// A connection past the server's limits: its first request is answered 503 with
+/// `Retry-After` (not executed: too many connections), unparsed, and the connection closes. A
+/// client learns why and when to come back instead of seeing a reset. One that sends nothing
+/// is closed after the timeout.
+final class RefusingHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    private let answer: ByteBuffer
+    private let timeout: TimeAmount
+    private var answered = false
+    private var timer: Scheduled<Void>?
+
+    init(answer: ByteBuffer, timeout: TimeAmount) {
+        self.answer = answer
+        self.timeout = timeout
+    }
+
+    static func answer(_ limits: APIServer.Limits) -> ByteBuffer {
+        var response = APIResponse(status: .serviceUnavailable, body: RqliteJSON.error(
+            "not executed: too many connections open (at most \(limits.connectionsMax), \(limits.connectionsPerAddressMax) from one address); send it again after Retry-After",
+            code: .notExecuted))
+        response.headers.append(("Retry-After", "1"))
+        var out = ByteBuffer()
+        APIChannelHandler.encode(response, .init(version: .http1_1, keepAlive: false, headersOnly: false), last: true, into: &out)
+        return out
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        timer = context.eventLoop.scheduleTask(in: timeout) { bound.value.close(promise: nil) }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) { timer?.cancel() }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !answered else { return }
+        answered = true
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(answer)).whenComplete { _ in bound.value.close(promise: nil) }
     }
 }
 
