@@ -1,4 +1,5 @@
 import ApiaryCore
+import ApiaryGateway
 import ApiaryLifecycle
 import ApiaryKeeper
 import ApiaryLog
@@ -36,6 +37,8 @@ public struct NodeConfiguration: Sendable {
     public var initialEpoch = Epoch(1)
     /// Tenants a primary may hold (its system database not counted).
     public var tenantsMax = 10_000
+    /// Requests per second per tenant at this node (twice that at once); nil: no limit.
+    public var tenantRate: Double?
     /// The certificate and key (PEM) applications see on the API; the node's cluster
     /// certificate when nil.
     public var apiCertificatePath: String?
@@ -112,9 +115,11 @@ public enum NodeServer {
                                       tls: credentials.clusterClient(), group: group, intervalMs: config.keeperIntervalMs, logger: logger)
         }
         let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
+        var limits = APIServer.Limits()
+        limits.tenantRate = config.tenantRate.map { RateLimiter.Config(perSecond: $0, burst: max(1, $0 * 2)) }
         let server = try await APIServer.start(service: roles, accounts: roles, credentials: credentials, certificate: apiCertificate,
                                                host: config.apiHost, port: config.apiPort,
-                                               group: group, logger: logger, identity: { [name = config.name] in (name, roles.epoch.rawValue) })
+                                               group: group, logger: logger, limits: limits, identity: { [name = config.name] in (name, roles.epoch.rawValue) })
         // Scripts and tests wait for this line; systemd (Type=notify) for READY=1.
         print("apiary node \(config.name) ready: role=\(state.role.rawValue) epoch=\(state.epoch.rawValue) api=https://\(config.apiHost):\(server.port)")
         fflush(stdout)

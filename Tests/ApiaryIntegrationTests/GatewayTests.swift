@@ -224,6 +224,7 @@ final class GatewayLimitsTests: NodeProcessTestCase {
     override func setUp() async throws {
         directory = NSTemporaryDirectory() + "apiary-gateway-limits-" + UUID().uuidString
         cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
+                               primaryArguments: ["--tenant-rate", "0.01"], // one request, then one per 100 s
                                monitorArguments: ["--tick-interval-ms", "20"], gateways: 1,
                                gatewayArguments: ["--client-rate", "5", "--client-connections-max", "3", "--http-listen", "127.0.0.1:0"])
         try cluster.startBoth()
@@ -255,6 +256,32 @@ final class GatewayLimitsTests: NodeProcessTestCase {
         let served = try await other.request(.GET, "/readyz")
         await other.close()
         XCTAssertEqual(served.status, 200, "another client is still served: \(served.text)")
+    }
+
+    /// Tenants are limited by the nodes (`apiary node --tenant-rate`), where credentials are
+    /// checked: one tenant past its allowance is refused through the gateway, another is served.
+    func testATenantPastItsRateIsRefusedByTheNodeWhileAnotherTenantIsServed() async throws {
+        let accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: cluster.primary.apiPort)
+        var authorization: [String: (String, String)] = [:]
+        for tenant in ["acme", "globex"] {
+            try await accounts.createTenant(tenant)
+            let password = AccountsClient.randomPassword()
+            try await accounts.createUser(tenant + "-app", tenant: tenant, role: "writer", password: password)
+            authorization[tenant] = ("Authorization", AccountsClient.basicAuthorization(user: tenant + "-app", password: password))
+        }
+        let acme = try await connect(from: "127.0.0.6")
+        let first = try await acme.request(.GET, "/db/query?q=SELECT%201", headers: [authorization["acme"]!])
+        let second = try await acme.request(.GET, "/db/query?q=SELECT%201", headers: [authorization["acme"]!])
+        await acme.close()
+        XCTAssertEqual(first.status, 200, first.text)
+        XCTAssertEqual(second.status, 429, second.text)
+        XCTAssertTrue(second.text.contains("too many requests for tenant acme") && second.text.contains("\"code\":\"rate_limited\""), second.text)
+        XCTAssertNotNil(second.header("Retry-After"))
+        XCTAssertEqual(second.header("X-Apiary-Node"), "node-a", "refused by the node, not the gateway")
+        let globex = try await connect(from: "127.0.0.7")
+        let served = try await globex.request(.GET, "/db/query?q=SELECT%201", headers: [authorization["globex"]!])
+        await globex.close()
+        XCTAssertEqual(served.status, 200, served.text)
     }
 
     /// The plain-HTTP port only redirects (308, the method kept) to the same path over HTTPS,

@@ -1,4 +1,5 @@
 import ApiaryCore
+import ApiaryGateway
 import ApiaryStorage
 import ApiaryTLS
 import Foundation
@@ -122,6 +123,37 @@ final class APIRoutesTests: XCTestCase {
 
     func call(_ kind: RecordingSQLService.Call.Kind, _ tenant: String, _ sql: String...) -> RecordingSQLService.Call {
         RecordingSQLService.Call(kind: kind, tenant: tenant, statements: sql.map { SQLStatement($0) })
+    }
+
+    // MARK: Limits
+
+    /// `apiary node --tenant-rate`: one tenant past its allowance is refused (429, not executed,
+    /// `Retry-After`), whichever endpoint it uses, while another tenant is served.
+    func testATenantPastItsRateIsRefusedWhileAnotherTenantIsServed() async throws {
+        var limits = APIRoutes.Limits()
+        limits.tenantRate = RateLimiter.Config(perSecond: 0.001, burst: 2) // nothing refills during the test
+        let routes = APIRoutes(service: service, accounts: nil, limits: limits)
+        func send(_ method: HTTPMethod, _ uri: String, _ tenant: String, _ body: String = "") async -> APIResponse {
+            var headers = HTTPHeaders()
+            headers.add(name: "X-Apiary-Tenant", value: tenant)
+            let request = APIRequest(method: method, uri: uri, headers: headers, body: Array(body.utf8))
+            return await withCheckedContinuation { done in routes.respond(to: request) { make in done.resume(returning: make()) } }
+        }
+        let write = #"["INSERT INTO t VALUES (1)"]"#
+        let first = await send(.POST, "/db/execute", "acme", write)
+        let second = await send(.GET, "/db/query?q=SELECT%201", "acme")
+        XCTAssertEqual([first.status, second.status], [.ok, .ok])
+        for (method, uri, body) in [(HTTPMethod.POST, "/db/execute", write), (.GET, "/db/query?q=SELECT%201", ""), (.POST, "/db/request", write)] {
+            let refused = await send(method, uri, "acme", body)
+            XCTAssertEqual(refused.status, .tooManyRequests, uri)
+            XCTAssertTrue(try errorMessage(refused).contains("too many requests for tenant acme"), uri)
+            XCTAssertTrue(String(decoding: refused.body, as: UTF8.self).contains("\"rate_limited\""), uri)
+            let retryAfter = try XCTUnwrap(refused.headers.first { $0.0 == "Retry-After" }.flatMap { Int($0.1) }, uri)
+            XCTAssertTrue((1...1000).contains(retryAfter), "Retry-After \(retryAfter)")
+        }
+        let other = await send(.POST, "/db/execute", "globex", write)
+        XCTAssertEqual(other.status, .ok)
+        XCTAssertEqual(service.calls.map(\.tenant), ["acme", "acme", "globex"], "a refused request must not run")
     }
 
     // MARK: /db/execute

@@ -136,28 +136,19 @@ struct GatewayForwarder: HTTPResponder {
 
 /// Requests per second per client address: one client cannot take the gateway from the others.
 /// (Not per user or tenant: the gateway does not authenticate, and a limit keyed on a name no
-/// one has checked would let anyone spend another user's allowance. That limit belongs where
-/// the credentials are checked.)
-final class RequestLimits: @unchecked Sendable {
-    private let lock = NSLock()
-    private var byAddress: RateLimiter
+/// one has checked would let anyone spend another user's allowance. The nodes, which check
+/// credentials, limit tenants: `apiary node --tenant-rate`.)
+final class RequestLimits: Sendable {
+    private let byAddress: SharedRateLimit
 
     init(perAddress: RateLimiter.Config) {
-        byAddress = RateLimiter(config: perAddress)
+        byAddress = SharedRateLimit(perAddress)
     }
 
     /// Nil when admitted; else the 429 to answer.
     func admit(_ request: APIRequest) -> APIResponse? {
-        let now = monotonicNowMs()
-        let refused: (String, Int64)? = lock.withLock {
-            if case .refused(let ms) = byAddress.admit(request.clientAddress ?? "?", now: now) { return ("this client address", ms) }
-            return nil
-        }
-        guard let (who, retryAfterMs) = refused else { return nil }
-        var response = APIResponse(status: .tooManyRequests,
-                                   body: RqliteJSON.error("too many requests from \(who): not executed; send it again after Retry-After", code: .rateLimited))
-        response.headers.append(("Retry-After", String(max(1, (retryAfterMs + 999) / 1000))))
-        return response
+        guard let retryAfterMs = byAddress.admit(request.clientAddress ?? "?") else { return nil }
+        return APIRoutes.response(APIError(.rateLimited, "too many requests from this client address: not executed; send it again after Retry-After",
+                                           retryAfterSeconds: max(1, (retryAfterMs + 999) / 1000)))
     }
-
 }

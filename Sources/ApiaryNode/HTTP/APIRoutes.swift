@@ -1,4 +1,5 @@
 import ApiaryCore
+import ApiaryGateway
 import ApiaryStorage
 import ApiaryTLS
 import Foundation
@@ -96,18 +97,30 @@ struct APIRoutes: HTTPResponder {
     struct Limits: Sendable {
         var bodyBytesMax = 8 << 20
         var statementsMax = 10_000
+        /// Requests per second per tenant at this node (SQL endpoints); nil: no limit.
+        var tenantRate: RateLimiter.Config?
     }
 
     let service: any SQLService
     /// Who may do what. Nil only in unit tests of the HTTP layer itself: every request then
     /// acts as an operator (a node always passes its accounts; `APIServer.start` requires them).
     let accounts: (any AccountService)?
-    var limits = Limits()
+    let limits: Limits
     var bodyBytesMax: Int { limits.bodyBytesMax }
     /// Where unexpected errors are told in full (clients get no internals: paths, file names).
-    var logger = Logger(label: "apiary.api")
+    let logger: Logger
     /// The node's summary for `/readyz`, `/status` and `/nodes`, fetched at most once a second.
     let summaryCache = NodeSummaryCache()
+    /// Shared by every connection (a class): one allowance per tenant at this node.
+    let tenantRate: SharedRateLimit?
+
+    init(service: any SQLService, accounts: (any AccountService)?, limits: Limits = Limits(), logger: Logger = Logger(label: "apiary.api")) {
+        self.service = service
+        self.accounts = accounts
+        self.limits = limits
+        self.logger = logger
+        tenantRate = limits.tenantRate.map { SharedRateLimit($0) }
+    }
 
     /// The answer to `request`, given to `done` on whichever thread finishes the work, as a
     /// closure that makes it: the writer thread that finishes a write only hands the answer
@@ -133,7 +146,7 @@ struct APIRoutes: HTTPResponder {
                 }
                 return
             }
-            let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
+            let tenant = try admittedTenant(principal, request, tenantInPath)
             try Access.check(principal, may: .write)
             let options = try RqliteQuery.parse(request.query)
             let statements = try self.statements(request)
@@ -224,9 +237,22 @@ struct APIRoutes: HTTPResponder {
 
     // MARK: SQL (rqlite's data API)
 
+    /// The tenant `principal` acts on, if its allowance at this node has room for one more
+    /// request (`--tenant-rate`): else 429, nothing run, with `Retry-After`. Per tenant, not
+    /// per user, and after authentication: the name it is keyed on is one the node checked.
+    private func admittedTenant(_ principal: Principal, _ request: APIRequest, _ tenantInPath: Substring?) throws -> TenantID {
+        let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
+        if let tenantRate, let waitMs = tenantRate.admit(tenant.rawValue) {
+            let seconds = max(1, (waitMs + 999) / 1000)
+            throw APIError(.rateLimited, "too many requests for tenant \(tenant) at this node: not executed; send it again after Retry-After",
+                           retryAfterSeconds: seconds)
+        }
+        return tenant
+    }
+
     private func execute(_ request: APIRequest, _ tenantInPath: Substring?, _ options: RqliteQuery) async throws -> [StatementResult] {
         let principal = try await self.principal(request)
-        let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
+        let tenant = try admittedTenant(principal, request, tenantInPath)
         try Access.check(principal, may: .write)
         let statements = try self.statements(request)
         let idempotencyKey = try Self.idempotencyKey(request)
@@ -236,7 +262,7 @@ struct APIRoutes: HTTPResponder {
     /// `GET` takes the statement from `q`; `POST` from its body, or from `q` when it has none.
     private func query(_ request: APIRequest, _ tenantInPath: Substring?, _ options: RqliteQuery) async throws -> [StatementResult] {
         let principal = try await self.principal(request)
-        let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
+        let tenant = try admittedTenant(principal, request, tenantInPath)
         try Access.check(principal, may: .read)
         let statements: [SQLStatement]
         if request.method == .GET || (request.body.isEmpty && options.q != nil && !request.bodyTooLarge && !request.memoryShort) {
@@ -256,7 +282,7 @@ struct APIRoutes: HTTPResponder {
     /// columns, else a write's counts.
     private func unified(_ request: APIRequest, _ tenantInPath: Substring?, _ options: RqliteQuery) async throws -> [StatementResult] {
         let principal = try await self.principal(request)
-        let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
+        let tenant = try admittedTenant(principal, request, tenantInPath)
         let statements = try self.statements(request)
         if statements.allSatisfy({ Self.isRead($0.sql) }) {
             try Access.check(principal, may: .read)
@@ -413,8 +439,10 @@ struct APIRoutes: HTTPResponder {
     }
 
     static func response(_ error: APIError) -> APIResponse {
-        APIResponse(status: error.status, body: RqliteJSON.error(error.message, code: error.code), outcomeUnknown: error.kind == .outcomeUnknown,
-                    asksForCredentials: error.kind == .unauthorized)
+        var response = APIResponse(status: error.status, body: RqliteJSON.error(error.message, code: error.code), outcomeUnknown: error.kind == .outcomeUnknown,
+                                   asksForCredentials: error.kind == .unauthorized)
+        if let seconds = error.retryAfterSeconds { response.headers.append(("Retry-After", String(seconds))) }
+        return response
     }
 
     // MARK: Authentication

@@ -1,3 +1,4 @@
+import ApiaryGateway
 import ApiaryTLS
 import Logging
 import NIOCore
@@ -44,6 +45,8 @@ public final class APIServer: Sendable {
         public var memoryBudgetBytes = 1 << 30
         /// What one open connection is charged (TLS records, the decoder's buffer).
         public var connectionMemoryBytes = 64 << 10
+        /// Requests per second per tenant at this node (SQL endpoints; 429 past it); nil: no limit.
+        public var tenantRate: RateLimiter.Config?
         /// Connections past `connectionsMax` (or their address's share) being told so at once:
         /// each costs a handshake, so past this many they are closed at accept, unanswered.
         public var refusalsMax = 64
@@ -105,7 +108,7 @@ public final class APIServer: Sendable {
                              certificate: ServerCertificate? = nil, host: String, port: Int,
                              group: any EventLoopGroup, logger: Logger, limits: Limits = Limits(),
                              identity: (@Sendable () -> (node: String, epoch: UInt64))? = nil) async throws -> APIServer {
-        let routes = APIRoutes(service: service, accounts: accounts, limits: .init(bodyBytesMax: limits.bodyBytesMax, statementsMax: limits.statementsMax),
+        let routes = APIRoutes(service: service, accounts: accounts, limits: .init(bodyBytesMax: limits.bodyBytesMax, statementsMax: limits.statementsMax, tenantRate: limits.tenantRate),
                                logger: logger)
         let responder: any HTTPResponder = identity.map { IdentifiedResponder(inner: routes, identity: $0) } ?? routes
         return try await start(responder: responder, credentials: credentials, certificate: certificate, host: host, port: port,

@@ -99,12 +99,17 @@ public struct APIError: Error, CustomStringConvertible {
         case capacity
         /// The idempotency key was used before with another request (422): nothing ran.
         case idempotencyKeyReused
+        /// Past a rate limit (429, with `Retry-After`): nothing ran.
+        case rateLimited
     }
     public let kind: Kind
     public let message: String
-    public init(_ kind: Kind, _ message: String) {
+    /// For `Retry-After`: when the same request would be admitted.
+    public var retryAfterSeconds: Int64?
+    public init(_ kind: Kind, _ message: String, retryAfterSeconds: Int64? = nil) {
         self.kind = kind
         self.message = message
+        self.retryAfterSeconds = retryAfterSeconds
     }
     public var description: String { message }
 
@@ -120,6 +125,7 @@ public struct APIError: Error, CustomStringConvertible {
         case .conflict: return .conflict
         case .capacity: return .capacity
         case .idempotencyKeyReused: return .idempotencyKeyReused
+        case .rateLimited: return .rateLimited
         }
     }
 
@@ -135,6 +141,7 @@ public struct APIError: Error, CustomStringConvertible {
         case .conflict: return .conflict
         case .capacity: return .insufficientStorage
         case .idempotencyKeyReused: return .unprocessableEntity
+        case .rateLimited: return .tooManyRequests
         }
     }
 }

@@ -39,6 +39,7 @@ struct Node: AsyncParsableCommand {
     @Option(help: "A silent replication connection is closed after this long.") var peerTimeoutMs: Int64 = 1000
     @Option(help: "Standby: how much longer than its last granted lease it waits before a promotion (clock-rate drift between the nodes).") var leaseDriftMarginMs: Int64 = 100
     @Option(help: "Primary: tenants this node may hold; creating more is refused (507).") var tenantsMax = 10_000
+    @Option(help: "Requests per second one tenant may send to this node (twice that at once); past it: 429 with Retry-After, not executed. Default: no limit.") var tenantRate: Double?
     @Option(help: "The certificate (PEM, leaf first) applications see on the API, e.g. from a public CA; default: the node's cluster certificate.") var apiCertificate: String?
     @Option(help: "The private key (PEM) of --api-certificate.") var apiKey: String?
     @Option(help: "Replication log segment size.") var logSegmentBytesMax = 64 << 20
@@ -54,6 +55,7 @@ struct Node: AsyncParsableCommand {
             throw ValidationError("a primary in --mode \(mode) needs --standby NAME: the only node allowed to replicate from it")
         }
         guard tenantsMax > 0 else { throw ValidationError("--tenants-max must be positive") }
+        if let tenantRate, !(tenantRate > 0) { throw ValidationError("--tenant-rate must be positive") }
         guard (apiCertificate == nil) == (apiKey == nil) else { throw ValidationError("--api-certificate and --api-key go together") }
         guard standbyWaitMs > 0, heartbeatIntervalMs > 0, peerTimeoutMs > heartbeatIntervalMs, leaseDriftMarginMs >= 0 else {
             throw ValidationError("timers must be positive, and --peer-timeout-ms larger than --heartbeat-interval-ms")
@@ -95,6 +97,7 @@ struct Node: AsyncParsableCommand {
         config.replication.peerTimeoutMs = peerTimeoutMs
         config.replication.leaseDriftMarginMs = leaseDriftMarginMs
         config.tenantsMax = tenantsMax
+        config.tenantRate = tenantRate
         config.apiCertificatePath = apiCertificate
         config.apiKeyPath = apiKey
         config.log.segmentBytesMax = logSegmentBytesMax
