@@ -1,3 +1,4 @@
+import ApiaryNode
 import Foundation
 
 /// A node's data directory on a file system of its own, small and in memory (tmpfs), so that a
@@ -23,7 +24,7 @@ public final class SmallDisk: @unchecked Sendable {
 
     /// Unmounts the file systems of runs whose process is gone (a run killed with -9 cannot).
     public static func removeLeftovers() {
-        guard let mounts = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8) else { return }
+        guard let mounts = ProcFile.read("/proc/mounts") else { return }
         for line in mounts.split(separator: "\n") {
             let fields = line.split(separator: " ")
             guard fields.count > 2, fields[0].hasPrefix("apiary-chaos-"), let pid = Int32(fields[0].dropFirst("apiary-chaos-".count)),

@@ -444,11 +444,13 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         }
     }
 
-    func cachedAuthentication(_ credentials: Credentials) -> UserPrincipal? {
-        lock.withLock { accountStore }?.cachedAuthentication(credentials)
+    func cachedAuthentication(header: String) -> UserPrincipal? {
+        lock.withLock { accountStore }?.cachedAuthentication(header: header)
     }
 
-    func authenticate(_ credentials: Credentials) async throws -> UserPrincipal? { try await accounts.authenticate(credentials) }
+    func authenticate(_ credentials: Credentials, header: String) async throws -> UserPrincipal? {
+        try await accounts.authenticate(credentials, header: header)
+    }
     func createTenant(_ tenant: TenantID) async throws { try await accounts.createTenant(tenant) }
     func listTenants() async throws -> [TenantID] { try await accounts.listTenants() }
     func dropTenant(_ tenant: TenantID) async throws { try await accounts.dropTenant(tenant) }

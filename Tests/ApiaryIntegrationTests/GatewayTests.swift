@@ -258,6 +258,26 @@ final class GatewayLimitsTests: NodeProcessTestCase {
         XCTAssertEqual(served.status, 200, "another client is still served: \(served.text)")
     }
 
+    /// Warm pools: the gateway keeps connections open to both nodes before any request, so
+    /// the first requests to a new writer after a failover do not each wait for a handshake.
+    func testTheGatewayKeepsConnectionsOpenToBothNodesAheadOfNeed() throws {
+        for node in [cluster.primary, cluster.standby] {
+            XCTAssertTrue(cluster.waitForOutput(of: cluster.gateways[0], containing: "keeping connections open to \(node.name) ahead of need",
+                                                timeoutSeconds: 60), node.name)
+            XCTAssertGreaterThanOrEqual(try Self.establishedConnections(toPort: node.apiPort), 8, node.name)
+        }
+    }
+
+    /// Connections in ESTABLISHED state to `port` on this machine, from /proc/net/tcp.
+    static func establishedConnections(toPort port: Int) throws -> Int {
+        let table = try XCTUnwrap(ProcFile.read("/proc/net/tcp"))
+        let suffix = String(format: ":%04X", port)
+        return table.split(separator: "\n").dropFirst().filter { line in
+            let fields = line.split(separator: " ")
+            return fields.count > 3 && fields[2].hasSuffix(suffix) && fields[3] == "01"
+        }.count
+    }
+
     /// Tenants are limited by the nodes (`apiary node --tenant-rate`), where credentials are
     /// checked: one tenant past its allowance is refused through the gateway, another is served.
     func testATenantPastItsRateIsRefusedByTheNodeWhileAnotherTenantIsServed() async throws {

@@ -182,6 +182,21 @@ final class ChaosCleanupTests: XCTestCase {
         try Self.ip(["netns", "add", "apiary-\(getpid())-a"])
         defer { try? Self.ip(["netns", "delete", "apiary-\(getpid())-a"]) }
 
+        // Enough other mounts that /proc/mounts is longer than a page (as on a machine with
+        // containers), the dead run's after them.
+        var fillers: [String] = []
+        defer {
+            for path in fillers {
+                try? Self.run("/bin/umount", [path])
+                try? FileManager.default.removeItem(atPath: path)
+            }
+        }
+        while ProcFile.read("/proc/mounts")!.utf8.count <= 6_000 {
+            let path = NSTemporaryDirectory() + "apiary-filler-mount-" + UUID().uuidString
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+            fillers.append(path)
+            try Self.run("/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "apiary-filler", path])
+        }
         // And its small file system, mounted under its pid's name.
         let mountPoint = NSTemporaryDirectory() + "apiary-leftover-mount-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
@@ -190,7 +205,7 @@ final class ChaosCleanupTests: XCTestCase {
 
         ZoneNetwork.removeLeftovers()
         SmallDisk.removeLeftovers()
-        let mounts = try String(contentsOfFile: "/proc/mounts", encoding: .utf8)
+        let mounts = try XCTUnwrap(ProcFile.read("/proc/mounts"))
         XCTAssertFalse(mounts.contains("apiary-chaos-\(pid) "), "the dead run's file system is unmounted")
         let names = try ZoneNetworkTests.namespaces()
         XCTAssertEqual(names.filter { $0.hasPrefix("apiary-\(pid)-") }, [])

@@ -22,6 +22,10 @@ public enum Credentials: Hashable, Sendable {
     /// `Authorization: Bearer apiary_<id>_<secret>`: a token made for a user (``Tokens``).
     case bearer(id: String, secret: String)
 
+    /// The `Authorization` header as sent, unparsed: what verified credentials are remembered
+    /// by, so that a request whose credentials were verified lately costs one hash of it.
+    static func header(_ headers: HTTPHeaders) -> String? { headers.first(name: "authorization") }
+
     /// Reads the `Authorization` header; nil when there is none.
     /// - Throws: `APIError(.unauthorized)` for a header that is present but malformed.
     static func from(_ headers: HTTPHeaders) throws -> Credentials? {
@@ -120,10 +124,12 @@ public protocol AccountService: Sendable {
     /// The user `credentials` prove, or nil when they are wrong (an unknown user and a wrong
     /// password get the same answer after the same work).
     /// - Throws: `APIError(.notExecuted)` when this node cannot tell (not the primary, busy).
-    func authenticate(_ credentials: Credentials) async throws -> UserPrincipal?
-    /// A recent successful ``authenticate(_:)`` of the same credentials, from memory (no I/O,
-    /// for the write path's event loop); nil: call ``authenticate(_:)``.
-    func cachedAuthentication(_ credentials: Credentials) -> UserPrincipal?
+    /// `header` is the `Authorization` header they came in (``Credentials/header(_:)``).
+    func authenticate(_ credentials: Credentials, header: String) async throws -> UserPrincipal?
+    /// A recent successful ``authenticate(_:header:)`` with the same `Authorization` header,
+    /// from memory (no I/O, no parsing: for the event loop's hot path); nil: call
+    /// ``authenticate(_:header:)``.
+    func cachedAuthentication(header: String) -> UserPrincipal?
     func createTenant(_ tenant: TenantID) async throws
     func listTenants() async throws -> [TenantID]
     func dropTenant(_ tenant: TenantID) async throws

@@ -53,6 +53,15 @@ public enum GatewayServer {
         let watch = TopologyWatch(host: config.monitorHost, port: config.monitorPort, tls: tls, group: group, state: state, logger: logger)
         watch.start()
         defer { watch.stop() }
+        let warming = Task {
+            while !Task.isCancelled {
+                await withTaskGroup(of: Void.self) { group in
+                    for pool in pools.values { group.addTask { await pool.keepWarm(logger: logger) } }
+                }
+                try? await Task.sleep(for: .milliseconds(NodePool.warmCheckMs)) // upkeep, not ordering
+            }
+        }
+        defer { warming.cancel() }
         let forwarder = GatewayForwarder(name: config.name, state: state, pools: pools, bodyBytesMax: config.limits.bodyBytesMax,
                                          limits: RequestLimits(perAddress: config.perAddressRate), logger: logger)
         let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
@@ -222,9 +231,17 @@ final class NodePool: @unchecked Sendable {
     /// Connections to one node at most; past it a request counts as not sent (and is held).
     static let connectionsMax = 256
     /// Idle connections older than this are closed rather than reused: the node closes idle
-    /// connections after 60 s, and a request written into one it is closing would be lost in
+    /// connections after 120 s, and a request written into one it is closing would be lost in
     /// an unknown state.
     static let idleReuseMs: Int64 = 20_000
+    /// Idle connections kept open to every node, the standby too, ahead of need: after a
+    /// failover the first requests to the new writer find connections ready, instead of each
+    /// waiting for a TLS handshake of its own (dozens at once, on the cores the nodes need).
+    static let warmCount = 8
+    /// How often the warm connections are checked: replaced before they are too old to reuse,
+    /// opened again to a node that was down.
+    static let warmCheckMs: Int64 = 5_000
+    private var warmedOnce = false
 
     init(node: NodeID, host: String, port: Int, tls: TLSConfiguration, group: any EventLoopGroup) {
         self.node = node
@@ -256,6 +273,41 @@ final class NodePool: @unchecked Sendable {
             lock.withLock { open -= 1 }
             throw error
         }
+    }
+
+    /// Closes idle connections that would be too old to reuse before the next check, and opens
+    /// connections until ``warmCount`` are idle (within ``connectionsMax``).
+    func keepWarm(logger: Logger) async {
+        let now = monotonicNowMs()
+        let (stale, toOpen): ([HTTPSConnection], Int) = lock.withLock {
+            var stale: [HTTPSConnection] = []
+            idle.removeAll { entry in
+                guard !entry.connection.isOpen || now - entry.since >= Self.idleReuseMs - Self.warmCheckMs else { return false }
+                stale.append(entry.connection)
+                open -= 1
+                return true
+            }
+            let toOpen = max(0, min(Self.warmCount - idle.count, Self.connectionsMax - open))
+            open += toOpen
+            return (stale, toOpen)
+        }
+        for connection in stale { connection.abandon() }
+        guard toOpen > 0 else { return }
+        let (host, port, tls, loops) = (host, port, tls, group)
+        let opened = await withTaskGroup(of: HTTPSConnection?.self) { tasks in
+            for _ in 0..<toOpen {
+                tasks.addTask { try? await HTTPSConnection.connect(host: host, port: port, tls: tls, group: loops, timeoutMs: 1_000) }
+            }
+            return await tasks.reduce(into: [HTTPSConnection]()) { if let c = $1 { $0.append(c) } }
+        }
+        let first = lock.withLock { () -> Bool in
+            open -= toOpen - opened.count
+            let since = monotonicNowMs()
+            idle.insert(contentsOf: opened.map { ($0, since) }, at: 0) // behind the connections in use lately
+            defer { if opened.count == toOpen { warmedOnce = true } }
+            return opened.count == toOpen && !warmedOnce
+        }
+        if first { logger.info("keeping connections open to \(node) ahead of need", metadata: ["connections": "\(Self.warmCount)"]) }
     }
 
     func give(back connection: HTTPSConnection) {

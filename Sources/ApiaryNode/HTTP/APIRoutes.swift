@@ -451,10 +451,10 @@ struct APIRoutes: HTTPResponder {
     /// - Throws: `APIError(.unauthorized)` for none or wrong ones.
     func principal(_ request: APIRequest) async throws -> Principal {
         guard let accounts else { return .clusterOperator("tests") }
-        if let credentials = try Credentials.from(request.headers) {
+        if let header = Credentials.header(request.headers), let credentials = try Credentials.from(request.headers) {
             let found: UserPrincipal?
             do {
-                found = try await accounts.authenticate(credentials)
+                found = try await accounts.authenticate(credentials, header: header)
             } catch let error as APIError {
                 throw error
             } catch {
@@ -471,9 +471,8 @@ struct APIRoutes: HTTPResponder {
     /// ``principal(_:)`` without waiting: nil when the credentials were not verified lately.
     func cachedPrincipal(_ request: APIRequest) throws -> Principal? {
         guard let accounts else { return .clusterOperator("tests") }
-        if let credentials = try Credentials.from(request.headers) {
-            return accounts.cachedAuthentication(credentials).map { .user($0) }
-        }
+        // Not cached (or malformed): nil, and the slow path parses it.
+        if let header = Credentials.header(request.headers) { return accounts.cachedAuthentication(header: header).map { .user($0) } }
         return try Self.certificatePrincipal(request)
     }
 

@@ -12,7 +12,7 @@ public enum CPUTime {
 
     /// Clock ticks used so far by process `pid`; nil if it is gone (or not Linux).
     public static func ticks(of pid: Int32) -> UInt64? {
-        guard pid > 0, let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+        guard pid > 0, let stat = ProcFile.read("/proc/\(pid)/stat"),
               let close = stat.lastIndex(of: ")") else { return nil }
         // After "pid (comm)" come state (field 3) … utime and stime (fields 14 and 15).
         let fields = stat[stat.index(after: close)...].split(separator: " ")

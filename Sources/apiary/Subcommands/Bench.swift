@@ -95,7 +95,7 @@ struct Inserts: AsyncParsableCommand {
     }
 
     func cpuModel() -> String {
-        let info = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        let info = ProcFile.read("/proc/cpuinfo") ?? ""
         let line = info.split(separator: "\n").first { $0.hasPrefix("model name") }
         return "model=\"\(line?.split(separator: ":", maxSplits: 1).last?.trimmingCharacters(in: .whitespaces) ?? "?")\""
     }
