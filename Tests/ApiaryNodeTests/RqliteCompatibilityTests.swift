@@ -187,6 +187,17 @@ final class RqliteCompatibilityTests: XCTestCase {
         }
     }
 
+    /// Query-string values decode as Foundation's `removingPercentEncoding` (after '+' → ' ')
+    /// decodes them, which the byte-level decoder replaced on the read path.
+    func testFormDecodingAgreesWithFoundation() {
+        let samples = ["SELECT+1", "SELECT%201", "a%2Bb+c", "%C3%A9t%C3%A9", "caf%c3%a9", "%", "%4", "%zz", "%4g", "100%",
+                       "%FF", "%C3", "%E2%82%AC", "", "plain", "+", "%2", "a%%20", "%00", "x=y", "%3D%26"]
+        for sample in samples {
+            let expected = sample.replacingOccurrences(of: "+", with: " ").removingPercentEncoding
+            XCTAssertEqual(RqliteQuery.formDecoded(Substring(sample)), expected, sample)
+        }
+    }
+
     func testGoDurations() {
         for valid in ["0", "1s", "1.5h", "-1m30s", "300ms", "2µs", "2μs", "3us", "10ns", "+5m", ".5s", "1h2m3.4s"] {
             XCTAssertTrue(RqliteQuery.isGoDuration(valid), valid)

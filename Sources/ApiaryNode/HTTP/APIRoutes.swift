@@ -598,7 +598,7 @@ struct APIRoutes: HTTPResponder {
             let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             guard parts[0] == name else { continue }
             guard parts.count == 2 else { return "" }
-            guard let value = String(parts[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding else {
+            guard let value = RqliteQuery.formDecoded(parts[1]) else {
                 throw APIError(.badRequest, "query parameter '\(name)' is not valid %-encoding")
             }
             return value
