@@ -404,6 +404,10 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         try await service.query(tenant: tenant, statements, level: level)
     }
 
+    func queryInline(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) -> [StatementResult]? {
+        (try? service)?.queryInline(tenant: tenant, statements, level: level, transaction: transaction)
+    }
+
     func statusJSON() async -> [UInt8] {
         guard let s = try? service else { return RqliteJSON.error("node is changing roles", code: .notExecuted) }
         return await s.statusJSON()
@@ -657,6 +661,14 @@ struct PrimarySQLService: SQLService {
         } catch let error as StorageError {
             throw Self.apiError(error)
         }
+    }
+
+    /// Weak and unconstrained reads of an open tenant, when a reader connection is idle: on
+    /// the event loop (``TenantDatabase/queryInline(_:transaction:)``). Strong ones wait for
+    /// the lease, which is asked of the node's loop: never inline.
+    func queryInline(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) -> [StatementResult]? {
+        guard level == .none || level == .weak, node.servesReads, let t = node.openedTenant(tenant) else { return nil }
+        return t.database.queryInline(statements, transaction: transaction)
     }
 
     func promote() async throws -> [UInt8] { throw APIError(.badRequest, "this node is already the primary") }

@@ -68,6 +68,14 @@ public final class TenantDatabase: @unchecked Sendable {
         /// Read-only connections kept open while no query runs: a quiet tenant (there may be
         /// thousands) holds one, not `readersMax` (each is three files and a page cache).
         public var readersIdleMax = 1
+        /// A query is first tried on the caller's thread (the connection's event loop) with an
+        /// idle reader connection, for at most this long: a read by key takes microseconds,
+        /// and handing it to a reader thread and back cost more than the read (two thread
+        /// wake-ups). Past it, it runs again on a reader thread. 0: never inline.
+        public var inlineReadBudgetMs = 1
+        /// After a query ran past the inline budget, how long the tenant's queries go straight
+        /// to the reader threads (a tenant sending slow queries must not cost the loop a budget each).
+        public var inlineReadPauseMs = 1_000
         /// Test seam, empty in production: called with each connection the database opens for
         /// tenant SQL (the writer's, each reader's) before first use, e.g. to register a SQL
         /// function that a test uses as a latch.
@@ -210,31 +218,67 @@ public final class TenantDatabase: @unchecked Sendable {
     ///   (rqlite's `?transaction` on a query); without it each reads the latest commit.
     public func query(_ statements: [SQLStatement], transaction: Bool = false) async throws -> [StatementResult] {
         try await readers.run { connection in
-            // A deferred transaction: its snapshot is taken by the first statement's read.
-            // (A statement interrupted by a time limit may end it early; the rest then read on
-            // their own, and the COMMIT's error is of no interest.)
-            let snapshot = transaction && statements.count > 1
-            if snapshot { try connection.execPrepared("BEGIN") }
-            defer { if snapshot { try? connection.execPrepared("COMMIT") } }
-            var budget = RequestBudget(options: self.options)
-            var results: [StatementResult] = []
-            for s in statements {
-                guard let limits = budget.limitsForNextStatement() else {
-                    results.append(.failure(budget.spentMessage))
-                    continue
-                }
-                do {
-                    connection.sandbox.tenantSQL = true
-                    defer { connection.sandbox.tenantSQL = false }
-                    let outcome = try connection.run(s.sql, s.parameters, names: s.parameterNames, limits: limits)
-                    budget.spend(outcome)
-                    results.append(.success(outcome))
-                } catch {
-                    results.append(.failure(budget.message(for: error)))
-                }
-            }
-            return results
+            // Without an inline deadline it always returns results.
+            try self.runQuery(statements, transaction: transaction, on: connection, inlineDeadlineNs: nil)!
         }
+    }
+
+    /// ``query(_:transaction:)`` on the calling thread, if a reader connection is idle and the
+    /// statements finish within ``Options/inlineReadBudgetMs``; nil otherwise, and the caller
+    /// runs ``query(_:transaction:)`` (reads change nothing: running one again is harmless).
+    /// After a query that ran past the budget, none is tried inline for
+    /// ``Options/inlineReadPauseMs``.
+    public func queryInline(_ statements: [SQLStatement], transaction: Bool = false) -> [StatementResult]? {
+        guard options.inlineReadBudgetMs > 0, statements.allSatisfy({ $0.byteCount <= options.statementBytesMax }) else { return nil }
+        let outcome: [StatementResult]?? = readers.withIdleConnection { connection in
+            let deadline = monotonicNs() + UInt64(options.inlineReadBudgetMs) * 1_000_000
+            return try? runQuery(statements, transaction: transaction, on: connection, inlineDeadlineNs: deadline)
+        }
+        guard let ran = outcome else { return nil } // no idle connection
+        guard let results = ran else {
+            readers.skipInline(forNs: UInt64(max(options.inlineReadPauseMs, 0)) * 1_000_000)
+            return nil
+        }
+        return results
+    }
+
+    /// Runs the statements of one query on `connection`. With `inlineDeadlineNs`, each runs
+    /// within what is left until then too, and nil says the deadline came first.
+    private func runQuery(_ statements: [SQLStatement], transaction: Bool, on connection: SQLiteConnection,
+                          inlineDeadlineNs: UInt64?) throws -> [StatementResult]? {
+        // A deferred transaction: its snapshot is taken by the first statement's read.
+        // (A statement interrupted by a time limit may end it early; the rest then read on
+        // their own, and the COMMIT's error is of no interest.)
+        let snapshot = transaction && statements.count > 1
+        if snapshot { try connection.execPrepared("BEGIN") }
+        defer { if snapshot { try? connection.execPrepared("COMMIT") } }
+        var budget = RequestBudget(options: self.options)
+        var results: [StatementResult] = []
+        for s in statements {
+            guard var limits = budget.limitsForNextStatement() else {
+                results.append(.failure(budget.spentMessage))
+                continue
+            }
+            if let inlineDeadlineNs {
+                let now = monotonicNs()
+                guard now < inlineDeadlineNs else { return nil }
+                let leftMs = max(1, Int((inlineDeadlineNs - now) / 1_000_000))
+                if limits.timeMs == 0 || leftMs < limits.timeMs { limits.timeMs = leftMs }
+            }
+            do {
+                connection.sandbox.tenantSQL = true
+                defer { connection.sandbox.tenantSQL = false }
+                let outcome = try connection.run(s.sql, s.parameters, names: s.parameterNames, limits: limits)
+                budget.spend(outcome)
+                results.append(.success(outcome))
+            } catch {
+                if let inlineDeadlineNs, let stopped = error as? SQLiteError, stopped.code == SQLITE_INTERRUPT, monotonicNs() >= inlineDeadlineNs {
+                    return nil
+                }
+                results.append(.failure(budget.message(for: error)))
+            }
+        }
+        return results
     }
 
     /// Runs `body` on the writer thread, between batches (admin work: VACUUM, checkpoints).
@@ -733,6 +777,33 @@ final class ReaderPool: @unchecked Sendable {
         condition.lock()
         closed = true
         idle.removeAll()
+        condition.unlock()
+    }
+
+    /// Until when no query is tried inline (monotonic ns).
+    private var inlineSkippedUntilNs: UInt64 = 0
+
+    /// Runs `body` on this thread with an idle connection, and returns the connection to the
+    /// idle ones; nil when none is idle (or inline queries are skipped for now).
+    func withIdleConnection<T>(_ body: (SQLiteConnection) -> T) -> T? {
+        let now = monotonicNs()
+        condition.lock()
+        guard !closed, now >= inlineSkippedUntilNs, let connection = idle.popLast() else {
+            condition.unlock()
+            return nil
+        }
+        condition.unlock()
+        let result = body(connection)
+        condition.lock()
+        if !closed, idle.count < options.readersIdleMax { idle.append(connection) }
+        condition.unlock()
+        return result
+    }
+
+    func skipInline(forNs ns: UInt64) {
+        let until = monotonicNs() + ns
+        condition.lock()
+        inlineSkippedUntilNs = until
         condition.unlock()
     }
 

@@ -15,6 +15,8 @@ final class RecordingSQLService: SQLService, @unchecked Sendable {
         enum Kind: Equatable, Sendable {
             case execute(transaction: Bool)
             case query(ReadLevel)
+            /// Answered on the caller's thread (`queryInline`).
+            case inlineQuery(ReadLevel)
         }
         var kind: Kind
         var tenant: String
@@ -29,10 +31,13 @@ final class RecordingSQLService: SQLService, @unchecked Sendable {
     private let lock = NSLock()
     private var recorded: [Call] = []
     private var promotions = 0
+    /// Queries whose first statement is this SQL are answered by `queryInline`; others are not.
+    let inlineSQL: String?
 
-    init(error: (any Error)? = nil, slowSQL: String? = nil) {
+    init(error: (any Error)? = nil, slowSQL: String? = nil, inlineSQL: String? = nil) {
         self.error = error
         self.slowSQL = slowSQL
+        self.inlineSQL = inlineSQL
     }
 
     var calls: [Call] { lock.withLock { recorded } }
@@ -58,6 +63,16 @@ final class RecordingSQLService: SQLService, @unchecked Sendable {
             outcome.rows = [[.text(statement.sql)]]
             return .success(outcome)
         }
+    }
+
+    func queryInline(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) -> [StatementResult]? {
+        guard let inlineSQL, statements.first?.sql == inlineSQL else { return nil }
+        lock.withLock { recorded.append(Call(kind: .inlineQuery(level), tenant: tenant.rawValue, statements: statements)) }
+        var outcome = StatementOutcome()
+        outcome.columns = ["answered"]
+        outcome.declaredTypes = ["text"]
+        outcome.rows = [[.text("inline")]]
+        return [.success(outcome)]
     }
 
     func statusJSON() async -> [UInt8] { Array(#"{"role":"primary"}"#.utf8) }
@@ -154,6 +169,31 @@ final class APIRoutesTests: XCTestCase {
         let other = await send(.POST, "/db/execute", "globex", write)
         XCTAssertEqual(other.status, .ok)
         XCTAssertEqual(service.calls.map(\.tenant), ["acme", "acme", "globex"], "a refused request must not run")
+    }
+
+    /// A query is answered on the event loop when the service can (`queryInline`), else by
+    /// its general path; either way it is admitted once (one token of the tenant's rate).
+    func testAQueryIsAnsweredInlineWhenTheServiceCanElseByItsGeneralPathAdmittedOnce() async throws {
+        let service = RecordingSQLService(inlineSQL: "SELECT 'fast'")
+        var limits = APIRoutes.Limits()
+        limits.tenantRate = RateLimiter.Config(perSecond: 0.001, burst: 2) // nothing refills during the test
+        let routes = APIRoutes(service: service, accounts: nil, limits: limits)
+        func send(_ sql: String) async -> APIResponse {
+            var headers = HTTPHeaders()
+            headers.add(name: "X-Apiary-Tenant", value: "acme")
+            let request = APIRequest(method: .GET, uri: "/db/query?q=" + sql.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!,
+                                     headers: headers, body: [])
+            return await withCheckedContinuation { done in routes.respond(to: request) { make in done.resume(returning: make()) } }
+        }
+        let fast = await send("SELECT 'fast'")
+        XCTAssertEqual(fast.status, .ok)
+        XCTAssertTrue(String(decoding: fast.body, as: UTF8.self).contains(#""values":[["inline"]]"#), String(decoding: fast.body, as: UTF8.self))
+        let slow = await send("SELECT 'slow'")
+        XCTAssertEqual(slow.status, .ok)
+        XCTAssertTrue(String(decoding: slow.body, as: UTF8.self).contains(#""values":[["SELECT 'slow'"]]"#), String(decoding: slow.body, as: UTF8.self))
+        XCTAssertEqual(service.calls.map(\.kind), [.inlineQuery(.weak), .query(.weak)])
+        let third = await send("SELECT 'fast'")
+        XCTAssertEqual(third.status, .tooManyRequests, "two requests took two tokens, not more")
     }
 
     // MARK: /db/execute

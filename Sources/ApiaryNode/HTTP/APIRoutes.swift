@@ -129,6 +129,10 @@ struct APIRoutes: HTTPResponder {
     /// ``respond(to:)``.
     func respond(to request: APIRequest, then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {
         let (tenantInPath, route) = Self.route(request.path)
+        if request.method == .GET || request.method == .POST, route.elementsEqual(["db", "query"]), !request.bodyTooLarge, !request.memoryShort,
+           request.peer != nil || service.redirectTarget == nil, let principal = try? cachedPrincipal(request) {
+            return query(request, tenantInPath, principal, then: done)
+        }
         guard request.method == .POST, route.elementsEqual(["db", "execute"]), request.peer != nil || service.redirectTarget == nil else {
             Task {
                 let response = await respond(to: request)
@@ -156,6 +160,38 @@ struct APIRoutes: HTTPResponder {
             }
         } catch {
             done { sqlResponse(.failure(error), started: started) }
+        }
+    }
+
+    /// A query whose credentials were verified lately, without a task when it can be answered
+    /// on the event loop (``SQLService/queryInline(tenant:_:level:transaction:)``: a weak read
+    /// of an open tenant); otherwise by the service's general path, with the tenant admitted
+    /// once. Checks in the order of ``query(_:_:_:)``.
+    private func query(_ request: APIRequest, _ tenantInPath: Substring?, _ principal: Principal,
+                       then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {
+        let started = ContinuousClock.now
+        let options: RqliteQuery, tenant: TenantID, statements: [SQLStatement]
+        do {
+            var parsed = try RqliteQuery.parse(request.query)
+            parsed.format.allRows = true
+            options = parsed
+            tenant = try admittedTenant(principal, request, tenantInPath)
+            try Access.check(principal, may: .read)
+            statements = try queryStatements(request, options)
+        } catch {
+            return done { sqlResponse(.failure(error), started: started) }
+        }
+        if let results = service.queryInline(tenant: tenant, statements, level: options.level, transaction: options.transaction) {
+            return done { sqlResponse(.success(results), started: started, format: options.format) }
+        }
+        Task {
+            let result: Result<[StatementResult], any Error>
+            do {
+                result = .success(try await service.query(tenant: tenant, statements, level: options.level, transaction: options.transaction))
+            } catch {
+                result = .failure(error)
+            }
+            done { sqlResponse(result, started: started, format: options.format) }
         }
     }
 
@@ -264,14 +300,16 @@ struct APIRoutes: HTTPResponder {
         let principal = try await self.principal(request)
         let tenant = try admittedTenant(principal, request, tenantInPath)
         try Access.check(principal, may: .read)
-        let statements: [SQLStatement]
+        let statements = try queryStatements(request, options)
+        return try await service.query(tenant: tenant, statements, level: options.level, transaction: options.transaction)
+    }
+
+    private func queryStatements(_ request: APIRequest, _ options: RqliteQuery) throws -> [SQLStatement] {
         if request.method == .GET || (request.body.isEmpty && options.q != nil && !request.bodyTooLarge && !request.memoryShort) {
             guard let q = options.q else { throw APIError(.badRequest, "GET /db/query needs ?q=SQL") }
-            statements = [SQLStatement(q)]
-        } else {
-            statements = try self.statements(request)
+            return [SQLStatement(q)]
         }
-        return try await service.query(tenant: tenant, statements, level: options.level, transaction: options.transaction)
+        return try statements(request)
     }
 
     /// rqlite's unified endpoint, reads and writes together. A request of reads only (each

@@ -21,6 +21,10 @@ public protocol SQLService: Sendable {
     /// The same, the statements reading one snapshot when `transaction` (rqlite's
     /// `?transaction` on a query). By default: as ``query(tenant:_:level:)``.
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) async throws -> [StatementResult]
+    /// The same on the calling thread (an event loop), when it can be done at once and
+    /// quickly (a read by key); nil: call ``query(tenant:_:level:transaction:)``, which
+    /// answers every case (errors included). By default nil.
+    func queryInline(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) -> [StatementResult]?
     /// Operator-only status (tenant names, positions): JSON bytes.
     func statusJSON() async -> [UInt8]
     /// This node's name, role and epoch (rqlite's `/readyz`, `/status`, `/nodes`); nil while
@@ -36,6 +40,8 @@ public protocol SQLService: Sendable {
 
 extension SQLService {
     public var redirectTarget: String? { nil }
+
+    public func queryInline(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) -> [StatementResult]? { nil }
 
     public func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) async throws -> [StatementResult] {
         try await query(tenant: tenant, statements, level: level)
