@@ -66,8 +66,11 @@ public final class TenantDatabase: @unchecked Sendable {
         /// Read-only connections (and queries running at once) at most.
         public var readersMax = 4
         /// Read-only connections kept open while no query runs: a quiet tenant (there may be
-        /// thousands) holds one, not `readersMax` (each is three files and a page cache).
-        public var readersIdleMax = 1
+        /// thousands) holds two, not `readersMax` (each is three files and a page cache). Two:
+        /// the event loops of a 2-core node each read inline with one; with one, the other
+        /// loop's read went to a reader thread, which opened a connection and closed it again
+        /// (reads by key +20-40% with two).
+        public var readersIdleMax = 2
         /// A query is first tried on the caller's thread (the connection's event loop) with an
         /// idle reader connection, for at most this long: a read by key takes microseconds,
         /// and handing it to a reader thread and back cost more than the read (two thread

@@ -82,7 +82,7 @@ final class PoolTests: XCTestCase {
 extension PoolTests {
     /// Concurrent queries open up to `readersMax` connections; once they are done a quiet
     /// tenant keeps only `readersIdleMax` of them open.
-    func testAQuietTenantKeepsOneReaderConnection() async throws {
+    func testAQuietTenantKeepsFewReaderConnections() async throws {
         let dir = TemporaryDirectory()
         let db = try TenantDatabase(tenant: try TenantID("acme"), path: dir.path + "/acme.db", sink: ReplicaSink(replicaPath: dir.path + "/r.db"))
         defer { db.close() }
@@ -92,7 +92,8 @@ extension PoolTests {
             for _ in 0..<8 { group.addTask { _ = try await db.query([SQLStatement(slow)]) } }
             try await group.waitForAll()
         }
-        XCTAssertEqual(db.readers.idleCount, 1)
+        XCTAssertTrue((1...db.options.readersIdleMax).contains(db.readers.idleCount), "\(db.readers.idleCount) idle")
+        XCTAssertLessThan(db.options.readersIdleMax, db.options.readersMax)
     }
 }
 
