@@ -20,6 +20,13 @@ final class RqliteClientsTests: XCTestCase {
         try runClients(["--through-gateway"])
     }
 
+    /// pyrqlite and sqlalchemy-rqlite, unchanged, pointed at a standby: they follow its 301s to
+    /// the primary (rqlite's redirect). rqdb is skipped there: it reaches the cluster through a
+    /// plain-HTTP sidecar, and the 301 names the primary's https address.
+    func testRealRqliteClientsPointedAtAStandby() throws {
+        try runClients(["--through-standby"])
+    }
+
     func runClients(_ arguments: [String] = []) throws {
         let apiary = try apiaryExecutable()
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()

@@ -1,5 +1,6 @@
-"""Starts a real Apiary node (or, with --through-gateway, a node under a monitor behind a gateway)
-for the rqlite client tests, runs them, stops it.
+"""Starts a real Apiary node (or, with --through-gateway, a node under a monitor behind a gateway;
+or, with --through-standby, a primary and its standby, the clients pointed at the standby) for
+the rqlite client tests, runs them, stops it.
 
 What a user does, with the commands the README gives: `apiary certs init`, `apiary certs
 issue`, `apiary node --mode single` on loopback, `apiary ctl tenant create`, `apiary ctl user
@@ -20,6 +21,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,8 @@ class Server:
         env = dict(os.environ, APIARY_EXIT_WITH_PARENT=str(os.getpid()))
         # Unbuffered: select() must see every line that has not been read yet.
         self.process = subprocess.Popen([apiary, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, bufsize=0)
+        self._printed = ""
+        self._printed_changed = threading.Condition()
         self.port = self._wait_until_ready()
         self._copier = threading.Thread(target=self._copy_output, daemon=True)
         self._copier.start()
@@ -81,6 +85,19 @@ class Server:
             for line in self.process.stdout:
                 log.write(line)
                 log.flush()
+                with self._printed_changed:
+                    self._printed += line.decode(errors="replace")
+                    self._printed_changed.notify_all()
+        with self._printed_changed:
+            self._printed += "\n(exited)"
+            self._printed_changed.notify_all()
+
+    def wait_for(self, text):
+        """Waits until the process has printed `text` since it was ready."""
+        with self._printed_changed:
+            if not self._printed_changed.wait_for(lambda: text in self._printed or "(exited)" in self._printed, timeout=READY_TIMEOUT_S) \
+                    or text not in self._printed:
+                raise RuntimeError(f"the {self.label} did not print '{text}':\n{self.log_tail()}")
 
     def ctl(self, *args, stdin=None):
         return run(self.apiary, "ctl", *args, "--node", f"127.0.0.1:{self.port}", "--certs", self.certs, stdin=stdin)
@@ -102,18 +119,40 @@ class Server:
                 self.process.wait()
 
 
-def start_cluster(apiary, directory, through_gateway):
-    """A node alone (`--mode single`); with `through_gateway`, under a monitor (a formation of
-    one) and behind a gateway. Returns the servers (the node first) and the port clients use."""
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cluster(apiary, directory, through):
+    """A node alone (`--mode single`); through a "gateway", under a monitor (a formation of one)
+    and behind a gateway; through a "standby", a primary replicating to a standby that sends
+    applications to it (301, `--peer-api`). Returns the servers (the primary first) and the
+    port clients use."""
     certs = os.path.join(directory, "certs")
     run(apiary, "certs", "init", "--dir", certs)
     run(apiary, "certs", "issue", "--dir", certs, "--role", "node", "--name", "n1")
     run(apiary, "certs", "issue", "--dir", certs, "--role", "operator", "--name", "operator")
     node_args = ["node", "--name", "n1", "--role", "primary", "--mode", "single", "--data", os.path.join(directory, "data"),
                  "--certs", certs, "--api", "127.0.0.1:0", "--replication", "127.0.0.1:0"]
-    if not through_gateway:
+    if through is None:
         node = Server(apiary, directory, certs, "node", node_args)
         return [node], node.port
+    if through == "standby":
+        run(apiary, "certs", "issue", "--dir", certs, "--role", "node", "--name", "n2")
+        replication = free_port()
+        primary = Server(apiary, directory, certs, "primary",
+                         ["node", "--name", "n1", "--role", "primary", "--mode", "sync", "--standby", "n2",
+                          "--data", os.path.join(directory, "data-1"), "--certs", certs,
+                          "--api", "127.0.0.1:0", "--replication", f"127.0.0.1:{replication}"])
+        standby = Server(apiary, directory, certs, "standby",
+                         ["node", "--name", "n2", "--role", "standby", "--primary", f"127.0.0.1:{replication}",
+                          "--peer-api", f"127.0.0.1:{primary.port}", "--data", os.path.join(directory, "data-2"),
+                          "--certs", certs, "--api", "127.0.0.1:0", "--replication", "127.0.0.1:0"])
+        # It sends applications to the primary only while it streams from it.
+        standby.wait_for("streaming from the primary")
+        return [primary, standby], standby.port
     run(apiary, "certs", "issue", "--dir", certs, "--role", "monitor", "--name", "monitor")
     run(apiary, "certs", "issue", "--dir", certs, "--role", "gateway", "--name", "gw")
     monitor = Server(apiary, directory, certs, "monitor",
@@ -132,14 +171,17 @@ def main():
     parser.add_argument("--keep", action="store_true", help="keep the cluster's directory")
     parser.add_argument("--through-gateway", action="store_true",
                         help="run the node under a monitor, behind a gateway, and point the clients at the gateway")
+    parser.add_argument("--through-standby", action="store_true",
+                        help="run a primary and its standby, and point the clients at the standby (they follow its 301s)")
     options, unittest_args = parser.parse_known_args()
+    through = "gateway" if options.through_gateway else "standby" if options.through_standby else None
 
     directory = tempfile.mkdtemp(prefix="apiary-clients-")
     servers = []
     sidecar = None
     ok = False
     try:
-        servers, client_port = start_cluster(options.apiary, directory, options.through_gateway)
+        servers, client_port = start_cluster(options.apiary, directory, through)
         node = servers[0]
         users = {}
         for tenant in ("acme", "globex"):
@@ -169,6 +211,10 @@ def main():
             "APIARY_OTHER_TENANT_WRITER_PASSWORD": users["globex-writer"],
             "RQDB_HOST": f"127.0.0.1:{sidecar.port}",
         })
+        if through == "standby":
+            # The sidecar passes the standby's 301 on: its https Location is past the sidecar,
+            # and rqdb speaks plain HTTP only.
+            os.environ["APIARY_RQDB_SKIP"] = "rqdb reaches the cluster through a plain-HTTP sidecar; a standby's 301 names the primary's https address, past it"
         sys.path.insert(0, HERE)
         program = unittest.main(module=None, argv=["clients", "discover", "-s", HERE, "-p", "test_*.py", "-v", *unittest_args],
                                 exit=False)

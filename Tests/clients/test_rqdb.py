@@ -16,8 +16,10 @@ import rqdb
 from rqdb.errors import DBError
 
 HOSTS = [os.environ["RQDB_HOST"]]
+SKIP = os.environ.get("APIARY_RQDB_SKIP")
 
 
+@unittest.skipIf(SKIP, SKIP)
 class RqdbSyncTests(unittest.TestCase):
     def setUp(self):
         self.connection = rqdb.connect(HOSTS, log=False)
@@ -94,6 +96,7 @@ class RqdbSyncTests(unittest.TestCase):
         self.assertIn("SEARCH", plan)
 
 
+@unittest.skipIf(SKIP, SKIP)
 class RqdbAsyncTests(unittest.IsolatedAsyncioTestCase):
     async def test_async_flow(self):
         table = "a_" + uuid.uuid4().hex[:8]
