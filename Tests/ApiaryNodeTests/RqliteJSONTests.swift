@@ -9,6 +9,33 @@ final class RqliteJSONTests: XCTestCase {
         try RqliteJSON.statements(fromBody: Array(json.utf8), statementsMax: 100)
     }
 
+    /// Strings are escaped by bytes as Go escapes them, scalar by scalar (the reference below
+    /// is the scalar-by-scalar implementation the byte-level one replaced).
+    func testStringsAreEscapedByBytesAsScalarByScalar() {
+        func reference(_ s: String) -> String {
+            var out = "\""
+            for scalar in s.unicodeScalars {
+                switch scalar {
+                case "\"": out += "\\\""
+                case "\\": out += "\\\\"
+                case "\n": out += "\\n"
+                case "\r": out += "\\r"
+                case "\t": out += "\\t"
+                case "\u{2028}": out += "\\u2028"
+                case "\u{2029}": out += "\\u2029"
+                case _ where scalar.value < 0x20: out += String(format: "\\u%04x", scalar.value)
+                default: out.unicodeScalars.append(scalar)
+                }
+            }
+            return out + "\""
+        }
+        let samples = ["", "plain", "quote\"back\\slash", "line\nfeed\r\t", "\u{01}\u{1f}\u{7f}", "é ü 日本", "sep\u{2028}par\u{2029}",
+                       "\u{2027}\u{202A}\u{2028}", "€\u{2029}€", "emoji 🐝", "x\u{0}y", "\u{2028}\u{2028}", String(decoding: [0xE2, 0x80], as: UTF8.self)]
+        for sample in samples {
+            XCTAssertEqual(RqliteJSON.quote(sample), reference(sample), sample.debugDescription)
+        }
+    }
+
     func testParsesPlainAndParameterisedStatements() throws {
         let statements = try parse(#"["CREATE TABLE t (x)", ["INSERT INTO t VALUES(?, ?, ?, ?, ?)", 1, 2.5, "s", null, true]]"#)
         XCTAssertEqual(statements, [

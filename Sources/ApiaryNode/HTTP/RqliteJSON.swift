@@ -99,16 +99,47 @@ public enum RqliteJSON {
                 }
                 fields.append("\"rows\":[" + rows.joined(separator: ",") + "]")
             } else {
+                // A read's answer: written straight into `out` (strings joined per value cost
+                // as much as the read itself).
+                out.append(UInt8(ascii: "{"))
+                var first = true
+                func key(_ name: StaticString, _ out: inout [UInt8]) {
+                    if !first { out.append(UInt8(ascii: ",")) }
+                    first = false
+                    name.withUTF8Buffer { out.append(contentsOf: $0) }
+                }
                 if !columns.isEmpty {
-                    fields.append("\"columns\":[" + columns.map(quote).joined(separator: ",") + "]")
-                    fields.append("\"types\":[" + types.map(quote).joined(separator: ",") + "]")
+                    key(#""columns":["#, &out)
+                    for (i, column) in columns.enumerated() {
+                        if i > 0 { out.append(UInt8(ascii: ",")) }
+                        quote(column, into: &out)
+                    }
+                    out.append(UInt8(ascii: "]"))
+                    key(#""types":["#, &out)
+                    for (i, type) in types.enumerated() {
+                        if i > 0 { out.append(UInt8(ascii: ",")) }
+                        quote(type, into: &out)
+                    }
+                    out.append(UInt8(ascii: "]"))
                 }
                 if !o.rows.isEmpty {
-                    let rows = o.rows.map { row in
-                        "[" + row.indices.map { value(row[$0], declaredType: o.declaredTypes[$0], format) }.joined(separator: ",") + "]"
+                    key(#""values":["#, &out)
+                    for (r, row) in o.rows.enumerated() {
+                        out.append(contentsOf: r > 0 ? [UInt8(ascii: ","), UInt8(ascii: "[")] : [UInt8(ascii: "[")])
+                        for i in row.indices {
+                            if i > 0 { out.append(UInt8(ascii: ",")) }
+                            value(row[i], declaredType: o.declaredTypes[i], format, into: &out)
+                        }
+                        out.append(UInt8(ascii: "]"))
                     }
-                    fields.append("\"values\":[" + rows.joined(separator: ",") + "]")
+                    out.append(UInt8(ascii: "]"))
                 }
+                if format.timings, o.timeNs > 0 {
+                    key(#""time":"#, &out)
+                    out.append(contentsOf: goFloat(Double(o.timeNs) / 1e9).utf8)
+                }
+                out.append(UInt8(ascii: "}"))
+                return
             }
             if format.timings, o.timeNs > 0 { fields.append("\"time\":" + goFloat(Double(o.timeNs) / 1e9)) }
             out += Array(("{" + fields.joined(separator: ",") + "}").utf8)
@@ -170,20 +201,26 @@ public enum RqliteJSON {
     /// - REAL as Go writes a float64 (`1` for 1.0, exponents past 1e21 or below 1e-6); not
     ///   finite (SQLite can hold ±Inf) → null, where rqlite fails the whole response.
     static func value(_ v: SQLValue, declaredType: String, _ format: Format = Format()) -> String {
+        var out: [UInt8] = []
+        value(v, declaredType: declaredType, format, into: &out)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    static func value(_ v: SQLValue, declaredType: String, _ format: Format, into out: inout [UInt8]) {
         switch v {
-        case .null: return "null"
+        case .null: out.append(contentsOf: "null".utf8)
         case .integer(let i):
-            if isTimeType(declaredType), let time = RqliteTime.fromUnix(i) { return quote(time) }
-            if declaredType == "boolean" { return i > 0 ? "true" : "false" }
-            return String(i)
-        case .real(let d): return d.isFinite ? goFloat(d) : "null"
+            if isTimeType(declaredType), let time = RqliteTime.fromUnix(i) { return quote(time, into: &out) }
+            if declaredType == "boolean" { return out.append(contentsOf: (i > 0 ? "true" : "false").utf8) }
+            out.append(contentsOf: String(i).utf8)
+        case .real(let d): out.append(contentsOf: (d.isFinite ? goFloat(d) : "null").utf8)
         case .text(let s):
-            if isTimeType(declaredType), let time = RqliteTime.normalized(s) { return quote(time) }
-            return quote(s)
+            if isTimeType(declaredType), let time = RqliteTime.normalized(s) { return quote(time, into: &out) }
+            quote(s, into: &out)
         case .blob(let b):
-            if !declaredType.isEmpty, isTextType(declaredType) { return quote(String(decoding: b, as: UTF8.self)) }
-            if format.blobsAsArrays { return "[" + b.map { String($0) }.joined(separator: ",") + "]" }
-            return quote(Data(b).base64EncodedString())
+            if !declaredType.isEmpty, isTextType(declaredType) { return quote(String(decoding: b, as: UTF8.self), into: &out) }
+            if format.blobsAsArrays { return out.append(contentsOf: ("[" + b.map { String($0) }.joined(separator: ",") + "]").utf8) }
+            quote(Data(b).base64EncodedString(), into: &out)
         }
     }
 
@@ -235,22 +272,34 @@ public enum RqliteJSON {
     }
 
     static func quote(_ s: String) -> String {
-        var out = "\""
-        out.reserveCapacity(s.utf8.count + 2)
-        for scalar in s.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case "\u{2028}": out += "\\u2028" // as Go writes them: JavaScript's line separators
-            case "\u{2029}": out += "\\u2029"
-            case _ where scalar.value < 0x20: out += String(format: "\\u%04x", scalar.value)
-            default: out.unicodeScalars.append(scalar)
+        var out: [UInt8] = []
+        quote(s, into: &out)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    private static let hexDigits: [UInt8] = Array("0123456789abcdef".utf8)
+
+    /// `s` as a JSON string, by bytes: quotes, backslashes and control characters escaped,
+    /// and U+2028/U+2029 as Go writes them (JavaScript's line separators).
+    static func quote(_ s: String, into out: inout [UInt8]) {
+        out.append(UInt8(ascii: "\""))
+        var pendingE2 = 0 // how many bytes of E2 80 (the start of U+2028/U+2029) were just seen
+        for byte in s.utf8 {
+            switch byte {
+            case UInt8(ascii: "\""): out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "\"")])
+            case UInt8(ascii: "\\"): out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "\\")])
+            case UInt8(ascii: "\n"): out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "n")])
+            case UInt8(ascii: "\r"): out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "r")])
+            case UInt8(ascii: "\t"): out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "t")])
+            case 0..<0x20: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"), UInt8(ascii: "0"), hexDigits[Int(byte >> 4)], hexDigits[Int(byte & 0xF)]])
+            case 0xA8...0xA9 where pendingE2 == 2:
+                out.removeLast(2)
+                out.append(contentsOf: Array((byte == 0xA8 ? "\\u2028" : "\\u2029").utf8))
+            default: out.append(byte)
             }
+            pendingE2 = byte == 0xE2 ? 1 : (byte == 0x80 && pendingE2 == 1 ? 2 : 0)
         }
-        return out + "\""
+        out.append(UInt8(ascii: "\""))
     }
 
     // MARK: Pretty printing
