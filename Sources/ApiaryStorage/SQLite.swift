@@ -65,6 +65,19 @@ final class SQLiteConnection {
     let path: String
     /// Decides what tenant SQL may do on this connection.
     let sandbox = Sandbox()
+
+    /// Runs `body` with tighter bounds for work on an event loop: strings and blobs of at most
+    /// `lengthMax` bytes (one SQL function over a large value is one VM instruction, which no
+    /// deadline check interrupts) and the deadline checked every `instructions`.
+    func withInlineBounds<T>(lengthMax: Int32, checkEvery instructions: Int32, _ body: () throws -> T) rethrows -> T {
+        let length = sqlite3_limit(handle, SQLITE_LIMIT_LENGTH, lengthMax)
+        sandbox.checkDeadline(every: instructions, on: handle)
+        defer {
+            sqlite3_limit(handle, SQLITE_LIMIT_LENGTH, length)
+            sandbox.checkDeadline(every: Sandbox.progressInterval, on: handle)
+        }
+        return try body()
+    }
     /// Prepared statements kept for reuse: a single-row insert spends about as long in
     /// `sqlite3_prepare_v2` as in running. Keyed by the sandbox mode too, because the
     /// authorizer judges a statement when it is prepared (and SQLite re-prepares, re-judged,

@@ -101,6 +101,18 @@ final class Sandbox {
         (SQLITE_LIMIT_ATTACHED, 0),
     ]
 
+    /// VM instructions between two looks at the deadline.
+    static let progressInterval: Int32 = 1000
+
+    /// Has SQLite interrupt a statement on `db` past ``deadlineNs``, looking every `instructions`.
+    func checkDeadline(every instructions: Int32, on db: OpaquePointer) {
+        sqlite3_progress_handler(db, instructions, { context in
+            guard let context else { return 0 }
+            let sandbox = Unmanaged<Sandbox>.fromOpaque(context).takeUnretainedValue()
+            return sandbox.deadlineNs != 0 && monotonicNs() > sandbox.deadlineNs ? 1 : 0
+        }, Unmanaged.passUnretained(self).toOpaque())
+    }
+
     /// Hardens `db` and installs the progress handler and the authorizer.
     /// - Throws: `SQLiteError` when SQLite refuses a hardening setting; the connection MUST
     ///   then not be used for tenant SQL.
@@ -115,12 +127,8 @@ final class Sandbox {
                 throw SQLiteError(code: SQLITE_ERROR, message: "cannot limit the connection (limit \(limit.id))")
             }
         }
+        checkDeadline(every: Self.progressInterval, on: db)
         let context = Unmanaged.passUnretained(self).toOpaque()
-        sqlite3_progress_handler(db, 1000, { context in
-            guard let context else { return 0 }
-            let sandbox = Unmanaged<Sandbox>.fromOpaque(context).takeUnretainedValue()
-            return sandbox.deadlineNs != 0 && monotonicNs() > sandbox.deadlineNs ? 1 : 0
-        }, context)
         sqlite3_set_authorizer(db, { context, action, arg1, arg2, database, _ in
             guard let context else { return SQLITE_DENY }
             let sandbox = Unmanaged<Sandbox>.fromOpaque(context).takeUnretainedValue()

@@ -232,18 +232,27 @@ public final class TenantDatabase: @unchecked Sendable {
     /// After a query that ran past the budget, none is tried inline for
     /// ``Options/inlineReadPauseMs``.
     public func queryInline(_ statements: [SQLStatement], transaction: Bool = false) -> [StatementResult]? {
-        guard options.inlineReadBudgetMs > 0, statements.allSatisfy({ $0.byteCount <= options.statementBytesMax }) else { return nil }
+        // Short SQL only: preparing a statement is not interruptible.
+        guard options.inlineReadBudgetMs > 0, statements.allSatisfy({ $0.byteCount <= Self.inlineStatementBytesMax }) else { return nil }
+        let started = monotonicNs()
+        let budgetNs = UInt64(options.inlineReadBudgetMs) * 1_000_000
         let outcome: [StatementResult]?? = readers.withIdleConnection { connection in
-            let deadline = monotonicNs() + UInt64(options.inlineReadBudgetMs) * 1_000_000
-            return try? runQuery(statements, transaction: transaction, on: connection, inlineDeadlineNs: deadline)
+            connection.withInlineBounds(lengthMax: Self.inlineValueBytesMax, checkEvery: 100) {
+                try? runQuery(statements, transaction: transaction, on: connection, inlineDeadlineNs: started + budgetNs)
+            }
         }
         guard let ran = outcome else { return nil } // no idle connection
-        guard let results = ran else {
+        // Past the budget, whether it finished or not: the tenant's next reads go to the threads.
+        if ran == nil || monotonicNs() - started > budgetNs {
             readers.skipInline(forNs: UInt64(max(options.inlineReadPauseMs, 0)) * 1_000_000)
-            return nil
         }
-        return results
+        return ran
     }
+
+    /// The SQL of a statement read inline, at most.
+    static let inlineStatementBytesMax = 4096
+    /// A string or blob made while reading inline, at most (its function is one VM instruction).
+    static let inlineValueBytesMax: Int32 = 1 << 20
 
     /// Runs the statements of one query on `connection`. With `inlineDeadlineNs`, each runs
     /// within what is left until then too, and nil says the deadline came first.
@@ -275,7 +284,9 @@ public final class TenantDatabase: @unchecked Sendable {
                 budget.spend(outcome)
                 results.append(.success(outcome))
             } catch {
-                if let inlineDeadlineNs, let stopped = error as? SQLiteError, stopped.code == SQLITE_INTERRUPT, monotonicNs() >= inlineDeadlineNs {
+                // Inline, an interrupt or a value past the inline bounds means: not here. (Its
+                // own limits' errors, the same statement meets again on a reader thread.)
+                if inlineDeadlineNs != nil, let stopped = error as? SQLiteError, stopped.code == SQLITE_INTERRUPT || stopped.code == SQLITE_TOOBIG {
                     return nil
                 }
                 results.append(.failure(budget.message(for: error)))
@@ -719,7 +730,10 @@ final class ReaderPool: @unchecked Sendable {
     private let options: TenantDatabase.Options
     private let pool: BlockingPool
     private let condition = NSCondition()
-    private var work: [(SQLiteConnection?, (any Error)?) -> Void] = []
+    /// Each runs its query and returns how to hand the result to its caller, which happens once
+    /// the connection is back among the idle ones when it was the last: the caller's next
+    /// query (read inline on its loop) finds it there.
+    private var work: [(SQLiteConnection?, (any Error)?) -> () -> Void] = []
     private var idle: [SQLiteConnection] = []
     private var running = 0
     private var closed = false
@@ -743,8 +757,11 @@ final class ReaderPool: @unchecked Sendable {
                 return
             }
             work.append { connection, openError in
-                guard let connection else { return continuation.resume(throwing: openError ?? StorageError(.closed, "tenant database is closed")) }
-                do { continuation.resume(returning: try body(connection)) } catch { continuation.resume(throwing: error) }
+                guard let connection else {
+                    return { continuation.resume(throwing: openError ?? StorageError(.closed, "tenant database is closed")) }
+                }
+                let result = Result { try body(connection) }
+                return { continuation.resume(with: result) }
             }
             if running < options.readersMax {
                 running += 1
@@ -762,18 +779,28 @@ final class ReaderPool: @unchecked Sendable {
         if connection == nil {
             do { connection = try options.openConnection(path: path, readOnly: true) } catch { openError = error }
         }
-        while true {
-            condition.lock()
-            guard !work.isEmpty else {
-                running -= 1
-                if let connection, !closed, idle.count < options.readersIdleMax { idle.append(connection) }
-                condition.unlock()
-                return
-            }
+        // Called with the lock held: whether this thread is done (no work left), and if so the
+        // connection is given back first.
+        func doneIfNoWork() -> Bool {
+            guard work.isEmpty else { return false }
+            running -= 1
+            if let connection, !closed, idle.count < options.readersIdleMax { idle.append(connection) }
+            return true
+        }
+        condition.lock()
+        // Other threads of the pool may take work meanwhile: looked at again under the lock.
+        while !doneIfNoWork() {
             let next = work.removeFirst()
             condition.unlock()
-            next(connection, openError)
+            let answer = next(connection, openError)
+            condition.lock()
+            let done = doneIfNoWork()
+            condition.unlock()
+            answer()
+            if done { return }
+            condition.lock()
         }
+        condition.unlock()
     }
 
     func close() {

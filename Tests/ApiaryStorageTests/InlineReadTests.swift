@@ -22,9 +22,17 @@ final class InlineReadTests: XCTestCase {
         }
     }
 
+    /// A budget no machine runs out of: these reads must be answered inline.
+    var generous: TenantDatabase.Options {
+        var options = TenantDatabase.Options()
+        options.inlineReadBudgetMs = 600_000
+        options.inlineReadPauseMs = 3_600_000
+        return options
+    }
+
     func testAReadIsAnsweredInlineAsTheReaderThreadsAnswerIt() async throws {
         let dir = TemporaryDirectory()
-        let db = try open(dir)
+        let db = try open(dir, generous)
         defer { db.close() }
         try await db.mustExecute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
         try await db.mustExecute("INSERT INTO t VALUES (1, 'one'), (2, 'two'), (3, NULL)")
@@ -46,6 +54,23 @@ final class InlineReadTests: XCTestCase {
         XCTAssertTrue(seen(write).first?.hasPrefix("error:") ?? false, "\(seen(write))")
         let count = try await db.rows("SELECT count(*) FROM t")
         XCTAssertEqual(count, [[.integer(3)]])
+    }
+
+    /// What could hold the loop in one step that no deadline check interrupts is not read
+    /// inline: long SQL (preparing it), a value past 1 MiB (one function call makes it).
+    func testWhatCouldHoldTheLoopIsLeftToTheReaderThreads() async throws {
+        let dir = TemporaryDirectory()
+        let db = try open(dir, generous)
+        defer { db.close() }
+        _ = try await db.query([SQLStatement("SELECT 1")])
+        let longSQL = SQLStatement("SELECT '" + String(repeating: "x", count: 5_000) + "' IS NOT NULL")
+        XCTAssertNil(db.queryInline([longSQL]))
+        XCTAssertNotNil(db.queryInline([SQLStatement("SELECT 1")]), "long SQL alone does not pause the tenant's inline reads")
+        let bigValue = SQLStatement("SELECT length(hex(zeroblob(1000000)))")
+        XCTAssertNil(db.queryInline([bigValue]))
+        XCTAssertNil(db.queryInline([SQLStatement("SELECT 1")]), "after a value past the bound the tenant's reads go to the threads")
+        let pooled = try await db.query([bigValue])
+        XCTAssertEqual(seen(pooled), [#"["length(hex(zeroblob(1000000)))"] [[ApiaryStorage.SQLValue.integer(2000000)]]"#])
     }
 
     func testAQueryPastTheBudgetIsLeftToTheReaderThreadsAndTheTenantsReadsPauseInlining() async throws {

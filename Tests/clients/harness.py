@@ -77,6 +77,8 @@ class Server:
                 log.write(line)
                 seen += line
                 text = line.decode(errors="replace")
+                with self._printed_changed:
+                    self._printed += text
                 if " ready: " in text and "=https://" in text:
                     return int(text.rsplit(":", 1)[1].strip())
 
@@ -93,7 +95,7 @@ class Server:
             self._printed_changed.notify_all()
 
     def wait_for(self, text):
-        """Waits until the process has printed `text` since it was ready."""
+        """Waits until the process has printed `text`."""
         with self._printed_changed:
             if not self._printed_changed.wait_for(lambda: text in self._printed or "(exited)" in self._printed, timeout=READY_TIMEOUT_S) \
                     or text not in self._printed:
@@ -151,7 +153,7 @@ def start_cluster(apiary, directory, through):
                           "--peer-api", f"127.0.0.1:{primary.port}", "--data", os.path.join(directory, "data-2"),
                           "--certs", certs, "--api", "127.0.0.1:0", "--replication", "127.0.0.1:0"])
         # It sends applications to the primary only while it streams from it.
-        standby.wait_for("streaming from the primary")
+        standby.wait_for("streaming from the primary: applications are redirected to it")
         return [primary, standby], standby.port
     run(apiary, "certs", "issue", "--dir", certs, "--role", "monitor", "--name", "monitor")
     run(apiary, "certs", "issue", "--dir", certs, "--role", "gateway", "--name", "gw")

@@ -150,8 +150,9 @@ struct APIRoutes: HTTPResponder {
                 }
                 return
             }
-            let tenant = try admittedTenant(principal, request, tenantInPath)
+            let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
             try Access.check(principal, may: .write)
+            try admit(tenant)
             let options = try RqliteQuery.parse(request.query)
             let statements = try self.statements(request)
             let idempotencyKey = try Self.idempotencyKey(request)
@@ -175,8 +176,9 @@ struct APIRoutes: HTTPResponder {
             var parsed = try RqliteQuery.parse(request.query)
             parsed.format.allRows = true
             options = parsed
-            tenant = try admittedTenant(principal, request, tenantInPath)
+            tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
             try Access.check(principal, may: .read)
+            try admit(tenant)
             statements = try queryStatements(request, options)
         } catch {
             return done { sqlResponse(.failure(error), started: started) }
@@ -273,23 +275,23 @@ struct APIRoutes: HTTPResponder {
 
     // MARK: SQL (rqlite's data API)
 
-    /// The tenant `principal` acts on, if its allowance at this node has room for one more
-    /// request (`--tenant-rate`): else 429, nothing run, with `Retry-After`. Per tenant, not
-    /// per user, and after authentication: the name it is keyed on is one the node checked.
-    private func admittedTenant(_ principal: Principal, _ request: APIRequest, _ tenantInPath: Substring?) throws -> TenantID {
-        let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
+    /// Takes one request of `tenant`'s allowance at this node (`--tenant-rate`), or refuses
+    /// (429, nothing run, `Retry-After`). Per tenant, not per user, and after authentication
+    /// and the permission check: the name it is keyed on is one the node checked, and a
+    /// request refused for its rights spends nothing.
+    private func admit(_ tenant: TenantID) throws {
         if let tenantRate, let waitMs = tenantRate.admit(tenant.rawValue) {
             let seconds = max(1, (waitMs + 999) / 1000)
             throw APIError(.rateLimited, "too many requests for tenant \(tenant) at this node: not executed; send it again after Retry-After",
                            retryAfterSeconds: seconds)
         }
-        return tenant
     }
 
     private func execute(_ request: APIRequest, _ tenantInPath: Substring?, _ options: RqliteQuery) async throws -> [StatementResult] {
         let principal = try await self.principal(request)
-        let tenant = try admittedTenant(principal, request, tenantInPath)
+        let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
         try Access.check(principal, may: .write)
+        try admit(tenant)
         let statements = try self.statements(request)
         let idempotencyKey = try Self.idempotencyKey(request)
         return try await service.execute(tenant: tenant, statements, transaction: options.transaction, idempotencyKey: idempotencyKey)
@@ -298,8 +300,9 @@ struct APIRoutes: HTTPResponder {
     /// `GET` takes the statement from `q`; `POST` from its body, or from `q` when it has none.
     private func query(_ request: APIRequest, _ tenantInPath: Substring?, _ options: RqliteQuery) async throws -> [StatementResult] {
         let principal = try await self.principal(request)
-        let tenant = try admittedTenant(principal, request, tenantInPath)
+        let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
         try Access.check(principal, may: .read)
+        try admit(tenant)
         let statements = try queryStatements(request, options)
         return try await service.query(tenant: tenant, statements, level: options.level, transaction: options.transaction)
     }
@@ -320,13 +323,15 @@ struct APIRoutes: HTTPResponder {
     /// columns, else a write's counts.
     private func unified(_ request: APIRequest, _ tenantInPath: Substring?, _ options: RqliteQuery) async throws -> [StatementResult] {
         let principal = try await self.principal(request)
-        let tenant = try admittedTenant(principal, request, tenantInPath)
+        let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
         let statements = try self.statements(request)
         if statements.allSatisfy({ Self.isRead($0.sql) }) {
             try Access.check(principal, may: .read)
+            try admit(tenant)
             return try await service.query(tenant: tenant, statements, level: options.level, transaction: options.transaction)
         }
         try Access.check(principal, may: .write)
+        try admit(tenant)
         let idempotencyKey = try Self.idempotencyKey(request)
         return try await service.execute(tenant: tenant, statements, transaction: options.transaction, idempotencyKey: idempotencyKey)
     }

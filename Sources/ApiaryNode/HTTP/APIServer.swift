@@ -363,6 +363,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             body = nil
             bodyTooLarge = false
             memoryShort = false
+            if headReserved > 0 { memory.release(headReserved) } // an abandoned request's head
             headReserved = headCharge.headDecoded()
             if let length = h.headers.first(name: "content-length").flatMap(Int.init), length > 0, length <= routes.bodyBytesMax {
                 reserveBody(length) // before the body arrives: refused, it is never kept
@@ -374,6 +375,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
                 && (h.headers.first(name: "content-length").flatMap(Int.init) ?? 0) <= routes.bodyBytesMax
             sendContinueIfOwed(context)
         case .body(var chunk):
+            headCharge.bodyDelivered(chunk.readableBytes)
             guard !bodyTooLarge, !memoryShort else { return }
             if (body?.readableBytes ?? 0) + chunk.readableBytes > routes.bodyBytesMax {
                 // Dropped unread to the end (within the read timeout), then answered 413.
@@ -592,6 +594,8 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
             // to its client): nothing more is read, and the connection closes after it.
             stopAnswering(because: "the connection's \(expired)")
             head = nil
+            if headReserved > 0 { memory.release(headReserved) }
+            headReserved = 0
             return
         }
         logger.debug("API connection closed", metadata: ["reason": "\(expired)"])
@@ -803,17 +807,18 @@ final class RequestStartWatcher: ChannelInboundHandler, @unchecked Sendable {
     func handlerRemoved(context: ChannelHandlerContext) { headCharge.release() }
 }
 
-/// What one connection's request head holds of the node's memory budget while it arrives: the
-/// connection's own charge covers `freeBytes` of it; past that, every byte is reserved (a head
-/// may be 1 MiB, and 4,096 connections each holding one would be 4 GiB). The decoded head takes
-/// the reservation with it (``headDecoded()``), to be released when the request is answered.
-/// Loop only.
+/// What the HTTP decoder holds of one connection's bytes, charged to the node's memory budget:
+/// a request's head (up to 1 MiB) while it arrives, and a chunked body's trailers (as long).
+/// The connection's own charge covers `freeBytes`; past that, every byte is reserved (4,096
+/// connections each holding 1 MiB would be 4 GiB). Bytes are counted as they arrive and
+/// uncounted as the decoder passes them on as body (which is charged as a body). The decoded
+/// head takes its reservation with it (``headDecoded()``), released when its request is
+/// answered; trailers' go at the request's end. Loop only.
 final class RequestHeadCharge: @unchecked Sendable {
     let memory: MemoryBudget
     private let freeBytes: Int
-    /// Bytes of the head being read (counted from the end of the last request to its head).
+    /// Bytes arrived and not passed on as body since the last head (or request end).
     private var pending = 0
-    private var reading = true
     private var reserved = 0
 
     init(memory: MemoryBudget, freeBytes: Int) {
@@ -823,7 +828,6 @@ final class RequestHeadCharge: @unchecked Sendable {
 
     /// `bytes` arrived; false if the budget had no room for them.
     func arrived(_ bytes: Int) -> Bool {
-        guard reading else { return true }
         pending += bytes
         let owed = max(0, pending - freeBytes) - reserved
         guard owed > 0 else { return true }
@@ -832,14 +836,29 @@ final class RequestHeadCharge: @unchecked Sendable {
         return true
     }
 
+    /// The decoder passed `bytes` on as body: it holds them no longer.
+    func bodyDelivered(_ bytes: Int) {
+        pending = max(0, pending - bytes)
+        let surplus = reserved - max(0, pending - freeBytes)
+        if surplus > 0 {
+            memory.release(surplus)
+            reserved -= surplus
+        }
+    }
+
     /// The head is whole: what it holds of the budget, for its request to give back.
     func headDecoded() -> Int {
-        defer { reading = false; pending = 0; reserved = 0 }
+        defer { pending = 0; reserved = 0 }
         return reserved
     }
 
-    /// The request's body is read too: what arrives now is the next request's head.
-    func requestEnded() { reading = true }
+    /// The request is read whole (its trailers too, which are not kept): what arrives now is
+    /// the next request's.
+    func requestEnded() {
+        if reserved > 0 { memory.release(reserved) }
+        pending = 0
+        reserved = 0
+    }
 
     /// The connection is gone: a head not yet whole gives back what it held.
     func release() {
