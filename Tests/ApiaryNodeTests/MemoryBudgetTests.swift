@@ -115,6 +115,26 @@ final class MemoryBudgetTests: XCTestCase {
         XCTAssertTrue(released, "in use \(server.memoryInUseBytes), expected one connection's \(Self.connectionBytes)")
     }
 
+    /// A chunked body's trailers are held by the decoder like a head: charged as they arrive,
+    /// given back at the request's end.
+    func testTrailersAreChargedAsTheyArrive() async throws {
+        try await start(budget: 8 << 20)
+        let raw = try await connect()
+        let body = #"["INSERT INTO t VALUES (1)"]"#
+        raw.send("POST /db/execute HTTP/1.1\r\nHost: localhost\r\nX-Apiary-Tenant: acme\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + String(body.utf8.count, radix: 16) + "\r\n" + body + "\r\n0\r\n")
+        let trailer = "X-Padding: " + String(repeating: "x", count: 600_000)
+        raw.send(trailer)
+        let charged = await eventually { self.server.memoryInUseBytes >= trailer.utf8.count }
+        XCTAssertTrue(charged, "in use \(server.memoryInUseBytes), the trailer alone is \(trailer.utf8.count)")
+        raw.send("\r\n\r\n")
+        let answered = await eventually(seconds: 30) { raw.responses.count == 1 }
+        XCTAssertTrue(answered)
+        XCTAssertEqual(raw.responses.first?.status, 200, raw.responses.first?.body ?? "")
+        let released = await eventually { self.server.memoryInUseBytes == Self.connectionBytes }
+        XCTAssertTrue(released, "in use \(server.memoryInUseBytes), expected one connection's \(Self.connectionBytes)")
+    }
+
     func testAHeadTheBudgetCannotHoldClosesItsConnectionAndTheNodeServesOn() async throws {
         try await start(budget: 4 * Self.connectionBytes)
         let long = try await connect()
