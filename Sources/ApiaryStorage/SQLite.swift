@@ -66,13 +66,16 @@ final class SQLiteConnection {
     /// Decides what tenant SQL may do on this connection.
     let sandbox = Sandbox()
 
-    /// Runs `body` with tighter bounds for work on an event loop: strings and blobs of at most
-    /// `lengthMax` bytes (one SQL function over a large value is one VM instruction, which no
-    /// deadline check interrupts) and the deadline checked every `instructions`.
-    func withInlineBounds<T>(lengthMax: Int32, checkEvery instructions: Int32, _ body: () throws -> T) rethrows -> T {
+    /// Runs `body` with tighter bounds for work on an event loop: at most `cpuNs` of this
+    /// thread's CPU time (statements past it are interrupted), checked every `instructions`;
+    /// strings and blobs of at most `lengthMax` bytes (one SQL function over a large value is
+    /// one VM instruction, which no check interrupts).
+    func withInlineBounds<T>(cpuNs: UInt64, lengthMax: Int32, checkEvery instructions: Int32, _ body: () throws -> T) rethrows -> T {
         let length = sqlite3_limit(handle, SQLITE_LIMIT_LENGTH, lengthMax)
         sandbox.checkDeadline(every: instructions, on: handle)
+        sandbox.cpuDeadlineNs = threadCPUNs() + cpuNs
         defer {
+            sandbox.cpuDeadlineNs = 0
             sqlite3_limit(handle, SQLITE_LIMIT_LENGTH, length)
             sandbox.checkDeadline(every: Sandbox.progressInterval, on: handle)
         }
@@ -374,6 +377,14 @@ struct ParameterValues {
 func monotonicNs() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// The CPU time this thread has used: unlike the clock, it does not run while the thread
+/// waits for a core (on a busy machine a read by key can take a millisecond of wall time).
+func threadCPUNs() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 

@@ -23,6 +23,9 @@ final class Sandbox {
     /// progress handler, which interrupts the statement past it (a runaway query must not
     /// hold a writer or a reader forever, invariant 8).
     var deadlineNs: UInt64 = 0
+    /// Interrupt past this much of the thread's CPU time (`threadCPUNs`); 0: never. For reads
+    /// on an event loop.
+    var cpuDeadlineNs: UInt64 = 0
     /// Functions allowed beyond `allowedFunctions` (lower-case names): a test seam for SQL
     /// functions that tests register on a connection (latches); empty in production.
     var extraAllowedFunctions: Set<String> = []
@@ -109,7 +112,8 @@ final class Sandbox {
         sqlite3_progress_handler(db, instructions, { context in
             guard let context else { return 0 }
             let sandbox = Unmanaged<Sandbox>.fromOpaque(context).takeUnretainedValue()
-            return sandbox.deadlineNs != 0 && monotonicNs() > sandbox.deadlineNs ? 1 : 0
+            if sandbox.deadlineNs != 0 && monotonicNs() > sandbox.deadlineNs { return 1 }
+            return sandbox.cpuDeadlineNs != 0 && threadCPUNs() > sandbox.cpuDeadlineNs ? 1 : 0
         }, Unmanaged.passUnretained(self).toOpaque())
     }
 

@@ -72,7 +72,7 @@ public final class TenantDatabase: @unchecked Sendable {
         /// (reads by key +20-40% with two).
         public var readersIdleMax = 2
         /// A query is first tried on the caller's thread (the connection's event loop) with an
-        /// idle reader connection, for at most this long: a read by key takes microseconds,
+        /// idle reader connection, for at most this much of the loop thread's CPU time: a read by key takes microseconds,
         /// and handing it to a reader thread and back cost more than the read (two thread
         /// wake-ups). Past it, it runs again on a reader thread. 0: never inline.
         public var inlineReadBudgetMs = 1
@@ -222,7 +222,7 @@ public final class TenantDatabase: @unchecked Sendable {
     public func query(_ statements: [SQLStatement], transaction: Bool = false) async throws -> [StatementResult] {
         try await readers.run { connection in
             // Without an inline deadline it always returns results.
-            try self.runQuery(statements, transaction: transaction, on: connection, inlineDeadlineNs: nil)!
+            try self.runQuery(statements, transaction: transaction, on: connection, inline: false)!
         }
     }
 
@@ -234,16 +234,18 @@ public final class TenantDatabase: @unchecked Sendable {
     public func queryInline(_ statements: [SQLStatement], transaction: Bool = false) -> [StatementResult]? {
         // Short SQL only: preparing a statement is not interruptible.
         guard options.inlineReadBudgetMs > 0, statements.allSatisfy({ $0.byteCount <= Self.inlineStatementBytesMax }) else { return nil }
-        let started = monotonicNs()
+        // The budget is the loop thread's CPU time, not the clock's: on a busy machine a read
+        // waits for a core now and then, and that costs the loop nothing.
+        let started = threadCPUNs()
         let budgetNs = UInt64(options.inlineReadBudgetMs) * 1_000_000
         let outcome: [StatementResult]?? = readers.withIdleConnection { connection in
-            connection.withInlineBounds(lengthMax: Self.inlineValueBytesMax, checkEvery: 100) {
-                try? runQuery(statements, transaction: transaction, on: connection, inlineDeadlineNs: started + budgetNs)
+            connection.withInlineBounds(cpuNs: budgetNs, lengthMax: Self.inlineValueBytesMax, checkEvery: 100) {
+                try? runQuery(statements, transaction: transaction, on: connection, inline: true)
             }
         }
         guard let ran = outcome else { return nil } // no idle connection
         // Past the budget, whether it finished or not: the tenant's next reads go to the threads.
-        if ran == nil || monotonicNs() - started > budgetNs {
+        if ran == nil || threadCPUNs() - started > budgetNs {
             readers.skipInline(forNs: UInt64(max(options.inlineReadPauseMs, 0)) * 1_000_000)
         }
         return ran
@@ -254,10 +256,11 @@ public final class TenantDatabase: @unchecked Sendable {
     /// A string or blob made while reading inline, at most (its function is one VM instruction).
     static let inlineValueBytesMax: Int32 = 1 << 20
 
-    /// Runs the statements of one query on `connection`. With `inlineDeadlineNs`, each runs
-    /// within what is left until then too, and nil says the deadline came first.
+    /// Runs the statements of one query on `connection`. `inline` (within
+    /// ``SQLiteConnection/withInlineBounds(cpuNs:lengthMax:checkEvery:_:)``): nil when a
+    /// statement was interrupted or made a value past the bounds.
     private func runQuery(_ statements: [SQLStatement], transaction: Bool, on connection: SQLiteConnection,
-                          inlineDeadlineNs: UInt64?) throws -> [StatementResult]? {
+                          inline: Bool) throws -> [StatementResult]? {
         // A deferred transaction: its snapshot is taken by the first statement's read.
         // (A statement interrupted by a time limit may end it early; the rest then read on
         // their own, and the COMMIT's error is of no interest.)
@@ -267,15 +270,9 @@ public final class TenantDatabase: @unchecked Sendable {
         var budget = RequestBudget(options: self.options)
         var results: [StatementResult] = []
         for s in statements {
-            guard var limits = budget.limitsForNextStatement() else {
+            guard let limits = budget.limitsForNextStatement() else {
                 results.append(.failure(budget.spentMessage))
                 continue
-            }
-            if let inlineDeadlineNs {
-                let now = monotonicNs()
-                guard now < inlineDeadlineNs else { return nil }
-                let leftMs = max(1, Int((inlineDeadlineNs - now) / 1_000_000))
-                if limits.timeMs == 0 || leftMs < limits.timeMs { limits.timeMs = leftMs }
             }
             do {
                 connection.sandbox.tenantSQL = true
@@ -286,7 +283,7 @@ public final class TenantDatabase: @unchecked Sendable {
             } catch {
                 // Inline, an interrupt or a value past the inline bounds means: not here. (Its
                 // own limits' errors, the same statement meets again on a reader thread.)
-                if inlineDeadlineNs != nil, let stopped = error as? SQLiteError, stopped.code == SQLITE_INTERRUPT || stopped.code == SQLITE_TOOBIG {
+                if inline, let stopped = error as? SQLiteError, stopped.code == SQLITE_INTERRUPT || stopped.code == SQLITE_TOOBIG {
                     return nil
                 }
                 results.append(.failure(budget.message(for: error)))
