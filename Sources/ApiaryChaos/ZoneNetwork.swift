@@ -155,15 +155,24 @@ public final class ZoneNetwork: @unchecked Sendable {
     /// Namespaces and bridges of runs whose process is gone (killed, or the machine's power
     /// cut mid-run): removed, so that a crashed run costs nothing but itself.
     public static func removeLeftovers() {
-        guard let listing = try? run(ip, ["netns", "list"]) else { return }
-        var dead: Set<Int32> = []
-        for line in listing.split(separator: "\n") {
+        var owners: Set<Int32> = []
+        // Namespaces `apiary-<pid>-<zone>`, and links `apbr<pid>` and `apv<pid><zone>` (a
+        // namespace may be gone and its bridge or veth end left).
+        for line in ((try? run(ip, ["netns", "list"])) ?? "").split(separator: "\n") {
             let name = line.split(separator: " ").first.map(String.init) ?? ""
             let parts = name.split(separator: "-")
             guard parts.count == 3, parts[0] == "apiary", let pid = Int32(parts[1]), zones.contains(String(parts[2])) else { continue }
-            if kill(pid, 0) != 0 && errno == ESRCH { dead.insert(pid) }
+            owners.insert(pid)
         }
-        for pid in dead { remove(pid) }
+        for line in ((try? run(ip, ["-o", "link"])) ?? "").split(separator: "\n") {
+            // "12: apv1234a@if11: <BROADCAST,..." or "13: apbr1234: <...": the name, then the owner.
+            let fields = line.split(separator: " ")
+            guard fields.count > 1 else { continue }
+            let name = fields[1].split(separator: "@").first.map { String($0.dropLast($0.hasSuffix(":") ? 1 : 0)) } ?? ""
+            if name.hasPrefix("apbr"), let pid = Int32(name.dropFirst(4)) { owners.insert(pid) }
+            if name.hasPrefix("apv"), let zone = name.last, zones.contains(String(zone)), let pid = Int32(name.dropFirst(3).dropLast()) { owners.insert(pid) }
+        }
+        for pid in owners where kill(pid, 0) != 0 && errno == ESRCH { remove(pid) }
     }
 
     /// The veth pair's end in this namespace (at most 15 characters).

@@ -161,6 +161,9 @@ final class ChaosCleanupTests: XCTestCase {
 
         kill(process.processIdentifier, SIGINT)
         output += Self.read(pipe, until: "interrupted: stopping the cluster and removing its zones")
+        // What it prints while it stops is read too: a full pipe would hold it up.
+        let rest = pipe.fileHandleForReading
+        DispatchQueue.global().async { _ = rest.readDataToEndOfFile() }
         process.waitUntilExit()
         XCTAssertEqual(process.terminationStatus, 130)
         XCTAssertTrue(output.contains("interrupted: stopping the cluster and removing its zones"), output)
@@ -178,6 +181,14 @@ final class ChaosCleanupTests: XCTestCase {
         let pid = gone.processIdentifier
         for zone in ZoneNetwork.zones { try Self.ip(["netns", "add", "apiary-\(pid)-\(zone)"]) }
         try Self.ip(["link", "add", "apbr\(pid)", "type", "bridge"])
+        // And the links of another dead run whose namespaces are gone already.
+        let goneToo = Process()
+        goneToo.executableURL = URL(fileURLWithPath: "/bin/true")
+        try goneToo.run()
+        goneToo.waitUntilExit()
+        let pidToo = goneToo.processIdentifier
+        try Self.ip(["link", "add", "apv\(pidToo)a", "type", "veth", "peer", "name", "apz\(pidToo)a"])
+        try Self.ip(["link", "add", "apbr\(pidToo)", "type", "bridge"])
         // A namespace of a live run (this process) is left alone.
         try Self.ip(["netns", "add", "apiary-\(getpid())-a"])
         defer { try? Self.ip(["netns", "delete", "apiary-\(getpid())-a"]) }
@@ -211,6 +222,8 @@ final class ChaosCleanupTests: XCTestCase {
         XCTAssertEqual(names.filter { $0.hasPrefix("apiary-\(pid)-") }, [])
         XCTAssertTrue(names.contains("apiary-\(getpid())-a"))
         XCTAssertThrowsError(try Self.ip(["link", "show", "apbr\(pid)"]), "the dead run's bridge is removed")
+        XCTAssertThrowsError(try Self.ip(["link", "show", "apv\(pidToo)a"]), "a veth pair left without its namespace is removed")
+        XCTAssertThrowsError(try Self.ip(["link", "show", "apbr\(pidToo)"]), "a bridge left without its namespaces is removed")
     }
 
     func testANetworkMadeAgainAtOnceFindsItsNamesFree() throws {
