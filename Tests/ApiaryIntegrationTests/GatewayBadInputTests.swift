@@ -64,6 +64,7 @@ final class GatewayBadInputTests: NodeProcessTestCase {
         XCTAssertEqual(refused.status, 413, refused.text)
         XCTAssertTrue(refused.text.contains("\"code\":\"too_large\""), refused.text)
         XCTAssertNil(refused.header("X-Apiary-Node"), "a body past the limit is not forwarded")
+        XCTAssertNotNil(refused.header("X-Apiary-Gateway"), "the gateway's own answers say which gateway gave them")
         let next = try await client.request(.GET, "/readyz", timeoutMs: 10_000)
         XCTAssertEqual(next.status, 200, "the same connection goes on: \(next.text)")
         await client.close()

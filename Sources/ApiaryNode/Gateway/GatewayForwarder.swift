@@ -29,6 +29,8 @@ struct GatewayForwarder: HTTPResponder {
             var answer = await forward(request)
             // Browsers (and clients that honour it) never try plain HTTP to this host again.
             answer.headers.append(("Strict-Transport-Security", "max-age=31536000"))
+            // Which gateway answered: its own refusals too, not only the nodes' answers.
+            answer.headers.append(("X-Apiary-Gateway", name))
             let response = answer
             done { response }
         }
@@ -115,7 +117,6 @@ struct GatewayForwarder: HTTPResponder {
         for name in ["X-Apiary-Node", "X-Apiary-Epoch", "Retry-After"] {
             if let value = response.header(name) { answer.headers.append((name, value)) }
         }
-        answer.headers.append(("X-Apiary-Gateway", name))
         return (.answered(status: response.status, code: code, outcomeUnknown: unknown), answer)
     }
 
