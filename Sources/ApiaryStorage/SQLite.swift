@@ -66,6 +66,13 @@ final class SQLiteConnection {
     /// Decides what tenant SQL may do on this connection.
     let sandbox = Sandbox()
 
+    /// Runs a client's statement: judged by the sandbox as tenant SQL, within `limits`.
+    func runTenantSQL(_ statement: SQLStatement, limits: StatementLimits) throws -> StatementOutcome {
+        sandbox.tenantSQL = true
+        defer { sandbox.tenantSQL = false }
+        return try run(statement.sql, statement.parameters, names: statement.parameterNames, limits: limits)
+    }
+
     /// Runs `body` with tighter bounds for work on an event loop: at most `cpuNs` of this
     /// thread's CPU time (statements past it are interrupted), checked every `instructions`;
     /// strings and blobs of at most `lengthMax` bytes (one SQL function over a large value is

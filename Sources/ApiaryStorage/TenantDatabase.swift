@@ -275,9 +275,7 @@ public final class TenantDatabase: @unchecked Sendable {
                 continue
             }
             do {
-                connection.sandbox.tenantSQL = true
-                defer { connection.sandbox.tenantSQL = false }
-                let outcome = try connection.run(s.sql, s.parameters, names: s.parameterNames, limits: limits)
+                let outcome = try connection.runTenantSQL(s, limits: limits)
                 budget.spend(outcome)
                 results.append(.success(outcome))
             } catch {
@@ -612,9 +610,7 @@ final class TenantWriter: @unchecked Sendable {
             }
             if perStatement { try? connection.execPrepared("SAVEPOINT statement") }
             do {
-                connection.sandbox.tenantSQL = true
-                defer { connection.sandbox.tenantSQL = false }
-                let outcome = try connection.run(statement.sql, statement.parameters, names: statement.parameterNames, limits: limits)
+                let outcome = try connection.runTenantSQL(statement, limits: limits)
                 budget.spend(outcome)
                 results.append(.success(outcome))
                 if perStatement { try? connection.execPrepared("RELEASE statement") }

@@ -150,7 +150,8 @@ final class ChaosCleanupTests: XCTestCase {
         process.standardOutput = pipe
         process.standardError = pipe
         try process.run()
-        // A run that never gets there is stopped, which ends its output.
+        // A bound, not a wait: a run that never prints its line is stopped, which ends its
+        // output and the read below (the test waits on the line itself).
         let watchdog = DispatchWorkItem { kill(process.processIdentifier, SIGKILL) }
         DispatchQueue.global().asyncAfter(deadline: .now() + 300, execute: watchdog)
         defer { watchdog.cancel() }

@@ -103,11 +103,7 @@ public enum RqliteJSON {
                 // as much as the read itself).
                 out.append(UInt8(ascii: "{"))
                 var first = true
-                func key(_ name: StaticString, _ out: inout [UInt8]) {
-                    if !first { out.append(UInt8(ascii: ",")) }
-                    first = false
-                    name.withUTF8Buffer { out.append(contentsOf: $0) }
-                }
+                func key(_ name: StaticString, _ out: inout [UInt8]) { member(name, first: &first, into: &out) }
                 if !columns.isEmpty {
                     key(#""columns":["#, &out)
                     for (i, column) in columns.enumerated() {
@@ -147,11 +143,7 @@ public enum RqliteJSON {
             // The insert path's answer: written straight into `out`, no strings in between.
             out.append(UInt8(ascii: "{"))
             var first = true
-            func key(_ name: StaticString, _ out: inout [UInt8]) {
-                if !first { out.append(UInt8(ascii: ",")) }
-                first = false
-                name.withUTF8Buffer { out.append(contentsOf: $0) }
-            }
+            func key(_ name: StaticString, _ out: inout [UInt8]) { member(name, first: &first, into: &out) }
             if o.lastInsertID != 0 {
                 key(#""last_insert_id":"#, &out)
                 out.append(contentsOf: String(o.lastInsertID).utf8)
@@ -167,6 +159,13 @@ public enum RqliteJSON {
             if format.associative { key(#""rows":null"#, &out) }
             out.append(UInt8(ascii: "}"))
         }
+    }
+
+    /// A JSON object's member name (`"name":`, given whole), after a comma unless it is the first.
+    private static func member(_ name: StaticString, first: inout Bool, into out: inout [UInt8]) {
+        if !first { out.append(UInt8(ascii: ",")) }
+        first = false
+        name.withUTF8Buffer { out.append(contentsOf: $0) }
     }
 
     /// The declared types, lower-cased; a column without one (an expression) is named after
