@@ -81,7 +81,7 @@ final class GatewayGarbageNodeTests: XCTestCase {
         config.holdMs = 500
         var core = GatewayCore(config: config)
         core.onTopology(GatewayTopology(version: 1, epoch: Epoch(1), writer: "node-a", writerReady: true))
-        let pool = NodePool(node: "node-a", host: "127.0.0.1", port: port,
+        let pool = try NodePool(node: "node-a", host: "127.0.0.1", port: port,
                             tls: try ClusterCredentials(directory: directory, name: "gateway").clusterClient(), group: MultiThreadedEventLoopGroup.singleton)
         let forwarder = GatewayForwarder(name: "gateway-test", state: GatewayState(core: core), pools: ["node-a": pool], bodyBytesMax: 1 << 20,
                                          limits: RequestLimits(perAddress: .init(perSecond: 1_000, burst: 1_000)), logger: Logger(label: "test"))

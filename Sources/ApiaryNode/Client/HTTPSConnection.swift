@@ -10,9 +10,11 @@ import NIOSSL
 public final class HTTPSConnection: @unchecked Sendable {
     public struct Response: Sendable {
         public var status: Int
-        public var headers: [(String, String)]
+        /// As the server sent them; looked up without regard to case.
+        public var fields: HTTPHeaders
         public var body: [UInt8]
-        public func header(_ name: String) -> String? { headers.first { $0.0.lowercased() == name.lowercased() }?.1 }
+        public var headers: [(String, String)] { fields.map { ($0.name, $0.value) } }
+        public func header(_ name: String) -> String? { fields.first(name: name) }
         public var text: String { String(decoding: body, as: UTF8.self) }
     }
 
@@ -31,11 +33,22 @@ public final class HTTPSConnection: @unchecked Sendable {
     ///   addresses to be other clients).
     public static func connect(host: String, port: Int, tls: TLSConfiguration, group: any EventLoopGroup, timeoutMs: Int64 = 5000,
                                localAddress: String? = nil) async throws -> HTTPSConnection {
-        let context = try NIOSSLContext(configuration: tls)
+        try await connect(host: host, port: port, context: NIOSSLContext(configuration: tls), group: group, timeoutMs: timeoutMs,
+                          localAddress: localAddress).get()
+    }
+
+    /// Connects on a loop of `group` (on that loop itself when `group` is one), with a TLS
+    /// context made once by the caller: making one loads certificates and keys from disk.
+    static func connect(host: String, port: Int, context: NIOSSLContext, group: any EventLoopGroup, timeoutMs: Int64,
+                        localAddress: String? = nil) -> EventLoopFuture<HTTPSConnection> {
         let collector = ResponseCollector()
         var bootstrap = ClientBootstrap(group: group)
-        if let localAddress { bootstrap = bootstrap.bind(to: try SocketAddress(ipAddress: localAddress, port: 0)) }
-        let channel = try await bootstrap
+        if let localAddress {
+            do { bootstrap = bootstrap.bind(to: try SocketAddress(ipAddress: localAddress, port: 0)) } catch {
+                return group.next().makeFailedFuture(error)
+            }
+        }
+        return bootstrap
             .connectTimeout(.milliseconds(timeoutMs))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
@@ -46,8 +59,8 @@ public final class HTTPSConnection: @unchecked Sendable {
                     try channel.pipeline.syncOperations.addHandler(collector)
                 }
             }
-            .connect(host: host, port: port).get()
-        return HTTPSConnection(channel: channel, host: host, handler: collector)
+            .connect(host: host, port: port)
+            .map { HTTPSConnection(channel: $0, host: host, handler: collector) }
     }
 
     /// - Parameter timeoutMs: give up after this long (the connection is closed: the request
@@ -61,29 +74,37 @@ public final class HTTPSConnection: @unchecked Sendable {
     }
 
     public func request(_ method: HTTPMethod, _ path: String, headers: [(String, String)] = [], body: [UInt8]? = nil) async throws -> Response {
-        var head = HTTPRequestHead(version: .http1_1, method: method, uri: path)
+        var fields = HTTPHeaders()
+        for (name, value) in headers { fields.add(name: name, value: value) }
+        return try await send(method, path, fields: fields, body: body).get()
+    }
+
+    /// Sends one request; the future completes on the connection's loop. Called on that loop,
+    /// it writes at once (the gateway's path: no hop, no task).
+    func send(_ method: HTTPMethod, _ path: String, fields: HTTPHeaders, body: [UInt8]?) -> EventLoopFuture<Response> {
+        var head = HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: fields)
         head.headers.add(name: "Host", value: host)
-        for (name, value) in headers { head.headers.add(name: name, value: value) }
         if let body {
             head.headers.add(name: "Content-Length", value: String(body.count))
-            if !headers.contains(where: { $0.0.lowercased() == "content-type" }) { head.headers.add(name: "Content-Type", value: "application/json") }
+            if !fields.contains(name: "content-type") { head.headers.add(name: "Content-Type", value: "application/json") }
         }
         let promise = channel.eventLoop.makePromise(of: Response.self)
-        let channel = self.channel
-        channel.eventLoop.execute {
+        let channel = self.channel, handler = self.handler
+        let write = { [head] in
             // A closed connection has already failed its waiters; nothing would fail this one.
             // Nothing of this request was sent: a caller may send it elsewhere safely.
             guard channel.isActive else { return promise.fail(HTTPSRequestNotSent()) }
-            self.handler.waiting.append(promise)
+            handler.waiting.append(promise)
             channel.write(HTTPClientRequestPart.head(head), promise: nil)
             if let body { channel.write(HTTPClientRequestPart.body(.byteBuffer(channel.allocator.buffer(bytes: body))), promise: nil) }
             channel.writeAndFlush(HTTPClientRequestPart.end(nil)).whenFailure { error in
-                if let i = self.handler.waiting.firstIndex(where: { $0.futureResult === promise.futureResult }) {
-                    self.handler.waiting.remove(at: i).fail(error)
+                if let i = handler.waiting.firstIndex(where: { $0.futureResult === promise.futureResult }) {
+                    handler.waiting.remove(at: i).fail(error)
                 }
             }
         }
-        return try await promise.futureResult.get()
+        if channel.eventLoop.inEventLoop { write() } else { channel.eventLoop.execute(write) }
+        return promise.futureResult
     }
 
     /// Whether the connection is still up (the server may close it: shutdown, idle timeout).
@@ -117,7 +138,7 @@ final class ResponseCollector: ChannelInboundHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head):
-            current = .init(status: Int(head.status.code), headers: head.headers.map { ($0.name, $0.value) }, body: [])
+            current = .init(status: Int(head.status.code), fields: head.headers, body: [])
         case .body(var buffer):
             if (current?.body.count ?? 0) + buffer.readableBytes > bodyBytesMax {
                 context.close(promise: nil)

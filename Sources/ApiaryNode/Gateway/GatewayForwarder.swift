@@ -25,8 +25,8 @@ struct GatewayForwarder: HTTPResponder {
                                             "upgrade", "host", "content-length", "x-forwarded-for", "expect"]
 
     func respond(to request: APIRequest, then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {
-        Task {
-            var answer = await forward(request)
+        let finish: @Sendable (APIResponse) -> Void = { [name] answer in
+            var answer = answer
             // Browsers (and clients that honour it) never try plain HTTP to this host again.
             answer.headers.append(("Strict-Transport-Security", "max-age=31536000"))
             // Which gateway answered: its own refusals too, not only the nodes' answers.
@@ -34,9 +34,14 @@ struct GatewayForwarder: HTTPResponder {
             let response = answer
             done { response }
         }
+        if let refusal = refusal(of: request) { return finish(refusal) }
+        let loop = request.eventLoop ?? MultiThreadedEventLoopGroup.singleton.next()
+        let forwarding = Forwarding(forwarder: self, request: request, loop: loop, finish: finish)
+        loop.execute { forwarding.start() }
     }
 
-    private func forward(_ request: APIRequest) async -> APIResponse {
+    /// What the gateway answers itself, before any node sees the request; nil to forward it.
+    private func refusal(of request: APIRequest) -> APIResponse? {
         if request.bodyTooLarge {
             return APIResponse(status: .payloadTooLarge, body: RqliteJSON.error("request body larger than \(bodyBytesMax) bytes", code: .tooLarge))
         }
@@ -48,76 +53,7 @@ struct GatewayForwarder: HTTPResponder {
             refusal.headers.append(("Retry-After", "1"))
             return refusal
         }
-        if let refusal = limits.admit(request) { return refusal }
-        let path = request.path
-        // /db/query, also under /tenants/{t}/; GETs other than the SQL endpoints (status, nodes).
-        let isRead = path.hasSuffix("/db/query") || (request.method == .GET && !path.contains("/db/"))
-        let traits = RequestTraits(isRead: isRead, hasIdempotencyKey: request.headers.contains(name: "idempotency-key"))
-        var progress = RequestProgress(traits: traits, now: monotonicNowMs())
-        var (decision, seen) = state.with { ($0.next(progress, now: monotonicNowMs()), $0.topology) }
-        var lastAnswer: APIResponse?
-        while true {
-            switch decision {
-            case .forward(let node):
-                state.with { $0.sending(&progress) }
-                let (outcome, answer) = await attempt(request, on: node, progress: progress)
-                lastAnswer = answer
-                (decision, seen) = state.with { ($0.onOutcome(outcome, of: &progress, now: monotonicNowMs()), $0.topology) }
-            case .wait(let untilMs):
-                await state.waitForChange(from: seen, untilMs: untilMs, loop: MultiThreadedEventLoopGroup.singleton.next())
-                (decision, seen) = state.with { ($0.next(progress, now: monotonicNowMs()), $0.topology) }
-            case .answer:
-                return lastAnswer ?? Self.failure(.noWriter, holdMs: state.with { $0.config.holdMs })
-            case .fail(let failure):
-                return Self.failure(failure, holdMs: state.with { $0.config.holdMs })
-            }
-        }
-    }
-
-    /// One attempt on `node`: how it ended, and the node's answer if it gave one.
-    private func attempt(_ request: APIRequest, on node: NodeID, progress: RequestProgress) async -> (AttemptOutcome, APIResponse?) {
-        guard let pool = pools[node] else {
-            logger.warning("the monitor names a writer this gateway has no address for", metadata: ["node": "\(node)"])
-            return (.notSent, nil)
-        }
-        let connection: HTTPSConnection
-        do { connection = try await pool.take() } catch { return (.notSent, nil) }
-        var headers: [(String, String)] = request.headers.compactMap { Self.notForwarded.contains($0.name.lowercased()) ? nil : ($0.name, $0.value) }
-        if let client = request.clientAddress { headers.append(("X-Forwarded-For", client)) }
-        let channel = connection.channel
-        let timeout = channel.eventLoop.scheduleTask(in: .milliseconds(Self.attemptTimeoutMs)) { connection.abandon() }
-        defer { timeout.cancel() }
-        // While the attempt is under way, a change of writer may make waiting for it pointless
-        // (GatewayCore.abandons): the state then closes its connection and the core sends it again.
-        let token = state.attemptBegins(progress, on: node, connection: connection)
-        defer { state.attemptEnded(token) }
-        let response: HTTPSConnection.Response
-        do {
-            response = try await connection.request(request.method, request.uri, headers: headers,
-                                                    body: request.method == .GET || request.method == .HEAD ? nil : request.body)
-        } catch is HTTPSRequestNotSent {
-            await pool.discard(connection)
-            return (.notSent, nil)
-        } catch {
-            await pool.discard(connection)
-            return (.noAnswer, nil)
-        }
-        if response.header("connection")?.lowercased() == "close" { await pool.discard(connection) } else { pool.give(back: connection) }
-        // Only a refusal's code matters to the core; a 200's body (results) is never parsed.
-        let code = response.status == 200 ? nil : response.errorCode
-        // The node's epoch may be news the monitor's watch has not brought yet. Only a success
-        // of an SQL endpoint says the node is the writer (a standby's /status is 200 too).
-        if request.path.contains("/db/"), response.status == 200, let epoch = response.header("x-apiary-epoch").flatMap(UInt64.init) {
-            state.onWriterAnswer(from: node, epoch: Epoch(epoch))
-        }
-        let unknown = response.header("x-apiary-outcome")?.lowercased() == "unknown"
-        var answer = APIResponse(status: HTTPResponseStatus(statusCode: response.status), body: response.body,
-                                 outcomeUnknown: unknown, contentType: response.header("content-type") ?? "application/json",
-                                 allow: response.header("allow"), asksForCredentials: response.header("www-authenticate") != nil)
-        for name in ["X-Apiary-Node", "X-Apiary-Epoch", "Retry-After"] {
-            if let value = response.header(name) { answer.headers.append((name, value)) }
-        }
-        return (.answered(status: response.status, code: code, outcomeUnknown: unknown), answer)
+        return limits.admit(request)
     }
 
     static func failure(_ failure: GatewayFailure, holdMs: Int64) -> APIResponse {
@@ -132,6 +68,122 @@ struct GatewayForwarder: HTTPResponder {
                                body: RqliteJSON.error("outcome unknown: the request reached the primary and no answer came back; it may or may not have been applied (send it again only with an Idempotency-Key)", code: .outcomeUnknown),
                                outcomeUnknown: true)
         }
+    }
+}
+
+/// One client request on its way through the gateway. Every step runs on the event loop of the
+/// client's connection, and ``NodePool`` gives it a connection on that same loop when one is idle
+/// there: a request that finds its writer crosses no thread and makes no task (docs/gateway.md,
+/// "The forwarding path"). Each step asks ``GatewayCore`` what to do next.
+private final class Forwarding: @unchecked Sendable {
+    let forwarder: GatewayForwarder
+    let request: APIRequest
+    let loop: any EventLoop
+    let finish: @Sendable (APIResponse) -> Void
+    /// The request's headers as they go to the node: those of the hop removed, the client's
+    /// address added.
+    let fields: HTTPHeaders
+    private var progress: RequestProgress
+    private var seen = GatewayTopology.unknown
+    private var lastAnswer: APIResponse?
+
+    init(forwarder: GatewayForwarder, request: APIRequest, loop: any EventLoop, finish: @escaping @Sendable (APIResponse) -> Void) {
+        self.forwarder = forwarder
+        self.request = request
+        self.loop = loop
+        self.finish = finish
+        var fields = request.headers
+        for name in GatewayForwarder.notForwarded where fields.contains(name: name) { fields.remove(name: name) }
+        if let client = request.clientAddress { fields.add(name: "X-Forwarded-For", value: client) }
+        self.fields = fields
+        // /db/query, also under /tenants/{t}/; GETs other than the SQL endpoints (status, nodes).
+        let path = request.path
+        let isRead = path.hasSuffix("/db/query") || (request.method == .GET && !path.contains("/db/"))
+        progress = RequestProgress(traits: RequestTraits(isRead: isRead, hasIdempotencyKey: request.headers.contains(name: "idempotency-key")),
+                                   now: monotonicNowMs())
+    }
+
+    func start() { step(decide { core, progress, now in core.next(progress, now: now) }) }
+
+    /// Asks the core, and notes the topology it answered under (what a wait waits to change).
+    private func decide(_ ask: (inout GatewayCore, inout RequestProgress, Int64) -> GatewayDecision) -> GatewayDecision {
+        let now = monotonicNowMs()
+        let (decision, topology) = forwarder.state.with { core in (ask(&core, &progress, now), core.topology) }
+        seen = topology
+        return decision
+    }
+
+    private func step(_ decision: GatewayDecision) {
+        switch decision {
+        case .forward(let node):
+            forwarder.state.with { $0.sending(&progress) }
+            attempt(on: node)
+        case .wait(let untilMs):
+            forwarder.state.whenChanged(from: seen, untilMs: untilMs, on: loop) { [self] in
+                step(decide { core, progress, now in core.next(progress, now: now) })
+            }
+        case .answer:
+            finish(lastAnswer ?? GatewayForwarder.failure(.noWriter, holdMs: forwarder.state.with { $0.config.holdMs }))
+        case .fail(let failure):
+            finish(GatewayForwarder.failure(failure, holdMs: forwarder.state.with { $0.config.holdMs }))
+        }
+    }
+
+    private func ended(_ outcome: AttemptOutcome, answer: APIResponse?) {
+        lastAnswer = answer
+        step(decide { core, progress, now in core.onOutcome(outcome, of: &progress, now: now) })
+    }
+
+    /// One attempt on `node`; ends in ``ended(_:answer:)`` with how it went.
+    private func attempt(on node: NodeID) {
+        guard let pool = forwarder.pools[node] else {
+            forwarder.logger.warning("the monitor names a writer this gateway has no address for", metadata: ["node": "\(node)"])
+            return ended(.notSent, answer: nil)
+        }
+        pool.take(on: loop).whenComplete { [self] taken in
+            switch taken {
+            case .failure: ended(.notSent, answer: nil)
+            case .success(let connection): send(on: connection, to: node, from: pool)
+            }
+        }
+    }
+
+    private func send(on connection: HTTPSConnection, to node: NodeID, from pool: NodePool) {
+        let timeout = connection.channel.eventLoop.scheduleTask(in: .milliseconds(GatewayForwarder.attemptTimeoutMs)) { connection.abandon() }
+        // While the attempt is under way, a change of writer may make waiting for it pointless
+        // (GatewayCore.abandons): the state then closes its connection and the core sends it again.
+        let token = forwarder.state.attemptBegins(progress, on: node, connection: connection)
+        let body = request.method == .GET || request.method == .HEAD ? nil : request.body
+        connection.send(request.method, request.uri, fields: fields, body: body).hop(to: loop).whenComplete { [self] result in
+            timeout.cancel()
+            forwarder.state.attemptEnded(token)
+            switch result {
+            case .failure(let error):
+                pool.discard(connection)
+                ended(error is HTTPSRequestNotSent ? .notSent : .noAnswer, answer: nil)
+            case .success(let response):
+                if response.header("connection")?.lowercased() == "close" { pool.discard(connection) } else { pool.give(back: connection) }
+                answered(response, by: node)
+            }
+        }
+    }
+
+    private func answered(_ response: HTTPSConnection.Response, by node: NodeID) {
+        // Only a refusal's code matters to the core; a 200's body (results) is never parsed.
+        let code = response.status == 200 ? nil : response.errorCode
+        // The node's epoch may be news the monitor's watch has not brought yet. Only a success
+        // of an SQL endpoint says the node is the writer (a standby's /status is 200 too).
+        if response.status == 200, request.path.contains("/db/"), let epoch = response.header("x-apiary-epoch").flatMap(UInt64.init) {
+            forwarder.state.onWriterAnswer(from: node, epoch: Epoch(epoch))
+        }
+        let unknown = response.header("x-apiary-outcome")?.lowercased() == "unknown"
+        var answer = APIResponse(status: HTTPResponseStatus(statusCode: response.status), body: response.body,
+                                 outcomeUnknown: unknown, contentType: response.header("content-type") ?? "application/json",
+                                 allow: response.header("allow"), asksForCredentials: response.header("www-authenticate") != nil)
+        for name in ["X-Apiary-Node", "X-Apiary-Epoch", "Retry-After"] {
+            if let value = response.header(name) { answer.headers.append((name, value)) }
+        }
+        ended(.answered(status: response.status, code: code, outcomeUnknown: unknown), answer: answer)
     }
 }
 

@@ -49,7 +49,7 @@ public enum GatewayServer {
         let group = MultiThreadedEventLoopGroup.singleton
         let state = GatewayState(core: GatewayCore(config: config.core))
         let tls = credentials.clusterClient()
-        let pools = Dictionary(uniqueKeysWithValues: config.nodes.map { ($0.key, NodePool(node: $0.key, host: $0.value.host, port: $0.value.port, tls: tls, group: group)) })
+        let pools = Dictionary(uniqueKeysWithValues: try config.nodes.map { ($0.key, try NodePool(node: $0.key, host: $0.value.host, port: $0.value.port, tls: tls, group: group)) })
         let watch = TopologyWatch(host: config.monitorHost, port: config.monitorPort, tls: tls, group: group, state: state, logger: logger)
         watch.start()
         defer { watch.stop() }
@@ -88,7 +88,7 @@ public enum GatewayServer {
 final class GatewayState: @unchecked Sendable {
     private let lock = NSLock()
     private var core: GatewayCore
-    private var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+    private var waiters: [UInt64: @Sendable () -> Void] = [:]
     private var nextWaiter: UInt64 = 0
     /// Attempts under way: a change of writer may abandon them (``GatewayCore/abandons(_:sentTo:)``).
     private var inFlight: [UInt64: (request: RequestProgress, node: NodeID, connection: HTTPSConnection)] = [:]
@@ -113,7 +113,7 @@ final class GatewayState: @unchecked Sendable {
     /// gives up the attempts on a former writer that the core says to.
     @discardableResult
     private func changed(_ change: (inout GatewayCore) -> Bool) -> Int {
-        let (woken, abandoned): ([CheckedContinuation<Void, Never>], [HTTPSConnection]) = lock.withLock {
+        let (woken, abandoned): ([@Sendable () -> Void], [HTTPSConnection]) = lock.withLock {
             guard change(&core) else { return ([], []) }
             defer { waiters.removeAll() }
             let abandoned = inFlight.values.filter { core.abandons($0.request, sentTo: $0.node) }.map(\.connection)
@@ -121,7 +121,7 @@ final class GatewayState: @unchecked Sendable {
         }
         // Their attempts end as "no answer"; the core sends them again to the new writer.
         for connection in abandoned { connection.abandon() }
-        for w in woken { w.resume() }
+        for wake in woken { wake() }
         return abandoned.count
     }
 
@@ -141,21 +141,20 @@ final class GatewayState: @unchecked Sendable {
         lock.withLock { _ = inFlight.removeValue(forKey: token) }
     }
 
-    /// Returns when the topology is no longer `seen` (it may have changed between the decision
-    /// to wait and this call), or at `untilMs` (monotonic), whichever is first.
-    func waitForChange(from seen: GatewayTopology, untilMs: Int64, loop: any EventLoop) async {
-        let delayMs = max(0, untilMs - monotonicNowMs())
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let id: UInt64? = lock.withLock {
-                guard core.topology == seen else { return nil }
-                nextWaiter += 1
-                waiters[nextWaiter] = continuation
-                return nextWaiter
-            }
-            guard let id else { return continuation.resume() }
-            loop.scheduleTask(in: .milliseconds(delayMs)) { [self] in
-                if let c = lock.withLock({ waiters.removeValue(forKey: id) }) { c.resume() }
-            }
+    /// Calls `then` on `loop` once, when the topology is no longer `seen` (it may have changed
+    /// between the decision to wait and this call), or at `untilMs` (monotonic), whichever is first.
+    func whenChanged(from seen: GatewayTopology, untilMs: Int64, on loop: any EventLoop, then: @escaping @Sendable () -> Void) {
+        let wake: @Sendable () -> Void = { loop.execute(then) }
+        let id: UInt64? = lock.withLock {
+            guard core.topology == seen else { return nil }
+            nextWaiter += 1
+            waiters[nextWaiter] = wake
+            return nextWaiter
+        }
+        guard let id else { return wake() }
+        loop.scheduleTask(in: .milliseconds(max(0, untilMs - monotonicNowMs()))) { [self] in
+            // Whichever of the change and the timer removes the waiter wakes it.
+            lock.withLock { waiters.removeValue(forKey: id) }?()
         }
     }
 }
@@ -218,14 +217,17 @@ final class TopologyWatch: @unchecked Sendable {
     func stop() { task?.cancel() }
 }
 
-/// Keep-alive connections to one node, with the gateway's certificate; bounded.
+/// Keep-alive connections to one node, with the gateway's certificate; bounded. A request
+/// takes a connection on its own event loop when one is idle there: it then crosses no thread.
 final class NodePool: @unchecked Sendable {
     let node: NodeID
     let host: String
     let port: Int
-    let tls: TLSConfiguration
     let group: any EventLoopGroup
+    /// Made once: making a context loads the certificates and keys from disk.
+    private let context: NIOSSLContext
     private let lock = NSLock()
+    /// Most recently given back last.
     private var idle: [(connection: HTTPSConnection, since: Int64)] = []
     private var open = 0
     /// Connections to one node at most; past it a request counts as not sent (and is held).
@@ -237,42 +239,49 @@ final class NodePool: @unchecked Sendable {
     /// Idle connections kept open to every node, the standby too, ahead of need: after a
     /// failover the first requests to the new writer find connections ready, instead of each
     /// waiting for a TLS handshake of its own (dozens at once, on the cores the nodes need).
+    /// Opened on the group's loops in turn, so each loop has some.
     static let warmCount = 8
     /// How often the warm connections are checked: replaced before they are too old to reuse,
     /// opened again to a node that was down.
     static let warmCheckMs: Int64 = 5_000
     private var warmedOnce = false
 
-    init(node: NodeID, host: String, port: Int, tls: TLSConfiguration, group: any EventLoopGroup) {
+    init(node: NodeID, host: String, port: Int, tls: TLSConfiguration, group: any EventLoopGroup) throws {
         self.node = node
         self.host = host
         self.port = port
-        self.tls = tls
         self.group = group
+        self.context = try NIOSSLContext(configuration: tls)
     }
 
-    func take() async throws -> HTTPSConnection {
+    /// A connection for a request on `loop`: the one given back last on that loop, else the
+    /// one given back last on any loop, else a new one on `loop`. The future completes on `loop`.
+    func take(on loop: any EventLoop) -> EventLoopFuture<HTTPSConnection> {
         let now = monotonicNowMs()
         let (reused, stale, mayOpen): (HTTPSConnection?, [HTTPSConnection], Bool) = lock.withLock {
             var stale: [HTTPSConnection] = []
-            while let last = idle.popLast() {
-                if last.connection.isOpen && now - last.since < Self.idleReuseMs { return (last.connection, stale, false) }
-                stale.append(last.connection)
+            idle.removeAll { entry in
+                guard !entry.connection.isOpen || now - entry.since >= Self.idleReuseMs else { return false }
+                stale.append(entry.connection)
                 open -= 1
+                return true
+            }
+            if let i = idle.lastIndex(where: { $0.connection.channel.eventLoop === loop }) ?? idle.indices.last {
+                return (idle.remove(at: i).connection, stale, false)
             }
             guard open < Self.connectionsMax else { return (nil, stale, false) }
             open += 1
             return (nil, stale, true)
         }
-        for connection in stale { await connection.close() }
-        if let reused { return reused }
-        guard mayOpen else { throw NodeError("\(Self.connectionsMax) connections to \(node) are busy") }
-        do {
-            return try await HTTPSConnection.connect(host: host, port: port, tls: tls, group: group, timeoutMs: 1_000)
-        } catch {
-            lock.withLock { open -= 1 }
-            throw error
-        }
+        for connection in stale { connection.abandon() }
+        if let reused { return loop.makeSucceededFuture(reused) }
+        guard mayOpen else { return loop.makeFailedFuture(NodeError("\(Self.connectionsMax) connections to \(node) are busy")) }
+        return HTTPSConnection.connect(host: host, port: port, context: context, group: loop, timeoutMs: 1_000)
+            .hop(to: loop)
+            .flatMapErrorThrowing { [self] error in
+                lock.withLock { open -= 1 }
+                throw error
+            }
     }
 
     /// Closes idle connections that would be too old to reuse before the next check, and opens
@@ -293,10 +302,10 @@ final class NodePool: @unchecked Sendable {
         }
         for connection in stale { connection.abandon() }
         guard toOpen > 0 else { return }
-        let (host, port, tls, loops) = (host, port, tls, group)
+        let (host, port, context, group) = (host, port, context, group)
         let opened = await withTaskGroup(of: HTTPSConnection?.self) { tasks in
             for _ in 0..<toOpen {
-                tasks.addTask { try? await HTTPSConnection.connect(host: host, port: port, tls: tls, group: loops, timeoutMs: 1_000) }
+                tasks.addTask { try? await HTTPSConnection.connect(host: host, port: port, context: context, group: group, timeoutMs: 1_000).get() }
             }
             return await tasks.reduce(into: [HTTPSConnection]()) { if let c = $1 { $0.append(c) } }
         }
@@ -317,7 +326,7 @@ final class NodePool: @unchecked Sendable {
     /// Forgets a connection and closes it without waiting: a TLS close waits for the peer's
     /// close_notify, which a paused or cut-off node never sends, and the request that gave the
     /// connection up goes on at once.
-    func discard(_ connection: HTTPSConnection) async {
+    func discard(_ connection: HTTPSConnection) {
         lock.withLock { open -= 1 }
         connection.abandon()
     }

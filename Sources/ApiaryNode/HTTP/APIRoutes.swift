@@ -24,6 +24,8 @@ struct APIRequest: Sendable {
     var peer: ApiaryTLS.PeerIdentity?
     /// The client's IP address as the socket says.
     var clientAddress: String?
+    /// The event loop of the client's connection (the gateway forwards on it).
+    var eventLoop: (any EventLoop)?
 
     var path: Substring { let t = target; return t[..<(t.utf8.firstIndex(of: UInt8(ascii: "?")) ?? t.endIndex)] }
     var query: Substring? { let t = target; return t.utf8.firstIndex(of: UInt8(ascii: "?")).map { t[t.utf8.index(after: $0)...] } }

@@ -447,6 +447,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         }
         request.peer = peer
         request.clientAddress = context.channel.remoteAddress?.ipAddress
+        request.eventLoop = context.eventLoop
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context), eventLoop: loop)
         routes.respond(to: request) { makeResponse in
