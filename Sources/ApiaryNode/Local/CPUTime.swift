@@ -20,3 +20,20 @@ public enum CPUTime {
         return user + system
     }
 }
+
+/// Which CPUs a process may run on, for benchmarks that give one process a core of its own
+/// (as it would have on its own host) on a machine they share.
+public enum CPUAffinity {
+    /// Restricts every thread of process `pid` to `cpus`, with util-linux's `taskset` (Swift's
+    /// Glibc module leaves out `sched_setaffinity`). Threads it makes later inherit the mask of
+    /// the thread that makes them, and processes it starts inherit it too.
+    public static func pin(_ pid: Int32, to cpus: [Int]) throws {
+        let taskset = Process()
+        taskset.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
+        taskset.arguments = ["--all-tasks", "--cpu-list", "--pid", cpus.map(String.init).joined(separator: ","), String(pid)]
+        taskset.standardOutput = FileHandle.nullDevice
+        try taskset.run()
+        taskset.waitUntilExit()
+        guard taskset.terminationStatus == 0 else { throw NodeError("taskset could not pin process \(pid) to CPUs \(cpus) (exit \(taskset.terminationStatus))") }
+    }
+}

@@ -29,6 +29,7 @@ struct Inserts: AsyncParsableCommand {
     @Option(help: "API base port for the benchmark clusters.") var basePort = 24001
     @Option(help: "Event loop threads driving the clients (pgbench in bench/ uses up to 2).") var clientThreads = 1
     @Option(help: "inserts (one INSERT per request) or reads (one SELECT by primary key per request, level weak).") var workload = "inserts"
+    @Option(help: "Give the gateway this CPU of its own, and every other process of the run (nodes, monitor, load) the other CPUs: a gateway tier on hosts of its own, on a machine with few cores.") var gatewayCPU: Int?
     @Option(help: "How the load signs in: password (HTTP basic auth, as applications do) or certificate (the operator's, in the TLS handshake: no per-request authentication, for measuring what it costs; not through a gateway).") var signIn = "password"
 
     func validate() throws {
@@ -39,6 +40,8 @@ struct Inserts: AsyncParsableCommand {
         guard ["inserts", "reads"].contains(workload) else { throw ValidationError("--workload takes inserts or reads") }
         guard ["password", "certificate"].contains(signIn) else { throw ValidationError("--sign-in takes password or certificate") }
         guard signIn == "password" || !setupList.contains("gateway") else { throw ValidationError("--sign-in certificate does not go through a gateway") }
+        let cpus = ProcessInfo.processInfo.activeProcessorCount
+        if let gatewayCPU, cpus < 2 || gatewayCPU < 0 || gatewayCPU >= cpus { throw ValidationError("--gateway-cpu needs a CPU 0...\(cpus - 1) and at least one other") }
     }
 
     var clientCounts: [Int] { clients.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
@@ -51,6 +54,12 @@ struct Inserts: AsyncParsableCommand {
         let what = workload == "reads" ? "one SELECT of a 100-byte row by primary key per request (GET /db/query, level weak; 1,000 rows)"
             : "one INSERT of a 100-byte payload per request"
         print("# workload: \(what), HTTPS keep-alive, \(signIn == "password" ? "HTTP basic auth" : "the operator's certificate (no per-request authentication)"), \(seconds)s per client count, \(clientThreads) client thread(s)")
+        if let gatewayCPU {
+            // Before any process of the run starts: they inherit this process's CPUs.
+            let others = (0..<ProcessInfo.processInfo.activeProcessorCount).filter { $0 != gatewayCPU }
+            try CPUAffinity.pin(getpid(), to: others)
+            print("# cpus: the gateway on CPU \(gatewayCPU); nodes, monitor and load on CPU \(others.map(String.init).joined(separator: ","))")
+        }
         let load = MultiThreadedEventLoopGroup(numberOfThreads: clientThreads)
         for (index, setup) in setupList.enumerated() {
             // `gateway`: the replicated pair under its monitor, the load through one gateway.
@@ -69,6 +78,7 @@ struct Inserts: AsyncParsableCommand {
                 if setup == "replicated" { try cluster.start(cluster.standby) }
             }
             defer { cluster.stopAll() }
+            if setup == "gateway", let gatewayCPU, let pid = cluster.processID(of: cluster.gateways[0]) { try CPUAffinity.pin(pid, to: [gatewayCPU]) }
             var target = BenchTarget(port: setup == "gateway" ? cluster.gateways[0].apiPort : cluster.primary.apiPort,
                                      accountsPort: cluster.primary.apiPort, caPath: cluster.certificates + "/ca.pem")
             target.byCertificate = signIn == "certificate"
