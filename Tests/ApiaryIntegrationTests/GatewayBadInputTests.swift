@@ -80,6 +80,8 @@ final class GatewayBadInputTests: NodeProcessTestCase {
         XCTAssertEqual(responses.map(\.status), [400], "\(responses.map(\.statusLine))")
         XCTAssertEqual(responses.first?.headers["connection"], "close")
         XCTAssertTrue(responses.first?.text.contains("\"code\":\"bad_request\"") ?? false, responses.first?.text ?? "")
+        XCTAssertEqual(responses.first?.headers["x-apiary-gateway"], "gateway-1", "the server's own answers say which gateway gave them")
+        XCTAssertEqual(responses.first?.headers["strict-transport-security"], "max-age=31536000")
         try await assertAFreshClientIsServed()
     }
 
@@ -194,6 +196,7 @@ final class GatewayBadInputTests: NodeProcessTestCase {
         XCTAssertEqual(responses.map(\.status), [431], "\(responses.map(\.statusLine))")
         XCTAssertTrue(responses.first?.text.contains("\"code\":\"too_large\"") ?? false, responses.first?.text ?? "")
         XCTAssertTrue(responses.first?.text.contains("POST body") ?? false, responses.first?.text ?? "")
+        XCTAssertEqual(responses.first?.headers["x-apiary-gateway"], "gateway-1", "the server's own answers say which gateway gave them")
         try await assertAFreshClientIsServed()
     }
 }

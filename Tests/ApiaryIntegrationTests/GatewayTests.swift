@@ -364,6 +364,7 @@ final class GatewayLimitsTests: NodeProcessTestCase {
         XCTAssertEqual(refused.status, 503, refused.text)
         XCTAssertEqual(refused.header("Retry-After"), "1")
         XCTAssertTrue(refused.text.contains("too many connections open"), refused.text)
+        XCTAssertNotNil(refused.header("X-Apiary-Gateway"), "the server's own refusal says which gateway gave it")
         let other = try await connect(from: "127.0.0.5")
         let served = try await other.request(.GET, "/readyz")
         XCTAssertEqual(served.status, 200, "another address still connects")

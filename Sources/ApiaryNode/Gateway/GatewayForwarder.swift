@@ -24,16 +24,16 @@ struct GatewayForwarder: HTTPResponder {
     static let notForwarded: Set<String> = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                                             "upgrade", "host", "content-length", "x-forwarded-for", "expect"]
 
+    /// On every answer of the gateway, its server's own refusals too (a 400, a 431, a 503 to a
+    /// connection past the limits), not only the nodes' answers: which gateway answered, and
+    /// HSTS (browsers, and clients that honour it, never try plain HTTP to this host again).
+    static func answerHeaders(name: String) -> [(String, String)] {
+        [("Strict-Transport-Security", "max-age=31536000"), ("X-Apiary-Gateway", name)]
+    }
+
     func respond(to request: APIRequest, then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {
-        let finish: @Sendable (APIResponse) -> Void = { [name] answer in
-            var answer = answer
-            // Browsers (and clients that honour it) never try plain HTTP to this host again.
-            answer.headers.append(("Strict-Transport-Security", "max-age=31536000"))
-            // Which gateway answered: its own refusals too, not only the nodes' answers.
-            answer.headers.append(("X-Apiary-Gateway", name))
-            let response = answer
-            done { response }
-        }
+        // (The server adds `answerHeaders` to every answer, this one's and its own.)
+        let finish: @Sendable (APIResponse) -> Void = { answer in done { answer } }
         if let refusal = refusal(of: request) { return finish(refusal) }
         let loop = request.eventLoop ?? MultiThreadedEventLoopGroup.singleton.next()
         let forwarding = Forwarding(forwarder: self, request: request, loop: loop, finish: finish)

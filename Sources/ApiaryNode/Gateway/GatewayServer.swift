@@ -66,7 +66,8 @@ public enum GatewayServer {
                                          limits: RequestLimits(perAddress: config.perAddressRate), logger: logger)
         let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
         let server = try await APIServer.start(responder: forwarder, credentials: credentials, certificate: apiCertificate,
-                                               host: config.host, port: config.port, group: group, logger: logger, limits: config.limits)
+                                               host: config.host, port: config.port, group: group, logger: logger, limits: config.limits,
+                                               answerHeaders: GatewayForwarder.answerHeaders(name: config.name))
         var redirect: RedirectServer?
         if let host = config.redirectHost {
             redirect = try await RedirectServer.start(host: host, port: config.redirectPort, httpsPort: server.port, group: group, logger: logger)

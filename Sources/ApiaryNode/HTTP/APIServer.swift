@@ -116,8 +116,11 @@ public final class APIServer: Sendable {
     }
 
     /// The same server in front of any responder (the gateway's forwarding).
+    /// - Parameter answerHeaders: added to every answer written, the server's own too (a 400
+    ///   for malformed HTTP, a 431, a refused connection's 503): the gateway's name and HSTS.
     static func start(responder routes: any HTTPResponder, credentials: ClusterCredentials, certificate: ServerCertificate?,
-                      host: String, port: Int, group: any EventLoopGroup, logger: Logger, limits: Limits) async throws -> APIServer {
+                      host: String, port: Int, group: any EventLoopGroup, logger: Logger, limits: Limits,
+                      answerHeaders: [(String, String)] = []) async throws -> APIServer {
         var tls = credentials.clientFacingServer(presenting: certificate)
         tls.certificateVerification = .optionalVerification
         tls.trustRoots = .certificates([credentials.clusterCA])
@@ -126,7 +129,7 @@ public final class APIServer: Sendable {
         let heldForSlowReaders = LockedValue(0)
         let memory = MemoryBudget(bytesMax: limits.memoryBudgetBytes)
         let refusing = LockedValue(0)
-        let refusal = RefusingHandler.answer(limits)
+        let refusal = RefusingHandler.answer(limits, answerHeaders: answerHeaders)
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -167,7 +170,7 @@ public final class APIServer: Sendable {
                         ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: APIServer.decoderLimits),
                                              maximumBufferSize: APIServer.decoderBufferBytesMax),
                         APIChannelHandler(routes: routes, logger: logger, timeouts: timeouts, pipelinedMax: limits.pipelinedRequestsMax,
-                                          heldForSlowReaders: heldForSlowReaders, memory: memory, headCharge: headCharge),
+                                          heldForSlowReaders: heldForSlowReaders, memory: memory, headCharge: headCharge, answerHeaders: answerHeaders),
                     ]
                     try channel.pipeline.syncOperations.addHandlers(handlers)
                 }
@@ -270,6 +273,8 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     private let routes: any HTTPResponder
+    /// Added to every answer (``APIServer/start(responder:credentials:certificate:host:port:group:logger:limits:answerHeaders:)``).
+    private let answerHeaders: [(String, String)]
     private let logger: Logger
     private let timeouts: ConnectionTimeouts
     /// The request being read.
@@ -310,7 +315,8 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     private var peerRead = false
 
     init(routes: any HTTPResponder, logger: Logger, timeouts: ConnectionTimeouts, pipelinedMax: Int, heldForSlowReaders: LockedValue<Int>,
-         memory: MemoryBudget, headCharge: RequestHeadCharge) {
+         memory: MemoryBudget, headCharge: RequestHeadCharge, answerHeaders: [(String, String)] = []) {
+        self.answerHeaders = answerHeaders
         self.memory = memory
         self.headCharge = headCharge
         self.pipelinedMax = pipelinedMax
@@ -469,7 +475,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         guard context.channel.isActive, !closing else { return }
         var last = !framing.keepAlive || (quiescing && waiting.isEmpty)
         var out = context.channel.allocator.buffer(capacity: 192 + response.body.count)
-        Self.encode(response, framing, last: last, into: &out)
+        Self.encode(response, framing, last: last, also: answerHeaders, into: &out)
         if quiescing && !last {
             // Each waiting request is told it was not executed, in its turn; the last answer closes.
             while let next = waiting.popFirst() {
@@ -478,9 +484,9 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
                 case .request(let waitingRequest, let waitingFraming):
                     memory.release(waitingRequest.reservedBytes)
                     let refused = APIResponse(status: .serviceUnavailable, body: RqliteJSON.error("not executed: \(refusal); retry", code: .notExecuted))
-                    Self.encode(refused, waitingFraming, last: last, into: &out)
+                    Self.encode(refused, waitingFraming, last: last, also: answerHeaders, into: &out)
                 case .malformed(let refusal):
-                    Self.encode(refusal, Framing(version: .http1_1, keepAlive: false, headersOnly: false), last: true, into: &out)
+                    Self.encode(refusal, Framing(version: .http1_1, keepAlive: false, headersOnly: false), last: true, also: answerHeaders, into: &out)
                     last = true
                     dropWaiting()
                 }
@@ -534,8 +540,9 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     static let headersTooLarge = APIResponse(status: .requestHeaderFieldsTooLarge,
                                              body: RqliteJSON.error("the request line and headers are larger than 1 MiB: send a long query in a POST body (/db/query takes a JSON array of statements)", code: .tooLarge))
 
-    /// Status line, headers and (unless HEAD) body; `last` adds `Connection: close`.
-    static func encode(_ response: APIResponse, _ framing: Framing, last: Bool, into out: inout ByteBuffer) {
+    /// Status line, headers (the response's, then `also`) and (unless HEAD) body; `last` adds
+    /// `Connection: close`.
+    static func encode(_ response: APIResponse, _ framing: Framing, last: Bool, also: [(String, String)] = [], into out: inout ByteBuffer) {
         if framing.version == .http1_1 && response.status == .ok && response.contentType == "application/json" {
             out.writeStaticString("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ")
         } else {
@@ -547,6 +554,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
         if response.outcomeUnknown { out.writeStaticString("X-Apiary-Outcome: unknown\r\n") }
         if let allow = response.allow { out.writeString("Allow: \(allow)\r\n") }
         for (name, value) in response.headers { out.writeString("\(name): \(value)\r\n") }
+        for (name, value) in also { out.writeString("\(name): \(value)\r\n") }
         if response.asksForCredentials { out.writeStaticString("WWW-Authenticate: Basic realm=\"apiary\", charset=\"UTF-8\"\r\n") }
         if last { out.writeStaticString("Connection: close\r\n") }
         out.writeStaticString("\r\n")
@@ -749,13 +757,13 @@ final class RefusingHandler: ChannelInboundHandler, @unchecked Sendable {
         self.timeout = timeout
     }
 
-    static func answer(_ limits: APIServer.Limits) -> ByteBuffer {
+    static func answer(_ limits: APIServer.Limits, answerHeaders: [(String, String)] = []) -> ByteBuffer {
         var response = APIResponse(status: .serviceUnavailable, body: RqliteJSON.error(
             "not executed: too many connections open (at most \(limits.connectionsMax), \(limits.connectionsPerAddressMax) from one address); send it again after Retry-After",
             code: .notExecuted))
         response.headers.append(("Retry-After", "1"))
         var out = ByteBuffer()
-        APIChannelHandler.encode(response, .init(version: .http1_1, keepAlive: false, headersOnly: false), last: true, into: &out)
+        APIChannelHandler.encode(response, .init(version: .http1_1, keepAlive: false, headersOnly: false), last: true, also: answerHeaders, into: &out)
         return out
     }
 
