@@ -74,13 +74,18 @@ final class SQLiteConnection {
     }
 
     /// Runs `body` with tighter bounds for work on an event loop: at most `cpuNs` of this
-    /// thread's CPU time (statements past it are interrupted), checked every `instructions`;
-    /// strings and blobs of at most `lengthMax` bytes (one SQL function over a large value is
-    /// one VM instruction, which no check interrupts).
-    func withInlineBounds<T>(cpuNs: UInt64, lengthMax: Int32, checkEvery instructions: Int32, _ body: () throws -> T) rethrows -> T {
+    /// thread's CPU time from `started` (statements past it are interrupted), checked every
+    /// `instructions`; strings and blobs of at most `lengthMax` bytes (one SQL function over a
+    /// large value is one VM instruction, which no check interrupts).
+    /// - Parameter started: this thread's CPU clock (``threadCPUNs()``, a system call) and the
+    ///   monotonic clock, read together: a thread uses no more CPU than time passes, so the
+    ///   checks read the CPU clock only once `cpuNs` of time has passed.
+    func withInlineBounds<T>(cpuNs: UInt64, started: (cpu: UInt64, clock: UInt64), lengthMax: Int32, checkEvery instructions: Int32,
+                             _ body: () throws -> T) rethrows -> T {
         let length = sqlite3_limit(handle, SQLITE_LIMIT_LENGTH, lengthMax)
         sandbox.checkDeadline(every: instructions, on: handle)
-        sandbox.cpuDeadlineNs = threadCPUNs() + cpuNs
+        sandbox.cpuDeadlineNs = started.cpu + cpuNs
+        sandbox.cpuClockFromNs = started.clock + cpuNs
         defer {
             sandbox.cpuDeadlineNs = 0
             sqlite3_limit(handle, SQLITE_LIMIT_LENGTH, length)

@@ -26,6 +26,9 @@ final class Sandbox {
     /// Interrupt past this much of the thread's CPU time (`threadCPUNs`); 0: never. For reads
     /// on an event loop.
     var cpuDeadlineNs: UInt64 = 0
+    /// The monotonic clock before which the CPU deadline cannot have passed (the thread's CPU
+    /// clock is a system call; the monotonic clock is not).
+    var cpuClockFromNs: UInt64 = 0
     /// Functions allowed beyond `allowedFunctions` (lower-case names): a test seam for SQL
     /// functions that tests register on a connection (latches); empty in production.
     var extraAllowedFunctions: Set<String> = []
@@ -113,7 +116,8 @@ final class Sandbox {
             guard let context else { return 0 }
             let sandbox = Unmanaged<Sandbox>.fromOpaque(context).takeUnretainedValue()
             if sandbox.deadlineNs != 0 && monotonicNs() > sandbox.deadlineNs { return 1 }
-            return sandbox.cpuDeadlineNs != 0 && threadCPUNs() > sandbox.cpuDeadlineNs ? 1 : 0
+            guard sandbox.cpuDeadlineNs != 0, monotonicNs() > sandbox.cpuClockFromNs else { return 0 }
+            return threadCPUNs() > sandbox.cpuDeadlineNs ? 1 : 0
         }, Unmanaged.passUnretained(self).toOpaque())
     }
 

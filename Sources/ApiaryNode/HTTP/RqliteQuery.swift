@@ -38,15 +38,23 @@ struct RqliteQuery: Sendable, Equatable {
         guard let query, !query.isEmpty else { return result }
         var seen: Set<Substring> = []
         var freshness = false, freshnessStrict = false
-        // Bounded by the query's length (the HTTP layer bounds the request target).
-        for pair in query.split(separator: "&", omittingEmptySubsequences: true) {
-            let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            let name = parts[0]
+        // Bounded by the query's length (the HTTP layer bounds the request target). Scanned
+        // as bytes, without arrays of pieces: `split` took half of this function's time, and
+        // the function 6% of a read's CPU (`perf`, reads by key at 8 clients).
+        let utf8 = query.utf8
+        var next = utf8.startIndex
+        while next != utf8.endIndex {
+            let end = utf8[next...].firstIndex(of: UInt8(ascii: "&")) ?? utf8.endIndex
+            let pair = query[next..<end]
+            next = end == utf8.endIndex ? end : utf8.index(after: end)
+            guard !pair.isEmpty else { continue }
+            let equals = pair.utf8.firstIndex(of: UInt8(ascii: "="))
+            let name = equals.map { pair[..<$0] } ?? pair
             guard seen.insert(name).inserted else { continue }
             // Every value is decoded, flags' too: `transaction=%zz` is refused rather than guessed.
             var decoded = ""
-            if parts.count == 2 {
-                guard let text = formDecoded(parts[1]) else {
+            if let equals {
+                guard let text = formDecoded(pair[pair.utf8.index(after: equals)...]) else {
                     throw APIError(.badRequest, "query parameter '\(name.prefix(40))' is not valid %-encoding")
                 }
                 decoded = text
