@@ -10,6 +10,9 @@ public struct SQLStatement: Sendable, Equatable {
     /// nil when every parameter is positional; otherwise one name per parameter, "" for a
     /// positional one (rqlite's named parameters, `["... :name", {"name": value}]`).
     public var parameterNames: [String]?
+    /// At most this long to run, in ms, when less than the node's own limit for a statement
+    /// (rqlite's `db_timeout`); nil: the node's limit.
+    public var timeMsMax: Int?
     public init(_ sql: String, _ parameters: [SQLValue] = [], names: [String]? = nil) {
         precondition(names == nil || names!.count == parameters.count, "one name per parameter")
         self.sql = sql
@@ -273,7 +276,7 @@ public final class TenantDatabase: @unchecked Sendable {
         var budget = RequestBudget(options: self.options)
         var results: [StatementResult] = []
         for s in statements {
-            guard let limits = budget.limitsForNextStatement() else {
+            guard let limits = budget.limitsForNextStatement(s) else {
                 results.append(.failure(budget.spentMessage))
                 continue
             }
@@ -605,7 +608,7 @@ final class TenantWriter: @unchecked Sendable {
         // statement needs no savepoint of its own (the request's is the same thing).
         let perStatement = !job.transaction && job.statements.count > 1
         for statement in job.statements {
-            guard let limits = budget.limitsForNextStatement() else {
+            guard let limits = budget.limitsForNextStatement(statement) else {
                 // Spent between statements: the request is undone as a whole, not cut in two.
                 try? connection.execPrepared("ROLLBACK TO request")
                 try? connection.execPrepared("RELEASE request")
@@ -675,12 +678,13 @@ struct RequestBudget {
     }
 
     /// The limits of the next statement, or nil when the request's time or result bytes are spent.
-    mutating func limitsForNextStatement() -> StatementLimits? {
+    mutating func limitsForNextStatement(_ statement: SQLStatement) -> StatementLimits? {
         let now = monotonicNs()
         guard now < deadlineNs, resultBytesLeft > 0 else { return nil }
         let leftMs = Int((deadlineNs - now + 999_999) / 1_000_000)
         var limits = base
         if limits.timeMs == 0 || leftMs < limits.timeMs { limits.timeMs = leftMs }
+        if let asked = statement.timeMsMax, asked > 0, asked < limits.timeMs { limits.timeMs = asked }
         resultBytesBound = resultBytesLeft < limits.resultBytesMax
         limits.resultBytesMax = min(limits.resultBytesMax, resultBytesLeft)
         return limits

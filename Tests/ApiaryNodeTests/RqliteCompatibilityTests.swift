@@ -198,6 +198,21 @@ final class RqliteCompatibilityTests: XCTestCase {
         }
     }
 
+    func testDBTimeoutBoundsEachStatementOfTheRequest() async throws {
+        XCTAssertEqual(try RqliteQuery.parse("db_timeout=1.5s").dbTimeoutMs, 1_500)
+        XCTAssertEqual(try RqliteQuery.parse("db_timeout=250us").dbTimeoutMs, 1, "rounded up to whole ms")
+        XCTAssertEqual(try RqliteQuery.parse("db_timeout=1m").dbTimeoutMs, 60_000)
+        XCTAssertNil(try RqliteQuery.parse("db_timeout=0").dbTimeoutMs, "0: no bound of its own")
+        XCTAssertNil(try RqliteQuery.parse("db_timeout=-2s").dbTimeoutMs)
+        XCTAssertNil(try RqliteQuery.parse("timeout=2s").dbTimeoutMs)
+        let service = RecordingSQLService()
+        _ = await respond(.POST, "/db/execute?db_timeout=200ms", body: #"["DELETE FROM t", ["INSERT INTO t VALUES(?)", 1]]"#, service: service)
+        _ = await respond(.GET, "/db/query?q=SELECT+1&db_timeout=2s", service: service)
+        _ = await respond(.POST, "/db/request?db_timeout=3s", body: #"["SELECT 1"]"#, service: service)
+        _ = await respond(.POST, "/db/execute", body: #"["DELETE FROM t"]"#, service: service)
+        XCTAssertEqual(service.calls.map { $0.statements.map(\.timeMsMax) }, [[200, 200], [2_000], [3_000], [nil]])
+    }
+
     func testGoDurations() {
         for valid in ["0", "1s", "1.5h", "-1m30s", "300ms", "2µs", "2μs", "3us", "10ns", "+5m", ".5s", "1h2m3.4s"] {
             XCTAssertTrue(RqliteQuery.isGoDuration(valid), valid)

@@ -30,6 +30,30 @@ final class LimitsTests: XCTestCase {
         XCTAssertEqual(after, [[.integer(0)]])
     }
 
+    /// rqlite's `db_timeout`: a statement that asks for less time than the node's limit is
+    /// stopped at what it asked for, on the reader and on the writer; one that asks for more
+    /// gets the node's limit. (The statements never end on their own: the message names the
+    /// bound that stopped them, whatever the machine's speed.)
+    func testAStatementIsStoppedAtTheShorterOfItsOwnBoundAndTheNodes() async throws {
+        let dir = TemporaryDirectory()
+        let db = try open(dir) { $0.statementTimeMs = 2_000 }
+        defer { db.close() }
+        try await db.mustExecute("CREATE TABLE t (x)")
+        var query = SQLStatement(Self.endless)
+        query.timeMsMax = 50
+        guard case .failure(let read)? = try await db.query([query]).first else { return XCTFail("an endless query must be stopped") }
+        XCTAssertTrue(read.contains("longer than the limit of 50 ms"), read)
+        var insert = SQLStatement(Self.endlessInsert)
+        insert.timeMsMax = 60
+        guard case .failure(let write)? = try await db.execute([insert]).first else { return XCTFail("an endless insert must be stopped") }
+        XCTAssertTrue(write.contains("longer than the limit of 60 ms"), write)
+        query.timeMsMax = 60_000
+        guard case .failure(let capped)? = try await db.query([query]).first else { return XCTFail("an endless query must be stopped") }
+        XCTAssertTrue(capped.contains("longer than the limit of 2000 ms"), "the node's limit holds against a longer ask: \(capped)")
+        let rows = try await db.rows("SELECT count(*) FROM t")
+        XCTAssertEqual(rows, [[.integer(0)]], "the stopped insert left nothing behind")
+    }
+
     func testARunawayWriteIsStoppedAndDoesNotBlockTheWriter() async throws {
         let dir = TemporaryDirectory()
         let db = try open(dir) { $0.statementTimeMs = 200 }

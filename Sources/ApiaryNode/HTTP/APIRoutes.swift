@@ -156,7 +156,7 @@ struct APIRoutes: HTTPResponder {
             try Access.check(principal, may: .write)
             try admit(tenant)
             let options = try RqliteQuery.parse(request.query)
-            let statements = try self.statements(request)
+            let statements = try self.statements(request, options)
             let idempotencyKey = try Self.idempotencyKey(request)
             service.execute(tenant: tenant, statements, transaction: options.transaction, idempotencyKey: idempotencyKey) { result in
                 done { sqlResponse(result, started: started, format: options.format) }
@@ -294,7 +294,7 @@ struct APIRoutes: HTTPResponder {
         let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
         try Access.check(principal, may: .write)
         try admit(tenant)
-        let statements = try self.statements(request)
+        let statements = try self.statements(request, options)
         let idempotencyKey = try Self.idempotencyKey(request)
         return try await service.execute(tenant: tenant, statements, transaction: options.transaction, idempotencyKey: idempotencyKey)
     }
@@ -312,9 +312,9 @@ struct APIRoutes: HTTPResponder {
     private func queryStatements(_ request: APIRequest, _ options: RqliteQuery) throws -> [SQLStatement] {
         if request.method == .GET || (request.body.isEmpty && options.q != nil && !request.bodyTooLarge && !request.memoryShort) {
             guard let q = options.q else { throw APIError(.badRequest, "GET /db/query needs ?q=SQL") }
-            return [SQLStatement(q)]
+            return Self.bounded([SQLStatement(q)], options)
         }
-        return try statements(request)
+        return try statements(request, options)
     }
 
     /// rqlite's unified endpoint, reads and writes together. A request of reads only (each
@@ -326,7 +326,7 @@ struct APIRoutes: HTTPResponder {
     private func unified(_ request: APIRequest, _ tenantInPath: Substring?, _ options: RqliteQuery) async throws -> [StatementResult] {
         let principal = try await self.principal(request)
         let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
-        let statements = try self.statements(request)
+        let statements = try self.statements(request, options)
         if statements.allSatisfy({ Self.isRead($0.sql) }) {
             try Access.check(principal, may: .read)
             try admit(tenant)
@@ -364,14 +364,20 @@ struct APIRoutes: HTTPResponder {
     }
 
     /// The request's statements: its body as rqlite's JSON, or (`Content-Type: text/plain`, as
-    /// rqlite takes it) the whole body as one entry of SQL.
-    private func statements(_ request: APIRequest) throws -> [SQLStatement] {
+    /// rqlite takes it) the whole body as one entry of SQL; each bounded by `db_timeout`.
+    private func statements(_ request: APIRequest, _ options: RqliteQuery) throws -> [SQLStatement] {
         let body = try body(request)
         if let type = request.headers.first(name: "content-type"), Self.isPlainText(type) {
             guard let sql = String(validating: body, as: UTF8.self), !sql.isEmpty else { throw APIError(.badRequest, "a text/plain body must be SQL in UTF-8") }
-            return [SQLStatement(sql)]
+            return Self.bounded([SQLStatement(sql)], options)
         }
-        return try parse(body)
+        return Self.bounded(try parse(body), options)
+    }
+
+    /// `statements`, each to run at most `db_timeout` when the request gives one.
+    static func bounded(_ statements: [SQLStatement], _ options: RqliteQuery) -> [SQLStatement] {
+        guard let ms = options.dbTimeoutMs else { return statements }
+        return statements.map { var s = $0; s.timeMsMax = ms; return s }
     }
 
     /// Whether a Content-Type is `text/plain` (any case, any parameters), without making a

@@ -10,10 +10,11 @@
 ///
 /// Parameters that change nothing on Apiary are accepted and ignored: `redirect` (a primary
 /// serves everything itself), `freshness`/`freshness_strict` (reads come from the primary,
-/// never stale), `retries`, `timeout`, `db_timeout` and `linearizable_timeout` (the node's own
+/// never stale), `retries`, `timeout` and `linearizable_timeout` (the node's own
 /// per-statement and per-request limits apply), `noparse`, `norwrandom`, `norwtime` (rqlite
 /// rewrites `RANDOM()` and time functions because it replicates statements; Apiary replicates
 /// pages), `raft_index`, `wait`. `queue` is run as an ordinary, synchronous write.
+/// `db_timeout` bounds each statement's run time when it is shorter than the node's own limit.
 struct RqliteQuery: Sendable, Equatable {
     var transaction = false
     var level = ReadLevel.weak
@@ -27,6 +28,9 @@ struct RqliteQuery: Sendable, Equatable {
     var version: String?
     /// `/status`: a dotted path to one part of the answer.
     var key: String?
+    /// `db_timeout`, in whole ms (rounded up): each statement is stopped past it, as past the
+    /// node's own limit (the shorter applies). Nil when absent or not positive.
+    var dbTimeoutMs: Int?
 
     static let durationParameters: Set<Substring> = ["timeout", "freshness", "db_timeout", "linearizable_timeout"]
     static let integerParameters: Set<Substring> = ["retries", "trailing_logs"]
@@ -88,7 +92,8 @@ struct RqliteQuery: Sendable, Equatable {
                 }
             case _ where durationParameters.contains(name):
                 if name == "freshness" { freshness = true }
-                guard isGoDuration(value()) else { throw APIError(.badRequest, "\(name) is not a valid duration") }
+                guard let ns = goDurationNs(value()) else { throw APIError(.badRequest, "\(name) is not a valid duration") }
+                if name == "db_timeout", ns > 0 { result.dbTimeoutMs = Int(min((ns / 1e6).rounded(.up), Double(Int32.max))) }
             case _ where integerParameters.contains(name):
                 guard Int(value()) != nil else { throw APIError(.badRequest, "\(name) is not a valid integer") }
             default:
@@ -139,12 +144,22 @@ struct RqliteQuery: Sendable, Equatable {
 
     /// Whether `text` is what Go's `time.ParseDuration` accepts: an optional sign, then one or
     /// more decimal numbers each with a unit (ns, us, µs, μs, ms, s, m, h), or just `0`.
-    static func isGoDuration(_ text: String) -> Bool {
+    static func isGoDuration(_ text: String) -> Bool { goDurationNs(text) != nil }
+
+    /// The nanoseconds of a Go duration (``isGoDuration(_:)``), negative with a `-`; nil when
+    /// `text` is none.
+    static func goDurationNs(_ text: String) -> Double? {
         var s = Substring(text)
-        if s.first == "-" || s.first == "+" { s = s.dropFirst() }
-        if s == "0" { return true }
-        guard !s.isEmpty else { return false }
-        let units = ["ns", "us", "µs", "μs", "ms", "s", "m", "h"]
+        var sign = 1.0
+        if s.first == "-" || s.first == "+" {
+            if s.first == "-" { sign = -1 }
+            s = s.dropFirst()
+        }
+        if s == "0" { return 0 }
+        guard !s.isEmpty else { return nil }
+        // Longest unit first: "ms" before "m".
+        let units: [(String, Double)] = [("ns", 1), ("us", 1e3), ("µs", 1e3), ("μs", 1e3), ("ms", 1e6), ("s", 1e9), ("m", 60e9), ("h", 3600e9)]
+        var total = 0.0
         while !s.isEmpty {
             let whole = s.prefix(while: \.isASCIIDigit)
             s = s.dropFirst(whole.count)
@@ -154,12 +169,12 @@ struct RqliteQuery: Sendable, Equatable {
                 fraction = s.prefix(while: \.isASCIIDigit)
                 s = s.dropFirst(fraction.count)
             }
-            guard !whole.isEmpty || !fraction.isEmpty else { return false }
-            // Longest unit first: "ms" before "m".
-            guard let unit = units.sorted(by: { $0.count > $1.count }).first(where: { s.hasPrefix($0) }) else { return false }
-            s = s.dropFirst(unit.count)
+            guard !whole.isEmpty || !fraction.isEmpty else { return nil }
+            guard let unit = units.sorted(by: { $0.0.count > $1.0.count }).first(where: { s.hasPrefix($0.0) }) else { return nil }
+            s = s.dropFirst(unit.0.count)
+            total += (Double("\(whole.isEmpty ? "0" : whole).\(fraction.isEmpty ? "0" : fraction)") ?? 0) * unit.1
         }
-        return true
+        return sign * total
     }
 }
 
