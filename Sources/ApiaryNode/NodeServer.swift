@@ -301,6 +301,8 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
             try PrimaryNode(name: config.name, epoch: epoch, mode: mode, config: config.replication,
                             standby: standby, layout: layout, logOptions: config.log, loop: loop, logger: logger, leaseConfirmed: leaseConfirmed)
         }
+        // Before a standby can connect: it is never sent a tenant that was dropped.
+        try await AccountStore.removeDroppedTenants(on: primary)
         let channel = try await ClusterTransport.listen(host: config.replicationHost, port: config.replicationPort, group: replicationGroup,
                                                         credentials: credentials, ids: ids, events: primary, driverLoop: loop)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(10), delay: .milliseconds(NodeServer.tickMs(config))) { _ in primary.tick() }

@@ -25,6 +25,11 @@ final class PrimaryTenant: @unchecked Sendable {
         ioQueue = DispatchQueue(label: "apiary.primary.\(id)")
     }
 
+    /// The same tenant with the same log, for a database opened again (a drop that failed).
+    convenience init(reopening tenant: PrimaryTenant) {
+        self.init(id: tenant.id, log: tenant.log)
+    }
+
     func withLog<T>(_ body: (ReplicationLog) throws -> T) rethrows -> T {
         lock.lock()
         defer { lock.unlock() }
@@ -56,6 +61,9 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     private let tenantsLock = NSLock()
     private var tenants: [TenantID: PrimaryTenant] = [:]
     private var opening: [TenantID: Task<PrimaryTenant, any Error>] = [:]
+    /// Tenants being dropped or dropped while this node ran: no request reaches them, and
+    /// nothing creates them again.
+    private var dropped: Set<TenantID> = []
 
     struct TenantLSN: Hashable { var tenant: TenantID; var lsn: LSN }
 
@@ -70,6 +78,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         self.loop = loop
         self.logger = logger
         self.config = config
+        layout.removeDroppedLeftovers()
         var logs: [TenantID: PrimaryTenantLog] = [:]
         var opened: [TenantID: PrimaryTenant] = [:]
         for id in try layout.existingTenants() {
@@ -192,6 +201,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     func tenant(_ id: TenantID, create: Bool) async throws -> PrimaryTenant? {
         enum Found { case ready(PrimaryTenant), wait(Task<PrimaryTenant, any Error>), absent, full }
         let found: Found = tenantsLock.withLock {
+            if dropped.contains(id) { return .absent }
             if let t = tenants[id], opening[id] == nil { return .ready(t) }
             if let task = opening[id] { return .wait(task) }
             guard create else { return .absent }
@@ -230,11 +240,78 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
 
     /// The tenant if it is open and ready (no waiting: for callers on event loops).
     func openedTenant(_ id: TenantID) -> PrimaryTenant? {
-        tenantsLock.withLock { opening[id] == nil ? tenants[id] : nil }
+        tenantsLock.withLock { opening[id] == nil && !dropped.contains(id) ? tenants[id] : nil }
     }
 
     var allTenants: [PrimaryTenant] {
-        tenantsLock.withLock { tenants.values.filter { opening[$0.id] == nil } }
+        tenantsLock.withLock { tenants.values.filter { opening[$0.id] == nil && !dropped.contains($0.id) } }
+    }
+
+    // MARK: - Dropping a tenant
+
+    /// Drops tenant `id` from this node: requests stop reaching it, its writer finishes what
+    /// it took and stops, `commitDrop` commits the drop (in the system tenant, replicated), and
+    /// then the replication core forgets the tenant and its files are deleted.
+    ///
+    /// The writer stops before the drop commits so that no record of the tenant follows the
+    /// drop in the replication stream: a standby never meets a record of a tenant it was told
+    /// is gone. If `commitDrop` throws, the tenant's database is opened again and it serves on.
+    /// `commitDrop` nil: the drop is committed already (a node that starts finds it).
+    func drop(_ id: TenantID, commitDrop: (() async throws -> Void)?) async throws {
+        let tenant: PrimaryTenant? = tenantsLock.withLock {
+            guard opening[id] == nil, !dropped.contains(id), let t = tenants[id] else { return nil }
+            dropped.insert(id)
+            return t
+        }
+        guard let tenant else { throw NodeError("tenant \(id) is not open on this node, or is being dropped") }
+        // Blocks until the writer's queued work is done, which runs on the writer pool: on a
+        // thread of its own, never on the event loops or the pool.
+        try await Self.onOwnThread { tenant.database.close() }
+        if let commitDrop {
+            do {
+                try await commitDrop()
+            } catch {
+                try await reopen(tenant)
+                throw error
+            }
+        }
+        try await loop.submit { self.interpret(self.core.onTenantRemoved(id, now: monotonicNowMs())) }.get()
+        tenantsLock.withLock { tenants[id] = nil }
+        // Log reads already handed to the tenant's queue finish before its files go.
+        let layout = self.layout
+        try await Self.onOwnThread {
+            tenant.ioQueue.sync {}
+            try Self.removeTenantFiles(id, layout: layout)
+        }
+        logger.notice("tenant dropped: its files are deleted on this node", metadata: ["tenant": "\(id)"])
+    }
+
+    private static func onOwnThread(_ body: @escaping @Sendable () throws -> Void) async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            Thread.detachNewThread { continuation.resume(with: Result { try body() }) }
+        }
+    }
+
+    /// After a drop that did not commit: the same log, its database opened again.
+    private func reopen(_ tenant: PrimaryTenant) async throws {
+        let again = PrimaryTenant(reopening: tenant)
+        try await BlockingPool.writers.run {
+            self.tenantsLock.withLock { self.tenants[tenant.id] = again }
+            try self.openDatabase(again)
+        }
+        tenantsLock.withLock { _ = dropped.remove(tenant.id) }
+    }
+
+    /// Deletes a dropped tenant's directory: renamed first (durably) to a name no tenant can
+    /// have, so that a crash part-way leaves no half tenant for the next start to open, then
+    /// removed; what a crash left is removed at the next start (``removeDroppedLeftovers(layout:)``).
+    static func removeTenantFiles(_ id: TenantID, layout: DataLayout) throws {
+        let directory = layout.tenantDirectory(id)
+        guard FileManager.default.fileExists(atPath: directory) else { return }
+        let doomed = layout.tenantsDirectory + "/" + DataLayout.droppedPrefix + id.rawValue
+        try? FileManager.default.removeItem(atPath: doomed)
+        try DurableFile.rename(directory, to: doomed)
+        try FileManager.default.removeItem(atPath: doomed)
     }
 
     // MARK: - The commit path (a tenant's writer thread)

@@ -237,8 +237,18 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         self.ids = ids
         self.logOptions = logOptions
         var logs: [TenantID: StandbyTenantLog] = [:]
-        for id in try layout.existingTenants() {
+        layout.removeDroppedLeftovers()
+        // The system tenant first: what it says was dropped is deleted before the core knows it.
+        let existing = try layout.existingTenants()
+        var dropped: Set<TenantID> = []
+        for id in existing.filter({ $0 == .system }) + existing.filter({ $0 != .system }) {
+            if dropped.contains(id) {
+                try PrimaryNode.removeTenantFiles(id, layout: layout)
+                logger.notice("tenant dropped: its files are deleted on this node", metadata: ["tenant": "\(id)"])
+                continue
+            }
             let tenant = try StandbyTenant(id: id, layout: layout, logOptions: logOptions, logger: logger)
+            if id == .system { dropped = Self.droppedTenants(in: tenant.databasePath, logger: logger) }
             tenants[id] = tenant
             var tail: [RecordSummary] = []
             let lastLSN = tenant.withLog { $0.last.lsn }
@@ -261,6 +271,20 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             logs[id] = StandbyTenantLog(appliedLSN: applied, appliedChecksum: tenant.applied.checksum, tail: tail, history: history)
         }
         core = StandbyReplication(nodeID: name, epoch: epoch, config: config, tenants: logs, now: monotonicNowMs())
+    }
+
+    /// The tenants the system database (as applied here) says were dropped; none when it
+    /// cannot be read (the standby then keeps their files until its next start).
+    static func droppedTenants(in systemDatabase: String, logger: Logger) -> Set<TenantID> {
+        guard FileManager.default.fileExists(atPath: systemDatabase) else { return [] }
+        do {
+            return Set(try DatabaseFile.texts("SELECT name FROM dropped_tenants", from: systemDatabase).compactMap { try? TenantID($0) })
+        } catch let error as SQLiteError where error.message.contains("no such table") {
+            return []
+        } catch {
+            logger.warning("cannot read which tenants were dropped; their files stay until the next start", metadata: ["error": "\(error)"])
+            return []
+        }
     }
 
     // MARK: - Events (event loop)

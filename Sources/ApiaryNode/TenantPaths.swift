@@ -17,6 +17,16 @@ struct DataLayout {
     /// A standby's snapshot install in progress (`SnapshotInstall.swift`).
     func snapshotInstallMarker(_ t: TenantID) -> String { tenantDirectory(t) + "/snapshot.install" }
     var nodeState: String { root + "/node-state" }
+    /// A dropped tenant's directory while it is deleted: no tenant name starts with a dot.
+    static let droppedPrefix = ".dropped-"
+
+    /// Removes what deleting dropped tenants left when the node stopped part-way.
+    func removeDroppedLeftovers() {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: tenantsDirectory)) ?? []
+        for name in names where name.hasPrefix(Self.droppedPrefix) {
+            try? FileManager.default.removeItem(atPath: tenantsDirectory + "/" + name)
+        }
+    }
 
     /// Tenants that exist on disk (directories with a valid tenant name).
     func existingTenants() throws -> [TenantID] {

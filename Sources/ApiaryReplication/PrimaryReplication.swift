@@ -237,6 +237,9 @@ public struct PrimaryReplication: Sendable {
     private var candidates: [ConnectionID: Candidate] = [:]
     private var link: StandbyLink?
     private var nextRequestID: UInt64 = 1
+    /// Tenants dropped while this core ran (``onTenantRemoved(_:now:)``): the standby's acks
+    /// for their records may still arrive, and are no violation.
+    private var removed: Set<TenantID> = []
 
     /// Connections allowed to be mid-handshake at once.
     static let candidatesMax = 8
@@ -323,6 +326,22 @@ public struct PrimaryReplication: Sendable {
             actions.append(sendRecord(tenant, record, now: now))
         }
         return actions
+    }
+
+    /// A dropped tenant's writer stopped and its files are about to go: the core forgets it.
+    /// Nothing more is sent for it, a standby that still holds it is left alone (its hello
+    /// position is ignored, as for any tenant this primary has no log for), and the answers
+    /// to reads of its log under way are ignored. The shell MUST call this only once no commit
+    /// of the tenant waits for a verdict (its writer stopped), and MUST never log a record of
+    /// it again (a dropped tenant's name is never reused).
+    public mutating func onTenantRemoved(_ tenant: TenantID, now: Milliseconds) -> [PrimaryAction] {
+        guard let log = tenants[tenant] else { return [] }
+        precondition(log.pending.isEmpty, "\(tenant): removed with \(log.pending.count) commits waiting for a verdict")
+        tenants[tenant] = nil
+        link?.streams[tenant] = nil
+        link?.unknownPositions[tenant] = nil
+        removed.insert(tenant)
+        return []
     }
 
     /// The mode changed (the monitor's goal state). Leaving `sync` completes every waiting
@@ -708,6 +727,8 @@ extension PrimaryReplication {
         let tenant = ack.tenant
         let connection = link!.connection
         guard var stream = link!.streams[tenant] else {
+            // Records of a tenant dropped since they were sent: nothing waits for them.
+            if removed.contains(tenant) { return [] }
             return reject(connection, .protocolViolation, "ack for a tenant that is not streaming")
         }
         switch stream.phase {

@@ -449,3 +449,33 @@ public struct StatementOutcome: Sendable, Equatable, Codable {
             && a.rowsAffected == b.rowsAffected && a.lastInsertID == b.lastInsertID && a.isReadOnly == b.isReadOnly
     }
 }
+
+extension DatabaseFile {
+    /// The text in the first column of each row `sql` returns from the database file at
+    /// `path`, which nothing writes while this runs and which has no WAL content (a standby's,
+    /// as it starts: its applies write pages into the file itself). Opened immutable: no
+    /// locks, no `-wal` or `-shm` files made. Not tenant SQL: the caller's own statement.
+    public static func texts(_ sql: String, from path: String) throws -> [String] {
+        var db: OpaquePointer?
+        let uri = "file:" + (path.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? path) + "?immutable=1"
+        let rc = sqlite3_open_v2(uri, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nil)
+        defer { sqlite3_close_v2(db) }
+        guard rc == SQLITE_OK, let db else {
+            throw SQLiteError(code: rc, message: "cannot open \(path) to read: \(db.map { String(cString: sqlite3_errmsg($0)) } ?? "out of memory")")
+        }
+        var statement: OpaquePointer?
+        guard sqlite3_prepare_v2(db, sql, -1, &statement, nil) == SQLITE_OK else {
+            throw SQLiteError(code: sqlite3_errcode(db), message: String(cString: sqlite3_errmsg(db)))
+        }
+        defer { sqlite3_finalize(statement) }
+        var texts: [String] = []
+        while true {
+            let step = sqlite3_step(statement)
+            guard step == SQLITE_ROW else {
+                guard step == SQLITE_DONE else { throw SQLiteError(code: step, message: String(cString: sqlite3_errmsg(db))) }
+                return texts
+            }
+            if let text = sqlite3_column_text(statement, 0) { texts.append(String(cString: text)) }
+        }
+    }
+}

@@ -117,6 +117,115 @@ final class AccountsTests: NodeProcessTestCase {
         XCTAssertEqual(again.status, 409, again.text)
     }
 
+    /// Dropping a tenant deletes its data: on the primary before the drop is answered, on the
+    /// standby when it next starts (it learns of the drop by replication, and deletes what its
+    /// system database lists as dropped before it replicates again). Other tenants are untouched,
+    /// and both nodes agree afterwards.
+    func testADroppedTenantsFilesAreDeletedOnBothNodes() async throws {
+        let wrote = try await send(.POST, "/db/execute", as: "gina", body: #"["CREATE TABLE t (x)", "INSERT INTO t VALUES ('globex-secret')"]"#)
+        XCTAssertEqual(wrote.status, 200, wrote.text)
+        let kept = try await send(.POST, "/db/execute", as: "alice", body: #"["CREATE TABLE t (x)", "INSERT INTO t VALUES ('acme-data')"]"#)
+        XCTAssertEqual(kept.status, 200, kept.text)
+        let verifier = try ClusterVerifier(certificatesDirectory: cluster.certificates, operatorName: "operator")
+        func verify() async throws -> ClusterVerifier.Report {
+            try await verifier.verify(primary: ("127.0.0.1", cluster.primary.apiPort), standby: ("127.0.0.1", cluster.standby.apiPort), waitMs: 20_000)
+        }
+        let before = try await verify()
+        XCTAssertTrue(before.consistent && before.text.contains("globex"), before.text)
+        let primaryFiles = directory + "/\(cluster.primary.name)/tenants/globex"
+        let standbyFiles = directory + "/\(cluster.standby.name)/tenants/globex"
+        XCTAssertTrue(FileManager.default.fileExists(atPath: standbyFiles), "the standby holds globex before the drop")
+
+        let dropped = try await accounts.request(.DELETE, "/admin/tenants/globex")
+        XCTAssertEqual(dropped.status, 200, dropped.text)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: primaryFiles), "the primary deleted globex's files before answering")
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: directory + "/\(cluster.primary.name)/tenants")
+        XCTAssertFalse(leftovers.contains { $0.contains("globex") }, "\(leftovers)")
+        let again = try await accounts.request(.DELETE, "/admin/tenants/globex")
+        XCTAssertEqual(again.status, 404, again.text)
+
+        // The other tenant serves on, and its writes still replicate.
+        let more = try await send(.POST, "/db/execute", as: "alice", body: #"["INSERT INTO t VALUES ('after the drop')"]"#)
+        XCTAssertEqual(more.status, 200, more.text)
+        cluster.kill(cluster.standby, signal: SIGTERM)
+        try cluster.start(cluster.standby)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: standbyFiles), "the standby deleted globex's files when it started")
+        XCTAssertTrue(cluster.outputCount(of: cluster.standby, containing: "tenant dropped: its files are deleted on this node") >= 1)
+        let after = try await verify()
+        XCTAssertTrue(after.consistent, after.text)
+        XCTAssertFalse(after.text.contains("globex"), after.text)
+        let read = try await send(.GET, "/db/query?q=SELECT+count(*)+FROM+t", as: "alice")
+        XCTAssertTrue(read.text.contains("[[2]]"), read.text)
+    }
+
+    /// A drop that cannot commit (the sync standby is down) is refused as not executed, and the
+    /// tenant, whose writer was stopped for it, is opened again and serves on; with the standby
+    /// back, the same drop goes through.
+    func testADropThatCannotCommitLeavesTheTenantServing() async throws {
+        let wrote = try await send(.POST, "/db/execute", as: "gina", body: #"["CREATE TABLE t (x)", "INSERT INTO t VALUES ('kept')"]"#)
+        XCTAssertEqual(wrote.status, 200, wrote.text)
+        cluster.kill(cluster.standby)
+        let refused = try await accounts.request(.DELETE, "/admin/tenants/globex")
+        XCTAssertEqual(refused.status, 503, refused.text)
+        XCTAssertTrue(refused.text.contains("not_executed"), refused.text)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: directory + "/\(cluster.primary.name)/tenants/globex"))
+        let read = try await send(.GET, "/db/query?q=SELECT+x+FROM+t", as: "gina")
+        XCTAssertEqual(read.status, 200, read.text)
+        XCTAssertTrue(read.text.contains("kept"), "the tenant serves on after the drop failed: \(read.text)")
+        try cluster.start(cluster.standby)
+        XCTAssertTrue(cluster.waitForOutput(of: cluster.standby, containing: "streaming from the primary"))
+        let dropped = try await accounts.request(.DELETE, "/admin/tenants/globex")
+        XCTAssertEqual(dropped.status, 200, dropped.text)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/\(cluster.primary.name)/tenants/globex"))
+    }
+
+    /// A tenant dropped while its writes keep coming: each write is answered (applied before
+    /// the drop, or refused after it), the node stays up, and the standby never meets a record
+    /// of the tenant after the drop. Promoted (without a restart of its own), the standby
+    /// deletes the dropped tenant's files before it serves as the primary.
+    func testATenantDroppedUnderWritesIsDeletedAndAPromotedStandbyDeletesItToo() async throws {
+        let made = try await send(.POST, "/db/execute", as: "gina", body: #"["CREATE TABLE t (x)"]"#)
+        XCTAssertEqual(made.status, 200, made.text)
+        let port = cluster.primary.apiPort, ca = cluster.certificates + "/ca.pem", password = Self.passwords["gina"]!
+        // The writer says when 20 of its writes are in: the drop comes while it goes on (counted, not timed).
+        let (twentyIn, twentyInSignal) = AsyncStream<Void>.makeStream()
+        let writer = Task { () -> [Int] in
+            let c = try await APIClient(port: port, caPath: ca, asOperator: false).connect()
+            defer { Task { await c.close() } }
+            var statuses: [Int] = []
+            // Until the drop turns it away: 401 (gina is gone with her tenant) or 404/503 in between.
+            while statuses.last.map({ $0 == 200 }) ?? true, statuses.count < 100_000 {
+                let r = try await c.request(.POST, "/db/execute", headers: [("Authorization", AccountsClient.basicAuthorization(user: "gina", password: password))],
+                                            body: Array(#"["INSERT INTO t VALUES (1)"]"#.utf8))
+                statuses.append(r.status)
+                if statuses.count == 20 { twentyInSignal.yield() }
+            }
+            twentyInSignal.finish()
+            return statuses
+        }
+        for await _ in twentyIn { break }
+        let dropped = try await accounts.request(.DELETE, "/admin/tenants/globex")
+        XCTAssertEqual(dropped.status, 200, dropped.text)
+        let statuses = try await writer.value
+        XCTAssertTrue(Set(statuses.dropLast()).isSubset(of: [200]), "\(Set(statuses))")
+        XCTAssertTrue([401, 404, 503].contains(statuses.last ?? 0), "the write after the drop: \(statuses.last ?? 0)")
+        XCTAssertTrue(cluster.isRunning(cluster.primary))
+        let acme = try await send(.POST, "/db/execute", as: "alice", body: #"["CREATE TABLE t (x)"]"#)
+        XCTAssertEqual(acme.status, 200, "another tenant commits with the standby after the drop: \(acme.text)")
+
+        let standbyFiles = directory + "/\(cluster.standby.name)/tenants/globex"
+        XCTAssertTrue(FileManager.default.fileExists(atPath: standbyFiles), "a running standby keeps the files until it starts again or is promoted")
+        cluster.kill(cluster.primary)
+        let promoted = try cluster.promoteWithCtl(cluster.standby)
+        XCTAssertEqual(promoted.status, 0, promoted.output)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: standbyFiles), "the promoted standby deleted globex's files")
+        let read = try await send(.GET, "/db/query?q=SELECT+count(*)+FROM+t", as: "alice", port: cluster.standby.apiPort)
+        XCTAssertEqual(read.status, 200, read.text)
+        let list = try await AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: cluster.standby.apiPort)
+            .request(.GET, "/admin/tenants")
+        XCTAssertFalse(list.text.contains("globex"), list.text)
+    }
+
     /// Bearer tokens: made by an operator (or the tenant's admin) for a user, shown once; a
     /// client that sends one acts as that user in that user's tenant; a wrong, malformed,
     /// revoked or dropped tenant's token is 401; a token outlives a failover like any account.

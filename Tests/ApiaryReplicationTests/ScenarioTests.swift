@@ -380,6 +380,34 @@ final class PrimaryScenarioTests: XCTestCase {
         XCTAssertEqual(p.onLocalRecord(tenant, record(2), now: 0), [.commitFailed(tenant, 2, .overloaded)])
     }
 
+    /// A dropped tenant: forgotten once its commits are settled. Acks still on their way for
+    /// its records are no violation, nothing more is sent for it (heartbeats included), and a
+    /// standby that reconnects still holding it gets no stream for it.
+    func testARemovedTenantIsForgottenAndItsLateAcksAreNoViolation() {
+        var (p, _) = primary(mode: .waitPrimary)
+        let r1 = record(1), r2 = record(2)
+        _ = p.onLocalRecord(tenant, r1, now: 10)
+        _ = p.onLocalRecord(tenant, r2, now: 11)
+        XCTAssertEqual(p.status(of: tenant)?.committedLSN, 2, "committed alone: nothing waits")
+        XCTAssertEqual(p.onTenantRemoved(tenant, now: 20), [])
+        XCTAssertNil(p.status(of: tenant))
+        XCTAssertFalse(p.tenantIDs.contains(tenant))
+        XCTAssertEqual(p.onMessage(.ack(Ack(epoch: Epoch(1), tenant: tenant, lsn: 2, leaseMs: 1_000)), from: conn1, now: 30), [],
+                       "an ack sent before the drop is ignored, not a protocol violation")
+        let beats = sent(p.onTick(now: 1_000)).compactMap { m -> PrimaryHeartbeat? in if case .primaryHeartbeat(let h) = m { return h } else { return nil } }
+        XCTAssertFalse(beats.contains { $0.committed.contains { $0.tenant == tenant } }, "heartbeats tell nothing of it")
+        // A standby that still holds it reconnects: no stream, no snapshot, no rewind.
+        XCTAssertEqual(p.onDisconnected(conn1, now: 1_100), [])
+        XCTAssertEqual(p.onConnected(conn2, peer: standbyPeer, now: 1_200), [])
+        let position = TenantPosition(tenant: tenant, appliedLSN: 2, appliedChecksum: summary(2).checksum, lastLSN: 2, tail: [])
+        XCTAssertEqual(withoutHeartbeats(p.onMessage(hello([position]), from: conn2, now: 1_200)),
+                       [.send(conn2, .welcome(Welcome(epoch: Epoch(1), nodeID: "node-a")))])
+        // An ack for a tenant the primary never had is still a violation.
+        let other = try! TenantID("other")
+        XCTAssertTrue(p.onMessage(.ack(Ack(epoch: Epoch(1), tenant: other, lsn: 1, leaseMs: 1_000)), from: conn2, now: 1_300)
+            .contains { if case .closeConnection(conn2, _) = $0 { return true } else { return false } })
+    }
+
     func testLeavingSyncModeCompletesWaitingCommits() {
         var p = PrimaryReplication(nodeID: "node-a", epoch: Epoch(1), mode: .sync, config: testConfig(), standbyNodeID: "node-b")
         _ = p.onLocalRecord(tenant, record(1), now: 0)

@@ -6,9 +6,9 @@ import Foundation
 /// Users, and dropped tenants, in the system database (`TenantID.system`): stored, captured
 /// and replicated like a tenant's data, so accounts survive a failover. Lives on the primary.
 ///
-/// A tenant exists when its database does (made by `createTenant` only: no write makes one);
-/// operator's first write to it); dropping one refuses every request to it from then on
-/// (its files stay until tenant deletion is replicated: a later issue).
+/// A tenant exists when its database does (made by `createTenant` only: no write makes one).
+/// Dropping one refuses every request to it from then on and deletes its files on the primary
+/// (``PrimaryNode/drop(_:commitDrop:)``); a standby deletes them when it next starts.
 final class AccountStore: AccountService, @unchecked Sendable {
     private let node: PrimaryNode
     private let cache = CredentialCache()
@@ -163,15 +163,47 @@ final class AccountStore: AccountService, @unchecked Sendable {
         return try node.layout.existingTenants().filter { $0 != .system && !dropped.contains($0.rawValue) }
     }
 
+    /// Drops `tenant`: its users and tokens go, its name is never used again, and its files
+    /// are deleted. A tenant whose drop committed but whose files are still here (the drop's
+    /// outcome was unknown, or the node stopped part-way) has them deleted now.
     func dropTenant(_ tenant: TenantID) async throws {
         guard try node.layout.existingTenants().contains(tenant) else { throw APIError(.notFound, "no such tenant") }
+        let committed = try await isDropped(tenant)
+        defer { cache.removeAll() }
+        do {
+            try await node.drop(tenant, commitDrop: committed ? nil : { try await self.commitDrop(tenant) })
+        } catch let busy as NodeError {
+            throw APIError(.conflict, "tenant \(tenant) cannot be dropped now: \(busy.description)")
+        } catch let error as StorageError {
+            throw PrimarySQLService.apiError(error)
+        } catch let rejected as CommitRejected {
+            throw PrimarySQLService.apiError(rejected)
+        }
+    }
+
+    private func commitDrop(_ tenant: TenantID) async throws {
         let results = try await write([
             SQLStatement("INSERT OR IGNORE INTO dropped_tenants (name, dropped_ms) VALUES (?, ?)", [.text(tenant.rawValue), .integer(Self.nowMs())]),
             SQLStatement("DELETE FROM tokens WHERE tenant = ?", [.text(tenant.rawValue)]),
             SQLStatement("DELETE FROM users WHERE tenant = ?", [.text(tenant.rawValue)]),
         ])
         for case .failure(let message) in results { throw APIError(.notExecuted, "not dropped (\(message)); retry") }
-        cache.removeAll()
+    }
+
+    /// Deletes the files of tenants whose drop committed but which are still on disk (the
+    /// node stopped between the drop and the deletion, or this node was a standby when the
+    /// tenant was dropped). Called when a node becomes primary, before a standby connects.
+    static func removeDroppedTenants(on node: PrimaryNode) async throws {
+        guard let system = node.openedTenant(.system) else { return }
+        // Read only: a node that only starts has no standby to commit with. No table yet: none dropped.
+        guard case .success(let outcome)? = try await system.database.query([SQLStatement("SELECT name FROM dropped_tenants")]).first else { return }
+        let dropped = Set(outcome.rows.compactMap { row -> TenantID? in
+            guard case .text(let name) = row.first else { return nil }
+            return try? TenantID(name)
+        })
+        for tenant in node.allTenants.map(\.id) where dropped.contains(tenant) {
+            try await node.drop(tenant, commitDrop: nil)
+        }
     }
 
     func createUser(_ name: String, tenant: TenantID, role: UserRole, password: String) async throws {
