@@ -34,6 +34,8 @@ final class StandbyTenant: @unchecked Sendable {
     }
     /// Persists asked for and not yet appended (see the group fsync in `StandbyNode`).
     let persistsQueued = LockedValue(0)
+    /// The tenant was dropped: storage work still queued for it is skipped (its files go).
+    let removed = LockedValue(false)
     /// Work handed to `ioQueue` and not yet finished. Event loop only.
     var ioPending = 0
     /// The highest lsn the core asked to apply (each record's checksum is checked on the way),
@@ -211,6 +213,9 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         return DispatchTime.now().uptimeNanoseconds - last.atNs > Self.inlineExclusiveNs
     }
 
+    /// Dropped tenants whose files are being deleted (event loop only).
+    private var beingRemoved: [StandbyTenant] = []
+
     /// Snapshot chunks handed to the apply queue and not yet written.
     private var snapshotChunksQueued = 0
     static let snapshotChunksQueuedMax = 16
@@ -243,9 +248,15 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         var dropped: Set<TenantID> = []
         for id in existing.filter({ $0 == .system }) + existing.filter({ $0 != .system }) {
             if dropped.contains(id) {
-                try PrimaryNode.removeTenantFiles(id, layout: layout)
-                logger.notice("tenant dropped: its files are deleted on this node", metadata: ["tenant": "\(id)"])
-                continue
+                do {
+                    try PrimaryNode.removeTenantFiles(id, layout: layout)
+                    logger.notice("tenant dropped: its files are deleted on this node", metadata: ["tenant": "\(id)"])
+                    continue
+                } catch {
+                    // Kept, and replicated on as before: files that cannot go never stop the standby.
+                    logger.error("a dropped tenant's files could not be deleted; they stay until the next start",
+                                 metadata: ["tenant": "\(id)", "error": "\(error)"])
+                }
             }
             let tenant = try StandbyTenant(id: id, layout: layout, logOptions: logOptions, logger: logger)
             if id == .system { dropped = Self.droppedTenants(in: tenant.databasePath, logger: logger) }
@@ -422,7 +433,10 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                     if tenant.applied.lsn == target.lsn, after != target.checksum {
                         throw NodeError("tenant \(tenantID): checksum \(after) after applying lsn \(target.lsn), primary says \(target.checksum): replicas diverged")
                     }
-                } then: {}
+                } then: {
+                    // The system database may now say that tenants were dropped.
+                    if tenantID == .system { self.removeDroppedTenants() }
+                }
             case .beginSnapshot(let tenantID, _, _):
                 storage(tenantID, on: \.applyQueue) { tenant in
                     // Empty: pages of an earlier, unfinished snapshot must not mix into this one.
@@ -477,6 +491,7 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         tenant.ioPending += 1
         tenant.ioQueue.async { tenant.applyQueue.sync {
             defer { self.loop.execute { tenant.ioPending -= 1 } }
+            guard !tenant.removed.withLock({ $0 }) else { return }
             do {
                 try DatabaseFile.writePages([], dbSizePages: dbSizePages, to: tenant.scratchPath) // cut to size, fsync
                 let hashes = try DatabaseFile.pageHashes(of: tenant.scratchPath)
@@ -494,7 +509,10 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
                 // Applies asked for before belong to the replaced history.
                 tenant.applyTarget.withLock { $0.lsn = lsn; $0.checksum = checksum }
                 self.logger.notice("installed a snapshot", metadata: ["tenant": "\(tenantID)", "lsn": "\(lsn)", "pages": "\(dbSizePages)"])
-                self.loop.execute { self.interpret(self.core.onSnapshotInstalled(tenantID, lsn: lsn, now: monotonicNowMs())) }
+                self.loop.execute {
+                    self.interpret(self.core.onSnapshotInstalled(tenantID, lsn: lsn, now: monotonicNowMs()))
+                    if tenantID == .system { self.removeDroppedTenants() }
+                }
             } catch {
                 self.loop.execute { self.stop(NodeError("tenant \(tenantID): installing a snapshot failed: \(error)"), cause: error) }
             }
@@ -509,6 +527,10 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         let counted = queue == \StandbyTenant.ioQueue
         if counted { tenant.ioPending += 1 }
         let run = {
+            guard !tenant.removed.withLock({ $0 }) else {
+                if counted { self.loop.execute { tenant.ioPending -= 1 } }
+                return
+            }
             do {
                 try work(tenant)
                 self.loop.execute {
@@ -531,6 +553,39 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
 
     /// How long an apply pass waits for more records to fold in.
     static let applyCoalesceMs = 50
+
+    /// Reads which tenants the system database (as applied) says were dropped, and deletes those
+    /// this node still holds. On the loop; the read runs on the system tenant's apply queue,
+    /// where nothing else writes its database meanwhile.
+    private func removeDroppedTenants() {
+        guard let system = tenants[.system], fatal == nil, !promoting else { return }
+        let (path, logger) = (system.databasePath, self.logger)
+        system.applyQueue.async {
+            let dropped = Self.droppedTenants(in: path, logger: logger)
+            guard !dropped.isEmpty else { return }
+            self.loop.execute { for id in dropped.sorted() { self.remove(droppedTenant: id) } }
+        }
+    }
+
+    /// The core forgets the tenant, its queued storage work is skipped, and its files go once
+    /// the work under way on its queues is done. (A promotion meanwhile: the new primary
+    /// deletes what is left before it serves.)
+    private func remove(droppedTenant id: TenantID) {
+        guard fatal == nil, !promoting, id != .system, let tenant = tenants.removeValue(forKey: id) else { return }
+        interpret(core.onTenantRemoved(id, now: monotonicNowMs()))
+        tenant.removed.withLock { $0 = true }
+        beingRemoved.append(tenant)
+        let (layout, logger) = (self.layout, self.logger)
+        tenant.ioQueue.async { tenant.applyQueue.sync {
+            do {
+                try PrimaryNode.removeTenantFiles(id, layout: layout)
+                logger.notice("tenant dropped: its files are deleted on this node", metadata: ["tenant": "\(id)"])
+            } catch {
+                logger.error("a dropped tenant's files could not be deleted; they stay until the next start", metadata: ["tenant": "\(id)", "error": "\(error)"])
+            }
+            self.loop.execute { self.beingRemoved.removeAll { $0 === tenant } }
+        } }
+    }
 
     private func tenantOrCreate(_ id: TenantID) -> StandbyTenant? {
         if let t = tenants[id] { return t }
@@ -595,6 +650,10 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
             self.channels.closeAll()
             return (self.core.epoch, Array(self.tenants.values))
         }.get()
+        // Dropped tenants' files being deleted are gone before the new primary looks.
+        for tenant in try await loop.submit({ self.beingRemoved }).get() {
+            try await BlockingPool.writers.run { tenant.ioQueue.sync { tenant.applyQueue.sync {} } }
+        }
         // The core says how long the lease still binds; nothing grants a new one meanwhile.
         while waitForLease {
             let waitMs = try await loop.submit { self.core.promotionWaitMs(now: monotonicNowMs()) }.get()

@@ -106,6 +106,8 @@ public struct StandbyReplication: Sendable {
     public private(set) var leasePromisedUntil: Milliseconds
 
     private var tenants: [TenantID: TenantState]
+    /// Tenants dropped while this core ran (``onTenantRemoved(_:now:)``).
+    private var removed: Set<TenantID> = []
     /// The first tick connects at once.
     private var link: Link = .idle(reconnectAt: .min)
     /// The node id in the certificate of the primary on the current connection.
@@ -218,8 +220,21 @@ public struct StandbyReplication: Sendable {
 
     // MARK: Events: storage
 
+    /// The system database, as applied here, says `tenant` was dropped: the core forgets it.
+    /// Storage actions already issued for it may still report back (ignored), and what the
+    /// primary still sends for it (records of a stream catching up, sent before the primary
+    /// forgot it too) is ignored: nothing of it is persisted, acked or applied again. The shell
+    /// deletes its files after the actions already issued.
+    public mutating func onTenantRemoved(_ tenant: TenantID, now: Milliseconds) -> [StandbyAction] {
+        guard tenants.removeValue(forKey: tenant) != nil else { return [] }
+        removed.insert(tenant)
+        // A hello may have waited for one of its persists.
+        return sendHelloIfDurable(now: now)
+    }
+
     /// Records of `tenant` up to `throughLSN` are appended and fsynced.
     public mutating func onPersisted(_ tenant: TenantID, throughLSN lsn: LSN, now: Milliseconds) -> [StandbyAction] {
+        if removed.contains(tenant) { return [] }
         guard var t = tenants[tenant] else { preconditionFailure("\(tenant): persisted \(lsn) for an unknown tenant") }
         precondition(lsn > t.persistedLSN && lsn <= t.lastLSN,
                      "\(tenant): persisted through \(lsn) but persisted was \(t.persistedLSN) and the log ends at \(t.lastLSN)")
@@ -238,6 +253,7 @@ public struct StandbyReplication: Sendable {
 
     /// The snapshot of `.installSnapshot` is installed (database replaced, log reset).
     public mutating func onSnapshotInstalled(_ tenant: TenantID, lsn: LSN, now: Milliseconds) -> [StandbyAction] {
+        if removed.contains(tenant) { return [] }
         guard var t = tenants[tenant], let installing = t.installing, installing.lsn == lsn else {
             preconditionFailure("\(tenant): snapshot at \(lsn) installed but not being installed")
         }
@@ -262,6 +278,7 @@ public struct StandbyReplication: Sendable {
     /// The snapshot did not verify and was not installed; the database and log are unchanged.
     /// The connection is closed so that the next handshake decides again.
     public mutating func onSnapshotFailed(_ tenant: TenantID, now: Milliseconds) -> [StandbyAction] {
+        if removed.contains(tenant) { return [] }
         guard tenants[tenant]?.installing != nil else { preconditionFailure("\(tenant): snapshot failed but none is being installed") }
         tenants[tenant]!.installing = nil
         var actions: [StandbyAction] = []
@@ -304,6 +321,11 @@ public struct StandbyReplication: Sendable {
             return []
         }
         switch message {
+        case .record(let m) where removed.contains(m.tenant): return []
+        case .rewind(let m) where removed.contains(m.tenant): return []
+        case .snapshotBegin(let m) where removed.contains(m.tenant): return []
+        case .snapshotPages(let m) where removed.contains(m.tenant): return []
+        case .snapshotEnd(let m) where removed.contains(m.tenant): return []
         case .record(let m): return onRecord(m, connection: connection, now: now)
         case .primaryHeartbeat(let m): return onHeartbeat(m, connection: connection, now: now)
         case .rewind(let m): return onRewind(m, connection: connection, now: now)

@@ -118,9 +118,9 @@ final class AccountsTests: NodeProcessTestCase {
     }
 
     /// Dropping a tenant deletes its data: on the primary before the drop is answered, on the
-    /// standby when it next starts (it learns of the drop by replication, and deletes what its
-    /// system database lists as dropped before it replicates again). Other tenants are untouched,
-    /// and both nodes agree afterwards.
+    /// running standby once it applied the drop (and, had it been down, when it next starts:
+    /// it deletes what its system database lists as dropped before it replicates again). Other
+    /// tenants are untouched, and both nodes agree afterwards.
     func testADroppedTenantsFilesAreDeletedOnBothNodes() async throws {
         let wrote = try await send(.POST, "/db/execute", as: "gina", body: #"["CREATE TABLE t (x)", "INSERT INTO t VALUES ('globex-secret')"]"#)
         XCTAssertEqual(wrote.status, 200, wrote.text)
@@ -144,18 +144,51 @@ final class AccountsTests: NodeProcessTestCase {
         let again = try await accounts.request(.DELETE, "/admin/tenants/globex")
         XCTAssertEqual(again.status, 404, again.text)
 
+        // The running standby deletes them once it applied the drop: it says so when done.
+        XCTAssertTrue(cluster.waitForOutput(of: cluster.standby, containing: "tenant dropped: its files are deleted on this node"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: standbyFiles), "the standby deleted globex's files")
         // The other tenant serves on, and its writes still replicate.
         let more = try await send(.POST, "/db/execute", as: "alice", body: #"["INSERT INTO t VALUES ('after the drop')"]"#)
         XCTAssertEqual(more.status, 200, more.text)
-        cluster.kill(cluster.standby, signal: SIGTERM)
-        try cluster.start(cluster.standby)
-        XCTAssertFalse(FileManager.default.fileExists(atPath: standbyFiles), "the standby deleted globex's files when it started")
-        XCTAssertTrue(cluster.outputCount(of: cluster.standby, containing: "tenant dropped: its files are deleted on this node") >= 1)
         let after = try await verify()
         XCTAssertTrue(after.consistent, after.text)
         XCTAssertFalse(after.text.contains("globex"), after.text)
         let read = try await send(.GET, "/db/query?q=SELECT+count(*)+FROM+t", as: "alice")
         XCTAssertTrue(read.text.contains("[[2]]"), read.text)
+    }
+
+    /// Files of a dropped tenant that a node finds when it starts (it stopped between the drop
+    /// and the deletion) are deleted before it replicates: a standby's, and a primary's before
+    /// its standby can connect. Here the files are put back by hand from a copy made before the
+    /// drop, with each node stopped.
+    func testADroppedTenantsFilesFoundAtStartAreDeleted() async throws {
+        let wrote = try await send(.POST, "/db/execute", as: "gina", body: #"["CREATE TABLE t (x)", "INSERT INTO t VALUES ('globex-secret')"]"#)
+        XCTAssertEqual(wrote.status, 200, wrote.text)
+        let copies = directory + "/copies"
+        try FileManager.default.createDirectory(atPath: copies, withIntermediateDirectories: true)
+        for node in [cluster.standby, cluster.primary] {
+            cluster.kill(node, signal: SIGTERM)
+            try FileManager.default.copyItem(atPath: directory + "/\(node.name)/tenants/globex", toPath: copies + "/\(node.name)")
+        }
+        try cluster.startBoth()
+        XCTAssertTrue(cluster.waitForOutput(of: cluster.standby, containing: "streaming from the primary"))
+        let dropped = try await accounts.request(.DELETE, "/admin/tenants/globex")
+        XCTAssertEqual(dropped.status, 200, dropped.text)
+        XCTAssertTrue(cluster.waitForOutput(of: cluster.standby, containing: "tenant dropped: its files are deleted on this node"))
+        for node in [cluster.standby, cluster.primary] {
+            cluster.kill(node, signal: SIGTERM)
+            try FileManager.default.copyItem(atPath: copies + "/\(node.name)", toPath: directory + "/\(node.name)/tenants/globex")
+        }
+        try cluster.start(cluster.primary)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/\(cluster.primary.name)/tenants/globex"), "the primary deleted them as it started")
+        try cluster.start(cluster.standby)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/\(cluster.standby.name)/tenants/globex"), "the standby deleted them as it started")
+        for node in [cluster.primary, cluster.standby] {
+            XCTAssertEqual(cluster.outputCount(of: node, containing: "tenant dropped: its files are deleted on this node"), 1, node.name)
+        }
+        let report = try await ClusterVerifier(certificatesDirectory: cluster.certificates, operatorName: "operator")
+            .verify(primary: ("127.0.0.1", cluster.primary.apiPort), standby: ("127.0.0.1", cluster.standby.apiPort), waitMs: 20_000)
+        XCTAssertTrue(report.consistent && !report.text.contains("globex"), report.text)
     }
 
     /// A drop that cannot commit (the sync standby is down) is refused as not executed, and the
@@ -180,9 +213,8 @@ final class AccountsTests: NodeProcessTestCase {
     }
 
     /// A tenant dropped while its writes keep coming: each write is answered (applied before
-    /// the drop, or refused after it), the node stays up, and the standby never meets a record
-    /// of the tenant after the drop. Promoted (without a restart of its own), the standby
-    /// deletes the dropped tenant's files before it serves as the primary.
+    /// the drop, or refused after it), the node stays up, the standby deletes the tenant too
+    /// and replicates on, and promoted it serves without it.
     func testATenantDroppedUnderWritesIsDeletedAndAPromotedStandbyDeletesItToo() async throws {
         let made = try await send(.POST, "/db/execute", as: "gina", body: #"["CREATE TABLE t (x)"]"#)
         XCTAssertEqual(made.status, 200, made.text)
@@ -214,11 +246,11 @@ final class AccountsTests: NodeProcessTestCase {
         XCTAssertEqual(acme.status, 200, "another tenant commits with the standby after the drop: \(acme.text)")
 
         let standbyFiles = directory + "/\(cluster.standby.name)/tenants/globex"
-        XCTAssertTrue(FileManager.default.fileExists(atPath: standbyFiles), "a running standby keeps the files until it starts again or is promoted")
+        XCTAssertTrue(cluster.waitForOutput(of: cluster.standby, containing: "tenant dropped: its files are deleted on this node"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: standbyFiles), "the standby deleted globex's files")
         cluster.kill(cluster.primary)
         let promoted = try cluster.promoteWithCtl(cluster.standby)
         XCTAssertEqual(promoted.status, 0, promoted.output)
-        XCTAssertFalse(FileManager.default.fileExists(atPath: standbyFiles), "the promoted standby deleted globex's files")
         let read = try await send(.GET, "/db/query?q=SELECT+count(*)+FROM+t", as: "alice", port: cluster.standby.apiPort)
         XCTAssertEqual(read.status, 200, read.text)
         let list = try await AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: cluster.standby.apiPort)

@@ -458,6 +458,29 @@ final class StandbyScenarioTests: XCTestCase {
         ])
     }
 
+    /// A dropped tenant: the core forgets it; the report of a persist issued before comes back
+    /// ignored, records and snapshots the primary still sends for it are ignored (nothing
+    /// persisted, acked or applied), and the next hello does not list it.
+    func testARemovedTenantIsForgottenAndWhatStillComesForItIsIgnored() {
+        var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), now: 0)
+        welcomedStandby(&s)
+        XCTAssertEqual(s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 0, record: record(1))), from: conn1, now: 1),
+                       [.persist(tenant, record(1))])
+        XCTAssertEqual(s.onTenantRemoved(tenant, now: 2), [])
+        XCTAssertNil(s.status(of: tenant))
+        XCTAssertEqual(s.onPersisted(tenant, throughLSN: 1, now: 3), [], "no ack, no apply for a persist issued before the drop")
+        XCTAssertEqual(s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: tenant, committedLSN: 1, record: record(2))), from: conn1, now: 4), [])
+        XCTAssertEqual(s.onMessage(.snapshotBegin(SnapshotBegin(epoch: Epoch(1), tenant: tenant, lsn: 5, dbSizePages: 1)), from: conn1, now: 5), [])
+        XCTAssertEqual(s.onMessage(.rewind(Rewind(epoch: Epoch(1), tenant: tenant, toLSN: 0)), from: conn1, now: 6), [])
+        XCTAssertEqual(s.streamingConnection, conn1, "nothing of it is a protocol violation")
+        // Reconnected: the hello lists no position for it.
+        _ = s.onDisconnected(conn1, now: 7)
+        _ = s.onTick(now: 10_000)
+        let hello = sent(s.onConnected(conn2, peer: primaryPeer, now: 10_000)).first
+        guard case .hello(let h)? = hello else { return XCTFail("expected a hello, got \(String(describing: hello))") }
+        XCTAssertFalse(h.tenants.contains { $0.tenant == tenant }, "\(h.tenants)")
+    }
+
     func testCommittedButNotYetPersistedWaitsForTheFsync() {
         var s = StandbyReplication(nodeID: "node-b", epoch: Epoch(1), config: testConfig(), now: 0)
         welcomedStandby(&s)

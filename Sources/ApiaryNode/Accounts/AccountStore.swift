@@ -8,7 +8,7 @@ import Foundation
 ///
 /// A tenant exists when its database does (made by `createTenant` only: no write makes one).
 /// Dropping one refuses every request to it from then on and deletes its files on the primary
-/// (``PrimaryNode/drop(_:commitDrop:)``); a standby deletes them when it next starts.
+/// (``PrimaryNode/drop(_:commitDrop:)``); a standby deletes them once it applied the drop.
 final class AccountStore: AccountService, @unchecked Sendable {
     private let node: PrimaryNode
     private let cache = CredentialCache()
@@ -202,7 +202,11 @@ final class AccountStore: AccountService, @unchecked Sendable {
             return try? TenantID(name)
         })
         for tenant in node.allTenants.map(\.id) where dropped.contains(tenant) {
-            try await node.drop(tenant, commitDrop: nil)
+            // Files that cannot be deleted now never keep the node from serving as the primary.
+            do { try await node.drop(tenant, commitDrop: nil) } catch {
+                node.logger.error("a dropped tenant's files could not be deleted; they stay until the next start",
+                                  metadata: ["tenant": "\(tenant)", "error": "\(error)"])
+            }
         }
     }
 
