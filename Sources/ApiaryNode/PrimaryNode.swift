@@ -258,12 +258,23 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     /// is gone. If `commitDrop` throws, the tenant's database is opened again and it serves on.
     /// `commitDrop` nil: the drop is committed already (a node that starts finds it).
     func drop(_ id: TenantID, commitDrop: (() async throws -> Void)?) async throws {
-        let tenant: PrimaryTenant? = tenantsLock.withLock {
-            guard opening[id] == nil, !dropped.contains(id), let t = tenants[id] else { return nil }
+        enum Found { case open(PrimaryTenant), onlyFiles, busy }
+        let found: Found = tenantsLock.withLock {
+            // Dropped while this node ran, its files left behind (their deletion failed).
+            if commitDrop == nil, dropped.contains(id), tenants[id] == nil { return .onlyFiles }
+            guard opening[id] == nil, !dropped.contains(id), let t = tenants[id] else { return .busy }
             dropped.insert(id)
-            return t
+            return .open(t)
         }
-        guard let tenant else { throw NodeError("tenant \(id) is not open on this node, or is being dropped") }
+        let tenant: PrimaryTenant
+        switch found {
+        case .busy: throw NodeError("tenant \(id) is not open on this node, or is being dropped")
+        case .onlyFiles:
+            let layout = self.layout
+            try await Self.onOwnThread { try Self.removeTenantFiles(id, layout: layout) }
+            return
+        case .open(let t): tenant = t
+        }
         // Blocks until the writer's queued work is done, which runs on the writer pool: on a
         // thread of its own, never on the event loops or the pool.
         try await Self.onOwnThread { tenant.database.close() }
@@ -295,11 +306,11 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     /// After a drop that did not commit: the same log, its database opened again.
     private func reopen(_ tenant: PrimaryTenant) async throws {
         let again = PrimaryTenant(reopening: tenant)
-        try await BlockingPool.writers.run {
-            self.tenantsLock.withLock { self.tenants[tenant.id] = again }
-            try self.openDatabase(again)
-        }
-        tenantsLock.withLock { _ = dropped.remove(tenant.id) }
+        // Opened before it is published: nothing may meet it without its database. (An open
+        // tenant needs no lookup while opening; only a new one's bootstrap commit does.)
+        defer { tenantsLock.withLock { _ = dropped.remove(tenant.id) } }
+        try await BlockingPool.writers.run { try self.openDatabase(again) }
+        tenantsLock.withLock { tenants[tenant.id] = again }
     }
 
     /// Deletes a dropped tenant's directory: renamed first (durably) to a name no tenant can

@@ -243,23 +243,11 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         self.logOptions = logOptions
         var logs: [TenantID: StandbyTenantLog] = [:]
         layout.removeDroppedLeftovers()
-        // The system tenant first: what it says was dropped is deleted before the core knows it.
-        let existing = try layout.existingTenants()
-        var dropped: Set<TenantID> = []
-        for id in existing.filter({ $0 == .system }) + existing.filter({ $0 != .system }) {
-            if dropped.contains(id) {
-                do {
-                    try PrimaryNode.removeTenantFiles(id, layout: layout)
-                    logger.notice("tenant dropped: its files are deleted on this node", metadata: ["tenant": "\(id)"])
-                    continue
-                } catch {
-                    // Kept, and replicated on as before: files that cannot go never stop the standby.
-                    logger.error("a dropped tenant's files could not be deleted; they stay until the next start",
-                                 metadata: ["tenant": "\(id)", "error": "\(error)"])
-                }
-            }
+        // Dropped tenants are not deleted here: a former primary's system database may hold a
+        // drop the cluster never committed (its log is counted applied when it rejoins). They
+        // go once the system database is applied from the primary (`removeDroppedTenants`).
+        for id in try layout.existingTenants() {
             let tenant = try StandbyTenant(id: id, layout: layout, logOptions: logOptions, logger: logger)
-            if id == .system { dropped = Self.droppedTenants(in: tenant.databasePath, logger: logger) }
             tenants[id] = tenant
             var tail: [RecordSummary] = []
             let lastLSN = tenant.withLog { $0.last.lsn }
@@ -528,7 +516,12 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
         if counted { tenant.ioPending += 1 }
         let run = {
             guard !tenant.removed.withLock({ $0 }) else {
-                if counted { self.loop.execute { tenant.ioPending -= 1 } }
+                // Skipped, but what follows the work still happens (a snapshot chunk's count
+                // comes down; the core ignores what concerns a removed tenant).
+                self.loop.execute {
+                    if counted { tenant.ioPending -= 1 }
+                    if self.fatal == nil { then() }
+                }
                 return
             }
             do {
@@ -571,8 +564,11 @@ final class StandbyNode: @unchecked Sendable, ConnectionEvents {
     /// the work under way on its queues is done. (A promotion meanwhile: the new primary
     /// deletes what is left before it serves.)
     private func remove(droppedTenant id: TenantID) {
-        guard fatal == nil, !promoting, id != .system, let tenant = tenants.removeValue(forKey: id) else { return }
+        guard fatal == nil, !promoting, id != .system else { return }
+        // Told for every dropped name, held or not: what still comes for it is ignored, never
+        // made into a tenant again.
         interpret(core.onTenantRemoved(id, now: monotonicNowMs()))
+        guard let tenant = tenants.removeValue(forKey: id) else { return }
         tenant.removed.withLock { $0 = true }
         beingRemoved.append(tenant)
         let (layout, logger) = (self.layout, self.logger)

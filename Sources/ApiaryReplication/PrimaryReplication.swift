@@ -573,7 +573,8 @@ public struct PrimaryReplication: Sendable {
     /// The shell could not take or send the snapshot; the connection is closed (the next
     /// handshake decides again).
     public mutating func onSnapshotFailed(_ connection: ConnectionID, request: SnapshotRequest, now: Milliseconds) -> [PrimaryAction] {
-        guard link?.connection == connection else { return [] }
+        // A dropped tenant's snapshot fails as its files go: nothing to decide again.
+        guard link?.connection == connection, !removed.contains(request.tenant) else { return [] }
         link = nil
         return [.closeConnection(connection, .localReadFailed)]
     }

@@ -225,9 +225,10 @@ public struct StandbyReplication: Sendable {
     /// primary still sends for it (records of a stream catching up, sent before the primary
     /// forgot it too) is ignored: nothing of it is persisted, acked or applied again. The shell
     /// deletes its files after the actions already issued.
+    /// Also for a tenant it does not hold: what comes for it later is ignored all the same.
     public mutating func onTenantRemoved(_ tenant: TenantID, now: Milliseconds) -> [StandbyAction] {
-        guard tenants.removeValue(forKey: tenant) != nil else { return [] }
         removed.insert(tenant)
+        guard tenants.removeValue(forKey: tenant) != nil else { return [] }
         // A hello may have waited for one of its persists.
         return sendHelloIfDurable(now: now)
     }

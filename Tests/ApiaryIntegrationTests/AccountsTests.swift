@@ -158,9 +158,10 @@ final class AccountsTests: NodeProcessTestCase {
     }
 
     /// Files of a dropped tenant that a node finds when it starts (it stopped between the drop
-    /// and the deletion) are deleted before it replicates: a standby's, and a primary's before
-    /// its standby can connect. Here the files are put back by hand from a copy made before the
-    /// drop, with each node stopped.
+    /// and the deletion): a primary deletes them before its standby can connect; a standby
+    /// once it applies the system database from its primary again (not at its start: a former
+    /// primary's system database may hold a drop that never committed). Here the files are put
+    /// back by hand from a copy made before the drop, with each node stopped.
     func testADroppedTenantsFilesFoundAtStartAreDeleted() async throws {
         let wrote = try await send(.POST, "/db/execute", as: "gina", body: #"["CREATE TABLE t (x)", "INSERT INTO t VALUES ('globex-secret')"]"#)
         XCTAssertEqual(wrote.status, 200, wrote.text)
@@ -182,7 +183,11 @@ final class AccountsTests: NodeProcessTestCase {
         try cluster.start(cluster.primary)
         XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/\(cluster.primary.name)/tenants/globex"), "the primary deleted them as it started")
         try cluster.start(cluster.standby)
-        XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/\(cluster.standby.name)/tenants/globex"), "the standby deleted them as it started")
+        XCTAssertTrue(cluster.waitForOutput(of: cluster.standby, containing: "streaming from the primary"))
+        // A change to the accounts: the standby applies the system database, and finds the drop.
+        try await accounts.createUser("hal", tenant: "acme", role: "reader", password: "hal-password-55555")
+        XCTAssertTrue(cluster.waitForOutput(of: cluster.standby, containing: "tenant dropped: its files are deleted on this node"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/\(cluster.standby.name)/tenants/globex"), "the standby deleted them")
         for node in [cluster.primary, cluster.standby] {
             XCTAssertEqual(cluster.outputCount(of: node, containing: "tenant dropped: its files are deleted on this node"), 1, node.name)
         }

@@ -473,6 +473,11 @@ final class StandbyScenarioTests: XCTestCase {
         XCTAssertEqual(s.onMessage(.snapshotBegin(SnapshotBegin(epoch: Epoch(1), tenant: tenant, lsn: 5, dbSizePages: 1)), from: conn1, now: 5), [])
         XCTAssertEqual(s.onMessage(.rewind(Rewind(epoch: Epoch(1), tenant: tenant, toLSN: 0)), from: conn1, now: 6), [])
         XCTAssertEqual(s.streamingConnection, conn1, "nothing of it is a protocol violation")
+        // A dropped tenant this standby never held is never made from what arrives late.
+        let never = try! TenantID("never-held")
+        XCTAssertEqual(s.onTenantRemoved(never, now: 6), [])
+        XCTAssertEqual(s.onMessage(.record(RecordMessage(epoch: Epoch(1), tenant: never, committedLSN: 0, record: record(1))), from: conn1, now: 6), [])
+        XCTAssertNil(s.status(of: never))
         // Reconnected: the hello lists no position for it.
         _ = s.onDisconnected(conn1, now: 7)
         _ = s.onTick(now: 10_000)

@@ -195,8 +195,14 @@ final class AccountStore: AccountService, @unchecked Sendable {
     /// tenant was dropped). Called when a node becomes primary, before a standby connects.
     static func removeDroppedTenants(on node: PrimaryNode) async throws {
         guard let system = node.openedTenant(.system) else { return }
-        // Read only: a node that only starts has no standby to commit with. No table yet: none dropped.
-        guard case .success(let outcome)? = try await system.database.query([SQLStatement("SELECT name FROM dropped_tenants")]).first else { return }
+        // Read only: a node that only starts has no standby to commit with. No table yet: none
+        // dropped. A read that fails never keeps the node from serving: the files stay.
+        let read: [StatementResult]
+        do { read = try await system.database.query([SQLStatement("SELECT name FROM dropped_tenants")]) } catch {
+            node.logger.error("cannot read which tenants were dropped; their files stay until the next start", metadata: ["error": "\(error)"])
+            return
+        }
+        guard case .success(let outcome)? = read.first else { return }
         let dropped = Set(outcome.rows.compactMap { row -> TenantID? in
             guard case .text(let name) = row.first else { return nil }
             return try? TenantID(name)
