@@ -243,7 +243,7 @@ public final class ChaosRunner: @unchecked Sendable {
                     disk.free()
                     self.note("free the disk of \(node.name)")
                 }
-            case (.isolate, _), (.cut, _), (.cutOneWay, _), (.loss, _):
+            case (.isolate, _), (.cut, _), (.cutOneWay, _), (.loss, _), (.delay, _):
                 guard let network else { return skipped(text, "network faults need zones in network namespaces; this run is on loopback") }
                 let seconds = fault.seconds ?? 0
                 let zone: String
@@ -263,6 +263,10 @@ public final class ChaosRunner: @unchecked Sendable {
                 case .loss:
                     try network.lose(zone, from: other, percent: fault.percent ?? 0)
                     text += " (\(fault.percent ?? 0)% of zone \(zone) ↔ zone \(other))"
+                case .delay:
+                    let schedule = DelaySchedule(delayMs: fault.delayMs ?? 0, jitterMs: fault.jitterMs ?? 0, reorderPercent: fault.reorderPercent ?? 0)
+                    try network.delay(zone, from: other, schedule, executable: settings.executable, seed: UInt64(fault.at * 1000))
+                    text += " (zone \(zone) ↔ zone \(other): \(schedule.delayMs) ms ± \(schedule.jitterMs) ms each way, \(schedule.reorderPercent)% reordered)"
                 default:
                     try network.cut(zone, from: other, oneWay: true)
                     text += " (zone \(zone) → zone \(other) dropped)"

@@ -23,13 +23,18 @@ public struct Scenario: Codable, Sendable {
             /// its packets are lost, the other side's still arrive.
             case cutOneWay = "cut_one_way"
             /// Drop `percent` of the packets between the primary's zone and the standby's, both
-            /// ways, at random, for `seconds` (netem's loss; this harness has no netem delay).
+            /// ways, at random, for `seconds` (netem's loss).
             case loss
+            /// Hold each packet between the primary's zone and the standby's, each way, for
+            /// `delayMs` ± `jitterMs` (uniformly), sending `reorderPercent` of them at once so that
+            /// they overtake those held, for `seconds` (netem's delay, jitter and reorder, done
+            /// by an NFQUEUE ``PacketDelayer``: this kernel has no netem).
+            case delay
             /// Fill the target node's file system (a small one of its own, mounted for the run)
             /// for `seconds`, then free it: every write it must make fails with ENOSPC.
             case fillDisk = "fill_disk"
 
-            var isNetworkFault: Bool { self == .isolate || self == .cut || self == .cutOneWay || self == .loss }
+            var isNetworkFault: Bool { self == .isolate || self == .cut || self == .cutOneWay || self == .loss || self == .delay }
             /// Faults that last `seconds` and end by themselves.
             var lasts: Bool { isNetworkFault || self == .pause || self == .fillDisk }
         }
@@ -51,6 +56,11 @@ public struct Scenario: Codable, Sendable {
         public var seconds: Double?
         /// For `loss`: the share of packets dropped, 1...100.
         public var percent: Int?
+        /// For `delay`: how long each packet is held (1...10,000 ms), give or take `jitterMs`
+        /// (at most the delay; 0 when left out), and the share sent at once (0...100).
+        public var delayMs: Int?
+        public var jitterMs: Int?
+        public var reorderPercent: Int?
 
         public var description: String { "\(kind.rawValue) \(target.rawValue)" + (seconds.map { " for \($0) s" } ?? "") + " at \(at) s" }
     }
@@ -114,7 +124,7 @@ public struct Scenario: Codable, Sendable {
             case .dataCorrupted(let context) where !context.codingPath.isEmpty:
                 // An unknown fault kind or target: name the allowed ones.
                 let field = context.codingPath.last?.stringValue ?? ""
-                let allowed = field == "kind" ? " (faults: kill, restart, pause, isolate, cut, cut_one_way, loss, fill_disk)"
+                let allowed = field == "kind" ? " (faults: kill, restart, pause, isolate, cut, cut_one_way, loss, delay, fill_disk)"
                     : field == "target" ? " (targets: primary, standby, monitor, gateway, killed_node)" : ""
                 throw located(JSONLocation.steps(context.codingPath), "'\(field)': \(context.debugDescription)\(allowed)")
             case .dataCorrupted(let context):
@@ -151,13 +161,20 @@ public struct Scenario: Codable, Sendable {
             if fault.kind.lasts {
                 guard let s = fault.seconds, s > 0 else { throw problem("'\(fault.kind.rawValue)' needs seconds > 0") }
             }
-            if [.cut, .cutOneWay, .loss, .fillDisk].contains(fault.kind), fault.target != .primary && fault.target != .standby {
+            if [.cut, .cutOneWay, .loss, .delay, .fillDisk].contains(fault.kind), fault.target != .primary && fault.target != .standby {
                 throw problem("'\(fault.kind.rawValue)' is about a node; it takes primary or standby")
             }
             if fault.kind == .loss {
                 guard let p = fault.percent, (1...100).contains(p) else { throw problem("'loss' needs percent 1...100") }
             } else if fault.percent != nil {
                 throw problem("percent goes with loss only")
+            }
+            if fault.kind == .delay {
+                guard let d = fault.delayMs, (1...10_000).contains(d) else { throw problem("'delay' needs delayMs 1...10000") }
+                guard (0...d).contains(fault.jitterMs ?? 0) else { throw problem("jitterMs must be 0...delayMs") }
+                guard (0...100).contains(fault.reorderPercent ?? 0) else { throw problem("reorderPercent must be 0...100") }
+            } else if fault.delayMs != nil || fault.jitterMs != nil || fault.reorderPercent != nil {
+                throw problem("delayMs, jitterMs and reorderPercent go with delay only")
             }
             if fault.kind == .restart, fault.target == .primary || fault.target == .standby {
                 throw problem("restart takes monitor, gateway or killed_node")

@@ -6,8 +6,10 @@ import Foundation
 /// `.1`, b `.2`, c `.3`, the bridge (where the workload's clients are) `.254`. Network faults
 /// are nftables rules inside a zone's namespace, so they touch nothing outside the run:
 /// isolating a zone drops everything it sends and receives but its loopback; a cut drops what
-/// goes between two zones, both ways or one way; loss drops a share of it at random. Healing
-/// flushes the rules.
+/// goes between two zones, both ways or one way; loss drops a share of it at random. A delay
+/// (with jitter and reordering) sends what goes between two zones through an NFQUEUE queue
+/// (an iptables rule: nftables here cannot queue) to a ``PacketDelayer`` process in the zone,
+/// since this kernel has no netem. Healing flushes the rules and stops the delayer.
 ///
 /// Needs root and `ip`/`nft` (iproute2, nftables). ``unavailableReason()`` says why not, and
 /// the runner then stays on loopback with process faults only and says so.
@@ -16,6 +18,9 @@ public final class ZoneNetwork: @unchecked Sendable {
     static let ip = "/usr/sbin/ip"
     static let nft = "/usr/sbin/nft"
     static let table = "apiary_chaos"
+    static let iptables = "/usr/sbin/iptables"
+    /// The NFQUEUE queue of a zone's delayer (queues are per namespace).
+    static let delayQueue = 1
 
     /// The run's owner, in every name: leftovers of a run that died are found by it.
     let owner: Int32
@@ -23,6 +28,8 @@ public final class ZoneNetwork: @unchecked Sendable {
     let subnet: String
     private var created = false
     private let lock = NSLock()
+    /// The packet delayer of each zone with a delay fault.
+    private var delayers: [String: Process] = [:]
 
     /// The bridge's name in this namespace (at most 15 characters, as Linux requires).
     var bridge: String { "apbr\(owner)" }
@@ -117,18 +124,69 @@ public final class ZoneNetwork: @unchecked Sendable {
             """)
     }
 
+    /// Each packet between `zone` and `other`, each way, held as `schedule` says (so a round
+    /// trip between them takes twice the delay more): a ``PacketDelayer`` started in the zone's
+    /// namespace (`executable chaos delay-packets`), then iptables rules that send it the
+    /// packets. `--queue-bypass`: should the delayer be gone, packets pass.
+    public func delay(_ zone: String, from other: String, _ schedule: DelaySchedule, executable: String, seed: UInt64) throws {
+        try stopDelayer(zone)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Self.ip)
+        process.arguments = ["netns", "exec", namespace(zone), executable, "chaos", "delay-packets", "--queue", String(Self.delayQueue),
+                             "--delay-ms", String(schedule.delayMs), "--jitter-ms", String(schedule.jitterMs),
+                             "--reorder-percent", String(schedule.reorderPercent), "--seed", String(seed)]
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+        lock.withLock { delayers[zone] = process }
+        // Ready once it says so (it bound the queue); its output ending first means it failed.
+        var said = Data()
+        while !String(decoding: said, as: UTF8.self).contains("holding packets") {
+            let more = output.fileHandleForReading.availableData
+            guard !more.isEmpty else {
+                try? stopDelayer(zone)
+                throw ChaosError("the packet delayer of zone \(zone) did not start: \(String(decoding: said, as: UTF8.self))")
+            }
+            said.append(more)
+        }
+        for rule in [["OUTPUT", "-d"], ["INPUT", "-s"]] {
+            try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.iptables, "-w", "-F", rule[0]])
+            try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.iptables, "-w", "-A", rule[0], rule[1], address(other),
+                                   "-j", "NFQUEUE", "--queue-num", String(Self.delayQueue), "--queue-bypass"])
+        }
+    }
+
+    /// Whether a delayer runs in `zone` (tests).
+    public func isDelaying(_ zone: String) -> Bool { lock.withLock { delayers[zone]?.isRunning ?? false } }
+
+    /// The rules of `zone` that send packets to its delayer (tests).
+    public func delayRules(_ zone: String) throws -> Int {
+        try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.iptables, "-w", "-S"]).components(separatedBy: "NFQUEUE").count - 1
+    }
+
+    private func stopDelayer(_ zone: String) throws {
+        guard let process = lock.withLock({ delayers.removeValue(forKey: zone) }) else { return }
+        if process.isRunning { kill(process.processIdentifier, SIGTERM) }
+        process.waitUntilExit()
+    }
+
     /// Packets the counting rules of `zone` have dropped so far.
     public func droppedPackets(_ zone: String) throws -> Int {
         let listing = try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.nft, "list", "table", "inet", Self.table])
         return listing.components(separatedBy: "counter packets ").dropFirst().compactMap { Int($0.prefix { $0.isNumber }) }.reduce(0, +)
     }
 
-    /// Removes every rule of `zone`: it is connected again.
+    /// Removes every rule of `zone` and stops its delayer: it is connected again.
     public func heal(_ zone: String) throws {
         try nft(zone, """
             flush chain inet \(Self.table) input
             flush chain inet \(Self.table) output
             """)
+        if lock.withLock({ delayers[zone] != nil }) {
+            for chain in ["OUTPUT", "INPUT"] { try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.iptables, "-w", "-F", chain]) }
+            try stopDelayer(zone)
+        }
     }
 
     public func healAll() {
@@ -143,6 +201,7 @@ public final class ZoneNetwork: @unchecked Sendable {
     public func destroy() {
         // Once, whoever comes first: the run's end or an interrupt.
         guard lock.withLock({ defer { created = false }; return created }) else { return }
+        for zone in Self.zones { try? stopDelayer(zone) }
         Self.remove(owner)
     }
 

@@ -52,7 +52,7 @@ final class ScenarioFileTests: XCTestCase {
         let message = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 1, "kind": "kill", "target": "primary"}"#,
                                                               #"{"at": 2, "kind": "explode", "target": "primary"}"#])))
         XCTAssertTrue(message.contains("s.json:9:"), message)
-        XCTAssertTrue(message.contains("explode") && message.contains("faults: kill, restart, pause, isolate, cut, cut_one_way, loss, fill_disk"), message)
+        XCTAssertTrue(message.contains("explode") && message.contains("faults: kill, restart, pause, isolate, cut, cut_one_way, loss, delay, fill_disk"), message)
     }
 
     func testAnUnknownTargetNamesItsLine() throws {
@@ -76,6 +76,20 @@ final class ScenarioFileTests: XCTestCase {
         XCTAssertTrue(overlap.contains("s.json:9:") && overlap.contains("one network fault at a time"), overlap)
         let fillMonitor = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "fill_disk", "target": "monitor", "seconds": 1}"#])))
         XCTAssertTrue(fillMonitor.contains("s.json:8:") && fillMonitor.contains("takes primary or standby"), fillMonitor)
+    }
+
+    func testADelayFaultIsCheckedAndNamesItsLine() throws {
+        XCTAssertNil(refusal(scenario(faults: [#"{"at": 3, "kind": "delay", "target": "primary", "seconds": 2, "delayMs": 40, "jitterMs": 10, "reorderPercent": 5}"#])))
+        let noDelay = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "delay", "target": "primary", "seconds": 2}"#])))
+        XCTAssertTrue(noDelay.contains("s.json:8:") && noDelay.contains("'delay' needs delayMs 1...10000"), noDelay)
+        let jitterPastDelay = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "delay", "target": "standby", "seconds": 2, "delayMs": 10, "jitterMs": 11}"#])))
+        XCTAssertTrue(jitterPastDelay.contains("jitterMs must be 0...delayMs"), jitterPastDelay)
+        let reorder = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "delay", "target": "primary", "seconds": 2, "delayMs": 10, "reorderPercent": 101}"#])))
+        XCTAssertTrue(reorder.contains("reorderPercent must be 0...100"), reorder)
+        let strayField = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "cut", "target": "primary", "seconds": 2, "delayMs": 10}"#])))
+        XCTAssertTrue(strayField.contains("go with delay only"), strayField)
+        let delayMonitor = try XCTUnwrap(refusal(scenario(faults: [#"{"at": 3, "kind": "delay", "target": "monitor", "seconds": 2, "delayMs": 10}"#])))
+        XCTAssertTrue(delayMonitor.contains("takes primary or standby"), delayMonitor)
     }
 
     func testAMissingOrMistypedFieldNamesItsLine() throws {

@@ -19,10 +19,11 @@ final class ChaosSmokeTests: XCTestCase {
         if geteuid() == 0 {
             // As root (CI) the zones are namespaces and every fault of the scenario is applied.
             XCTAssertTrue(text.contains("network: zones a, b, c in network namespaces"), text)
-            for applied in ["isolate primary (zone ", "cut primary (zone ", "loss primary (30% of zone ", "fill_disk standby (node-", "fill_disk primary (node-"] {
+            for applied in ["isolate primary (zone ", "cut primary (zone ", "loss primary (30% of zone ", "delay primary (zone ", "fill_disk standby (node-", "fill_disk primary (node-"] {
                 XCTAssertTrue(text.contains(applied), "'\(applied)' applied: " + text.split(separator: "\n").prefix(30).joined(separator: "\n"))
             }
             XCTAssertFalse(text.contains("skipped"), text)
+            XCTAssertFalse(text.contains(": failed ("), "a fault that could not be applied: " + text)
         }
         let written = (try? FileManager.default.contentsOfDirectory(atPath: reports)) ?? []
         XCTAssertTrue(written.contains { $0.hasSuffix(".json") } && written.contains { $0.hasSuffix(".html") }, "\(written)")

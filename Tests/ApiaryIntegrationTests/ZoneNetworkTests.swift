@@ -114,6 +114,42 @@ final class ZoneNetworkTests: NodeProcessTestCase {
         XCTAssertEqual(status.epoch, 1, "a cut replication link is not a failover")
     }
 
+    /// 100 ms each way between zones a and b (an NFQUEUE rule and the packet delayer in zone a:
+    /// this kernel has no netem). A replicated write waits for the standby's ack, a round trip
+    /// between the zones, so each takes at least 200 ms more: a lower bound, which holds on a
+    /// machine of any speed. With jitter and a third of the packets reordered, TCP carries the
+    /// stream through and every write is acknowledged. Healed: the delayer and its rules are gone.
+    func testADelayBetweenTheZonesHoldsEachPacket() async throws {
+        let network = try XCTUnwrap(network)
+        let monitor = try await MonitorClient(cluster: cluster)
+        try await inSync(monitor, primary: "node-a", standby: "node-b")
+        try await cluster.createTenant("zones")
+        let first = await write(to: cluster.primary, id: 0)
+        XCTAssertEqual(first, 200)
+
+        try network.delay("a", from: "b", DelaySchedule(delayMs: 100), executable: try apiaryExecutable(), seed: 1)
+        XCTAssertTrue(network.isDelaying("a"))
+        XCTAssertEqual(try network.delayRules("a"), 2, "one rule each way")
+        for id in 1...3 {
+            let started = ContinuousClock.now
+            let status = await write(to: cluster.primary, id: id)
+            let took = ContinuousClock.now - started
+            XCTAssertEqual(status, 200, "write \(id)")
+            XCTAssertGreaterThanOrEqual(took, .milliseconds(200), "write \(id) took \(took): its record and its ack each held 100 ms")
+        }
+
+        try network.delay("a", from: "b", DelaySchedule(delayMs: 30, jitterMs: 25, reorderPercent: 30), executable: try apiaryExecutable(), seed: 2)
+        XCTAssertEqual(try network.delayRules("a"), 2, "a new delay replaces the old one")
+        for id in 4...23 {
+            let status = await write(to: cluster.primary, id: id)
+            XCTAssertEqual(status, 200, "write \(id)")
+        }
+        try network.heal("a")
+        XCTAssertFalse(network.isDelaying("a"))
+        XCTAssertEqual(try network.delayRules("a"), 0, "healed: no rule left")
+        try await inSync(monitor, primary: "node-a", standby: "node-b")
+    }
+
     /// A fifth of the packets between zones a and b lost at random, each way: TCP carries the
     /// stream through, every write is acknowledged, and the rules did drop packets.
     func testLossBetweenTheZonesDropsPacketsAndWritesGoOn() async throws {
