@@ -84,7 +84,7 @@ final class ReplicationSimulationTests: XCTestCase {
             "snapshot.installFailed", "snapshot.failedToRead", "stepDown", "epochStale", "fault.staleToStandby",
             "fault.staleToPrimary", "fault.late", "rewind.drained", "close.standby.rejectedPeer.staleEpoch",
             "close.primary.rejectedPeer.staleEpoch", "close.primary.peerTimeout", "close.standby.peerTimeout", "lost",
-            "fault.foreignStandby",
+            "fault.foreignStandby", "dropped",
         ]
         if failures.isEmpty && seedCount >= 1_000 {
             for key in mustHappen where (totals[key] ?? 0) == 0 {

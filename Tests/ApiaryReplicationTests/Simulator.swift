@@ -28,6 +28,8 @@ struct FaultPlan: CustomStringConvertible {
     var lateMessageMs: Int64?
     /// The standby's disk is replaced by another history (an old primary rejoining).
     var foreignStandbyMs: Int64?
+    /// A tenant is dropped: its writes stop, and once settled both cores forget it.
+    var dropTenantMs: Int64?
     var snapshotFailChance: Double
 
     static let none = FaultPlan(snapshotFailChance: 0)
@@ -37,7 +39,7 @@ struct FaultPlan: CustomStringConvertible {
             ("reset", resetMs), ("partition", partitionMs), ("crashStandby", crashStandbyMs),
             ("crashPrimary", crashPrimaryMs), ("epochBump", epochBumpMs), ("modeSwitch", modeSwitchMs),
             ("compaction", compactionMs), ("staleEpoch", staleEpochMessageMs), ("corrupt", corruptFrameMs),
-            ("late", lateMessageMs), ("foreignStandby", foreignStandbyMs),
+            ("late", lateMessageMs), ("foreignStandby", foreignStandbyMs), ("dropTenant", dropTenantMs),
         ]
         let on = kinds.compactMap { name, ms in ms.map { "\(name)~\($0)ms" } }
         return (on.isEmpty ? "no faults" : on.joined(separator: " ")) + " snapshotFail=\(snapshotFailChance)"
@@ -117,6 +119,7 @@ struct SimParameters: CustomStringConvertible {
         f.lateMessageMs = maybe(100...800)
         f.foreignStandbyMs = rng.chance(0.3) ? rng.int64(500...3_000) : nil
         f.snapshotFailChance = rng.pick([0, 0, 0.2])
+        f.dropTenantMs = p.tenantCount >= 2 && rng.chance(0.3) ? rng.int64(200...1_500) : nil
         p.faults = f
         return p
     }
@@ -375,6 +378,11 @@ final class Simulation {
     /// Commits acknowledged in sync mode (the standby held them fsynced).
     private var syncAcked: [Set<LSN>]
     private var writes: [Int: [LSN: ClientWrite]]
+    /// Tenants dropped (both cores told, the standby's later, as it learns from its system
+    /// database), and those whose writes stopped for a drop that waits for them to settle.
+    private var droppedTenants: Set<Int> = []
+    private var droppingTenants: Set<Int> = []
+    private func isGone(_ i: Int) -> Bool { droppedTenants.contains(i) || droppingTenants.contains(i) }
     /// The kind of message the primary core is handling, for statistics.
     private var primaryEvent = ""
 
@@ -424,7 +432,7 @@ final class Simulation {
     /// within `standbyWaitMs`, and the standby applies it.
     private func probeWrites() throws {
         var probes: [(tenant: Int, lsn: LSN)] = []
-        for i in tenantIDs.indices {
+        for i in tenantIDs.indices where !isGone(i) {
             let lsn = primary.disks[i].lastLSN + 1
             guard write(tenant: i, pagesMax: 1) else { throw SimViolation(time: now, message: "liveness: the primary refused a probe write") }
             probes.append((i, lsn))
@@ -441,7 +449,7 @@ final class Simulation {
 
     /// Records the standby has yet to apply, over all tenants.
     private func backlog() -> Int {
-        tenantIDs.enumerated().reduce(0) { sum, entry in
+        tenantIDs.enumerated().filter { !isGone($0.offset) }.reduce(0) { sum, entry in
             // A foreign standby may be ahead: it then needs a snapshot, counted as one record.
             sum + max(1, Int(primary.disks[entry.offset].lastLSN) - Int(standby.disks[entry.element]?.appliedLSN ?? 0))
         }
@@ -532,7 +540,7 @@ final class Simulation {
 
     private func scheduleClientWrite(_ i: Int) {
         after(random(params.writeIntervalMs)) { [unowned self] in
-            guard writesActive else { return }
+            guard writesActive, !isGone(i) else { return }
             _ = write(tenant: i)
             scheduleClientWrite(i)
         }
@@ -542,7 +550,7 @@ final class Simulation {
     /// and handed to the core. Returns false when the primary cannot take it now.
     @discardableResult
     func write(tenant i: Int, pagesMax: Int = 3) -> Bool {
-        guard primary.up, let core = primary.core, (writes[i]?.count ?? 0) < params.outstandingWritesPerTenantMax else { return false }
+        guard !isGone(i), primary.up, let core = primary.core, (writes[i]?.count ?? 0) < params.outstandingWritesPerTenantMax else { return false }
         var disk = primary.disks[i]
         var size = disk.db.sizePages
         if size == 0 || (size < params.dbPagesMax && rng.chance(0.3)) { size += 1 }
@@ -645,7 +653,12 @@ final class Simulation {
     private func sendSnapshot(_ request: SnapshotRequest, on c: ConnectionID) {
         let i = tenantIndex[request.tenant]!
         let disk = primary.disks[i]
-        let lsn = primary.core!.status(of: request.tenant)!.committedLSN
+        // Dropped since it was asked for: the real shell's copy fails as the files go.
+        guard let status = primary.core!.status(of: request.tenant) else {
+            count("snapshot.ofDroppedTenant")
+            return handlePrimary(primary.core!.onSnapshotFailed(c, request: request, now: primaryNow))
+        }
+        let lsn = status.committedLSN
         let db = disk.undo[lsn + 1] ?? disk.db
         if lsn > 0, committed[i][lsn]?.checksum != db.checksum {
             fail("snapshot of \(request.tenant) at \(lsn) has checksum \(db.checksum), committed record says \(String(describing: committed[i][lsn]))")
@@ -1075,6 +1088,7 @@ final class Simulation {
             (f.corruptFrameMs, { [unowned self] in injectDecodeError() }),
             (f.lateMessageMs, { [unowned self] in replayLateMessage() }),
             (f.foreignStandbyMs, { [unowned self] in replaceStandbyWithForeignHistory() }),
+            (f.dropTenantMs, { [unowned self] in dropTenant() }),
         ]
         for (mean, fault) in kinds {
             guard let mean else { continue }
@@ -1151,6 +1165,37 @@ final class Simulation {
         log("restart standby")
         standby.up = true
         standby.core = makeStandbyCore()
+        // It learns of the drops again at its next apply of the system database.
+        for i in droppedTenants.sorted() { after(random(0...300)) { [unowned self] in tellStandbyDropped(i) } }
+    }
+
+    /// A tenant is dropped (one at a time, one always left): its writes stop; once every write
+    /// it took is settled (the node's writer stopped), the primary's core forgets it, and the
+    /// standby's later, when it has applied the drop.
+    func dropTenant() {
+        let live = tenantIDs.indices.filter { !isGone($0) }
+        guard live.count >= 2, droppingTenants.isEmpty else { return }
+        let i = rng.pick(live)
+        count("fault.dropTenant")
+        log("FAULT drop \(tenantIDs[i])")
+        droppingTenants.insert(i)
+        finishDrop(i)
+    }
+
+    private func finishDrop(_ i: Int) {
+        guard primary.up, let core = primary.core, core.steppedDownTo == nil, writes[i]?.isEmpty ?? true else {
+            return after(params.tickMs) { [unowned self] in finishDrop(i) }
+        }
+        droppingTenants.remove(i)
+        droppedTenants.insert(i)
+        count("dropped")
+        handlePrimary(primary.core!.onTenantRemoved(tenantIDs[i], now: primaryNow))
+        after(random(0...300)) { [unowned self] in tellStandbyDropped(i) }
+    }
+
+    private func tellStandbyDropped(_ i: Int) {
+        guard standby.up, standby.core != nil else { return } // a restart tells it again
+        handleStandby(standby.core!.onTenantRemoved(tenantIDs[i], now: standbyNow))
     }
 
     /// The primary dies. Its log was fsynced record by record, so it restarts with every
@@ -1203,6 +1248,8 @@ final class Simulation {
         }
         primary.incarnation += 1
         primary.core = makePrimaryCore()
+        // A node that becomes primary deletes dropped tenants before a standby can connect.
+        for i in droppedTenants.sorted() { handlePrimary(primary.core!.onTenantRemoved(tenantIDs[i], now: primaryNow)) }
     }
 
     private func repromotePrimary() {
@@ -1377,7 +1424,7 @@ final class Simulation {
         guard standby.up, let s = standby.core, let c = s.streamingConnection, p.standbyConnection == c else {
             return "liveness: standby not streaming (primary has \(String(describing: p.standbyConnection)), standby \(String(describing: standby.core?.streamingConnection)))"
         }
-        for (i, tenant) in tenantIDs.enumerated() {
+        for (i, tenant) in tenantIDs.enumerated() where !droppedTenants.contains(i) {
             let pDisk = primary.disks[i]
             guard pDisk.lastLSN > 0 else { continue }
             guard let ps = p.status(of: tenant), ps.committedLSN == pDisk.lastLSN, ps.pendingCommits == 0 else {
