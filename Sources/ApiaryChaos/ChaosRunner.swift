@@ -275,9 +275,11 @@ public final class ChaosRunner: @unchecked Sendable {
                 lock.withLock { _ = cut.insert(zone) }
                 Task {
                     try? await Task.sleep(for: .milliseconds(Int64(seconds * 1000)))
-                    try? network.heal(zone)
+                    // A delayer that ended before its fault did is a fault not applied in full: said.
+                    var healed = "reconnect zone \(zone)"
+                    do { try network.heal(zone) } catch { healed += ": failed (\(error))" }
                     self.lock.withLock { _ = self.cut.remove(zone) }
-                    self.note("reconnect zone \(zone)")
+                    self.note(healed)
                 }
             default:
                 text += ": not a fault this harness knows"

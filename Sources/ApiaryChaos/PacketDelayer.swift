@@ -32,9 +32,13 @@ public struct DelaySchedule: Sendable, Equatable {
 /// runs in. Speaks nfnetlink_queue itself (no libnetfilter_queue): bind the queue, take each
 /// packet's id (metadata only, no payload copied), give the verdict "accept" later.
 ///
-/// Run by `apiary chaos delay-packets` inside a zone's namespace; stopping it (any signal)
-/// lets packets through again (`--queue-bypass`), and the kernel accepts what it held when
-/// the socket closes.
+/// Run by `apiary chaos delay-packets` inside a zone's namespace. Stopped (SIGTERM, or its
+/// run gone), it accepts what it holds first; from then on packets pass (`--queue-bypass`).
+/// Killed outright, what it held is dropped by the kernel (the runner reports a delayer that
+/// ended before its fault did).
+///
+/// Releasing packets in the order of their times means jitter reorders them too, as netem's
+/// jitter does; `reorderPercent` adds packets that overtake all held ones.
 public final class PacketDelayer {
     let queue: UInt16
     let schedule: DelaySchedule
@@ -119,8 +123,9 @@ public final class PacketDelayer {
                 var a = offset + 16 + 4 // netlink header, nfgenmsg
                 while a + 4 <= offset + length {
                     let attributeLength = Int(little16(bytes, a))
-                    guard attributeLength >= 4 else { break }
-                    if little16(bytes, a + 2) & 0x7FFF == attributePacketHeader, attributeLength >= 8 {
+                    guard attributeLength >= 4, a + attributeLength <= offset + length else { break }
+                    // The type without the nested and byte-order flags (NLA_TYPE_MASK).
+                    if little16(bytes, a + 2) & 0x3FFF == attributePacketHeader, attributeLength >= 8 {
                         ids.append(UInt32(bytes[a + 4]) << 24 | UInt32(bytes[a + 5]) << 16 | UInt32(bytes[a + 6]) << 8 | UInt32(bytes[a + 7]))
                     }
                     a += (attributeLength + 3) & ~3
@@ -137,12 +142,21 @@ public final class PacketDelayer {
 
     private func configure(_ what: String, _ attributes: [UInt8]) throws {
         try send(type: Self.messageConfig, flags: Self.requestFlag | Self.ackFlag, attributes)
-        var answer = [UInt8](repeating: 0, count: 4096)
-        let count = recv(socket, &answer, answer.count, 0)
-        // The ack is an error message (type 2) whose code is 0 on success.
-        guard count >= 20, Self.little16(answer[...], 4) == 2 else { throw ChaosError("the queue's configuration got no answer") }
-        let code = Int32(bitPattern: Self.little32(answer[...], 16))
-        guard code == 0 else { throw ChaosError("configuring queue \(queue) (\(what)) failed: \(String(cString: strerror(-code)))") }
+        var answer = [UInt8](repeating: 0, count: 65_536)
+        // The ack is an error message (type 2) whose code is 0 on success. A packet may come
+        // first (a rule already in place): it is let through at once.
+        for _ in 0..<64 {
+            let count = recv(socket, &answer, answer.count, 0)
+            guard count >= 16 else { throw ChaosError("the queue's configuration got no answer: \(String(cString: strerror(errno)))") }
+            guard count >= 20, Self.little16(answer[...], 4) == 2 else {
+                for id in Self.packetIDs(in: answer[..<count]) { try verdict(id) }
+                continue
+            }
+            let code = Int32(bitPattern: Self.little32(answer[...], 16))
+            guard code == 0 else { throw ChaosError("configuring queue \(queue) (\(what)) failed: \(String(cString: strerror(-code)))") }
+            return
+        }
+        throw ChaosError("configuring queue \(queue) (\(what)): no answer among the packets")
     }
 
     private func send(type: UInt16, flags: UInt16, _ attributes: [UInt8]) throws {

@@ -129,6 +129,8 @@ public final class ZoneNetwork: @unchecked Sendable {
     /// namespace (`executable chaos delay-packets`), then iptables rules that send it the
     /// packets. `--queue-bypass`: should the delayer be gone, packets pass.
     public func delay(_ zone: String, from other: String, _ schedule: DelaySchedule, executable: String, seed: UInt64) throws {
+        // Rules first: a queue bound but not yet set up rejects what it is sent (a drop).
+        try flushDelayRules(zone)
         try stopDelayer(zone)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Self.ip)
@@ -151,7 +153,6 @@ public final class ZoneNetwork: @unchecked Sendable {
             said.append(more)
         }
         for rule in [["OUTPUT", "-d"], ["INPUT", "-s"]] {
-            try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.iptables, "-w", "-F", rule[0]])
             try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.iptables, "-w", "-A", rule[0], rule[1], address(other),
                                    "-j", "NFQUEUE", "--queue-num", String(Self.delayQueue), "--queue-bypass"])
         }
@@ -165,10 +166,22 @@ public final class ZoneNetwork: @unchecked Sendable {
         try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.iptables, "-w", "-S"]).components(separatedBy: "NFQUEUE").count - 1
     }
 
+    /// Stops the delayer of `zone`. Throws when it had ended by itself (it failed, or was
+    /// killed): what it held was then dropped, and the delay ended early.
     private func stopDelayer(_ zone: String) throws {
         guard let process = lock.withLock({ delayers.removeValue(forKey: zone) }) else { return }
-        if process.isRunning { kill(process.processIdentifier, SIGTERM) }
+        let endedEarly = !process.isRunning
+        if !endedEarly { kill(process.processIdentifier, SIGTERM) }
         process.waitUntilExit()
+        if endedEarly {
+            throw ChaosError("the packet delayer of zone \(zone) ended before its fault did (status \(process.terminationStatus))")
+        }
+    }
+
+    /// Removes the rules that send `zone`'s packets to a delayer (none: nothing to do).
+    private func flushDelayRules(_ zone: String) throws {
+        guard FileManager.default.isExecutableFile(atPath: Self.iptables) else { return }
+        for chain in ["OUTPUT", "INPUT"] { try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.iptables, "-w", "-F", chain]) }
     }
 
     /// Packets the counting rules of `zone` have dropped so far.
@@ -183,8 +196,8 @@ public final class ZoneNetwork: @unchecked Sendable {
             flush chain inet \(Self.table) input
             flush chain inet \(Self.table) output
             """)
-        if lock.withLock({ delayers[zone] != nil }) {
-            for chain in ["OUTPUT", "INPUT"] { try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.iptables, "-w", "-F", chain]) }
+        if lock.withLock({ delayers[zone] != nil }) || (try? delayRules(zone)) ?? 0 > 0 {
+            try flushDelayRules(zone)
             try stopDelayer(zone)
         }
     }

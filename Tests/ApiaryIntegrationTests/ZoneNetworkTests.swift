@@ -140,10 +140,14 @@ final class ZoneNetworkTests: NodeProcessTestCase {
 
         try network.delay("a", from: "b", DelaySchedule(delayMs: 30, jitterMs: 25, reorderPercent: 30), executable: try apiaryExecutable(), seed: 2)
         XCTAssertEqual(try network.delayRules("a"), 2, "a new delay replaces the old one")
+        let started = ContinuousClock.now
         for id in 4...23 {
             let status = await write(to: cluster.primary, id: id)
             XCTAssertEqual(status, 200, "write \(id)")
         }
+        // Each packet not reordered is held 5 ms at least: 20 writes, each a record and an
+        // ack, cannot all have gone at once.
+        XCTAssertGreaterThanOrEqual(ContinuousClock.now - started, .milliseconds(100), "the jittered delay held packets")
         try network.heal("a")
         XCTAssertFalse(network.isDelaying("a"))
         XCTAssertEqual(try network.delayRules("a"), 0, "healed: no rule left")
