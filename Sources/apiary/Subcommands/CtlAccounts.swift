@@ -34,8 +34,8 @@ extension Ctl {
 
         struct Drop: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
-                abstract: "Drop a tenant: every request to it is refused from now on, its users are removed.",
-                discussion: "Its files stay on the nodes for now; the name is not reused."
+                abstract: "Drop a tenant: every request to it is refused from now on, its users and tokens are removed, and its data is deleted.",
+                discussion: "The primary deletes its files before it answers; the standby once it has applied the drop. The name is never reused. Refused as not executed (try again) when the drop cannot be replicated."
             )
             @Argument(help: "The tenant's name.") var name: String
             @Option(help: "The primary's HTTPS API (host:port).") var node: Address
