@@ -196,7 +196,9 @@ public final class ZoneNetwork: @unchecked Sendable {
             flush chain inet \(Self.table) input
             flush chain inet \(Self.table) output
             """)
-        if lock.withLock({ delayers[zone] != nil }) || (try? delayRules(zone)) ?? 0 > 0 {
+        // Delay rules exist only while a delayer is registered: `delay` flushes them before it
+        // starts one, and adds them only after.
+        if lock.withLock({ delayers[zone] != nil }) {
             try flushDelayRules(zone)
             try stopDelayer(zone)
         }

@@ -47,6 +47,15 @@ final class ZoneNetworkTests: NodeProcessTestCase {
         }
     }
 
+    /// The cluster in sync (node-a primary, node-b its standby) and tenant `zones` made: where
+    /// each test starts. Returns the monitor's client.
+    func inSyncWithATenant() async throws -> MonitorClient {
+        let monitor = try await MonitorClient(cluster: cluster)
+        try await inSync(monitor, primary: "node-a", standby: "node-b")
+        try await cluster.createTenant("zones")
+        return monitor
+    }
+
     /// One write straight to a node's API, as the operator: its HTTP status, or nil when the node
     /// cannot be reached within the client's connect timeout.
     func write(to spec: LocalCluster.NodeSpec, id: Int) async -> UInt? {
@@ -63,9 +72,7 @@ final class ZoneNetworkTests: NodeProcessTestCase {
     /// rejoins as the standby.
     func testIsolatingTheZoneOfThePrimaryFailsItOverAndHealingLetsItRejoin() async throws {
         let network = try XCTUnwrap(network)
-        let monitor = try await MonitorClient(cluster: cluster)
-        try await inSync(monitor, primary: "node-a", standby: "node-b")
-        try await cluster.createTenant("zones")
+        let monitor = try await inSyncWithATenant()
         let status1 = await write(to: cluster.primary, id: 1)
         XCTAssertEqual(status1, 200)
 
@@ -97,9 +104,7 @@ final class ZoneNetworkTests: NodeProcessTestCase {
 
     func cutTheReplicationLink(oneWay: Bool) async throws {
         let network = try XCTUnwrap(network)
-        let monitor = try await MonitorClient(cluster: cluster)
-        try await inSync(monitor, primary: "node-a", standby: "node-b")
-        try await cluster.createTenant("zones")
+        let monitor = try await inSyncWithATenant()
 
         try network.cut("a", from: "b", oneWay: oneWay)
         try await monitor.waitUntil("node-a commits alone, node-b not promotable, no failover", timeoutSeconds: 30) { s in
@@ -121,9 +126,7 @@ final class ZoneNetworkTests: NodeProcessTestCase {
     /// stream through and every write is acknowledged. Healed: the delayer and its rules are gone.
     func testADelayBetweenTheZonesHoldsEachPacket() async throws {
         let network = try XCTUnwrap(network)
-        let monitor = try await MonitorClient(cluster: cluster)
-        try await inSync(monitor, primary: "node-a", standby: "node-b")
-        try await cluster.createTenant("zones")
+        let monitor = try await inSyncWithATenant()
         let first = await write(to: cluster.primary, id: 0)
         XCTAssertEqual(first, 200)
 
@@ -158,9 +161,7 @@ final class ZoneNetworkTests: NodeProcessTestCase {
     /// stream through, every write is acknowledged, and the rules did drop packets.
     func testLossBetweenTheZonesDropsPacketsAndWritesGoOn() async throws {
         let network = try XCTUnwrap(network)
-        let monitor = try await MonitorClient(cluster: cluster)
-        try await inSync(monitor, primary: "node-a", standby: "node-b")
-        try await cluster.createTenant("zones")
+        let monitor = try await inSyncWithATenant()
 
         try network.lose("a", from: "b", percent: 20)
         for id in 1...30 {
