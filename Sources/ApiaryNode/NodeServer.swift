@@ -283,6 +283,8 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         return peerAPI
     }
 
+    var isWriter: Bool { lock.withLock { current } is PrimarySQLService }
+
     private var service: any SQLService {
         get throws {
             guard let s = lock.withLock({ current }) else { throw APIError(.notExecuted, "node is changing roles; retry") }
@@ -718,6 +720,7 @@ struct PrimarySQLService: SQLService {
 
 /// The API on a demoted node: it serves nothing (another node is primary in a newer epoch).
 struct DemotedSQLService: SQLService {
+    var isWriter: Bool { false }
     let name: String
     let epoch: Epoch
     /// The primary it was, for status (nil when it started demoted).
@@ -744,6 +747,7 @@ struct DemotedSQLService: SQLService {
 
 /// The API on a standby: it serves no reads or writes (DESIGN §3), only status.
 struct StandbySQLService: SQLService {
+    var isWriter: Bool { false }
     let node: StandbyNode
 
     func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?) async throws -> [StatementResult] {

@@ -330,7 +330,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     /// Logs the commit locally (fsync), hands it to the core and blocks until the core says
     /// it is durable where the mode requires, or failed. On failure the record is removed from
     /// the log again before returning, so that the next commit reuses its lsn (the core's rule).
-    func commit(tenant id: TenantID, _ commit: CapturedCommit) throws {
+    func commit(tenant id: TenantID, _ commit: CapturedCommit) throws -> UInt64 {
         guard let tenant = tenantsLock.withLock({ tenants[id] }) else {
             preconditionFailure("commit for tenant \(id) that this node does not know")
         }
@@ -372,7 +372,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         switch outcome {
         case .durable:
             compactLog(tenant, committed: record.lsn)
-            return
+            return record.lsn
         case .failed(let failure):
             // The commit's frames go first, then its record: a crash in between leaves the
             // record durable in the log and the redo at restart puts the commit back (its

@@ -58,7 +58,10 @@ public protocol CommitSink: AnyObject, Sendable {
     /// `commit.frames?.invalidate()` before it removes the commit from where it keeps it: the
     /// other order leaves a moment in which the WAL holds a valid commit that is nowhere else,
     /// and a crash then would have SQLite's recovery bring it back.
-    func commit(tenant: TenantID, _ commit: CapturedCommit) throws
+    ///
+    /// Returns the commit's position where the sink keeps it (the primary's lsn: what clients
+    /// see as rqlite's `raft_index`), 0 when it has none.
+    func commit(tenant: TenantID, _ commit: CapturedCommit) throws -> UInt64
 
     /// True when a commit that `commit` accepted is durable without SQLite's WAL fsync: the
     /// sink keeps it in a log from which the owner redoes the database after a crash
@@ -70,6 +73,8 @@ public protocol CommitSink: AnyObject, Sendable {
 final class WALCapture: @unchecked Sendable {
     let tenant: TenantID
     let sink: any CommitSink
+    /// The position the sink gave the last commit it accepted (writer thread).
+    private(set) var lastCommitPosition: UInt64 = 0
     private(set) var hashes: PageHashes
     private var scanner: WALScanner
     /// The error that failed the last commit, reported to its clients instead of SQLite's
@@ -125,7 +130,7 @@ final class WALCapture: @unchecked Sendable {
         let checksum = hashes.checksum(afterApplying: commit.pages, dbSizePages: commit.dbSizePages)
         let frames = WALFrames(file: file, firstFrameOffset: commit.firstFrameOffset)
         do {
-            try sink.commit(tenant: tenant, CapturedCommit(pages: commit.pages, dbSizePages: commit.dbSizePages, checksum: checksum, frames: frames))
+            lastCommitPosition = try sink.commit(tenant: tenant, CapturedCommit(pages: commit.pages, dbSizePages: commit.dbSizePages, checksum: checksum, frames: frames))
         } catch {
             lastFailure = error
             frames.invalidate()

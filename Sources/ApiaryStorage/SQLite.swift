@@ -442,6 +442,11 @@ public struct StatementOutcome: Sendable, Equatable, Codable {
     /// How long the statement ran, in nanoseconds (rqlite's per-result `time`). Not part of
     /// what the statement did: outcomes compare equal whatever it is.
     public var timeNs: UInt64 = 0
+    /// The position of the commit that holds the statement's write, as the commit's sink gave
+    /// it (the tenant's lsn on a primary: rqlite's `raft_index`); nil for a statement that
+    /// committed nothing, and in results kept with an idempotency key (stored before the
+    /// commit has a position). Not part of what the statement did, as `timeNs`.
+    public var commitPosition: UInt64?
     public init() {}
 
     public static func == (a: StatementOutcome, b: StatementOutcome) -> Bool {

@@ -19,7 +19,7 @@ public struct SQLStatement: Sendable, Equatable {
         self.parameters = parameters
         self.parameterNames = names
     }
-    var byteCount: Int {
+    public var byteCount: Int {
         sql.utf8.count + (parameterNames?.reduce(0) { $0 + $1.utf8.count } ?? 0) + parameters.reduce(0) { total, value in
             switch value {
             case .text(let s): return total + s.utf8.count
@@ -358,6 +358,9 @@ final class WriteJob {
     let done: @Sendable (Result<[StatementResult], any Error>) -> Void
     /// Its key came with another request before: it is refused, nothing ran (writer thread).
     var keyReused = false
+    /// Its key came with this request before: it is answered what it was then, and wrote
+    /// nothing now (writer thread).
+    var replayed = false
 
     init(statements: [SQLStatement], transaction: Bool, idempotencyKey: String? = nil, done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
         self.statements = statements
@@ -561,8 +564,18 @@ final class TenantWriter: @unchecked Sendable {
                 for job in pending { job.done(.failure(StorageError(.commitFailed, reason, cause: cause))) }
                 return
             }
-            for (job, result) in zip(pending, results) { job.finish(result) }
+            let position = capture.commitsCaptured > captured ? capture.lastCommitPosition : 0
+            for (job, result) in zip(pending, results) { job.finish(position > 0 && !job.replayed ? Self.stamped(result, position) : result) }
             return
+        }
+    }
+
+    /// `results` of a request whose commit has `position`: each statement that wrote says so.
+    static func stamped(_ results: [StatementResult], _ position: UInt64) -> [StatementResult] {
+        results.map { result in
+            guard case .success(var outcome) = result, !outcome.isReadOnly else { return result }
+            outcome.commitPosition = position
+            return .success(outcome)
         }
     }
 
@@ -589,6 +602,7 @@ final class TenantWriter: @unchecked Sendable {
                 switch try idempotency.lookUp(key, fingerprint: fingerprint, on: connection) {
                 case .repeated(let first)?:
                     try? connection.execPrepared("RELEASE request")
+                    job.replayed = true
                     return first
                 case .otherRequest?:
                     try? connection.execPrepared("RELEASE request")

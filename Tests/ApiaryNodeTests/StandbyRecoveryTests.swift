@@ -14,10 +14,11 @@ final class StandbyRecoveryTests: XCTestCase {
         var hashes = PageHashes()
         let isDurableOnCommit = false
         init(log: ReplicationLog) { self.log = log }
-        func commit(tenant: TenantID, _ commit: CapturedCommit) throws {
+        func commit(tenant: TenantID, _ commit: CapturedCommit) throws -> UInt64 {
             let record = Record(epoch: Epoch(1), lsn: log.last.lsn + 1, dbSizePages: commit.dbSizePages, checksum: commit.checksum, pages: commit.pages)
             try log.append(record)
             try log.sync()
+            return record.lsn
         }
     }
 

@@ -18,7 +18,8 @@ final class ReplicaSink: CommitSink, @unchecked Sendable {
 
     let isDurableOnCommit = false
 
-    func commit(tenant: TenantID, _ commit: CapturedCommit) throws {
+    /// Positions are the count of commits kept.
+    func commit(tenant: TenantID, _ commit: CapturedCommit) throws -> UInt64 {
         lock.lock()
         defer { lock.unlock() }
         if let failure { throw CaptureError.rejected(failure) }
@@ -28,6 +29,7 @@ final class ReplicaSink: CommitSink, @unchecked Sendable {
             throw CaptureError.rejected("replica checksum \(replicaHashes.checksum) != record checksum \(commit.checksum)")
         }
         commits.append(commit)
+        return UInt64(commits.count)
     }
 
     var commitCount: Int { lock.lock(); defer { lock.unlock() }; return commits.count }

@@ -23,12 +23,13 @@ final class WALRecoveryTests: XCTestCase {
             self.imagePath = imagePath
         }
 
-        func commit(tenant: TenantID, _ commit: CapturedCommit) throws {
+        func commit(tenant: TenantID, _ commit: CapturedCommit) throws -> UInt64 {
             checksums.append(commit.checksum)
-            guard checksums.count == imageAt else { return }
+            guard checksums.count == imageAt else { return 0 }
             for suffix in ["", "-wal"] {
                 try FileManager.default.copyItem(atPath: databasePath + suffix, toPath: imagePath + suffix)
             }
+            return 0
         }
     }
 

@@ -101,6 +101,8 @@ struct APIRoutes: HTTPResponder {
         var statementsMax = 10_000
         /// Requests per second per tenant at this node (SQL endpoints); nil: no limit.
         var tenantRate: RateLimiter.Config?
+        /// rqlite's queued writes (`/db/execute?queue`).
+        var queuedWrites = QueuedWrites.Core.Config()
     }
 
     let service: any SQLService
@@ -115,6 +117,8 @@ struct APIRoutes: HTTPResponder {
     let summaryCache = NodeSummaryCache()
     /// Shared by every connection (a class): one allowance per tenant at this node.
     let tenantRate: SharedRateLimit?
+    /// Shared by every connection: the node's write queues.
+    let queuedWrites: QueuedWrites
 
     init(service: any SQLService, accounts: (any AccountService)?, limits: Limits = Limits(), logger: Logger = Logger(label: "apiary.api")) {
         self.service = service
@@ -122,6 +126,7 @@ struct APIRoutes: HTTPResponder {
         self.limits = limits
         self.logger = logger
         tenantRate = limits.tenantRate.map { SharedRateLimit($0) }
+        queuedWrites = QueuedWrites(service: service, config: limits.queuedWrites)
     }
 
     /// The answer to `request`, given to `done` on whichever thread finishes the work, as a
@@ -156,6 +161,7 @@ struct APIRoutes: HTTPResponder {
             try Access.check(principal, may: .write)
             try admit(tenant)
             let options = try RqliteQuery.parse(request.query)
+            if options.queue { return queue(request, tenant, options, started: started, then: done) }
             let statements = try self.statements(request, options)
             let idempotencyKey = try Self.idempotencyKey(request)
             service.execute(tenant: tenant, statements, transaction: options.transaction, idempotencyKey: idempotencyKey) { result in
@@ -223,6 +229,7 @@ struct APIRoutes: HTTPResponder {
             // rqlite answers OPTIONS on any path before authentication (CORS preflight).
             return APIResponse(status: .ok, body: [], contentType: "text/plain", allow: "OPTIONS, GET, POST")
         case (["db", "execute"], .POST):
+            if (try? RqliteQuery.parse(request.query))?.queue == true { return await queuedExecute(request, tenantInPath) }
             return await sql(request) { try await execute(request, tenantInPath, $0) }
         case (["db", "query"], .GET), (["db", "query"], .POST):
             return await sql(request, allRows: true) { try await query(request, tenantInPath, $0) }
@@ -297,6 +304,77 @@ struct APIRoutes: HTTPResponder {
         let statements = try self.statements(request, options)
         let idempotencyKey = try Self.idempotencyKey(request)
         return try await service.execute(tenant: tenant, statements, transaction: options.transaction, idempotencyKey: idempotencyKey)
+    }
+
+    /// `/db/execute?queue` on the general path: the checks of ``execute(_:_:_:)``, then ``queue``.
+    private func queuedExecute(_ request: APIRequest, _ tenantInPath: Substring?) async -> APIResponse {
+        let started = ContinuousClock.now
+        do {
+            let principal = try await self.principal(request)
+            let tenant = try Access.tenant(for: principal, named: Self.tenantName(request, tenantInPath))
+            try Access.check(principal, may: .write)
+            try admit(tenant)
+            let options = try RqliteQuery.parse(request.query)
+            return await withCheckedContinuation { answered in
+                queue(request, tenant, options, started: started) { make in answered.resume(returning: make()) }
+            }
+        } catch {
+            return sqlResponse(.failure(error), started: started)
+        }
+    }
+
+    /// rqlite's queued write (``QueuedWrites``): answered once queued, `{"results": [],
+    /// "sequence_number": N}`, or with `wait` once its batch is written. Only on the writer (a
+    /// queue elsewhere would answer for writes it cannot make), and never with an
+    /// `Idempotency-Key`: a queued write's outcome is never told, so a key could promise what
+    /// it cannot keep. A full queue refuses (503, `Retry-After`), nothing queued.
+    private func queue(_ request: APIRequest, _ tenant: TenantID, _ options: RqliteQuery, started: ContinuousClock.Instant,
+                       then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {
+        let format = options.format
+        do {
+            guard try Self.idempotencyKey(request) == nil else {
+                throw APIError(.badRequest, "a queued write cannot carry an Idempotency-Key: its outcome is never told (send it without ?queue)")
+            }
+            guard service.isWriter else {
+                throw APIError(.notExecuted, "not primary: this node takes no queued writes now; send it to the primary")
+            }
+            let statements = try self.statements(request, options)
+            let answer: @Sendable (UInt64, QueuedWrites.WaitResult) -> Void = { number, result in
+                done {
+                    switch result {
+                    case .finished(.yes):
+                        return APIResponse(status: .ok, body: RqliteJSON.response([], format: format, timeSeconds: Self.seconds(since: started), sequenceNumber: number))
+                    case .finished(.no):
+                        return Self.response(APIError(.notExecuted, "queued write \(number) was not applied: the node could not write it in time; send it again"))
+                    case .finished(.unknown):
+                        return Self.response(APIError(.outcomeUnknown, "queued write \(number): outcome unknown (its write was interrupted)"))
+                    case .timedOut:
+                        return APIResponse(status: .requestTimeout,
+                                           body: RqliteJSON.error("queue wait timeout: queued write \(number) is not written yet and may still be", code: .outcomeUnknown),
+                                           outcomeUnknown: true)
+                    }
+                }
+            }
+            let queued = queuedWrites.enqueue(tenant, statements, waitMs: options.wait ? options.timeoutMs ?? Self.queueWaitMsDefault : nil,
+                                              waited: options.wait ? answer : nil)
+            switch queued {
+            case .success(let number):
+                if !options.wait { answer(number, .finished(.yes)) }
+            case .failure(let refusal):
+                let which = refusal == .tenantFull ? "tenant \(tenant)'s write queue is full" : "this node's write queues are full"
+                throw APIError(.notExecuted, "\(which): not queued; send it again after Retry-After, or without ?queue", retryAfterSeconds: 1)
+            }
+        } catch {
+            done { sqlResponse(.failure(error), started: started, format: format) }
+        }
+    }
+
+    /// How long a queued write's `wait` lasts without `timeout` (rqlite's default).
+    static let queueWaitMsDefault: Int64 = 30_000
+
+    static func seconds(since started: ContinuousClock.Instant) -> Double {
+        let elapsed = ContinuousClock.now - started
+        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
     }
 
     /// `GET` takes the statement from `q`; `POST` from its body, or from `q` when it has none.
@@ -425,9 +503,7 @@ struct APIRoutes: HTTPResponder {
                              format: RqliteJSON.Format = RqliteJSON.Format()) -> APIResponse {
         do {
             let results = try result.get()
-            let elapsed = ContinuousClock.now - started
-            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-            return APIResponse(status: .ok, body: RqliteJSON.response(results, format: format, timeSeconds: seconds))
+            return APIResponse(status: .ok, body: RqliteJSON.response(results, format: format, timeSeconds: Self.seconds(since: started)))
         } catch let error as APIError {
             return Self.response(error)
         } catch {

@@ -27,6 +27,9 @@ public enum RqliteJSON {
         /// Results of `/db/query` are rows even without columns; `/db/execute` and
         /// `/db/request` report a statement as rows only when it returned columns.
         public var allRows = false
+        /// `?raft_index`: the answer's `raft_index` is the position of the latest commit that
+        /// holds one of its writes (the tenant's lsn), left out when it wrote nothing.
+        public var raftIndex = false
         public init(associative: Bool = false, timings: Bool = false, pretty: Bool = false, blobsAsArrays: Bool = false, allRows: Bool = false,
                     qualifyColumns: Bool = false) {
             self.qualifyColumns = qualifyColumns
@@ -46,7 +49,9 @@ public enum RqliteJSON {
 
     /// Encodes results as rqlite does.
     /// - Parameter timeSeconds: the request's run time, written only with `format.timings`.
-    public static func response(_ results: [StatementResult], format: Format = Format(), timeSeconds: Double? = nil) -> [UInt8] {
+    /// - Parameter sequenceNumber: a queued write's (`?queue`).
+    public static func response(_ results: [StatementResult], format: Format = Format(), timeSeconds: Double? = nil,
+                                sequenceNumber: UInt64? = nil) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(64)
         out += Array(#"{"results":["#.utf8)
@@ -58,6 +63,10 @@ public enum RqliteJSON {
         if format.timings, let timeSeconds, timeSeconds > 0 {
             out += Array(#","time":"#.utf8)
             out += Array(goFloat(timeSeconds).utf8)
+        }
+        if let sequenceNumber { out += Array(",\"sequence_number\":\(sequenceNumber)".utf8) }
+        if format.raftIndex, let position = results.compactMap({ r -> UInt64? in if case .success(let o) = r { o.commitPosition } else { nil } }).max() {
+            out += Array(",\"raft_index\":\(position)".utf8)
         }
         out.append(UInt8(ascii: "}"))
         return format.pretty ? indent(out) : out

@@ -13,8 +13,9 @@
 /// never stale), `retries`, `timeout` and `linearizable_timeout` (the node's own
 /// per-statement and per-request limits apply), `noparse`, `norwrandom`, `norwtime` (rqlite
 /// rewrites `RANDOM()` and time functions because it replicates statements; Apiary replicates
-/// pages), `raft_index`, `wait`. `queue` is run as an ordinary, synchronous write.
-/// `db_timeout` bounds each statement's run time when it is shorter than the node's own limit.
+/// pages). `queue` (with `wait` and `timeout`) queues a write (``QueuedWrites``); `raft_index`
+/// asks for the commit's position in the answer. `db_timeout` bounds each statement's run
+/// time when it is shorter than the node's own limit.
 struct RqliteQuery: Sendable, Equatable {
     var transaction = false
     var level = ReadLevel.weak
@@ -31,6 +32,13 @@ struct RqliteQuery: Sendable, Equatable {
     /// `db_timeout`, in whole ms (rounded up): each statement is stopped past it, as past the
     /// node's own limit (the shorter applies). Nil when absent or not positive.
     var dbTimeoutMs: Int?
+    /// `/db/execute?queue`: answer once queued, write later in a batch.
+    var queue = false
+    /// With `queue`: answer once the request's batch is written (or given up).
+    var wait = false
+    /// `timeout`, in whole ms (rounded up): how long a queued write's `wait` lasts; nil when
+    /// absent (rqlite's 30 s then).
+    var timeoutMs: Int64?
 
     static let durationParameters: Set<Substring> = ["timeout", "freshness", "db_timeout", "linearizable_timeout"]
     static let integerParameters: Set<Substring> = ["retries", "trailing_logs"]
@@ -76,6 +84,9 @@ struct RqliteQuery: Sendable, Equatable {
             case "ver": result.version = value()
             case "key": result.key = value()
             case "qualify_columns": result.format.qualifyColumns = true
+            case "queue": result.queue = true
+            case "wait": result.wait = true
+            case "raft_index": result.format.raftIndex = true
             case "q":
                 let q = value()
                 guard !q.isEmpty else { throw APIError(.badRequest, "query parameter not set") }
@@ -94,6 +105,7 @@ struct RqliteQuery: Sendable, Equatable {
                 if name == "freshness" { freshness = true }
                 guard let ns = goDurationNs(value()) else { throw APIError(.badRequest, "\(name) is not a valid duration") }
                 if name == "db_timeout", ns > 0 { result.dbTimeoutMs = Int(min((ns / 1e6).rounded(.up), Double(Int32.max))) }
+                if name == "timeout" { result.timeoutMs = Int64(min(max(0, (ns / 1e6).rounded(.up)), Double(Int32.max))) }
             case _ where integerParameters.contains(name):
                 guard Int(value()) != nil else { throw APIError(.badRequest, "\(name) is not a valid integer") }
             default:

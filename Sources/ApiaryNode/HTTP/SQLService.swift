@@ -36,10 +36,15 @@ public protocol SQLService: Sendable {
     /// Where rqlite clients are sent (`host:port` of the writer's API, answered 301) while this
     /// node is not the writer; nil: requests are answered here.
     var redirectTarget: String? { get }
+    /// Whether this node writes now (a primary): queued writes are taken only then. By
+    /// default true.
+    var isWriter: Bool { get }
 }
 
 extension SQLService {
     public var redirectTarget: String? { nil }
+
+    public var isWriter: Bool { true }
 
     public func queryInline(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) -> [StatementResult]? { nil }
 
