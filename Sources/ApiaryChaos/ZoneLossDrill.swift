@@ -13,6 +13,11 @@ public enum ZoneCut: Sendable, CustomStringConvertible {
     /// local cluster, on loopback). A stopped process is as silent as a zone cut off from the
     /// network: no FIN, no RST; its peers find out only by their timeouts.
     case pause
+    /// Everything the zone's network namespace sends or receives dropped (nftables), but its
+    /// loopback; the rules removed to restore (the local cluster with its zones in namespaces,
+    /// `apiary up --zones`). The zone's processes run on and see their peers fall silent, as
+    /// in a real partition: no FIN, no RST.
+    case network
     /// The operator's own commands (`/bin/sh -c`, with `APIARY_DRILL_ZONE` set): for a real
     /// cluster, whatever cuts the zone there (a firewall rule, stopping its machines).
     case hooks(cut: String, restore: String)
@@ -20,6 +25,7 @@ public enum ZoneCut: Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .pause: return "SIGSTOP of the zone's processes on this machine, SIGCONT to restore"
+        case .network: return "the zone's network namespace cut off (nftables: everything it sends or receives dropped), the rules removed to restore"
         case .hooks(let cut, let restore): return "the operator's hooks: cut `\(cut)`, restore `\(restore)`"
         }
     }
@@ -228,6 +234,8 @@ public final class ZoneLossDrill: @unchecked Sendable {
             let pids = members.compactMap(\.pid)
             guard !pids.isEmpty else { throw ChaosError("zone \(zone) has no process on this machine to pause; give --cut-command and --restore-command") }
             for pid in pids where kill(pid, SIGSTOP) != 0 { throw ChaosError("cannot stop process \(pid) of zone \(zone): errno \(errno)") }
+        case .network:
+            try ZoneNetwork.isolate(namespace: try Self.namespace(of: zone, members))
         case .hooks(let command, _):
             try Self.shell(command, zone: zone)
         }
@@ -237,9 +245,19 @@ public final class ZoneLossDrill: @unchecked Sendable {
         switch settings.cut {
         case .pause:
             for pid in members.compactMap(\.pid) { _ = kill(pid, SIGCONT) }
+        case .network:
+            try ZoneNetwork.removeRules(namespace: try Self.namespace(of: zone, members))
         case .hooks(_, let command):
             try Self.shell(command, zone: zone)
         }
+    }
+
+    /// The network namespace the zone's members run in.
+    static func namespace(of zone: String, _ members: [ClusterDescription.Member]) throws -> String {
+        guard let namespace = members.lazy.compactMap(\.namespace).first else {
+            throw ChaosError("zone \(zone) is not a network namespace here (start the cluster with `apiary up --zones`, as root)")
+        }
+        return namespace
     }
 
     static func shell(_ command: String, zone: String) throws {

@@ -100,11 +100,23 @@ public final class ZoneNetwork: @unchecked Sendable {
     }
 
     /// Everything `zone` sends or receives is dropped, but its loopback.
-    public func isolate(_ zone: String) throws {
-        try nft(zone, """
-            add rule inet \(Self.table) input iifname != "lo" drop
-            add rule inet \(Self.table) output oifname != "lo" drop
-            """)
+    public func isolate(_ zone: String) throws { try Self.isolate(namespace: namespace(zone)) }
+
+    /// The same for a zone of a network this process did not make (the drill, on the zones of
+    /// `apiary up --zones`): everything the namespace sends or receives dropped, but its loopback.
+    public static func isolate(namespace: String) throws {
+        try apply("""
+            add rule inet \(table) input iifname != "lo" drop
+            add rule inet \(table) output oifname != "lo" drop
+            """, in: namespace)
+    }
+
+    /// Removes every rule from the namespace's table: its zone is connected again.
+    public static func removeRules(namespace: String) throws {
+        try apply("""
+            flush chain inet \(table) input
+            flush chain inet \(table) output
+            """, in: namespace)
     }
 
     /// What goes between `zone` and `other` is dropped: both ways, or only from `zone` to
@@ -192,10 +204,7 @@ public final class ZoneNetwork: @unchecked Sendable {
 
     /// Removes every rule of `zone` and stops its delayer: it is connected again.
     public func heal(_ zone: String) throws {
-        try nft(zone, """
-            flush chain inet \(Self.table) input
-            flush chain inet \(Self.table) output
-            """)
+        try Self.removeRules(namespace: namespace(zone))
         // Delay rules exist only while a delayer is registered: `delay` flushes them before it
         // starts one, and adds them only after.
         if lock.withLock({ delayers[zone] != nil }) {
@@ -222,8 +231,11 @@ public final class ZoneNetwork: @unchecked Sendable {
 
     deinit { destroy() }
 
-    private func nft(_ zone: String, _ script: String) throws {
-        try Self.run(Self.ip, ["netns", "exec", namespace(zone), Self.nft, "-f", "-"], input: script)
+    private func nft(_ zone: String, _ script: String) throws { try Self.apply(script, in: namespace(zone)) }
+
+    /// Runs an nftables script inside a namespace.
+    private static func apply(_ script: String, in namespace: String) throws {
+        try run(ip, ["netns", "exec", namespace, nft, "-f", "-"], input: script)
     }
 
     /// Namespaces and bridges of runs whose process is gone (killed, or the machine's power

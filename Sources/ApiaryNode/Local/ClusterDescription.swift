@@ -14,13 +14,17 @@ public struct ClusterDescription: Codable, Sendable, Equatable {
         public var address: String
         /// The process, when it runs on this machine (the local cluster): a drill pauses it.
         public var pid: Int32?
+        /// Its zone's Linux network namespace, when the local cluster's zones are namespaces
+        /// (`apiary up --zones`): a drill cuts the zone's network there.
+        public var namespace: String?
 
-        public init(name: String, kind: String, zone: String, address: String, pid: Int32? = nil) {
+        public init(name: String, kind: String, zone: String, address: String, pid: Int32? = nil, namespace: String? = nil) {
             self.name = name
             self.kind = kind
             self.zone = zone
             self.address = address
             self.pid = pid
+            self.namespace = namespace
         }
     }
 
@@ -75,13 +79,13 @@ extension LocalCluster {
     public func describe(name: String) -> ClusterDescription {
         var members: [ClusterDescription.Member] = []
         for spec in [primary, standby] {
-            members.append(.init(name: spec.name, kind: "node", zone: zone(of: spec), address: spec.apiAddress, pid: processID(of: spec)))
+            members.append(.init(name: spec.name, kind: "node", zone: zone(of: spec), address: spec.apiAddress, pid: processID(of: spec), namespace: spec.namespace))
         }
         if let monitor {
-            members.append(.init(name: monitor.name, kind: "monitor", zone: zone(of: monitor), address: monitor.apiAddress, pid: processID(of: monitor)))
+            members.append(.init(name: monitor.name, kind: "monitor", zone: zone(of: monitor), address: monitor.apiAddress, pid: processID(of: monitor), namespace: monitor.namespace))
         }
         for gateway in gateways {
-            members.append(.init(name: gateway.name, kind: "gateway", zone: zone(of: gateway), address: gateway.apiAddress, pid: processID(of: gateway)))
+            members.append(.init(name: gateway.name, kind: "gateway", zone: zone(of: gateway), address: gateway.apiAddress, pid: processID(of: gateway), namespace: gateway.namespace))
         }
         return ClusterDescription(name: name, certificates: certificates, members: members)
     }

@@ -83,19 +83,28 @@ public final class LocalCluster: @unchecked Sendable {
     /// The node that is not `spec`.
     public func peer(of spec: NodeSpec) -> NodeSpec { spec.name == primary.name ? standby : primary }
 
-    /// Makes the CA and the certificates of both nodes and an operator, once.
+    /// Makes the CA once, and the certificates of every process and an operator whenever the
+    /// cluster's addresses are not the ones they name (zones in namespaces take another subnet
+    /// at each start), from the same CA.
     public func prepareCertificates() throws {
         try FileManager.default.createDirectory(atPath: directory + "/logs", withIntermediateDirectories: true)
-        guard !FileManager.default.fileExists(atPath: certificates + "/ca.key") else { return }
-        let ca = try CertificateAuthority.create(in: certificates)
         // Every certificate names every address of the cluster: clients check the host they
         // connected to, and in zones the processes have addresses other than loopback.
         let hosts = ["localhost", "127.0.0.1", "::1"] + Set(all.map(\.host)).subtracting(["127.0.0.1"]).sorted()
+        let hostsPath = certificates + "/hosts"
+        let ca: CertificateAuthority
+        if FileManager.default.fileExists(atPath: certificates + "/ca.key") {
+            guard (try? String(contentsOfFile: hostsPath, encoding: .utf8)) != hosts.joined(separator: "\n") else { return }
+            ca = try CertificateAuthority.load(from: certificates)
+        } else {
+            ca = try CertificateAuthority.create(in: certificates)
+        }
         for identity in [PeerIdentity(role: .node, name: primary.name), PeerIdentity(role: .node, name: standby.name),
                          PeerIdentity(role: .operator, name: "operator"), PeerIdentity(role: .gateway, name: "gateway"),
                          PeerIdentity(role: .monitor, name: "monitor")] + gateways.map({ PeerIdentity(role: .gateway, name: $0.name) }) {
             try ca.issue(identity, hosts: hosts, into: certificates)
         }
+        try hosts.joined(separator: "\n").write(toFile: hostsPath, atomically: true, encoding: .utf8)
     }
 
     /// Every process of the cluster: the nodes, the monitor, the gateways.

@@ -16,8 +16,9 @@ struct Drill: AsyncParsableCommand {
             commandName: "zone-loss",
             abstract: "Cut one zone off under writes; measure RTO and RPO; restore it; wait for the rejoin and equal checksums; write the evidence.",
             discussion: """
-            On the local cluster (`apiary up`), the zone's processes are stopped (SIGSTOP) and continued (SIGCONT): \
-            `--cluster` names the description `apiary up` writes. On a real cluster, name its parts with --monitor, \
+            On the local cluster (`apiary up`; `--cluster` names the description it writes), the zone is cut off: \
+            with `apiary up --zones` (as root) its network namespace drops everything it sends or receives (nftables) \
+            until restored; on loopback its processes are stopped (SIGSTOP) and continued (SIGCONT). On a real cluster, name its parts with --monitor, \
             --gateway (repeat), --node NAME=HOST:PORT (both), --certs, and give --cut-command and --restore-command \
             (run with /bin/sh -c and APIARY_DRILL_ZONE set to the zone). Exit status 1 when RPO is not 0, writes did not \
             resume, or the checksums differ.
@@ -64,7 +65,8 @@ struct Drill: AsyncParsableCommand {
             } else {
                 do { description = try ClusterDescription.load(cluster) } catch { throw ValidationError("\(error)") }
             }
-            let cut: ZoneCut = cutCommand.map { .hooks(cut: $0, restore: restoreCommand!) } ?? .pause
+            let cut: ZoneCut = cutCommand.map { .hooks(cut: $0, restore: restoreCommand!) }
+                ?? (description.members.contains { $0.namespace != nil } ? .network : .pause)
             var settings = ZoneLossDrill.Settings(zone: zone, cut: cut)
             settings.repetitions = repetitions
             settings.holdMs = holdMs

@@ -1,0 +1,117 @@
+import ApiaryChaos
+import ApiaryNode
+import Foundation
+import XCTest
+
+/// `apiary up`, the README's run command, as a newcomer uses it: the endpoint it prints takes
+/// the curl it prints, Ctrl-C stops everything. With `--zones` (root) each zone is a network
+/// namespace, and `apiary drill zone-loss` then cuts the zone's network off instead of pausing
+/// its processes.
+final class UpTests: XCTestCase {
+    /// A running `apiary up` and what it printed up to its banner's end.
+    struct Up {
+        let process: Process
+        let pipe: Pipe
+        let directory: String
+        var output: String
+
+        /// The banner's facts: the endpoint, the user and the password, the CA.
+        func fact(_ pattern: String) throws -> String {
+            let regex = try NSRegularExpression(pattern: pattern)
+            guard let match = regex.firstMatch(in: output, range: NSRange(output.startIndex..., in: output)),
+                  let range = Range(match.range(at: 1), in: output) else { throw NodeError("no \(pattern) in: \(output)") }
+            return String(output[range])
+        }
+
+        /// Ctrl-C, and its exit status once every process stopped.
+        func interrupt() -> Int32 {
+            kill(process.processIdentifier, SIGINT)
+            let rest = pipe.fileHandleForReading
+            DispatchQueue.global().async { _ = rest.readDataToEndOfFile() }
+            process.waitUntilExit()
+            return process.terminationStatus
+        }
+    }
+
+    func startUp(_ extra: [String] = []) throws -> Up {
+        let directory = NSTemporaryDirectory() + "apiary-up-" + UUID().uuidString
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try apiaryExecutable())
+        process.arguments = ["up", "--dir", directory, "--base-port", String(freeBasePort())] + extra
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        try process.run()
+        // A bound, not a wait: an `up` that never prints its banner is killed, which ends its
+        // output and the read (the test waits on the banner itself).
+        let watchdog = DispatchWorkItem { kill(process.processIdentifier, SIGKILL) }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 180, execute: watchdog)
+        let output = ChaosCleanupTests.read(pipe, until: "Press Ctrl-C to stop the cluster.")
+        watchdog.cancel()
+        return Up(process: process, pipe: pipe, directory: directory, output: output)
+    }
+
+    /// The banner's curl commands, run as printed: a write and a read through the endpoint.
+    func writeAndReadThroughTheEndpoint(_ up: Up) throws {
+        let endpoint = try up.fact(#"endpoint +https://([^ ]+)"#)
+        let user = try up.fact(#"user (demo-[0-9]+) "#), password = try up.fact(#"password ([^ \n]+)"#)
+        let ca = up.directory + "/certs/ca.pem"
+        func curl(_ arguments: [String]) throws -> String {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+            process.arguments = ["-sS", "--max-time", "30", "--cacert", ca, "-u", "\(user):\(password)"] + arguments
+            let output = Pipe()
+            process.standardOutput = output
+            process.standardError = output
+            try process.run()
+            let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            return text
+        }
+        let wrote = try curl(["-H", "Content-Type: application/json", "https://\(endpoint)/db/execute", "-d",
+                              #"["CREATE TABLE IF NOT EXISTS hello (id INTEGER PRIMARY KEY, msg TEXT)", ["INSERT INTO hello(msg) VALUES(?)", "hello"]]"#])
+        XCTAssertTrue(wrote.contains("\"last_insert_id\":1"), wrote)
+        let read = try curl(["-G", "https://\(endpoint)/db/query", "--data-urlencode", "q=SELECT * FROM hello"])
+        XCTAssertTrue(read.contains(#"[[1,"hello"]]"#), read)
+    }
+
+    func testUpOnLoopbackServesTheEndpointItPrintsAndStopsOnCtrlC() throws {
+        let up = try startUp()
+        defer { try? FileManager.default.removeItem(atPath: up.directory) }
+        XCTAssertTrue(up.output.contains("endpoint        https://localhost:"), up.output)
+        XCTAssertTrue(up.output.contains("the zone's processes are paused, then resumed"), up.output)
+        try writeAndReadThroughTheEndpoint(up)
+        XCTAssertEqual(up.interrupt(), 0)
+        XCTAssertFalse(try ChaosCleanupTests.processes().contains { $0.contains(up.directory + "/") }, "no process of the cluster is left")
+    }
+
+    func testUpInZonesAndTheDrillCutsTheZonesNetworkWithoutPausingItsProcesses() throws {
+        if let reason = ZoneNetwork.unavailableReason() { throw XCTSkip(reason) }
+        let up = try startUp(["--zones"])
+        defer { try? FileManager.default.removeItem(atPath: up.directory) }
+        let namespaces = try ZoneNetworkTests.namespaces().filter { $0.hasPrefix("apiary-\(up.process.processIdentifier)-") }
+        XCTAssertEqual(namespaces.count, 3, up.output)
+        XCTAssertTrue(up.output.contains("the zone's network namespace is cut off, then connected again"), up.output)
+        XCTAssertFalse(up.output.contains("endpoint        https://localhost:"), "in zones the endpoint is the gateway's own address: \(up.output)")
+        try writeAndReadThroughTheEndpoint(up)
+
+        let description = try ClusterDescription.load(up.directory + "/cluster.json")
+        XCTAssertEqual(Set(description.members.compactMap(\.namespace)), Set(namespaces))
+        let pids = description.members.compactMap(\.pid)
+        let drill = try runApiary(["drill", "zone-loss", "--zone", "primary", "--cluster", up.directory + "/cluster.json",
+                                   "--reports", up.directory + "/evidence", "--hold-ms", "500"])
+        XCTAssertEqual(drill.status, 0, drill.output)
+        XCTAssertTrue(drill.output.contains("zone a (node-a, gateway-1) cut"), drill.output)
+        XCTAssertTrue(drill.output.contains("PASSED") && drill.output.contains("RPO 0 acknowledged writes missing"), drill.output)
+        let evidence = try FileManager.default.contentsOfDirectory(atPath: up.directory + "/evidence").first { $0.hasSuffix(".md") }
+        let markdown = try String(contentsOfFile: up.directory + "/evidence/" + XCTUnwrap(evidence), encoding: .utf8)
+        XCTAssertTrue(markdown.contains("network namespace cut off (nftables"), markdown)
+        XCTAssertTrue(markdown.contains("node-a → node-b"), "the cut zone's primary was replaced: \(markdown)")
+        // The same processes ran through it all: the cut was the network's, not a pause or a kill.
+        XCTAssertEqual(pids.filter { kill($0, 0) == 0 }.count, pids.count)
+
+        XCTAssertEqual(up.interrupt(), 0)
+        XCTAssertEqual(try ZoneNetworkTests.namespaces().filter { $0.hasPrefix("apiary-\(up.process.processIdentifier)-") }, [])
+        XCTAssertFalse(try ChaosCleanupTests.processes().contains { $0.contains(up.directory + "/") }, "no process of the cluster is left")
+    }
+}
