@@ -400,6 +400,10 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         do { try service.execute(tenant: tenant, statements, transaction: transaction, idempotencyKey: idempotencyKey, then: done) } catch { done(.failure(error)) }
     }
 
+    func execute(tenant: TenantID, group requests: [[SQLStatement]], then done: @escaping @Sendable ([Result<[StatementResult], any Error>]) -> Void) {
+        do { try service.execute(tenant: tenant, group: requests, then: done) } catch { done(requests.map { _ in .failure(error) }) }
+    }
+
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel, transaction: Bool) async throws -> [StatementResult] {
         try await service.query(tenant: tenant, statements, level: level, transaction: transaction)
     }
@@ -640,6 +644,27 @@ struct PrimarySQLService: SQLService {
         }
         t.database.execute(statements, transaction: transaction, idempotencyKey: idempotencyKey) { result in
             done(result.mapError { error -> any Error in (error as? StorageError).map(Self.apiError) ?? error })
+        }
+    }
+
+    /// Queued writes: the requests as one group of the tenant's writer (one transaction).
+    func execute(tenant: TenantID, group requests: [[SQLStatement]], then done: @escaping @Sendable ([Result<[StatementResult], any Error>]) -> Void) {
+        func run(_ t: PrimaryTenant) {
+            t.database.execute(group: requests) { results in
+                done(results.map { $0.mapError { error -> any Error in (error as? StorageError).map(Self.apiError) ?? error } })
+            }
+        }
+        if let t = node.openedTenant(tenant) { return run(t) }
+        Task {
+            do {
+                guard let t = try await openTenant(tenant, create: false) else {
+                    throw APIError(.notFound, "no such tenant \(tenant): create it first (apiary ctl tenant create \(tenant))")
+                }
+                run(t)
+            } catch {
+                let failure = (error as? StorageError).map(Self.apiError) ?? error
+                done(requests.map { _ in .failure(failure) })
+            }
         }
     }
 

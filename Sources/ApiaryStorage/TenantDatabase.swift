@@ -219,6 +219,25 @@ public final class TenantDatabase: @unchecked Sendable {
         writer.submit(WriteJob(statements: statements, transaction: transaction, idempotencyKey: idempotencyKey, done: done))
     }
 
+    /// Requests committed together, in order, in one transaction, each in its own savepoint and
+    /// outside a transaction of its own (rqlite's queued writes: a batch of many clients'
+    /// requests). One request's failure, even one that makes SQLite roll the transaction back,
+    /// is its own: the others commit. A commit that fails fails them all. `done` gets one
+    /// result per request, in order, once all are answered (on the writer thread).
+    public func execute(group requests: [[SQLStatement]], then done: @escaping @Sendable ([Result<[StatementResult], any Error>]) -> Void) {
+        let answers = GroupAnswers(count: requests.count, done: done)
+        var jobs: [WriteJob] = []
+        for (i, statements) in requests.enumerated() {
+            if let s = statements.first(where: { $0.byteCount > options.statementBytesMax }) {
+                answers.set(i, .failure(StorageError(.badRequest, "statement of \(s.byteCount) bytes exceeds the limit of \(options.statementBytesMax)")))
+                continue
+            }
+            jobs.append(WriteJob(statements: statements, transaction: false) { answers.set(i, $0) })
+        }
+        for job in jobs.dropLast() { job.joinsNext = true }
+        writer.submit(group: jobs)
+    }
+
     /// Runs read-only statements on a reader connection (sees only committed, durable data).
     /// - Parameter transaction: the statements read one snapshot, in one read transaction
     ///   (rqlite's `?transaction` on a query); without it each reads the latest commit.
@@ -350,6 +369,30 @@ public struct WriterAccess {
 
 // MARK: - Writer
 
+/// The answers of a group of requests, handed on once all are in.
+private final class GroupAnswers: @unchecked Sendable {
+    private let lock = NSLock()
+    private var results: [Result<[StatementResult], any Error>?]
+    private var missing: Int
+    private let done: @Sendable ([Result<[StatementResult], any Error>]) -> Void
+
+    init(count: Int, done: @escaping @Sendable ([Result<[StatementResult], any Error>]) -> Void) {
+        results = Array(repeating: nil, count: count)
+        missing = count
+        self.done = done
+        if count == 0 { done([]) }
+    }
+
+    func set(_ index: Int, _ result: Result<[StatementResult], any Error>) {
+        let all: [Result<[StatementResult], any Error>]? = lock.withLock {
+            results[index] = result
+            missing -= 1
+            return missing == 0 ? results.map { $0! } : nil
+        }
+        if let all { done(all) }
+    }
+}
+
 final class WriteJob {
     let statements: [SQLStatement]
     let transaction: Bool
@@ -361,6 +404,9 @@ final class WriteJob {
     /// Its key came with this request before: it is answered what it was then, and wrote
     /// nothing now (writer thread).
     var replayed = false
+    /// The next job belongs to the same group: the writer takes a group into one transaction
+    /// whole, never split (set before submission).
+    var joinsNext = false
 
     init(statements: [SQLStatement], transaction: Bool, idempotencyKey: String? = nil, done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
         self.statements = statements
@@ -418,6 +464,23 @@ final class TenantWriter: @unchecked Sendable {
         if startsDrain { startDrain() }
         // Answered outside the lock: the answer may come straight back with another request.
         if let refusal { job.done(.failure(refusal)) }
+    }
+
+    /// `group`, in order, to be committed in one transaction (each job in its own savepoint, as
+    /// in any batch): all queued, or all refused.
+    func submit(group: [WriteJob]) {
+        var startsDrain = false
+        let refusal: StorageError? = condition.withLock {
+            guard !stopping else { return StorageError(.closed, "tenant database is closed") }
+            guard jobs.count + group.count <= options.queueRequestsMax else {
+                return StorageError(.queueFull, "write queue full (\(options.queueRequestsMax) requests waiting); retry later")
+            }
+            jobs += group
+            startsDrain = !group.isEmpty && claimDrain()
+            return nil
+        }
+        if startsDrain { startDrain() }
+        if let refusal { for job in group { job.done(.failure(refusal)) } }
     }
 
     func submitAdmin(_ work: @escaping (WriterAccess) -> Void) {
@@ -481,18 +544,22 @@ final class TenantWriter: @unchecked Sendable {
         }
     }
 
-    /// Takes queued jobs in order, within the bounds (`orOne`: the first even past `bytesMax`).
-    /// Caller holds `condition`.
+    /// Takes queued jobs in order, within the bounds, groups whole (`orOne`: the first job, or
+    /// group, even past them). Caller holds `condition`.
     private func takeJobs(countMax: Int, bytesMax: Int, orOne: Bool) -> [WriteJob] {
         var count = 0
         var bytes = 0
+        // Jobs up to the end of the last whole group (a lone job is a group of one).
+        var whole = 0
         for job in jobs {
-            guard count < countMax, bytes + job.byteCount <= bytesMax || (orOne && count == 0) else { break }
+            let fits = count < countMax && bytes + job.byteCount <= bytesMax
+            guard fits || (orOne && whole == 0) else { break }
             count += 1
             bytes += job.byteCount
+            if !job.joinsNext { whole = count }
         }
-        let taken = Array(jobs.prefix(count))
-        jobs.removeFirst(count)
+        let taken = Array(jobs.prefix(whole))
+        jobs.removeFirst(whole)
         return taken
     }
 

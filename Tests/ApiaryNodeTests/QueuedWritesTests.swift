@@ -36,11 +36,11 @@ final class QueuedWritesTests: XCTestCase {
         XCTAssertEqual(first.first?.batch, 1_002, "a batch is named by its last request")
         XCTAssertEqual(core.due(nowMs: 500).count, 0, "one batch of a tenant at a time, however long the next waits")
         XCTAssertNil(core.nextDueMs(), "nothing is due while the batch is out")
-        XCTAssertEqual(core.onOutcome(acme, batch: 1_002, .committed, nowMs: 1), Core.Finished(tenant: acme, sequenceNumbers: [1_000, 1_001, 1_002], applied: .yes))
+        XCTAssertEqual(core.onOutcomes(acme, batch: 1_002, [.committed, .committed, .committed], nowMs: 1).map(\.sequenceNumber), [1_000, 1_001, 1_002])
         XCTAssertEqual(core.nextDueMs(), 100, "the fourth waits for its flush delay from when it was queued")
         XCTAssertEqual(core.due(nowMs: 99).count, 0)
         XCTAssertEqual(core.due(nowMs: 100).map(\.payloads), [[4]])
-        XCTAssertEqual(core.counts(acme).queued, 1, "the fourth is out, not yet written")
+        XCTAssertEqual(core.queued(acme), 1, "the fourth is out, not yet written")
     }
 
     func testTenantsQueueApartAndABatchKeepsToItsBounds() {
@@ -49,23 +49,24 @@ final class QueuedWritesTests: XCTestCase {
         _ = queued(core.enqueue(acme, 2, statements: 6, bytes: 10, nowMs: 0))
         _ = queued(core.enqueue(globex, 3, statements: 1, bytes: 500, nowMs: 0))
         let sends = core.due(nowMs: 0)
-        XCTAssertEqual(sends.map(\.tenant), [acme, globex])
-        XCTAssertEqual(sends.map(\.payloads), [[1], [3]], "statements past the bound wait for the next batch; a request past the byte bound goes alone")
+        let byTenant = Dictionary(uniqueKeysWithValues: sends.map { ($0.tenant, $0.payloads) })
+        XCTAssertEqual(byTenant, [acme: [1], globex: [3]], "statements past the bound wait for the next batch; a request past the byte bound goes alone")
     }
 
     func testNotExecutedIsSentAgainAfterTheDelayAndGivenUpAtLast() {
         var core = core { $0.flushAfterMs = 0; $0.retryAfterMs = 1_000; $0.giveUpAfterMs = 2_500 }
         let number = queued(core.enqueue(acme, 7, statements: 1, bytes: 1, nowMs: 0))
         XCTAssertEqual(core.due(nowMs: 0).map(\.payloads), [[7]])
-        XCTAssertNil(core.onOutcome(acme, batch: number, .notExecuted, nowMs: 10))
+        XCTAssertEqual(core.onOutcomes(acme, batch: number, [.notExecuted], nowMs: 10), [])
         XCTAssertEqual(core.nextDueMs(), 1_010)
         XCTAssertEqual(core.due(nowMs: 1_009).count, 0)
         XCTAssertEqual(core.due(nowMs: 1_010).map(\.payloads), [[7]], "the same batch again")
-        XCTAssertNil(core.onOutcome(acme, batch: number, .notExecuted, nowMs: 1_020))
-        XCTAssertNil(core.onOutcome(acme, batch: number, .committed, nowMs: 1_021), "no attempt is out: an answer for none is ignored")
+        XCTAssertEqual(core.onOutcomes(acme, batch: number, [.notExecuted], nowMs: 1_020), [])
+        XCTAssertEqual(core.onOutcomes(acme, batch: number, [.committed], nowMs: 1_021), [], "no attempt is out: an answer for none is ignored")
         XCTAssertEqual(core.due(nowMs: 2_020).count, 1)
-        XCTAssertEqual(core.onOutcome(acme, batch: number, .notExecuted, nowMs: 2_600), Core.Finished(tenant: acme, sequenceNumbers: [number], applied: .no))
-        XCTAssertEqual(core.counts(acme), Core.Counts(queued: 0, batchesCommitted: 0, batchesFailed: 1, lastSequenceNumber: number))
+        XCTAssertEqual(core.onOutcomes(acme, batch: number, [.notExecuted], nowMs: 2_600),
+                       [Core.Ended(sequenceNumber: number, applied: .no("the node could not write it for 2 s"))])
+        XCTAssertEqual(core.queued(acme), 0)
         XCTAssertEqual(core.bytesQueued, 0)
     }
 
@@ -73,10 +74,10 @@ final class QueuedWritesTests: XCTestCase {
         var core = core { $0.flushAfterMs = 0; $0.retryAfterMs = 0 }
         let first = queued(core.enqueue(acme, 1, statements: 1, bytes: 1, nowMs: 0))
         _ = core.due(nowMs: 0)
-        XCTAssertEqual(core.onOutcome(acme, batch: first, .outcomeUnknown, nowMs: 1)?.applied, .unknown)
+        XCTAssertEqual(core.onOutcomes(acme, batch: first, [.outcomeUnknown], nowMs: 1).map(\.applied), [.unknown])
         let second = queued(core.enqueue(acme, 2, statements: 1, bytes: 1, nowMs: 1))
         XCTAssertEqual(core.due(nowMs: 1).map(\.payloads), [[2]], "the unknown one is not sent again")
-        XCTAssertEqual(core.onOutcome(acme, batch: second, .refused, nowMs: 2)?.applied, .no)
+        XCTAssertEqual(core.onOutcomes(acme, batch: second, [.refused("no such tenant")], nowMs: 2).map(\.applied), [.no("no such tenant")])
         XCTAssertEqual(core.due(nowMs: 100).count, 0)
     }
 
@@ -87,7 +88,22 @@ final class QueuedWritesTests: XCTestCase {
         XCTAssertEqual(core.enqueue(acme, 3, statements: 1, bytes: 10, nowMs: 0), .failure(.tenantFull))
         XCTAssertEqual(core.enqueue(globex, 4, statements: 1, bytes: 81, nowMs: 0), .failure(.nodeFull))
         XCTAssertEqual(core.enqueue(globex, 5, statements: 1, bytes: 80, nowMs: 0), .success(1_002), "a refusal takes no sequence number")
-        XCTAssertEqual(core.counts(acme).queued, 2)
+        XCTAssertEqual(core.queued(acme), 2)
+    }
+
+    /// Each request of a batch ends on its own; only those not executed go again, and the
+    /// batch shrinks to them, still in order.
+    func testRequestsOfABatchEndOnTheirOwnAndOnlyTheNotExecutedGoAgain() {
+        var core = core { $0.flushAfterMs = 0; $0.retryAfterMs = 10; $0.batchRequestsMax = 4 }
+        let numbers = (1...4).map { queued(core.enqueue(acme, $0, statements: 1, bytes: 5, nowMs: 0)) }
+        let send = core.due(nowMs: 0)[0]
+        let ended = core.onOutcomes(acme, batch: send.batch, [.committed, .notExecuted, .refused("statement too large"), .notExecuted], nowMs: 1)
+        XCTAssertEqual(ended, [Core.Ended(sequenceNumber: numbers[0], applied: .yes), Core.Ended(sequenceNumber: numbers[2], applied: .no("statement too large"))])
+        XCTAssertEqual(core.bytesQueued, 10, "the two that go again still count")
+        XCTAssertEqual(core.due(nowMs: 11).map(\.payloads), [[2, 4]])
+        XCTAssertEqual(core.onOutcomes(acme, batch: send.batch, [.committed, .committed], nowMs: 12).map(\.sequenceNumber), [numbers[1], numbers[3]])
+        XCTAssertEqual(core.bytesQueued, 0)
+        XCTAssertNil(core.nextDueMs())
     }
 
     // MARK: Through the routes
@@ -126,9 +142,9 @@ final class QueuedWritesTests: XCTestCase {
         let third = await send(routes, "?queue&wait", "INSERT INTO t VALUES (3)")
         XCTAssertEqual(third.status, .ok)
         XCTAssertEqual(try body(third)["sequence_number"] as? UInt64, n2 + 1)
-        XCTAssertEqual(service.calls, [RecordingSQLService.Call(kind: .execute(transaction: false), tenant: "acme",
-                                                                statements: (1...3).map { SQLStatement("INSERT INTO t VALUES (\($0))") })],
-                       "one write of the three requests, in order")
+        XCTAssertEqual(service.calls, (1...3).map { RecordingSQLService.Call(kind: .execute(transaction: false), tenant: "acme",
+                                                                             statements: [SQLStatement("INSERT INTO t VALUES (\($0))")]) },
+                       "the three requests written once the third filled the batch, in order")
     }
 
     func testABatchNotExecutedIsSentAgainAndAWaitEndsWithIt() async throws {

@@ -67,6 +67,36 @@ final class LimitsTests: XCTestCase {
         XCTAssertEqual(rows, [[.integer(1)]], "the stopped insert left nothing behind")
     }
 
+    /// A group (queued writes: many clients' requests) commits in one transaction, and one
+    /// request that makes SQLite roll the transaction back (a runaway insert stopped at the
+    /// limit) fails alone: the others commit, together, and a statement too large is refused
+    /// alone. (Each request of the group once ran as one request: the runaway took all.)
+    func testAGroupCommitsTogetherAndEachRequestFailsAlone() async throws {
+        let dir = TemporaryDirectory()
+        var options = TenantDatabase.Options()
+        options.statementTimeMs = 100
+        options.statementBytesMax = 1_000
+        let sink = ReplicaSink(replicaPath: dir.path + "/replica.db")
+        let db = try TenantDatabase(tenant: try TenantID("acme"), path: dir.path + "/acme.db", sink: sink, options: options)
+        defer { db.close() }
+        try await db.mustExecute("CREATE TABLE t (x)")
+        let commitsBefore = sink.commitCount
+        let tooLarge = "INSERT INTO t VALUES ('" + String(repeating: "x", count: 2_000) + "')"
+        let group = [[SQLStatement("INSERT INTO t VALUES (1)")], [SQLStatement(Self.endlessInsert)], [SQLStatement(tooLarge)],
+                     [SQLStatement("INSERT INTO t VALUES (2)"), SQLStatement("INSERT INTO missing VALUES (3)")], [SQLStatement("INSERT INTO t VALUES (4)")]]
+        let results = await withCheckedContinuation { done in db.execute(group: group) { done.resume(returning: $0) } }
+        XCTAssertEqual(results.count, 5)
+        guard case .success(let runaway) = results[1], case .failure(let stopped)? = runaway.first else { return XCTFail("\(results[1])") }
+        XCTAssertTrue(stopped.contains("limit"), stopped)
+        guard case .failure(let refusal) = results[2] else { return XCTFail("a statement too large is refused: \(results[2])") }
+        XCTAssertTrue("\(refusal)".contains("exceeds the limit"), "\(refusal)")
+        guard case .success(let mixed) = results[3], mixed.count == 2, case .success = mixed[0], case .failure = mixed[1] else { return XCTFail("\(results[3])") }
+        for i in [0, 4] { guard case .success(let r) = results[i], case .success = r.first else { return XCTFail("\(results[i])") } }
+        let rows = try await db.rows("SELECT group_concat(x) FROM (SELECT x FROM t ORDER BY rowid)")
+        XCTAssertEqual(rows, [[.text("1,2,4")]], "the others committed, in order")
+        XCTAssertEqual(sink.commitCount, commitsBefore + 1, "in one commit")
+    }
+
     /// After SQLite rolls a batch back, its retry takes no requests that arrived meanwhile: a
     /// stream of runaway requests cannot keep a good one from committing (found in review).
     /// Gates, not sleeps, put each request where the test needs it: no statement's speed matters.

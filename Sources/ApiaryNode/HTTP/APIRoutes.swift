@@ -338,16 +338,17 @@ struct APIRoutes: HTTPResponder {
             guard service.isWriter else {
                 throw APIError(.notExecuted, "not primary: this node takes no queued writes now; send it to the primary")
             }
-            let statements = try self.statements(request, options)
+            // rqlite takes an empty request with `wait`: it waits for what was queued before it.
+            let statements = options.wait && Self.isEmptyArray(request.body) ? [] : try self.statements(request, options)
             let answer: @Sendable (UInt64, QueuedWrites.WaitResult) -> Void = { number, result in
                 done {
                     switch result {
                     case .finished(.yes):
                         return APIResponse(status: .ok, body: RqliteJSON.response([], format: format, timeSeconds: Self.seconds(since: started), sequenceNumber: number))
-                    case .finished(.no):
-                        return Self.response(APIError(.notExecuted, "queued write \(number) was not applied: the node could not write it in time; send it again"))
+                    case .finished(.no(let why)):
+                        return Self.response(APIError(.notExecuted, "queued write \(number) was not applied: \(why)"))
                     case .finished(.unknown):
-                        return Self.response(APIError(.outcomeUnknown, "queued write \(number): outcome unknown (its write was interrupted)"))
+                        return Self.response(APIError(.outcomeUnknown, "queued write \(number): outcome unknown (its commit was interrupted)"))
                     case .timedOut:
                         return APIResponse(status: .requestTimeout,
                                            body: RqliteJSON.error("queue wait timeout: queued write \(number) is not written yet and may still be", code: .outcomeUnknown),
@@ -355,8 +356,7 @@ struct APIRoutes: HTTPResponder {
                     }
                 }
             }
-            let queued = queuedWrites.enqueue(tenant, statements, waitMs: options.wait ? options.timeoutMs ?? Self.queueWaitMsDefault : nil,
-                                              waited: options.wait ? answer : nil)
+            let queued = queuedWrites.enqueue(tenant, statements, waitMs: options.timeoutMs ?? Self.queueWaitMsDefault, waited: options.wait ? answer : nil)
             switch queued {
             case .success(let number):
                 if !options.wait { answer(number, .finished(.yes)) }
@@ -367,6 +367,11 @@ struct APIRoutes: HTTPResponder {
         } catch {
             done { sqlResponse(.failure(error), started: started, format: format) }
         }
+    }
+
+    /// Whether a body is a JSON array with nothing in it (`[]`, blanks around).
+    static func isEmptyArray(_ body: [UInt8]) -> Bool {
+        body.filter { ![0x20, 0x09, 0x0A, 0x0D].contains($0) } == Array("[]".utf8)
     }
 
     /// How long a queued write's `wait` lasts without `timeout` (rqlite's default).

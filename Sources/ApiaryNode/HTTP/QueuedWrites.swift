@@ -4,7 +4,7 @@ import Foundation
 
 /// rqlite's queued writes (`POST /db/execute?queue`, docs/rqlite-compatibility.md): a request
 /// is answered as soon as it is queued, with a sequence number, and the node writes what its
-/// tenant's queue holds in batches, many requests in one write, as rqlite does.
+/// tenant's queue holds in batches, many requests in one commit, as rqlite does.
 ///
 /// The decisions (what to send, when, what a failure means, when to give up) are made by this
 /// pure core, driven with explicit time; ``QueuedWrites`` carries them out. Generic over what
@@ -14,22 +14,22 @@ import Foundation
 /// - A tenant's requests are written in the order they were queued, one batch at a time.
 /// - A batch is sent when it is full (requests, statements or bytes) or when its first request
 ///   has waited ``Config/flushAfterMs`` (rqlite's 100 ms).
-/// - A batch is sent again only when the node said it was **not executed** (no standby, not
-///   primary for a moment, the writer's own queue full): never after "outcome unknown", so a
-///   queued write is never applied twice. rqlite retries every failure.
-/// - A batch still "not executed" ``Config/giveUpAfterMs`` after it was first sent is given
-///   up: its requests end "not applied". One that ends "outcome unknown" ends so at once.
-/// - Statements that fail inside a batch that commits are not reported, as in rqlite: the
-///   batch counts as written.
+/// - Each request of a batch ends on its own: written (statements inside it may have failed:
+///   not reported, as in rqlite), refused (no such tenant, a statement too large), or of
+///   unknown outcome. Only requests the node said were **not executed** (no standby, not
+///   primary for a moment, the writer's own queue full) are sent again, never one of unknown
+///   outcome, so a queued write is never applied twice (rqlite retries every failure).
+/// - A request still "not executed" ``Config/giveUpAfterMs`` after its batch was first sent is
+///   given up: it ends "not applied".
 struct QueuedWritesCore<Payload> {
     struct Config: Sendable {
         /// Requests waiting per tenant at most (rqlite's queue capacity).
         var requestsMax = 1024
-        /// Bytes of SQL and values queued at this node at most, every tenant together.
+        /// Bytes queued at this node at most, every tenant together (as the shell counts them).
         var bytesMax = 64 << 20
         /// Requests in one batch at most (rqlite's batch size).
         var batchRequestsMax = 128
-        /// Statements in one batch at most (a request's own limit: one batch is one request).
+        /// Statements in one batch at most (a request's own limit).
         var batchStatementsMax = 10_000
         /// Bytes in one batch at most (the writer's own batch bound); a larger request goes alone.
         var batchBytesMax = 4 << 20
@@ -53,12 +53,12 @@ struct QueuedWritesCore<Payload> {
     /// A batch to send: the payloads of its requests, in order.
     struct Send {
         var tenant: TenantID
-        /// The batch's name: its last request's sequence number.
+        /// The batch's name: its last request's sequence number when first sent.
         var batch: UInt64
         var payloads: [Payload]
     }
 
-    /// What sending a batch came to.
+    /// What sending one request of a batch came to.
     enum Outcome: Equatable {
         /// Committed (statements inside it may have failed).
         case committed
@@ -66,16 +66,20 @@ struct QueuedWritesCore<Payload> {
         case notExecuted
         /// Maybe applied.
         case outcomeUnknown
-        /// Surely not applied, and sending it again will not change that (no such tenant).
-        case refused
+        /// Surely not applied, and sending it again will not change that; why.
+        case refused(String)
     }
 
-    /// How the requests of a finished batch ended.
-    enum Applied: Equatable { case yes, no, unknown }
+    /// How a request ended.
+    enum Applied: Equatable {
+        case yes
+        /// Not applied; why.
+        case no(String)
+        case unknown
+    }
 
-    struct Finished: Equatable {
-        var tenant: TenantID
-        var sequenceNumbers: [UInt64]
+    struct Ended: Equatable {
+        var sequenceNumber: UInt64
         var applied: Applied
     }
 
@@ -84,15 +88,6 @@ struct QueuedWritesCore<Payload> {
         case tenantFull
         /// The node's queued bytes would pass ``Config/bytesMax``.
         case nodeFull
-    }
-
-    /// Counts for `/status`, per tenant.
-    struct Counts: Equatable {
-        var queued = 0
-        var batchesCommitted = 0
-        var batchesFailed = 0
-        /// The sequence number of the last request written (or given up), as rqlite's status.
-        var lastSequenceNumber: UInt64 = 0
     }
 
     private struct InFlight {
@@ -106,10 +101,11 @@ struct QueuedWritesCore<Payload> {
     private struct TenantQueue {
         var waiting: [Request] = []
         var inFlight: InFlight?
-        var counts = Counts()
+        var isEmpty: Bool { waiting.isEmpty && inFlight == nil }
     }
 
     let config: Config
+    /// Only tenants with requests waiting or out.
     private var tenants: [TenantID: TenantQueue] = [:]
     private var nextSequenceNumber: UInt64
     private(set) var bytesQueued = 0
@@ -129,7 +125,6 @@ struct QueuedWritesCore<Payload> {
         let number = nextSequenceNumber
         nextSequenceNumber += 1
         queue.waiting.append(Request(sequenceNumber: number, payload: payload, statements: statements, bytes: bytes, queuedAtMs: nowMs))
-        queue.counts.queued += 1
         tenants[tenant] = queue
         bytesQueued += bytes
         return .success(number)
@@ -138,14 +133,12 @@ struct QueuedWritesCore<Payload> {
     /// The batches to send now: retries that are due, and new batches full or old enough.
     mutating func due(nowMs: Int64) -> [Send] {
         var sends: [Send] = []
-        for tenant in tenants.keys.sorted(by: { $0.rawValue < $1.rawValue }) {
-            guard var queue = tenants[tenant] else { continue }
+        for (tenant, var queue) in tenants {
             if var inFlight = queue.inFlight {
-                if let retryAt = inFlight.retryAtMs, retryAt <= nowMs {
-                    inFlight.retryAtMs = nil
-                    queue.inFlight = inFlight
-                    sends.append(inFlight.send)
-                }
+                guard let retryAt = inFlight.retryAtMs, retryAt <= nowMs else { continue }
+                inFlight.retryAtMs = nil
+                queue.inFlight = inFlight
+                sends.append(inFlight.send)
             } else if let first = queue.waiting.first, isFull(queue.waiting) || nowMs - first.queuedAtMs >= config.flushAfterMs {
                 let count = batchCount(queue.waiting)
                 let requests = Array(queue.waiting.prefix(count))
@@ -153,39 +146,46 @@ struct QueuedWritesCore<Payload> {
                 let send = Send(tenant: tenant, batch: requests.last!.sequenceNumber, payloads: requests.map(\.payload))
                 queue.inFlight = InFlight(send: send, requests: requests, firstSentAtMs: nowMs)
                 sends.append(send)
+            } else {
+                continue
             }
             tenants[tenant] = queue
         }
         return sends
     }
 
-    /// What an attempt at `batch` of `tenant` came to; the requests that are done, if any.
-    mutating func onOutcome(_ tenant: TenantID, batch: UInt64, _ outcome: Outcome, nowMs: Int64) -> Finished? {
-        guard var queue = tenants[tenant], var inFlight = queue.inFlight, inFlight.send.batch == batch, inFlight.retryAtMs == nil else { return nil }
-        let applied: Applied
-        switch outcome {
-        case .committed:
-            applied = .yes
-        case .refused:
-            applied = .no
-        case .outcomeUnknown:
-            applied = .unknown
-        case .notExecuted:
-            if nowMs - inFlight.firstSentAtMs < config.giveUpAfterMs {
-                inFlight.retryAtMs = nowMs + config.retryAfterMs
-                queue.inFlight = inFlight
-                tenants[tenant] = queue
-                return nil
+    /// What an attempt at `batch` of `tenant` came to, one outcome per request sent (in
+    /// order); the requests that ended. Those not executed are sent again later (the batch
+    /// shrinks to them) until the batch is given up.
+    mutating func onOutcomes(_ tenant: TenantID, batch: UInt64, _ outcomes: [Outcome], nowMs: Int64) -> [Ended] {
+        guard var queue = tenants[tenant], var inFlight = queue.inFlight, inFlight.send.batch == batch, inFlight.retryAtMs == nil,
+              outcomes.count == inFlight.requests.count else { return [] }
+        let givesUp = nowMs - inFlight.firstSentAtMs >= config.giveUpAfterMs
+        var ended: [Ended] = []
+        var again: [Request] = []
+        for (request, outcome) in zip(inFlight.requests, outcomes) {
+            switch outcome {
+            case .committed: ended.append(Ended(sequenceNumber: request.sequenceNumber, applied: .yes))
+            case .outcomeUnknown: ended.append(Ended(sequenceNumber: request.sequenceNumber, applied: .unknown))
+            case .refused(let why): ended.append(Ended(sequenceNumber: request.sequenceNumber, applied: .no(why)))
+            case .notExecuted where givesUp:
+                ended.append(Ended(sequenceNumber: request.sequenceNumber,
+                                   applied: .no("the node could not write it for \(config.giveUpAfterMs / 1000) s")))
+            case .notExecuted: again.append(request)
             }
-            applied = .no
+            if case .notExecuted = outcome, !givesUp { continue }
+            bytesQueued -= request.bytes
         }
-        queue.inFlight = nil
-        queue.counts.queued -= inFlight.requests.count
-        queue.counts.lastSequenceNumber = inFlight.send.batch
-        if applied == .yes { queue.counts.batchesCommitted += 1 } else { queue.counts.batchesFailed += 1 }
-        bytesQueued -= inFlight.requests.reduce(0) { $0 + $1.bytes }
-        tenants[tenant] = queue
-        return Finished(tenant: tenant, sequenceNumbers: inFlight.requests.map(\.sequenceNumber), applied: applied)
+        if again.isEmpty {
+            queue.inFlight = nil
+        } else {
+            inFlight.requests = again
+            inFlight.send.payloads = again.map(\.payload)
+            inFlight.retryAtMs = nowMs + config.retryAfterMs
+            queue.inFlight = inFlight
+        }
+        tenants[tenant] = queue.isEmpty ? nil : queue
+        return ended
     }
 
     /// When ``due(nowMs:)`` next has something to send, if ever without new requests.
@@ -205,7 +205,8 @@ struct QueuedWritesCore<Payload> {
         return earliest
     }
 
-    func counts(_ tenant: TenantID) -> Counts { tenants[tenant]?.counts ?? Counts() }
+    /// Requests of `tenant` waiting or out.
+    func queued(_ tenant: TenantID) -> Int { tenants[tenant].map { $0.waiting.count + ($0.inFlight?.requests.count ?? 0) } ?? 0 }
 
     /// Whether the waiting requests fill a batch.
     private func isFull(_ waiting: [Request]) -> Bool { batchCount(waiting) < waiting.count || waiting.count >= config.batchRequestsMax }
@@ -240,11 +241,17 @@ final class QueuedWrites: @unchecked Sendable {
         case timedOut
     }
 
+    private struct Waiter {
+        var answer: @Sendable (UInt64, WaitResult) -> Void
+        /// Cancelled when the request ends first: a long `timeout` leaves no timer behind.
+        var timeout: DispatchWorkItem?
+    }
+
     private let lock = NSLock()
     private var core: Core
-    /// Taken out of the map by whichever comes first, the batch's end or the wait's end: each is
-    /// called once.
-    private var waiters: [UInt64: @Sendable (UInt64, WaitResult) -> Void] = [:]
+    /// Taken out of the map by whichever comes first, the request's end or its wait's end: each
+    /// answer is given once.
+    private var waiters: [UInt64: Waiter] = [:]
     private let service: any SQLService
     private let timers = DispatchQueue(label: "apiary.queued-writes")
     /// The earliest pump already scheduled (lock held).
@@ -255,26 +262,31 @@ final class QueuedWrites: @unchecked Sendable {
         core = Core(config: config, firstSequenceNumber: UInt64(max(0, Date().timeIntervalSince1970 * 1e9)))
     }
 
+    /// What a request holds in memory, as the node's queue bound counts it: its SQL and values,
+    /// and what each statement and value costs beyond them.
+    static func bytes(_ statements: [SQLStatement]) -> Int {
+        statements.reduce(0) { $0 + $1.byteCount + 64 + 16 * $1.parameters.count }
+    }
+
     /// Queues `statements` of `tenant`; its sequence number, or why not. With `waited`, that is
-    /// called once, with the sequence number, when the request's batch ends or after `waitMs`.
-    func enqueue(_ tenant: TenantID, _ statements: [SQLStatement], waitMs: Int64? = nil,
+    /// called once, with the sequence number, when the request ends or after `waitMs`.
+    func enqueue(_ tenant: TenantID, _ statements: [SQLStatement], waitMs: Int64 = 30_000,
                  waited: (@Sendable (UInt64, WaitResult) -> Void)? = nil) -> Result<UInt64, Core.Refusal> {
-        let bytes = statements.reduce(0) { $0 + $1.byteCount }
         let queued: Result<UInt64, Core.Refusal> = lock.withLock {
-            let queued = core.enqueue(tenant, statements, statements: statements.count, bytes: bytes, nowMs: monotonicNowMs())
-            if case .success(let number) = queued, let waited { waiters[number] = waited }
-            return queued
-        }
-        if case .success(let number) = queued, let waitMs, waited != nil {
-            timers.asyncAfter(deadline: .now() + .milliseconds(Int(clamping: max(0, waitMs)))) { [self] in
-                lock.withLock { waiters.removeValue(forKey: number) }?(number, .timedOut)
+            let queued = core.enqueue(tenant, statements, statements: statements.count, bytes: Self.bytes(statements), nowMs: monotonicNowMs())
+            if case .success(let number) = queued, let waited {
+                let timeout = DispatchWorkItem { [self] in lock.withLock { waiters.removeValue(forKey: number) }?.answer(number, .timedOut) }
+                waiters[number] = Waiter(answer: waited, timeout: timeout)
+                timers.asyncAfter(deadline: .now() + .milliseconds(Int(clamping: max(0, waitMs))), execute: timeout)
             }
+            return queued
         }
         pump()
         return queued
     }
 
-    func counts(_ tenant: TenantID) -> Core.Counts { lock.withLock { core.counts(tenant) } }
+    /// Requests of `tenant` waiting or being written (tests, status).
+    func queued(_ tenant: TenantID) -> Int { lock.withLock { core.queued(tenant) } }
 
     /// Sends what is due and schedules the next look.
     private func pump() {
@@ -290,11 +302,15 @@ final class QueuedWrites: @unchecked Sendable {
             timers.asyncAfter(deadline: .now() + .milliseconds(Int(wakeIn))) { [self] in pump() }
         }
         for send in sends {
-            service.execute(tenant: send.tenant, send.payloads.flatMap { $0 }, transaction: false, idempotencyKey: nil) { [self] result in
-                let finished = lock.withLock { core.onOutcome(send.tenant, batch: send.batch, Self.outcome(result), nowMs: monotonicNowMs()) }
-                if let finished {
-                    let ended = lock.withLock { finished.sequenceNumbers.compactMap { number in waiters.removeValue(forKey: number).map { (number, $0) } } }
-                    for (number, waiter) in ended { waiter(number, .finished(finished.applied)) }
+            service.execute(tenant: send.tenant, group: send.payloads) { [self] results in
+                let ended = lock.withLock { () -> [(UInt64, Core.Applied, Waiter)] in
+                    core.onOutcomes(send.tenant, batch: send.batch, results.map(Self.outcome), nowMs: monotonicNowMs()).compactMap { end in
+                        waiters.removeValue(forKey: end.sequenceNumber).map { (end.sequenceNumber, end.applied, $0) }
+                    }
+                }
+                for (number, applied, waiter) in ended {
+                    waiter.timeout?.cancel()
+                    waiter.answer(number, .finished(applied))
                 }
                 // Off the writer's thread, which only hands the answer on.
                 timers.async { [self] in pump() }
@@ -302,14 +318,14 @@ final class QueuedWrites: @unchecked Sendable {
         }
     }
 
-    /// What the write path's answer means for a batch (`SQLService`'s errors are `APIError`s).
+    /// What the write path's answer to one request means (`SQLService`'s errors are `APIError`s).
     static func outcome(_ result: Result<[StatementResult], any Error>) -> Core.Outcome {
         switch result {
         case .success: return .committed
         case .failure(let error as APIError):
             switch error.kind {
             case .notExecuted, .rateLimited, .capacity: return .notExecuted
-            case .notFound, .badRequest, .tooLarge, .forbidden, .unauthorized, .conflict, .idempotencyKeyReused: return .refused
+            case .notFound, .badRequest, .tooLarge, .forbidden, .unauthorized, .conflict, .idempotencyKeyReused: return .refused(error.message)
             case .outcomeUnknown: return .outcomeUnknown
             }
         case .failure: return .outcomeUnknown

@@ -10,7 +10,7 @@
 ///
 /// Parameters that change nothing on Apiary are accepted and ignored: `redirect` (a primary
 /// serves everything itself), `freshness`/`freshness_strict` (reads come from the primary,
-/// never stale), `retries`, `timeout` and `linearizable_timeout` (the node's own
+/// never stale), `retries`, `timeout` (but for a queued write's `wait`) and `linearizable_timeout` (the node's own
 /// per-statement and per-request limits apply), `noparse`, `norwrandom`, `norwtime` (rqlite
 /// rewrites `RANDOM()` and time functions because it replicates statements; Apiary replicates
 /// pages). `queue` (with `wait` and `timeout`) queues a write (``QueuedWrites``); `raft_index`

@@ -17,6 +17,12 @@ public protocol SQLService: Sendable {
     /// run on any thread and must only hand the result on.
     func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?,
                  then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void)
+    /// Queued writes (``QueuedWrites``): `requests` in order, each applied or failing on its own
+    /// and outside a transaction, committed together where the service can; one result per
+    /// request, in order, to `done` (any thread). By default one at a time, each sent once the
+    /// one before it is answered.
+    func execute(tenant: TenantID, group requests: [[SQLStatement]],
+                 then done: @escaping @Sendable ([Result<[StatementResult], any Error>]) -> Void)
     func query(tenant: TenantID, _ statements: [SQLStatement], level: ReadLevel) async throws -> [StatementResult]
     /// The same, the statements reading one snapshot when `transaction` (rqlite's
     /// `?transaction` on a query). By default: as ``query(tenant:_:level:)``.
@@ -54,6 +60,15 @@ extension SQLService {
 }
 
 extension SQLService {
+    public func execute(tenant: TenantID, group requests: [[SQLStatement]],
+                        then done: @escaping @Sendable ([Result<[StatementResult], any Error>]) -> Void) {
+        @Sendable func next(_ index: Int, _ answered: [Result<[StatementResult], any Error>]) {
+            guard index < requests.count else { return done(answered) }
+            execute(tenant: tenant, requests[index], transaction: false, idempotencyKey: nil) { next(index + 1, answered + [$0]) }
+        }
+        next(0, [])
+    }
+
     public func execute(tenant: TenantID, _ statements: [SQLStatement], transaction: Bool, idempotencyKey: String?,
                         then done: @escaping @Sendable (Result<[StatementResult], any Error>) -> Void) {
         Task {
