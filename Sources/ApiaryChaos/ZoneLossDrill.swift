@@ -161,10 +161,12 @@ public final class ZoneLossDrill: @unchecked Sendable {
         defer { load.stop() }
         try await Task.sleep(for: .milliseconds(settings.steadyMs))
 
-        let cutAt = nowMs
-        try cut(zone, members: cutMembers)
         var restored = false
         defer { if !restored { try? restore(zone, members: cutMembers) } }
+        try cut(zone, members: cutMembers)
+        // Once the cut is in place: a cut that takes a command (nftables, an operator's hook)
+        // takes milliseconds, and writes begun meanwhile may still be served by the zone.
+        let cutAt = nowMs
         log("repetition \(repetition): zone \(zone) cut at \(cutAt) ms (writer was \(writerBefore))")
         let resumedAt = await load.firstAcknowledgement(begunAfter: cutAt, timeoutMs: settings.timeoutMs)
         try await Task.sleep(for: .milliseconds(settings.holdMs))
