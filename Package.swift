@@ -90,7 +90,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "apiary", dependencies: [
-            "ApiaryNode", "ApiaryTLS", "ApiaryMonitor", "ApiaryMonitorService", "ApiaryChaos",
+            "ApiaryCore", "ApiaryNode", "ApiaryTLS", "ApiaryMonitor", "ApiaryMonitorService", "ApiaryChaos",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -1,3 +1,4 @@
+import ApiaryCore
 import ApiaryNode
 import Foundation
 import NIOCore
@@ -82,6 +83,7 @@ final class GatewayBadInputTests: NodeProcessTestCase {
         XCTAssertTrue(responses.first?.text.contains("\"code\":\"bad_request\"") ?? false, responses.first?.text ?? "")
         XCTAssertEqual(responses.first?.headers["x-apiary-gateway"], "gateway-1", "the server's own answers say which gateway gave them")
         XCTAssertEqual(responses.first?.headers["strict-transport-security"], "max-age=31536000")
+        XCTAssertEqual(responses.first?.headers["x-rqlite-version"], ApiaryVersion.rqliteHeaderValue)
         try await assertAFreshClientIsServed()
     }
 

@@ -1,3 +1,4 @@
+import ApiaryCore
 import ApiaryMonitor
 import ApiaryNode
 import ApiaryTLS
@@ -45,6 +46,7 @@ final class GatewayTests: NodeProcessTestCase {
         XCTAssertEqual(created.status, 200, created.text)
         XCTAssertEqual(created.header("X-Apiary-Node"), "node-a")
         XCTAssertEqual(created.header("X-Apiary-Epoch"), "1")
+        XCTAssertEqual(created.header(ApiaryVersion.rqliteHeader), ApiaryVersion.rqliteHeaderValue)
         await setup.close()
 
         let keyed = GatewayWriter(), unkeyed = GatewayWriter()

@@ -1,3 +1,4 @@
+import ApiaryCore
 import ApiaryNode
 import Foundation
 import NIOHTTP1
@@ -23,6 +24,14 @@ final class RqliteWriteOptionsTests: XCTestCase {
             return ((object?["raft_index"] as? NSNumber)?.uint64Value, response.text)
         }
         let created = try await send(.POST, "/db/execute?raft_index", #"["CREATE TABLE t (v INTEGER)"]"#)
+        // rqlite's version header, on every answer (a refusal of the server's own too).
+        let versioned = try await c.request(.GET, "/db/query?q=SELECT+1", headers: [("X-Apiary-Tenant", "acme")])
+        XCTAssertEqual(versioned.header(ApiaryVersion.rqliteHeader), ApiaryVersion.rqliteHeaderValue)
+        let closing = try await api.connect() // the server closes a connection after a request line past its limit
+        defer { Task { await closing.close() } }
+        let refused = try await closing.request(.GET, "/db/query?q=" + String(repeating: "a", count: 2 << 20), headers: [("X-Apiary-Tenant", "acme")])
+        XCTAssertNotEqual(refused.status, 200)
+        XCTAssertEqual(refused.header(ApiaryVersion.rqliteHeader), ApiaryVersion.rqliteHeaderValue, refused.text)
         let first = try XCTUnwrap(created.index, created.text)
         let inserted = try await send(.POST, "/db/execute?raft_index", #"["INSERT INTO t VALUES (1)", "INSERT INTO t VALUES (2)"]"#)
         XCTAssertEqual(inserted.index, first + 1, inserted.text)

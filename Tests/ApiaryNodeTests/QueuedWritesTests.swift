@@ -138,6 +138,9 @@ final class QueuedWritesTests: XCTestCase {
         XCTAssertEqual(n2, n1 + 1)
         XCTAssertTrue(String(decoding: second.body, as: UTF8.self).contains("\n    \"sequence_number\": "), "pretty as asked")
         XCTAssertEqual(service.calls.count, 0, "answered before anything is written")
+        // /status tells the asking tenant its own queue, and another tenant nothing of it.
+        XCTAssertEqual(routes.queuedWrites.figures(for: acme), .init(maxSize: 1024, batchSize: 3, timeoutMs: 3_600_000, depth: 2))
+        XCTAssertEqual(routes.queuedWrites.figures(for: globex).depth, 0)
         // The third fills the batch; with `wait` its answer comes once the batch is written.
         let third = await send(routes, "?queue&wait", "INSERT INTO t VALUES (3)")
         XCTAssertEqual(third.status, .ok)

@@ -339,6 +339,12 @@ final class RqliteCompatibilityTests: XCTestCase {
         XCTAssertEqual((status["apiary"] as? [String: Any])?["epoch"] as? Int, 3)
         XCTAssertNotNil((status["node"] as? [String: Any])?["uptime"] as? String)
         XCTAssertNil(status["tenants"], "no tenant is named")
+        XCTAssertEqual((status["build"] as? [String: Any])?["version"] as? String, ApiaryVersion.rqliteHeaderValue)
+        // rqlite's queue stats, and the asking tenant's own queued requests.
+        let queue = try XCTUnwrap(((status["http"] as? [String: Any])?["queue"] as? [String: Any])?["_default"] as? [String: Any])
+        XCTAssertEqual(queue["max_size"] as? Int, 1024)
+        XCTAssertEqual(queue["batch_size"] as? Int, 128)
+        XCTAssertEqual(queue["timeout"] as? String, "100ms")
 
         let part = await respond(.GET, "/status?key=store.raft", headers: headers, service: service)
         XCTAssertEqual(String(decoding: part.body, as: UTF8.self), #"{"state":"Leader"}"#)
@@ -356,10 +362,10 @@ final class RqliteCompatibilityTests: XCTestCase {
         let legacy = await respond(.GET, "/nodes", headers: [("Host", "127.0.0.1:4001")], service: service)
         XCTAssertEqual(legacy.status, .ok)
         XCTAssertEqual(String(decoding: legacy.body, as: UTF8.self),
-                       #"{"n1":{"api_addr":"https://127.0.0.1:4001","id":"n1","leader":true,"reachable":true,"version":"apiary","voter":true}}"#)
+                       #"{"n1":{"api_addr":"https://127.0.0.1:4001","id":"n1","leader":true,"reachable":true,"version":"apiary-\#(ApiaryVersion.current)","voter":true}}"#)
         let list = await respond(.GET, "/nodes?ver=2", headers: [("Host", "127.0.0.1:4001")], service: service)
         XCTAssertEqual(String(decoding: list.body, as: UTF8.self),
-                       #"{"nodes":[{"api_addr":"https://127.0.0.1:4001","id":"n1","leader":true,"reachable":true,"version":"apiary","voter":true}]}"#)
+                       #"{"nodes":[{"api_addr":"https://127.0.0.1:4001","id":"n1","leader":true,"reachable":true,"version":"apiary-\#(ApiaryVersion.current)","voter":true}]}"#)
         let post = await respond(.POST, "/nodes", service: service)
         XCTAssertEqual(post.status, .methodNotAllowed)
     }
@@ -369,5 +375,9 @@ final class RqliteCompatibilityTests: XCTestCase {
         XCTAssertEqual(RqliteNodeEndpoints.goDuration(42.1), "42.1s")
         XCTAssertEqual(RqliteNodeEndpoints.goDuration(3723.5), "1h2m3.5s")
         XCTAssertEqual(RqliteNodeEndpoints.goDuration(60), "1m0s")
+        XCTAssertEqual(RqliteNodeEndpoints.goDuration(0.1), "100ms")
+        XCTAssertEqual(RqliteNodeEndpoints.goDuration(0.0015), "1.5ms")
+        XCTAssertEqual(RqliteNodeEndpoints.goDuration(0.0000015), "1.5µs")
+        XCTAssertEqual(RqliteNodeEndpoints.goDuration(0.000000007), "7ns")
     }
 }

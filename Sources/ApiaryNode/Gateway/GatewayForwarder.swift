@@ -28,7 +28,8 @@ struct GatewayForwarder: HTTPResponder {
     /// connection past the limits), not only the nodes' answers: which gateway answered, and
     /// HSTS (browsers, and clients that honour it, never try plain HTTP to this host again).
     static func answerHeaders(name: String) -> [(String, String)] {
-        [("Strict-Transport-Security", "max-age=31536000"), ("X-Apiary-Gateway", name)]
+        [("Strict-Transport-Security", "max-age=31536000"), ("X-Apiary-Gateway", name),
+         (ApiaryVersion.rqliteHeader, ApiaryVersion.rqliteHeaderValue)]
     }
 
     func respond(to request: APIRequest, then done: @escaping @Sendable (_ make: @escaping @Sendable () -> APIResponse) -> Void) {

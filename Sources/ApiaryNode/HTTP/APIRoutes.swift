@@ -247,14 +247,16 @@ struct APIRoutes: HTTPResponder {
             if Self.allowed(request.peer, [.operator, .monitor]) { return APIResponse(status: .ok, body: await service.statusJSON()) }
             // An application that signs in gets rqlite's layout, about the node only.
             guard request.headers.contains(name: "authorization") else { return Self.forbidden([.operator, .monitor]) }
-            return await nodeEndpoint(request) { summary, options in
-                RqliteNodeEndpoints.status(summary, options, host: request.headers.first(name: "host"), startedAt: summaryCache.startedAt, now: Date())
+            return await nodeEndpoint(request) { summary, options, principal in
+                let tenant: TenantID? = if case .user(let user) = principal { user.tenant } else { nil }
+                return RqliteNodeEndpoints.status(summary, options, host: request.headers.first(name: "host"), startedAt: summaryCache.startedAt, now: Date(),
+                                                  queue: queuedWrites.figures(for: tenant))
             }
         case (["nodes"], .GET) where tenantInPath == nil:
             if Self.allowed(request.peer, [.monitor]) {
                 return RqliteNodeEndpoints.nodes(await summary(), (try? RqliteQuery.parse(request.query)) ?? RqliteQuery(), host: request.headers.first(name: "host"))
             }
-            return await nodeEndpoint(request) { summary, options in
+            return await nodeEndpoint(request) { summary, options, _ in
                 RqliteNodeEndpoints.nodes(summary, options, host: request.headers.first(name: "host"))
             }
         case (["admin", "promote"], .POST) where tenantInPath == nil:
@@ -527,10 +529,10 @@ struct APIRoutes: HTTPResponder {
 
     /// `/status` and `/nodes` for an application: any user of any tenant who signs in (they
     /// tell about the node, never about a tenant), or an operator.
-    private func nodeEndpoint(_ request: APIRequest, _ answer: (NodeSummary?, RqliteQuery) -> APIResponse) async -> APIResponse {
+    private func nodeEndpoint(_ request: APIRequest, _ answer: (NodeSummary?, RqliteQuery, Principal) -> APIResponse) async -> APIResponse {
         do {
-            _ = try await principal(request)
-            return answer(await summary(), try RqliteQuery.parse(request.query))
+            let principal = try await principal(request)
+            return answer(await summary(), try RqliteQuery.parse(request.query), principal)
         } catch let error as APIError {
             return Self.response(error)
         } catch {

@@ -1,3 +1,4 @@
+import ApiaryCore
 import ApiaryGateway
 import ApiaryTLS
 import Logging
@@ -112,7 +113,8 @@ public final class APIServer: Sendable {
                                logger: logger)
         let responder: any HTTPResponder = identity.map { IdentifiedResponder(inner: routes, identity: $0) } ?? routes
         return try await start(responder: responder, credentials: credentials, certificate: certificate, host: host, port: port,
-                               group: group, logger: logger, limits: limits)
+                               group: group, logger: logger, limits: limits,
+                               answerHeaders: [(ApiaryVersion.rqliteHeader, ApiaryVersion.rqliteHeaderValue)])
     }
 
     /// The same server in front of any responder (the gateway's forwarding).

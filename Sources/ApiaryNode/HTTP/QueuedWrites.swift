@@ -288,6 +288,22 @@ final class QueuedWrites: @unchecked Sendable {
     /// Requests of `tenant` waiting or being written (tests, status).
     func queued(_ tenant: TenantID) -> Int { lock.withLock { core.queued(tenant) } }
 
+    /// What `/status` tells of the queue (rqlite's `http.queue._default`): its bounds, and the
+    /// asking tenant's own requests waiting or being written (never another tenant's).
+    struct Figures: Sendable, Equatable {
+        var maxSize: Int
+        var batchSize: Int
+        var timeoutMs: Int64
+        var depth: Int?
+    }
+
+    func figures(for tenant: TenantID?) -> Figures {
+        lock.withLock {
+            Figures(maxSize: core.config.requestsMax, batchSize: core.config.batchRequestsMax, timeoutMs: core.config.flushAfterMs,
+                    depth: tenant.map { core.queued($0) })
+        }
+    }
+
     /// Sends what is due and schedules the next look.
     private func pump() {
         let now = monotonicNowMs()

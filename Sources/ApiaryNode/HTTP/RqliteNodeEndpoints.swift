@@ -1,3 +1,4 @@
+import ApiaryCore
 import Foundation
 import NIOHTTP1
 
@@ -30,10 +31,11 @@ enum RqliteNodeEndpoints {
     }
 
     /// `/status` for an application, in rqlite's layout (the parts clients read: `store` with
-    /// the leader and Raft state, `node` with times, `http`, `build`), plus an `apiary` part.
-    /// `?key=store.raft` answers one part, `?pretty` indents. Operators get Apiary's own
-    /// status (every tenant's positions) instead.
-    static func status(_ summary: NodeSummary?, _ query: RqliteQuery, host: String?, startedAt: Date, now: Date) -> APIResponse {
+    /// the leader and Raft state, `node` with times, `http` with the queued writes' bounds,
+    /// `build`), plus an `apiary` part. `?key=store.raft` answers one part, `?pretty` indents.
+    /// Operators get Apiary's own status (every tenant's positions) instead.
+    static func status(_ summary: NodeSummary?, _ query: RqliteQuery, host: String?, startedAt: Date, now: Date,
+                       queue: QueuedWrites.Figures) -> APIResponse {
         let isPrimary = summary?.role == "primary"
         var store: [String: Any] = [
             "node_id": summary?.name ?? "",
@@ -48,8 +50,8 @@ enum RqliteNodeEndpoints {
         var apiary: [String: Any] = ["role": summary?.role ?? "changing roles", "epoch": summary?.epoch ?? 0]
         if let error = summary?.error { apiary["error"] = error }
         let status: [String: Any] = [
-            "build": ["version": "apiary"],
-            "http": ["auth": "enabled", "bind_addr": host ?? ""],
+            "build": ["version": ApiaryVersion.rqliteHeaderValue],
+            "http": ["auth": "enabled", "bind_addr": host ?? "", "queue": ["_default": queueFigures(queue)]],
             "node": ["start_time": rfc3339(startedAt), "current_time": rfc3339(now), "uptime": goDuration(now.timeIntervalSince(startedAt))],
             "store": store,
             "apiary": apiary,
@@ -66,6 +68,15 @@ enum RqliteNodeEndpoints {
         return APIResponse(status: .ok, body: json(part, pretty: query.format.pretty))
     }
 
+    /// rqlite's queue stats (`max_size`, `batch_size`, `timeout` as a Go duration), and `depth`:
+    /// the asking tenant's requests queued (an operator, who names no tenant, gets none).
+    private static func queueFigures(_ queue: QueuedWrites.Figures) -> [String: Any] {
+        var figures: [String: Any] = ["max_size": queue.maxSize, "batch_size": queue.batchSize,
+                                      "timeout": goDuration(Double(queue.timeoutMs) / 1000)]
+        if let depth = queue.depth { figures["depth"] = depth }
+        return figures
+    }
+
     /// `/nodes`: this node, in rqlite's legacy map form by default (`{"id": {...}}`) or its
     /// list form with `?ver=2` (`{"nodes": [...]}`). Only the node answering is listed: a
     /// client reaches the other through its own address, and a standby is not a voter that
@@ -73,7 +84,7 @@ enum RqliteNodeEndpoints {
     static func nodes(_ summary: NodeSummary?, _ query: RqliteQuery, host: String?) -> APIResponse {
         var node: [String: Any] = [
             "id": summary?.name ?? "",
-            "version": "apiary",
+            "version": ApiaryVersion.rqliteHeaderValue,
             "voter": true,
             "reachable": summary != nil,
             "leader": summary?.role == "primary",
@@ -95,25 +106,33 @@ enum RqliteNodeEndpoints {
         return formatter.string(from: date)
     }
 
-    /// Go's `time.Duration.String()` for a non-negative duration: `1h2m3.5s`, `42.1s`, `0s`.
+    /// Go's `time.Duration.String()` for a non-negative duration: `1h2m3.5s`, `42.1s`, `0s`,
+    /// and below a second `100ms`, `1.5µs`, `7ns`.
     static func goDuration(_ seconds: Double) -> String {
         guard seconds > 0 else { return "0s" }
         var nanos = Int64((seconds * 1e9).rounded())
+        if nanos < 1_000 { return "\(nanos)ns" }
+        if nanos < 1_000_000_000 {
+            let (unit, perUnit): (String, Int64) = nanos < 1_000_000 ? ("µs", 1_000) : ("ms", 1_000_000)
+            return decimal(nanos / perUnit, fraction: nanos % perUnit, digits: perUnit == 1_000 ? 3 : 6) + unit
+        }
         let hours = nanos / 3_600_000_000_000
         nanos -= hours * 3_600_000_000_000
         let minutes = nanos / 60_000_000_000
         nanos -= minutes * 60_000_000_000
-        var secondsText = String(nanos / 1_000_000_000)
-        let fraction = nanos % 1_000_000_000
-        if fraction > 0 {
-            var digits = String(fraction)
-            digits = String(repeating: "0", count: 9 - digits.count) + digits
-            while digits.hasSuffix("0") { digits.removeLast() }
-            secondsText += "." + digits
-        }
+        let secondsText = decimal(nanos / 1_000_000_000, fraction: nanos % 1_000_000_000, digits: 9)
         if hours > 0 { return "\(hours)h\(minutes)m\(secondsText)s" }
         if minutes > 0 { return "\(minutes)m\(secondsText)s" }
         return secondsText + "s"
+    }
+
+    /// `whole.fraction` with the fraction's `digits` places, trailing zeros dropped.
+    private static func decimal(_ whole: Int64, fraction: Int64, digits: Int) -> String {
+        guard fraction > 0 else { return String(whole) }
+        var text = String(fraction)
+        text = String(repeating: "0", count: digits - text.count) + text
+        while text.hasSuffix("0") { text.removeLast() }
+        return "\(whole).\(text)"
     }
 }
 
