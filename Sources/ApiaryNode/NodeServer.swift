@@ -717,6 +717,8 @@ struct PrimarySQLService: SQLService {
             throw Self.apiError(rejected)
         } catch let full as PrimaryNode.TenantLimitReached {
             throw APIError(.capacity, full.description)
+        } catch let undecided as PrimaryNode.DropUndecided {
+            throw APIError(.conflict, undecided.description)
         } catch {
             node.logger.error("tenant unavailable", metadata: ["tenant": "\(tenant)", "error": "\(error)"])
             throw APIError(.notExecuted, "tenant unavailable (details in the node's log); retry later")

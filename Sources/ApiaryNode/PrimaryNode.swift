@@ -64,6 +64,18 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     /// Tenants being dropped or dropped while this node ran: no request reaches them, and
     /// nothing creates them again.
     private var dropped: Set<TenantID> = []
+    /// Dropped tenants whose drop ended "outcome unknown" (a subset of `dropped`): the drop may
+    /// have reached the standby, which would delete the tenant if promoted, so the tenant stays
+    /// closed (no write taken meanwhile could be lost that way) until a drop again finishes.
+    private var undecidedDrops: Set<TenantID> = []
+
+    /// A request for a tenant whose drop ended "outcome unknown" (``undecidedDrops``).
+    struct DropUndecided: Error, CustomStringConvertible {
+        let tenant: TenantID
+        var description: String {
+            "tenant \(tenant) is being dropped: the drop's outcome is unknown, so it serves nothing until an administrator drops it again (apiary ctl tenant drop \(tenant))"
+        }
+    }
 
     struct TenantLSN: Hashable { var tenant: TenantID; var lsn: LSN }
 
@@ -199,9 +211,9 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     /// The tenant, created on first use (its bootstrap commit replicates like any other).
     /// - Throws: `TenantLimitReached` when creating it would pass `tenantsMax`.
     func tenant(_ id: TenantID, create: Bool) async throws -> PrimaryTenant? {
-        enum Found { case ready(PrimaryTenant), wait(Task<PrimaryTenant, any Error>), absent, full }
+        enum Found { case ready(PrimaryTenant), wait(Task<PrimaryTenant, any Error>), absent, full, undecided }
         let found: Found = tenantsLock.withLock {
-            if dropped.contains(id) { return .absent }
+            if dropped.contains(id) { return undecidedDrops.contains(id) ? .undecided : .absent }
             if let t = tenants[id], opening[id] == nil { return .ready(t) }
             if let task = opening[id] { return .wait(task) }
             guard create else { return .absent }
@@ -226,6 +238,7 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         switch found {
         case .ready(let t): return t
         case .absent: return nil
+        case .undecided: throw DropUndecided(tenant: id)
         case .full: throw TenantLimitReached(max: tenantsMax)
         case .wait(let task):
             defer { tenantsLock.withLock { opening[id] = nil } }
@@ -255,11 +268,15 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
     ///
     /// The writer stops before the drop commits so that no record of the tenant follows the
     /// drop in the replication stream: a standby never meets a record of a tenant it was told
-    /// is gone. If `commitDrop` throws, the tenant's database is opened again and it serves on.
-    /// `commitDrop` nil: the drop is committed already (a node that starts finds it).
+    /// is gone. If `commitDrop` throws "not executed", the tenant's database is opened again and
+    /// it serves on; if it throws "outcome unknown", the tenant stays closed (``DropUndecided``)
+    /// until a drop again finishes. `commitDrop` nil: the drop is committed already (a node that
+    /// starts finds it).
     func drop(_ id: TenantID, commitDrop: (() async throws -> Void)?) async throws {
-        enum Found { case open(PrimaryTenant), onlyFiles, busy }
+        enum Found { case open(PrimaryTenant), undecided(PrimaryTenant), onlyFiles, busy }
         let found: Found = tenantsLock.withLock {
+            // Its drop ended "outcome unknown": closed already, and dropped now (one caller only).
+            if let t = tenants[id], undecidedDrops.remove(id) != nil { return .undecided(t) }
             // Dropped while this node ran, its files left behind (their deletion failed).
             if commitDrop == nil, dropped.contains(id), tenants[id] == nil { return .onlyFiles }
             guard opening[id] == nil, !dropped.contains(id), let t = tenants[id] else { return .busy }
@@ -273,16 +290,28 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
             let layout = self.layout
             try await Self.onOwnThread { try Self.removeTenantFiles(id, layout: layout) }
             return
-        case .open(let t): tenant = t
+        case .open(let t), .undecided(let t): tenant = t
         }
-        // Blocks until the writer's queued work is done, which runs on the writer pool: on a
-        // thread of its own, never on the event loops or the pool.
-        try await Self.onOwnThread { tenant.database.close() }
+        if case .open = found {
+            // Blocks until the writer's queued work is done, which runs on the writer pool: on
+            // a thread of its own, never on the event loops or the pool.
+            try await Self.onOwnThread { tenant.database.close() }
+        }
         if let commitDrop {
             do {
                 try await commitDrop()
             } catch {
-                try await reopen(tenant)
+                // Opened again only when the drop surely never committed anywhere: after an
+                // unknown outcome (now or in an earlier try) the standby may hold it, and a
+                // promoted standby deletes the tenant with whatever it took meanwhile.
+                let unknown = (error as? APIError)?.kind == .outcomeUnknown
+                if unknown || { if case .undecided = found { true } else { false } }() {
+                    tenantsLock.withLock { _ = undecidedDrops.insert(id) }
+                    logger.warning("tenant drop of unknown outcome: the tenant serves nothing until it is dropped again",
+                                   metadata: ["tenant": "\(id)"])
+                } else {
+                    try await reopen(tenant)
+                }
                 throw error
             }
         }

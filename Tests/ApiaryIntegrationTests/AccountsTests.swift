@@ -217,6 +217,43 @@ final class AccountsTests: NodeProcessTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/\(cluster.primary.name)/tenants/globex"))
     }
 
+    /// A drop whose commit ends "outcome unknown" (the standby took the record and went silent)
+    /// may have reached the standby, which would delete the tenant if promoted: the tenant
+    /// stays closed, each request told why (409), never opened again to take writes that such
+    /// a promotion would lose. Dropped again with the standby back, it is gone from both nodes.
+    func testADropOfUnknownOutcomeKeepsTheTenantClosedUntilDroppedAgain() async throws {
+        let wrote = try await send(.POST, "/db/execute", as: "gina", body: #"["CREATE TABLE t (x)", "INSERT INTO t VALUES ('kept')"]"#)
+        XCTAssertEqual(wrote.status, 200, wrote.text)
+        let standbyPid = try XCTUnwrap(cluster.processID(of: cluster.standby))
+        kill(standbyPid, SIGSTOP)
+        var paused = true
+        defer { if paused { kill(standbyPid, SIGCONT) } }
+        // Sent, never confirmed: the primary gives the silent standby up and cannot tell.
+        let unknown = try await accounts.request(.DELETE, "/admin/tenants/globex")
+        XCTAssertEqual(unknown.status, 500, unknown.text)
+        XCTAssertTrue(unknown.text.contains("outcome_unknown"), unknown.text)
+        kill(standbyPid, SIGCONT)
+        paused = false
+        XCTAssertTrue(cluster.waitForOutput(of: cluster.standby, containing: "streaming from the primary", times: 2))
+
+        // With the standby back, the tenant still serves nothing: not reads, not writes.
+        for (method, path, body) in [(HTTPMethod.GET, "/db/query?q=SELECT+x+FROM+t", nil), (.POST, "/db/execute", #"["INSERT INTO t VALUES ('lost?')"]"#)] {
+            let refused = try await send(method, path, as: "gina", body: body)
+            XCTAssertEqual(refused.status, 409, refused.text)
+            XCTAssertTrue(refused.text.contains("drop it again") || refused.text.contains("drops it again"), refused.text)
+        }
+        let other = try await send(.POST, "/db/execute", as: "alice", body: #"["CREATE TABLE t (x)"]"#)
+        XCTAssertEqual(other.status, 200, "another tenant serves on: \(other.text)")
+
+        let dropped = try await accounts.request(.DELETE, "/admin/tenants/globex")
+        XCTAssertEqual(dropped.status, 200, dropped.text)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/\(cluster.primary.name)/tenants/globex"))
+        XCTAssertTrue(cluster.waitForOutput(of: cluster.standby, containing: "tenant dropped: its files are deleted on this node"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/\(cluster.standby.name)/tenants/globex"))
+        let gone = try await send(.GET, "/db/query?q=SELECT+1", as: "gina")
+        XCTAssertEqual(gone.status, 401, "the dropped tenant's users are gone: \(gone.text)")
+    }
+
     /// A tenant dropped while its writes keep coming: each write is answered (applied before
     /// the drop, or refused after it), the node stays up, the standby deletes the tenant too
     /// and replicates on, and promoted it serves without it.

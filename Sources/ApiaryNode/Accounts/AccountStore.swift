@@ -153,6 +153,8 @@ final class AccountStore: AccountService, @unchecked Sendable {
             throw PrimarySQLService.apiError(rejected)
         } catch let full as PrimaryNode.TenantLimitReached {
             throw APIError(.capacity, full.description)
+        } catch let undecided as PrimaryNode.DropUndecided {
+            throw APIError(.conflict, undecided.description)
         }
     }
 
