@@ -280,6 +280,38 @@ final class GatewayLimitsTests: NodeProcessTestCase {
         }.count
     }
 
+    /// An operator's certificate works through the gateway as it does at a node (the node sees
+    /// the gateway's certificate, and believes the operator the gateway vouches for); the
+    /// header that carries it is believed from no one else: not from an application through
+    /// the gateway, not from anyone talking to a node directly.
+    func testAnOperatorCertificateWorksThroughTheGatewayAndNoOneElseCanClaimIt() async throws {
+        let viaGateway = try AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: cluster.gateways[0].apiPort)
+        try await viaGateway.createTenant("ops-made")
+        let status = try await viaGateway.request(.GET, "/status")
+        XCTAssertEqual(status.status, 200, status.text)
+        XCTAssertTrue(status.text.contains("\"tenants\"") && status.text.contains("ops-made"), "Apiary's own status, for operators: \(status.text)")
+        XCTAssertEqual(status.header("X-Apiary-Node"), "node-a")
+
+        let forged = [("X-Apiary-Operator", "operator")]
+        let application = try await connect(from: "127.0.0.8")
+        let claimed = try await application.request(.POST, "/admin/tenants", headers: forged + [("Content-Type", "application/json")],
+                                                    body: Array(#"{"name":"forged"}"#.utf8))
+        XCTAssertEqual(claimed.status, 401, "the gateway passes on no operator its client did not prove: \(claimed.text)")
+        let claimedStatus = try await application.request(.GET, "/status", headers: forged)
+        XCTAssertEqual(claimedStatus.status, 403, claimedStatus.text)
+        await application.close()
+
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .file(cluster.certificates + "/ca.pem")
+        let direct = try await HTTPSConnection.connect(host: "127.0.0.1", port: cluster.primary.apiPort, tls: tls, group: MultiThreadedEventLoopGroup.singleton)
+        let claimedAtNode = try await direct.request(.GET, "/status", headers: forged)
+        await direct.close()
+        XCTAssertEqual(claimedAtNode.status, 403, "a node believes the header only from a gateway: \(claimedAtNode.text)")
+        let tenants = try await AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1", port: cluster.primary.apiPort)
+            .request(.GET, "/admin/tenants")
+        XCTAssertTrue(tenants.text.contains("ops-made") && !tenants.text.contains("forged"), tenants.text)
+    }
+
     /// Tenants are limited by the nodes (`apiary node --tenant-rate`), where credentials are
     /// checked: one tenant past its allowance is refused through the gateway, another is served.
     func testATenantPastItsRateIsRefusedByTheNodeWhileAnotherTenantIsServed() async throws {

@@ -454,6 +454,23 @@ final class APIRoutesTests: XCTestCase {
 
     // MARK: Operator endpoints
 
+    /// The operator a gateway vouches for is believed from a gateway's connection only, and
+    /// only with a name a certificate could carry.
+    func testAnOperatorIsBelievedFromAGatewayOnly() {
+        let header = HTTPHeaders([("X-Apiary-Operator", "alice-ops")])
+        let gateway = PeerIdentity(role: .gateway, name: "gateway-1")
+        XCTAssertEqual(APIRoutes.peer(connection: gateway, headers: header), PeerIdentity(role: .operator, name: "alice-ops"))
+        XCTAssertEqual(APIRoutes.peer(connection: gateway, headers: [:]), gateway)
+        XCTAssertNil(APIRoutes.peer(connection: nil, headers: header), "an application cannot claim it")
+        for role in [ClusterRole.node, .monitor, .operator] {
+            let other = PeerIdentity(role: role, name: "x")
+            XCTAssertEqual(APIRoutes.peer(connection: other, headers: header), other, "\(role)")
+        }
+        for bad in ["", String(repeating: "a", count: 65), "a b", "a\u{0}", "ops/../x"] {
+            XCTAssertEqual(APIRoutes.peer(connection: gateway, headers: HTTPHeaders([("X-Apiary-Operator", bad)])), gateway, bad)
+        }
+    }
+
     func testStatusNeedsOperatorOrMonitor() async throws {
         let refused: [ApiaryTLS.PeerIdentity?] = [nil, .init(role: .node, name: "node-1"), .init(role: .gateway, name: "gw")]
         for peer in refused {

@@ -22,7 +22,7 @@ struct GatewayForwarder: HTTPResponder {
     /// Headers that describe one hop, not the request (RFC 9110 §7.6.1), and those the gateway
     /// sets itself: never passed on.
     static let notForwarded: Set<String> = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-                                            "upgrade", "host", "content-length", "x-forwarded-for", "expect"]
+                                            "upgrade", "host", "content-length", "x-forwarded-for", "expect", "x-apiary-operator"]
 
     /// On every answer of the gateway, its server's own refusals too (a 400, a 431, a 503 to a
     /// connection past the limits), not only the nodes' answers: which gateway answered, and
@@ -96,6 +96,8 @@ private final class Forwarding: @unchecked Sendable {
         var fields = request.headers
         for name in GatewayForwarder.notForwarded where fields.contains(name: name) { fields.remove(name: name) }
         if let client = request.clientAddress { fields.add(name: "X-Forwarded-For", value: client) }
+        // The node sees the gateway's certificate, not the client's: an operator's is vouched for.
+        if let peer = request.peer, peer.role == .operator { fields.add(name: APIRoutes.operatorHeader, value: peer.name) }
         self.fields = fields
         // /db/query, also under /tenants/{t}/; GETs other than the SQL endpoints (status, nodes).
         let path = request.path

@@ -610,6 +610,26 @@ struct APIRoutes: HTTPResponder {
         return try Self.certificatePrincipal(request)
     }
 
+    /// Set by a gateway on a request whose client presented an operator certificate (the
+    /// gateway checked it against the cluster CA): the operator's name. Believed only from a
+    /// gateway's own connection; a gateway removes it from what its clients send.
+    static let operatorHeader = "X-Apiary-Operator"
+
+    /// Who a request comes from as certificates tell: the connection's own peer or, on a
+    /// gateway's connection, the operator it vouches for (``operatorHeader``). A name that is
+    /// not a certificate's name (1...64 of a-z, A-Z, 0-9, '.', '_', '@', '-') is not believed.
+    static func peer(connection: PeerIdentity?, headers: HTTPHeaders) -> PeerIdentity? {
+        guard let connection, connection.role == .gateway, let name = headers.first(name: operatorHeader) else { return connection }
+        let allowed = (1...64).contains(name.utf8.count) && name.utf8.allSatisfy { byte in
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                 UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "@"), UInt8(ascii: "-"): return true
+            default: return false
+            }
+        }
+        return allowed ? PeerIdentity(role: .operator, name: name) : connection
+    }
+
     static func certificatePrincipal(_ request: APIRequest) throws -> Principal {
         guard let peer = request.peer, peer.role == .operator else {
             throw APIError(.unauthorized, "credentials needed: HTTP basic auth with a user name and password")

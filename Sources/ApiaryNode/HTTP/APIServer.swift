@@ -453,7 +453,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
                 peer = ClusterCredentials.identity(of: certificate)
             }
         }
-        request.peer = peer
+        request.peer = APIRoutes.peer(connection: peer, headers: request.headers)
         request.clientAddress = context.channel.remoteAddress?.ipAddress
         request.eventLoop = context.eventLoop
         let loop = context.eventLoop
