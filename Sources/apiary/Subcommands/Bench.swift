@@ -30,6 +30,7 @@ struct Inserts: AsyncParsableCommand {
     @Option(help: "Event loop threads driving the clients (pgbench in bench/ uses up to 2).") var clientThreads = 1
     @Option(help: "inserts (one INSERT per request) or reads (one SELECT by primary key per request, level weak).") var workload = "inserts"
     @Option(help: "Give the gateway this CPU of its own, and every other process of the run (nodes, monitor, load) the other CPUs: a gateway tier on hosts of its own, on a machine with few cores.") var gatewayCPU: Int?
+    @Option(help: "The gateway's event loop threads (apiary gateway --event-loops).") var gatewayEventLoops: Int?
     @Option(help: "How the load signs in: password (HTTP basic auth, as applications do) or certificate (the operator's, in the TLS handshake: no per-request authentication, for measuring what it costs; not through a gateway).") var signIn = "password"
 
     func validate() throws {
@@ -68,7 +69,7 @@ struct Inserts: AsyncParsableCommand {
             let cluster = LocalCluster(directory: root + "/" + setup, executable: "/proc/self/exe".resolvedLink,
                                        basePort: basePort + index * 100, primaryArguments: primaryArgs + quiet, standbyArguments: quiet,
                                        monitorArguments: setup == "gateway" ? quiet : nil, gateways: setup == "gateway" ? 1 : 0,
-                                       gatewayArguments: quiet)
+                                       gatewayArguments: quiet + (gatewayEventLoops.map { ["--event-loops", String($0)] } ?? []))
             try cluster.prepareCertificates()
             if setup == "gateway" {
                 try cluster.startBoth()
@@ -90,14 +91,20 @@ struct Inserts: AsyncParsableCommand {
             if setup == "gateway" { measured.append(("gateway", cluster.processID(of: cluster.gateways[0]) ?? -1)) }
             measured.append(("client", getpid()))
             for count in clientCounts {
+                let commitsBefore = workload == "reads" ? nil : await target.commits()
                 let before = measured.map { CPUTime.ticks(of: $0.1) }
                 let result = try await target.measure(clients: count, seconds: seconds, group: load, reads: workload == "reads")
                 let inserts = result.tps * result.wallSeconds
+                // Inserts per group commit: what a path that delivers requests more thinly costs.
+                var perCommit = ""
+                if let commitsBefore, let commitsAfter = await target.commits(), commitsAfter > commitsBefore {
+                    perCommit = " inserts_per_commit=" + String(format: "%.2f", inserts / Double(commitsAfter - commitsBefore))
+                }
                 let cpu = zip(measured, before).map { process, start -> String in
                     guard let start, let end = CPUTime.ticks(of: process.1), inserts > 0 else { return "\(process.0):?" }
                     return "\(process.0):" + String(format: "%.1f", Double(end - start) * CPUTime.microsecondsPerTick / inserts)
                 }
-                print("apiary-\(setup) clients=\(count) tps=\(String(format: "%.1f", result.tps)) p50_ms=\(String(format: "%.3f", result.p50Ms)) p99_ms=\(String(format: "%.3f", result.p99Ms)) errors=\(result.errors) cpu_us_per_\(workload == "reads" ? "read" : "insert")=\(cpu.joined(separator: ","))")
+                print("apiary-\(setup) clients=\(count) tps=\(String(format: "%.1f", result.tps)) p50_ms=\(String(format: "%.3f", result.p50Ms)) p99_ms=\(String(format: "%.3f", result.p99Ms)) errors=\(result.errors) cpu_us_per_\(workload == "reads" ? "read" : "insert")=\(cpu.joined(separator: ","))\(perCommit)")
                 fflush(stdout)
             }
         }
@@ -144,6 +151,16 @@ struct BenchTarget {
                                     body: Array("[\"CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)\"\(fill)]".utf8))
         await c.close()
         guard r.status == 200, !r.text.contains("\"error\"") else { throw ValidationError("cannot create the bench table: \(r.status) \(r.text)") }
+    }
+
+    /// The bench tenant's commits so far on the primary (its log's last lsn, from the operator's
+    /// `/status`): with the inserts counted, how many each group commit took on average.
+    func commits() async -> UInt64? {
+        guard let accounts = try? AccountsClient(certificatesDirectory: (caPath as NSString).deletingLastPathComponent, host: "127.0.0.1",
+                                                 port: accountsPort ?? port),
+              let response = try? await accounts.request(.GET, "/status"),
+              let status = try? JSONDecoder().decode(NodeStatus.self, from: Data(response.body)) else { return nil }
+        return status.tenants.first { $0.tenant == "bench" }?.lsn
     }
 
     struct Result { var tps: Double; var p50Ms: Double; var p99Ms: Double; var errors: Int; var wallSeconds: Double }

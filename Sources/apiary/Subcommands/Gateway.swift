@@ -36,6 +36,7 @@ struct Gateway: AsyncParsableCommand {
     @Option(help: "The certificate (PEM, leaf first) applications see; default: the gateway's cluster certificate.") var apiCertificate: String?
     @Option(help: "The private key (PEM) of --api-certificate.") var apiKey: String?
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
+    @Option(help: "Event loop threads (default: one per core, at least 2).") var eventLoops: Int?
 
     func validate() throws {
         guard !node.isEmpty else { throw ValidationError("give each node's API address: --node NAME=HOST:PORT") }
@@ -46,10 +47,11 @@ struct Gateway: AsyncParsableCommand {
         }
         guard (apiCertificate == nil) == (apiKey == nil) else { throw ValidationError("--api-certificate and --api-key go together") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level \(logLevel)") }
+        if let eventLoops, !(1...256).contains(eventLoops) { throw ValidationError("--event-loops must be 1...256") }
     }
 
     func run() async throws {
-        NIOSingletons.groupLoopCountSuggestion = max(2, System.coreCount)
+        NIOSingletons.groupLoopCountSuggestion = eventLoops ?? max(2, System.coreCount)
         NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
         var config = GatewayConfiguration(name: name, certificatesDirectory: certs)
         config.host = listen.host
