@@ -421,6 +421,13 @@ final class NodeRoles: SQLService, AccountService, @unchecked Sendable {
         return await s.statusJSON()
     }
 
+    /// From the role's own fields: no tenant's positions (a status lists every tenant, with a
+    /// hop to the replication loop; `/readyz` asks this once a second however many tenants).
+    func summary() async -> NodeSummary? {
+        guard let s = try? service else { return nil }
+        return await s.summary()
+    }
+
     // MARK: Health
 
     /// The node's epoch, as its state file holds it.
@@ -707,6 +714,8 @@ struct PrimarySQLService: SQLService {
         return (try? JSONEncoder().encode(status)).map(Array.init) ?? []
     }
 
+    func summary() async -> NodeSummary? { NodeSummary(name: node.name, role: "primary", epoch: epoch.rawValue) }
+
     private func openTenant(_ tenant: TenantID, create: Bool) async throws -> PrimaryTenant? {
         do {
             return try await node.tenant(tenant, create: create)
@@ -770,6 +779,8 @@ struct DemotedSQLService: SQLService {
         let status = NodeStatus(node: name, role: "demoted", epoch: epoch.rawValue, tenants: tenants)
         return (try? JSONEncoder().encode(status)).map(Array.init) ?? []
     }
+
+    func summary() async -> NodeSummary? { NodeSummary(name: name, role: "demoted", epoch: epoch.rawValue) }
 }
 
 /// The API on a standby: it serves no reads or writes (DESIGN §3), only status.
@@ -791,6 +802,10 @@ struct StandbySQLService: SQLService {
         let status = NodeStatus(node: node.name, role: "standby", epoch: await node.epoch.rawValue, tenants: await node.status().sorted { $0.tenant < $1.tenant },
                                 error: await node.fatalError?.description)
         return (try? JSONEncoder().encode(status)).map(Array.init) ?? []
+    }
+
+    func summary() async -> NodeSummary? {
+        NodeSummary(name: node.name, role: "standby", epoch: await node.epoch.rawValue, error: await node.fatalError?.description)
     }
 }
 

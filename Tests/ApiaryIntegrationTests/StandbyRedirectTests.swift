@@ -62,6 +62,12 @@ final class StandbyRedirectTests: NodeProcessTestCase {
         // Not data: the standby answers its own status.
         let ready = try await standby.request(.GET, "/readyz")
         XCTAssertNotEqual(ready.status, 301)
+        XCTAssertEqual(ready.status, 503, ready.text)
+        XCTAssertTrue(ready.text.contains("[+]store not ready"), "a standby says what it is: \(ready.text)")
+        let primaryReady = try await primary.request(.GET, "/readyz")
+        XCTAssertEqual(primaryReady.status, 200, primaryReady.text)
+        let status = try await asOperator.request(.GET, "/status")
+        XCTAssertTrue(status.text.contains("\"role\":\"standby\""), status.text)
         await asOperator.close()
         await standby.close()
         await primary.close()
