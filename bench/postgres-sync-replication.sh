@@ -15,6 +15,7 @@ set -euo pipefail
 PG_VERSION=15
 PG_BIN=/usr/lib/postgresql/${PG_VERSION}/bin
 HOST=127.0.0.1
+TLS=0
 
 CLIENTS="1 8 32 64"
 SECONDS_PER_RUN=10
@@ -26,7 +27,7 @@ PORT_STANDBY=""
 usage() {
   cat <<EOF
 usage: $0 [--clients "1 8 32 64"] [--seconds 10] [--warmup 2] [--workdir DIR]
-          [--port-primary PORT] [--port-standby PORT] [--workload inserts|reads]
+          [--port-primary PORT] [--port-standby PORT] [--workload inserts|reads] [--tls]
 
   --clients LIST      space-separated pgbench client counts (default: "1 8 32 64")
   --seconds N         duration of each pgbench run in seconds (default: 10)
@@ -40,6 +41,9 @@ usage: $0 [--clients "1 8 32 64"] [--seconds 10] [--warmup 2] [--workdir DIR]
   --workload W        inserts (default: one INSERT per transaction) or reads (one
                       SELECT by primary key of 1,000 rows per transaction, like
                       pgbench -S)
+  --tls               clients connect over TLS (ssl=on with a throw-away self-signed
+                      certificate, TLS 1.2 or later, pgbench with sslmode=require), as
+                      Apiary's clients always do; the lines say postgres-sync-tls
 EOF
 }
 
@@ -62,6 +66,7 @@ while [[ $# -gt 0 ]]; do
     --port-standby=*) PORT_STANDBY="${1#*=}"; shift ;;
     --workload)      [[ $# -ge 2 ]] || die "--workload needs a value"; WORKLOAD="$2"; shift 2 ;;
     --workload=*)    WORKLOAD="${1#*=}"; shift ;;
+    --tls)           TLS=1; shift ;;
     -h|--help)       usage; exit 0 ;;
     *)               usage >&2; die "unknown argument: $1" ;;
   esac
@@ -247,6 +252,21 @@ full_page_writes = on
 hot_standby = on
 EOF
 
+# --tls: the clients' connections encrypted, with a certificate made for this run only.
+if [[ "${TLS:-0}" == 1 ]]; then
+  openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=127.0.0.1" \
+    -keyout "$PRIMARY_DIR/server.key" -out "$PRIMARY_DIR/server.crt" >"$LOG_DIR/openssl.log" 2>&1 \
+    || { cat "$LOG_DIR/openssl.log" >&2; die "cannot make the TLS certificate"; }
+  chown postgres: "$PRIMARY_DIR/server.key" "$PRIMARY_DIR/server.crt"
+  chmod 600 "$PRIMARY_DIR/server.key"
+  cat >>"$PRIMARY_DIR/postgresql.conf" <<EOF
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+ssl_min_protocol_version = 'TLSv1.2'
+EOF
+fi
+
 start_cluster() {
   local dd="$1" name="$2"
   STARTED_DATADIRS+=("$dd")
@@ -349,7 +369,7 @@ PY
 if (( WARMUP_SECONDS > 0 )); then
   log "warm-up: pgbench clients=1 seconds=$WARMUP_SECONDS (discarded)"
   timeout --kill-after=10 $(( WARMUP_SECONDS + 60 )) \
-    "$PG_BIN/pgbench" -n -h "$HOST" -p "$PORT_PRIMARY" -U postgres \
+    env PGSSLMODE="$([[ "${TLS:-0}" == 1 ]] && echo require || echo prefer)" "$PG_BIN/pgbench" -n -h "$HOST" -p "$PORT_PRIMARY" -U postgres \
       -c 1 -j 1 -T "$WARMUP_SECONDS" -f "$RUN_DIR/insert.sql" \
       apiary_bench >"$LOG_DIR/warmup.out" 2>&1 &
   PGBENCH_PID=$!
@@ -366,7 +386,7 @@ for c in "${CLIENT_LIST[@]}"; do
   prefix="$LOG_DIR/pgbench_c${c}"
   log "pgbench clients=$c threads=$threads seconds=$SECONDS_PER_RUN"
   timeout --kill-after=10 $(( SECONDS_PER_RUN + 60 )) \
-    "$PG_BIN/pgbench" -n -h "$HOST" -p "$PORT_PRIMARY" -U postgres \
+    env PGSSLMODE="$([[ "${TLS:-0}" == 1 ]] && echo require || echo prefer)" "$PG_BIN/pgbench" -n -h "$HOST" -p "$PORT_PRIMARY" -U postgres \
       -c "$c" -j "$threads" -T "$SECONDS_PER_RUN" -f "$RUN_DIR/insert.sql" \
       -l --log-prefix="$prefix" apiary_bench >"$prefix.out" 2>&1 &
   PGBENCH_PID=$!
@@ -393,7 +413,7 @@ for c in "${CLIENT_LIST[@]}"; do
   # The standby must still be synchronous after the run (PostgreSQL never
   # silently degrades to async, but fail loudly if something went wrong).
   wait_for_sync
-  printf 'postgres-sync clients=%d tps=%.1f p50_ms=%s p99_ms=%s\n' "$c" "$tps" "$p50" "$p99"
+  printf 'postgres-sync%s clients=%d tps=%.1f p50_ms=%s p99_ms=%s\n' "$([[ "${TLS:-0}" == 1 ]] && echo -tls)" "$c" "$tps" "$p50" "$p99"
   log "clients=$c: $ntx transactions logged"
 done
 
