@@ -84,20 +84,10 @@ extension XCTestCase {
 
     /// Runs `openssl s_client` against the API and reports whether a handshake completed.
     func sClient(port: Int, _ options: [String]) throws -> (handshake: Bool, output: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
         guard FileManager.default.isExecutableFile(atPath: "/usr/bin/openssl") else { throw XCTSkip("openssl is not installed (scripts/install-system-packages installs it)") }
-        process.arguments = ["s_client", "-connect", "127.0.0.1:\(port)", "-servername", "localhost"] + options
-        process.standardInput = FileHandle(forReadingAtPath: "/dev/null")
-        let out = Pipe()
-        process.standardOutput = out
-        process.standardError = out
-        try process.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
+        let (status, text) = try runTool("/usr/bin/openssl", ["s_client", "-connect", "127.0.0.1:\(port)", "-servername", "localhost"] + options)
         // s_client prints the negotiated cipher once a handshake completed; "(NONE)" otherwise.
-        let handshake = process.terminationStatus == 0 && text.contains("Cipher is ") && !text.contains("Cipher is (NONE)")
+        let handshake = status == 0 && text.contains("Cipher is ") && !text.contains("Cipher is (NONE)")
         return (handshake, text)
     }
 }

@@ -156,14 +156,7 @@ extension LocalCluster {
     /// `apiary ctl promote` on `spec`, as an operator's failover drill runs it: its exit status
     /// and what it printed.
     func promoteWithCtl(_ spec: NodeSpec) throws -> (status: Int32, output: String) {
-        let promote = Process()
-        promote.executableURL = URL(fileURLWithPath: try apiaryExecutable())
-        promote.arguments = ["ctl", "promote", "--node", "127.0.0.1:\(spec.apiPort)", "--certs", certificates]
-        let output = Pipe()
-        promote.standardOutput = output
-        try promote.run()
-        promote.waitUntilExit()
-        return (promote.terminationStatus, String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
+        try runApiary(["ctl", "promote", "--node", "127.0.0.1:\(spec.apiPort)", "--certs", certificates])
     }
 }
 
@@ -195,11 +188,14 @@ class NodeProcessTestCase: XCTestCase {
     }
 }
 
-/// `apiary ARGS` to its end: its exit status and what it printed (both streams).
-func runApiary(_ arguments: [String]) throws -> (status: Int32, output: String) {
+/// `executable ARGS` to its end, with nothing on its input: its exit status and what it
+/// printed (both streams). The output is read before waiting for the exit, so a tool that
+/// prints more than a pipe holds cannot block on a full pipe.
+func runTool(_ executable: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
     let process = Process()
-    process.executableURL = URL(fileURLWithPath: try apiaryExecutable())
+    process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
+    process.standardInput = FileHandle(forReadingAtPath: "/dev/null")
     let output = Pipe()
     process.standardOutput = output
     process.standardError = output
@@ -207,6 +203,11 @@ func runApiary(_ arguments: [String]) throws -> (status: Int32, output: String) 
     let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
     process.waitUntilExit()
     return (process.terminationStatus, text)
+}
+
+/// `apiary ARGS` to its end: its exit status and what it printed (both streams).
+func runApiary(_ arguments: [String]) throws -> (status: Int32, output: String) {
+    try runTool(try apiaryExecutable(), arguments)
 }
 
 extension NodeProcessTestCase {

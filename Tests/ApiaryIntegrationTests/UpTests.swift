@@ -57,16 +57,7 @@ final class UpTests: XCTestCase {
         let user = try up.fact(#"user (demo-[0-9]+) "#), password = try up.fact(#"password ([^ \n]+)"#)
         let ca = up.directory + "/certs/ca.pem"
         func curl(_ arguments: [String]) throws -> String {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-            process.arguments = ["-sS", "--max-time", "30", "--cacert", ca, "-u", "\(user):\(password)"] + arguments
-            let output = Pipe()
-            process.standardOutput = output
-            process.standardError = output
-            try process.run()
-            let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            process.waitUntilExit()
-            return text
+            try runTool("/usr/bin/curl", ["-sS", "--max-time", "30", "--cacert", ca, "-u", "\(user):\(password)"] + arguments).output
         }
         let wrote = try curl(["-H", "Content-Type: application/json", "https://\(endpoint)/db/execute", "-d",
                               #"["CREATE TABLE IF NOT EXISTS hello (id INTEGER PRIMARY KEY, msg TEXT)", ["INSERT INTO hello(msg) VALUES(?)", "hello"]]"#])

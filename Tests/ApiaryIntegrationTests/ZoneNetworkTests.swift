@@ -30,14 +30,8 @@ final class ZoneNetworkTests: NodeProcessTestCase {
     }
 
     static func namespaces() throws -> [String] {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-        process.arguments = ["netns", "list"]
-        let output = Pipe()
-        process.standardOutput = output
-        try process.run()
-        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
+        let (status, text) = try runTool("/usr/sbin/ip", ["netns", "list"])
+        guard status == 0 else { throw ChaosError("ip netns list: \(text)") }
         return text.split(separator: "\n").compactMap { $0.split(separator: " ").first.map(String.init) }
     }
 
