@@ -39,6 +39,8 @@ public struct NodeConfiguration: Sendable {
     public var tenantsMax = 10_000
     /// Requests per second per tenant at this node (twice that at once); nil: no limit.
     public var tenantRate: Double?
+    /// Believe the operator a gateway vouches for (``APIServer/Limits/operatorsViaGateways``).
+    public var operatorsViaGateways = false
     /// The certificate and key (PEM) applications see on the API; the node's cluster
     /// certificate when nil.
     public var apiCertificatePath: String?
@@ -117,6 +119,7 @@ public enum NodeServer {
         let apiCertificate = try config.apiCertificatePath.map { try ServerCertificate(certificatePath: $0, keyPath: config.apiKeyPath ?? "") }
         var limits = APIServer.Limits()
         limits.tenantRate = config.tenantRate.map { RateLimiter.Config(perSecond: $0, burst: max(1, $0 * 2)) }
+        limits.operatorsViaGateways = config.operatorsViaGateways
         let server = try await APIServer.start(service: roles, accounts: roles, credentials: credentials, certificate: apiCertificate,
                                                host: config.apiHost, port: config.apiPort,
                                                group: group, logger: logger, limits: limits, identity: { [name = config.name] in (name, roles.epoch.rawValue) })
@@ -710,7 +713,9 @@ struct PrimarySQLService: SQLService {
     func promote() async throws -> [UInt8] { throw APIError(.badRequest, "this node is already the primary") }
 
     func statusJSON() async -> [UInt8] {
-        let status = NodeStatus(node: node.name, role: "primary", epoch: epoch.rawValue, tenants: await node.status().sorted { $0.tenant < $1.tenant })
+        var status = NodeStatus(node: node.name, role: "primary", epoch: epoch.rawValue, tenants: await node.status().sorted { $0.tenant < $1.tenant })
+        let undecided = node.undecidedDropNames
+        status.undecidedDrops = undecided.isEmpty ? nil : undecided
         return (try? JSONEncoder().encode(status)).map(Array.init) ?? []
     }
 
@@ -816,4 +821,6 @@ public struct NodeStatus: Codable, Sendable {
     public var epoch: UInt64
     public var tenants: [TenantStatus]
     public var error: String?
+    /// Tenants a drop of unknown outcome left closed: each serves nothing until dropped again.
+    public var undecidedDrops: [String]?
 }

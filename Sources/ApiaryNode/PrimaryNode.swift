@@ -256,6 +256,9 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
         tenantsLock.withLock { opening[id] == nil && !dropped.contains(id) ? tenants[id] : nil }
     }
 
+    /// Tenants closed by a drop of unknown outcome (``undecidedDrops``), for operators' status.
+    var undecidedDropNames: [String] { tenantsLock.withLock { undecidedDrops.map(\.rawValue).sorted() } }
+
     var allTenants: [PrimaryTenant] {
         tenantsLock.withLock { tenants.values.filter { opening[$0.id] == nil && !dropped.contains($0.id) } }
     }

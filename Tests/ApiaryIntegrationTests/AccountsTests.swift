@@ -244,6 +244,10 @@ final class AccountsTests: NodeProcessTestCase {
         }
         let other = try await send(.POST, "/db/execute", as: "alice", body: #"["CREATE TABLE t (x)"]"#)
         XCTAssertEqual(other.status, 200, "another tenant serves on: \(other.text)")
+        let status = try await accounts.request(.GET, "/status")
+        XCTAssertTrue(status.text.contains(#""undecidedDrops":["globex"]"#), "operators see the closed tenant: \(status.text)")
+        let again = try await accounts.request(.POST, "/admin/tenants", json: ["name": "globex"])
+        XCTAssertEqual(again.status, 409, "a tenant being dropped is not created again: \(again.text)")
 
         let dropped = try await accounts.request(.DELETE, "/admin/tenants/globex")
         XCTAssertEqual(dropped.status, 200, dropped.text)
@@ -252,6 +256,8 @@ final class AccountsTests: NodeProcessTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: directory + "/\(cluster.standby.name)/tenants/globex"))
         let gone = try await send(.GET, "/db/query?q=SELECT+1", as: "gina")
         XCTAssertEqual(gone.status, 401, "the dropped tenant's users are gone: \(gone.text)")
+        let after = try await accounts.request(.GET, "/status")
+        XCTAssertFalse(after.text.contains("undecidedDrops"), after.text)
     }
 
     /// A tenant dropped while its writes keep coming: each write is answered (applied before

@@ -48,6 +48,11 @@ final class GatewayTests: NodeProcessTestCase {
         XCTAssertEqual(created.header("X-Apiary-Epoch"), "1")
         XCTAssertEqual(created.header(ApiaryVersion.rqliteHeader), ApiaryVersion.rqliteHeaderValue)
         await setup.close()
+        // A node that does not believe gateways (the default) takes an operator's certificate
+        // only directly: through the gateway the operator is no one.
+        let operatorViaGateway = try await AccountsClient(certificatesDirectory: cluster.certificates, host: "127.0.0.1",
+                                                          port: cluster.gateways[0].apiPort).request(.GET, "/status")
+        XCTAssertEqual(operatorViaGateway.status, 403, operatorViaGateway.text)
 
         let keyed = GatewayWriter(), unkeyed = GatewayWriter()
         let writers = [Task { await self.write(keyed, withKeys: true) }, Task { await self.write(unkeyed, withKeys: false) }]
@@ -226,7 +231,8 @@ final class GatewayLimitsTests: NodeProcessTestCase {
     override func setUp() async throws {
         directory = NSTemporaryDirectory() + "apiary-gateway-limits-" + UUID().uuidString
         cluster = LocalCluster(directory: directory, executable: try apiaryExecutable(), basePort: freeBasePort(),
-                               primaryArguments: ["--tenant-rate", "0.01"], // one request, then one per 100 s
+                               primaryArguments: ["--tenant-rate", "0.01", // one request, then one per 100 s
+                                                  "--operators-via-gateways"],
                                monitorArguments: ["--tick-interval-ms", "20"], gateways: 1,
                                gatewayArguments: ["--client-rate", "5", "--client-connections-max", "3", "--http-listen", "127.0.0.1:0"])
         try cluster.startBoth()

@@ -24,13 +24,12 @@ final class RqliteWriteOptionsTests: XCTestCase {
             return ((object?["raft_index"] as? NSNumber)?.uint64Value, response.text)
         }
         let created = try await send(.POST, "/db/execute?raft_index", #"["CREATE TABLE t (v INTEGER)"]"#)
-        // rqlite's version header, on every answer (a refusal of the server's own too).
+        // rqlite's version header, on every answer, refusals too (the server's own malformed-HTTP
+        // answer carries it as well: GatewayBadInputTests, through the same server).
         let versioned = try await c.request(.GET, "/db/query?q=SELECT+1", headers: [("X-Apiary-Tenant", "acme")])
         XCTAssertEqual(versioned.header(ApiaryVersion.rqliteHeader), ApiaryVersion.rqliteHeaderValue)
-        let closing = try await api.connect() // the server closes a connection after a request line past its limit
-        defer { Task { await closing.close() } }
-        let refused = try await closing.request(.GET, "/db/query?q=" + String(repeating: "a", count: 2 << 20), headers: [("X-Apiary-Tenant", "acme")])
-        XCTAssertNotEqual(refused.status, 200)
+        let refused = try await c.request(.GET, "/no/such/endpoint", headers: [("X-Apiary-Tenant", "acme")])
+        XCTAssertEqual(refused.status, 404, refused.text)
         XCTAssertEqual(refused.header(ApiaryVersion.rqliteHeader), ApiaryVersion.rqliteHeaderValue, refused.text)
         let first = try XCTUnwrap(created.index, created.text)
         let inserted = try await send(.POST, "/db/execute?raft_index", #"["INSERT INTO t VALUES (1)", "INSERT INTO t VALUES (2)"]"#)

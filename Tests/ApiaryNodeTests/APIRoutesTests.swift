@@ -466,9 +466,11 @@ final class APIRoutesTests: XCTestCase {
             let other = PeerIdentity(role: role, name: "x")
             XCTAssertEqual(APIRoutes.peer(connection: other, headers: header), other, "\(role)")
         }
-        for bad in ["", String(repeating: "a", count: 65), "a b", "a\u{0}", "ops/../x"] {
+        for bad in ["", String(repeating: "a", count: 65), "a b", "a\u{0}", "ops/../x", ".", "..", "a@b"] {
             XCTAssertEqual(APIRoutes.peer(connection: gateway, headers: HTTPHeaders([("X-Apiary-Operator", bad)])), gateway, bad)
         }
+        let twice = HTTPHeaders([("X-Apiary-Operator", "alice-ops"), ("x-apiary-operator", "root")])
+        XCTAssertEqual(APIRoutes.peer(connection: gateway, headers: twice), gateway, "a header sent twice names no one")
     }
 
     func testStatusNeedsOperatorOrMonitor() async throws {

@@ -146,7 +146,10 @@ final class AccountStore: AccountService, @unchecked Sendable {
     func createTenant(_ tenant: TenantID) async throws {
         guard try await !isDropped(tenant) else { throw APIError(.conflict, "tenant \(tenant) was dropped; its name is not reused") }
         do {
-            _ = try await node.tenant(tenant, create: true)
+            // Nil only for a tenant being dropped on this node: it is not created, nor there.
+            guard try await node.tenant(tenant, create: true) != nil else {
+                throw APIError(.conflict, "tenant \(tenant) is being dropped; its name is not reused")
+            }
         } catch let error as StorageError {
             throw PrimarySQLService.apiError(error)
         } catch let rejected as CommitRejected {

@@ -616,18 +616,14 @@ struct APIRoutes: HTTPResponder {
     static let operatorHeader = "X-Apiary-Operator"
 
     /// Who a request comes from as certificates tell: the connection's own peer or, on a
-    /// gateway's connection, the operator it vouches for (``operatorHeader``). A name that is
-    /// not a certificate's name (1...64 of a-z, A-Z, 0-9, '.', '_', '@', '-') is not believed.
+    /// gateway's connection, the operator it vouches for (``operatorHeader``; only where the
+    /// node believes gateways: `apiary node --operators-via-gateways`). A name no certificate
+    /// could carry (``PeerIdentity/isValidName(_:)``), or a header sent twice, is not believed.
     static func peer(connection: PeerIdentity?, headers: HTTPHeaders) -> PeerIdentity? {
-        guard let connection, connection.role == .gateway, let name = headers.first(name: operatorHeader) else { return connection }
-        let allowed = (1...64).contains(name.utf8.count) && name.utf8.allSatisfy { byte in
-            switch byte {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
-                 UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "@"), UInt8(ascii: "-"): return true
-            default: return false
-            }
-        }
-        return allowed ? PeerIdentity(role: .operator, name: name) : connection
+        guard let connection, connection.role == .gateway else { return connection }
+        let names = headers[operatorHeader]
+        guard names.count == 1, let name = names.first, PeerIdentity.isValidName(name) else { return connection }
+        return PeerIdentity(role: .operator, name: name)
     }
 
     static func certificatePrincipal(_ request: APIRequest) throws -> Principal {

@@ -53,6 +53,10 @@ public final class APIServer: Sendable {
         public var refusalsMax = 64
         /// How long a refused connection may take to send its first request.
         public var refusalTimeoutMs: Int64 = 10_000
+        /// Whether the operator a gateway names in `X-Apiary-Operator` is believed
+        /// (``APIRoutes/peer(connection:headers:)``). Off by default: it lets whoever holds a
+        /// gateway's key, an internet-facing process's, act as any operator.
+        public var operatorsViaGateways = false
         public init() {}
     }
 
@@ -172,7 +176,8 @@ public final class APIServer: Sendable {
                         ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: APIServer.decoderLimits),
                                              maximumBufferSize: APIServer.decoderBufferBytesMax),
                         APIChannelHandler(routes: routes, logger: logger, timeouts: timeouts, pipelinedMax: limits.pipelinedRequestsMax,
-                                          heldForSlowReaders: heldForSlowReaders, memory: memory, headCharge: headCharge, answerHeaders: answerHeaders),
+                                          heldForSlowReaders: heldForSlowReaders, memory: memory, headCharge: headCharge, answerHeaders: answerHeaders,
+                                          operatorsViaGateways: limits.operatorsViaGateways),
                     ]
                     try channel.pipeline.syncOperations.addHandlers(handlers)
                 }
@@ -315,9 +320,12 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
     /// The client's certificate identity (operators, monitors), read at the first request.
     private var peer: ApiaryTLS.PeerIdentity?
     private var peerRead = false
+    /// ``APIServer/Limits/operatorsViaGateways``.
+    private let operatorsViaGateways: Bool
 
     init(routes: any HTTPResponder, logger: Logger, timeouts: ConnectionTimeouts, pipelinedMax: Int, heldForSlowReaders: LockedValue<Int>,
-         memory: MemoryBudget, headCharge: RequestHeadCharge, answerHeaders: [(String, String)] = []) {
+         memory: MemoryBudget, headCharge: RequestHeadCharge, answerHeaders: [(String, String)] = [], operatorsViaGateways: Bool = false) {
+        self.operatorsViaGateways = operatorsViaGateways
         self.answerHeaders = answerHeaders
         self.memory = memory
         self.headCharge = headCharge
@@ -453,7 +461,7 @@ final class APIChannelHandler: ChannelDuplexHandler, @unchecked Sendable {
                 peer = ClusterCredentials.identity(of: certificate)
             }
         }
-        request.peer = APIRoutes.peer(connection: peer, headers: request.headers)
+        request.peer = operatorsViaGateways ? APIRoutes.peer(connection: peer, headers: request.headers) : peer
         request.clientAddress = context.channel.remoteAddress?.ipAddress
         request.eventLoop = context.eventLoop
         let loop = context.eventLoop

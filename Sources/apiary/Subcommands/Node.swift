@@ -40,6 +40,7 @@ struct Node: AsyncParsableCommand {
     @Option(help: "Standby: how much longer than its last granted lease it waits before a promotion (clock-rate drift between the nodes).") var leaseDriftMarginMs: Int64 = 100
     @Option(help: "Primary: tenants this node may hold; creating more is refused (507).") var tenantsMax = 10_000
     @Option(help: "Requests per second one tenant may send to this node (twice that at once); past it: 429 with Retry-After, not executed. Default: no limit.") var tenantRate: Double?
+    @Flag(help: "Believe the operator a gateway names (X-Apiary-Operator): operators' certificates then work through the gateways. Off by default: whoever holds a gateway's key could act as any operator.") var operatorsViaGateways = false
     @Option(help: "The certificate (PEM, leaf first) applications see on the API, e.g. from a public CA; default: the node's cluster certificate.") var apiCertificate: String?
     @Option(help: "The private key (PEM) of --api-certificate.") var apiKey: String?
     @Option(help: "Replication log segment size.") var logSegmentBytesMax = 64 << 20
@@ -98,6 +99,7 @@ struct Node: AsyncParsableCommand {
         config.replication.leaseDriftMarginMs = leaseDriftMarginMs
         config.tenantsMax = tenantsMax
         config.tenantRate = tenantRate
+        config.operatorsViaGateways = operatorsViaGateways
         config.apiCertificatePath = apiCertificate
         config.apiKeyPath = apiKey
         config.log.segmentBytesMax = logSegmentBytesMax
