@@ -101,4 +101,55 @@ final class GatewayGarbageNodeTests: XCTestCase {
         XCTAssertFalse(read.outcomeUnknown)
         XCTAssertTrue(String(decoding: read.body, as: UTF8.self).contains("not_executed"))
     }
+
+    /// Counts what reaches it after a handshake: a request the gateway should never send.
+    final class Impostor: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        let received = LockedValue(0)
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            received.withLock { $0 += unwrapInboundIn(data).readableBytes }
+        }
+    }
+
+    /// A node's address answered by a server whose certificate is of another CA (an impostor,
+    /// or a node of another cluster): the handshake fails, no byte of any request reaches it,
+    /// and the client hears "not executed", never "outcome unknown" or the impostor's words.
+    func testANodeWithACertificateOfAnotherCAIsNeverSentARequest() async throws {
+        let directory = NSTemporaryDirectory() + "apiary-impostor-" + UUID().uuidString
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let ca = try CertificateAuthority.create(in: directory + "/cluster")
+        try ca.issue(PeerIdentity(role: .gateway, name: "gateway"), into: directory + "/cluster")
+        let other = try CertificateAuthority.create(in: directory + "/other")
+        try other.issue(PeerIdentity(role: .node, name: "node-a"), into: directory + "/other") // the right name, the wrong CA
+        let serverTLS = try NIOSSLContext(configuration: ClusterCredentials(directory: directory + "/other", name: "node-a").clusterServer())
+        let impostor = Impostor()
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: serverTLS))
+                    try channel.pipeline.syncOperations.addHandler(impostor)
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { server.close(promise: nil) }
+        let port = try XCTUnwrap(server.localAddress?.port)
+
+        var config = GatewayConfig()
+        config.holdMs = 300
+        var core = GatewayCore(config: config)
+        core.onTopology(GatewayTopology(version: 1, epoch: Epoch(1), writer: "node-a", writerReady: true))
+        let pool = try NodePool(node: "node-a", host: "127.0.0.1", port: port,
+                                tls: try ClusterCredentials(directory: directory + "/cluster", name: "gateway").clusterClient(),
+                                group: MultiThreadedEventLoopGroup.singleton)
+        let forwarder = GatewayForwarder(name: "gateway-test", state: GatewayState(core: core), pools: ["node-a": pool], bodyBytesMax: 1 << 20,
+                                         limits: RequestLimits(perAddress: .init(perSecond: 1_000, burst: 1_000)), logger: Logger(label: "test"))
+        let write = await withCheckedContinuation { continuation in
+            forwarder.respond(to: APIRequest(method: .POST, uri: "/db/execute", headers: ["Authorization": "Basic YTpi"],
+                                             body: Array(#"["INSERT INTO t VALUES (1)"]"#.utf8))) { make in continuation.resume(returning: make()) }
+        }
+        XCTAssertEqual(write.status, .serviceUnavailable, String(decoding: write.body, as: UTF8.self))
+        XCTAssertFalse(write.outcomeUnknown, "never sent: nothing can have run")
+        XCTAssertTrue(String(decoding: write.body, as: UTF8.self).contains("not_executed"))
+        XCTAssertEqual(impostor.received.withLock { $0 }, 0, "no byte of the request (nor the credentials) reached the impostor")
+    }
 }

@@ -3,6 +3,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
+import NIOTLS
 
 /// A minimal HTTPS/1.1 client connection with keep-alive, for `apiary ctl`, `apiary bench`
 /// and tests. Requests on one connection go one at a time. Hand-written on NIOHTTP1 rather
@@ -39,6 +40,13 @@ public final class HTTPSConnection: @unchecked Sendable {
 
     /// Connects on a loop of `group` (on that loop itself when `group` is one), with a TLS
     /// context made once by the caller: making one loads certificates and keys from disk.
+    ///
+    /// Completes once the TLS handshake has: a server that fails it (a certificate of another
+    /// CA, an impostor) fails the connect, so that no request is ever counted as sent to it.
+    /// (Before, the connection came back after TCP's connect; a request written then waited
+    /// in the TLS handler and failed with the handshake, and the gateway took that for "sent,
+    /// no answer": a false "outcome unknown" for a request no server ever saw.) `timeoutMs`
+    /// bounds the handshake too.
     static func connect(host: String, port: Int, context: NIOSSLContext, group: any EventLoopGroup, timeoutMs: Int64,
                         localAddress: String? = nil) -> EventLoopFuture<HTTPSConnection> {
         let collector = ResponseCollector()
@@ -55,11 +63,27 @@ public final class HTTPSConnection: @unchecked Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     let sni = ClusterTransport.hostnameForSNI(host)
                     try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: sni))
+                    try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(promise: channel.eventLoop.makePromise()))
                     try channel.pipeline.syncOperations.addHTTPClientHandlers()
                     try channel.pipeline.syncOperations.addHandler(collector)
                 }
             }
             .connect(host: host, port: port)
+            .flatMap { channel in
+                guard let waiter = try? channel.pipeline.syncOperations.handler(type: HandshakeWaiter.self) else {
+                    // The waiter left: the handshake is done, or the connection is (its handlers gone).
+                    return channel.isActive ? channel.eventLoop.makeSucceededFuture(channel) : channel.eventLoop.makeFailedFuture(HTTPSConnectionClosed())
+                }
+                let timeout = channel.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) {
+                    waiter.end(.failure(HTTPSHandshakeTimedOut()))
+                    channel.close(promise: nil)
+                }
+                return waiter.promise.futureResult.map { channel }.always { _ in timeout.cancel() }
+                    .flatMapErrorWithEventLoop { error, loop in
+                        channel.close(promise: nil)
+                        return loop.makeFailedFuture(error)
+                    }
+            }
             .map { HTTPSConnection(channel: $0, host: host, handler: collector) }
     }
 
@@ -125,6 +149,50 @@ public final class HTTPSConnection: @unchecked Sendable {
             channel.close(promise: nil)
         }
     }
+}
+
+/// Completes its promise when the TLS handshake completes (then leaves the pipeline), or fails
+/// it with whatever ended the connection first. On the channel's event loop only.
+final class HandshakeWaiter: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
+    typealias InboundIn = NIOAny
+    let promise: EventLoopPromise<Void>
+    private var ended = false
+
+    init(promise: EventLoopPromise<Void>) { self.promise = promise }
+
+    func end(_ result: Result<Void, any Error>) {
+        guard !ended else { return }
+        ended = true
+        promise.completeWith(result)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event {
+            end(.success(()))
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        end(.failure(error))
+        context.fireErrorCaught(error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        end(.failure(HTTPSConnectionClosed()))
+        context.fireChannelInactive()
+    }
+
+    /// Also when the connection never came up (refused, timed out): the promise is kept.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        end(.failure(HTTPSConnectionClosed()))
+    }
+}
+
+/// The server did not complete the TLS handshake in time.
+public struct HTTPSHandshakeTimedOut: Error, CustomStringConvertible {
+    public var description: String { "the TLS handshake did not complete in time" }
 }
 
 /// Matches responses to requests in order; fails every waiting request when the connection dies.
