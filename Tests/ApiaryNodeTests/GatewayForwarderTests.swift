@@ -151,5 +151,42 @@ final class GatewayGarbageNodeTests: XCTestCase {
         XCTAssertFalse(write.outcomeUnknown, "never sent: nothing can have run")
         XCTAssertTrue(String(decoding: write.body, as: UTF8.self).contains("not_executed"))
         XCTAssertEqual(impostor.received.withLock { $0 }, 0, "no byte of the request (nor the credentials) reached the impostor")
+        XCTAssertTrue(write.headers.contains { $0.0 == "Retry-After" && $0.1 == "1" }, "\(write.headers)")
+    }
+
+    /// A monitor impostor (another CA's certificate) at the monitor's address: the topology
+    /// watch never completes a handshake with it, so nothing it could say is adopted and no
+    /// request is ever written to it; the watch keeps trying.
+    func testAMonitorWithACertificateOfAnotherCATeachesTheGatewayNothing() async throws {
+        let directory = NSTemporaryDirectory() + "apiary-impostor-monitor-" + UUID().uuidString
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let ca = try CertificateAuthority.create(in: directory + "/cluster")
+        try ca.issue(PeerIdentity(role: .gateway, name: "gateway"), into: directory + "/cluster")
+        let other = try CertificateAuthority.create(in: directory + "/other")
+        try other.issue(PeerIdentity(role: .monitor, name: "monitor"), into: directory + "/other")
+        let serverTLS = try NIOSSLContext(configuration: ClusterCredentials(directory: directory + "/other", name: "monitor").clusterServer())
+        let impostor = Impostor()
+        let tries = expectation(description: "the watch connected twice: it tried, failed, and tried again")
+        tries.expectedFulfillmentCount = 2
+        tries.assertForOverFulfill = false
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                tries.fulfill()
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: serverTLS))
+                    try channel.pipeline.syncOperations.addHandler(impostor)
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { server.close(promise: nil) }
+        let state = GatewayState(core: GatewayCore(config: GatewayConfig()))
+        let watch = TopologyWatch(host: "127.0.0.1", port: try XCTUnwrap(server.localAddress?.port),
+                                  tls: try ClusterCredentials(directory: directory + "/cluster", name: "gateway").clusterClient(),
+                                  group: MultiThreadedEventLoopGroup.singleton, state: state, logger: Logger(label: "test"))
+        watch.start()
+        defer { watch.stop() }
+        await fulfillment(of: [tries], timeout: 60)
+        XCTAssertEqual(state.with { $0.topology }, .unknown, "nothing adopted from a monitor the gateway cannot verify")
+        XCTAssertEqual(impostor.received.withLock { $0 }, 0, "no request written to it")
     }
 }
