@@ -51,8 +51,9 @@ final class UpTests: XCTestCase {
         return Up(process: process, pipe: pipe, directory: directory, output: output)
     }
 
-    /// The banner's curl commands, run as printed: a write and a read through the endpoint.
-    func writeAndReadThroughTheEndpoint(_ up: Up) throws {
+    /// The banner's curl commands, run as printed: a write and a read through the endpoint
+    /// (the `expectingRows`-th write of the table).
+    func writeAndReadThroughTheEndpoint(_ up: Up, expectingRows rows: Int = 1) throws {
         let endpoint = try up.fact(#"endpoint +https://([^ ]+)"#)
         let user = try up.fact(#"user (demo-[0-9]+) "#), password = try up.fact(#"password ([^ \n]+)"#)
         let ca = up.directory + "/certs/ca.pem"
@@ -61,9 +62,9 @@ final class UpTests: XCTestCase {
         }
         let wrote = try curl(["-H", "Content-Type: application/json", "https://\(endpoint)/db/execute", "-d",
                               #"["CREATE TABLE IF NOT EXISTS hello (id INTEGER PRIMARY KEY, msg TEXT)", ["INSERT INTO hello(msg) VALUES(?)", "hello"]]"#])
-        XCTAssertTrue(wrote.contains("\"last_insert_id\":1"), wrote)
-        let read = try curl(["-G", "https://\(endpoint)/db/query", "--data-urlencode", "q=SELECT * FROM hello"])
-        XCTAssertTrue(read.contains(#"[[1,"hello"]]"#), read)
+        XCTAssertTrue(wrote.contains("\"last_insert_id\":\(rows)"), wrote)
+        let read = try curl(["-G", "https://\(endpoint)/db/query", "--data-urlencode", "q=SELECT count(*) FROM hello"])
+        XCTAssertTrue(read.contains("[[\(rows)]]"), read)
     }
 
     func testUpOnLoopbackServesTheEndpointItPrintsAndStopsOnCtrlC() throws {
@@ -72,6 +73,33 @@ final class UpTests: XCTestCase {
         XCTAssertTrue(up.output.contains("endpoint        https://localhost:"), up.output)
         XCTAssertTrue(up.output.contains("the zone's processes are paused, then resumed"), up.output)
         try writeAndReadThroughTheEndpoint(up)
+
+        // A newcomer kills the primary to see a failover: `up` starts it again, as systemd
+        // would, and it rejoins; the drill's description names the new process.
+        let before = try ClusterDescription.load(up.directory + "/cluster.json")
+        let killed = try XCTUnwrap(before.members.first { $0.name == "node-a" }?.pid)
+        kill(killed, SIGKILL)
+        let watchdog = DispatchWorkItem { kill(up.process.processIdentifier, SIGKILL) } // a bound, not a wait
+        DispatchQueue.global().asyncAfter(deadline: .now() + 120, execute: watchdog)
+        let more = ChaosCleanupTests.read(up.pipe, until: "node-a is running again")
+        watchdog.cancel()
+        XCTAssertTrue(more.contains("node-a exited by itself; starting it again"), more)
+        XCTAssertTrue(more.contains("node-a is running again"), more)
+        let after = try ClusterDescription.load(up.directory + "/cluster.json")
+        let restarted = try XCTUnwrap(after.members.first { $0.name == "node-a" }?.pid)
+        XCTAssertNotEqual(restarted, killed)
+        XCTAssertEqual(kill(restarted, 0), 0, "node-a runs again")
+        // Both nodes serve the same data once it has rejoined.
+        let monitor = try up.fact(#"ctl status --monitor ([^ ]+) "#)
+        let rejoined = #"node-a +[ab] +secondary +secondary +yes"#
+        var status = "", asked = 0
+        // Asked again until it says so; bounded by a count of asks, each a command's round trip.
+        while status.range(of: rejoined, options: .regularExpression) == nil, asked < 1_000 {
+            status = try runApiary(["ctl", "status", "--monitor", monitor, "--certs", up.directory + "/certs"]).output
+            asked += 1
+        }
+        XCTAssertNotNil(status.range(of: rejoined, options: .regularExpression), "node-a rejoined as a promotable standby: \(status)")
+        try writeAndReadThroughTheEndpoint(up, expectingRows: 2)
         XCTAssertEqual(up.interrupt(), 0)
         XCTAssertFalse(try ChaosCleanupTests.processes().contains { $0.contains(up.directory + "/") }, "no process of the cluster is left")
     }

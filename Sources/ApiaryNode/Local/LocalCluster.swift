@@ -49,6 +49,12 @@ public final class LocalCluster: @unchecked Sendable {
     private var processes: [String: Process] = [:]
     /// What each node printed (stdout and stderr), kept for ``waitForOutput(of:containing:timeoutSeconds:)``.
     private var outputs: [String: NodeOutput] = [:]
+    /// Set by ``stopAll()``: from then on no end of a process is unexpected.
+    private var stopping = false
+    /// Called, on a thread of its own, when a process ends that was not stopped through this
+    /// cluster (it crashed, or was killed from outside): `apiary up` starts it again, as
+    /// systemd's `Restart=on-failure` does on a real cluster. Set before the processes start.
+    public var onUnexpectedExit: (@Sendable (NodeSpec) -> Void)?
     private let lock = NSLock()
 
     /// - Parameters:
@@ -172,7 +178,11 @@ public final class LocalCluster: @unchecked Sendable {
         let ended: DispatchSemaphore
     }
 
+    /// Whether ``stopAll()`` has begun: nothing is started any more.
+    public var isStopping: Bool { lock.withLock { stopping } }
+
     private func launch(_ spec: NodeSpec) throws -> Launched {
+        guard !isStopping else { throw NodeError("the cluster is stopping: \(spec.name) is not started") }
         let process = Process()
         if let namespace = spec.namespace {
             // `ip netns exec` execs the node in place: the pid is the node's, signals reach it.
@@ -219,6 +229,13 @@ public final class LocalCluster: @unchecked Sendable {
             watched.end()
             if signalled.setOnce() { readyOrEnded.signal() }
             ended.signal()
+            // Still this spec's process, and no one stopping it: it ended by itself.
+            let unexpected = self.lock.withLock { !self.stopping && self.processes[spec.name] === process }
+            if unexpected, let onUnexpectedExit = self.onUnexpectedExit {
+                self.lock.withLock { if self.processes[spec.name] === process { self.processes[spec.name] = nil } }
+                process.waitUntilExit() // reaped before anyone starts it again
+                onUnexpectedExit(spec)
+            }
         }
         reader.name = "apiary-node-output-\(spec.name)"
         try process.run()
@@ -271,7 +288,10 @@ public final class LocalCluster: @unchecked Sendable {
 
     /// Stops every node (SIGTERM, then SIGKILL after a grace period).
     public func stopAll() {
-        let all = lock.withLock { processes.map { ($0.value, outputs[$0.key]) } }
+        let all = lock.withLock {
+            stopping = true
+            return processes.map { ($0.value, outputs[$0.key]) }
+        }
         for (p, _) in all where p.isRunning { Glibc.kill(p.processIdentifier, SIGTERM) }
         let deadline = Date().addingTimeInterval(5)
         for (p, output) in all {

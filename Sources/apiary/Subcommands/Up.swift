@@ -28,6 +28,18 @@ struct Up: AsyncParsableCommand {
                                    zones: network?.placement)
         // Before the network goes (defers run last first), whatever ended the run.
         defer { cluster.stopAll() }
+        // A process that dies (a crash, a `kill -9` to see a failover) is started again, as
+        // systemd does on a real cluster (deploy/: Restart=on-failure): a killed primary comes
+        // back and rejoins as the standby, and the demo keeps two nodes.
+        let descriptionPath = directory + "/cluster.json"
+        cluster.onUnexpectedExit = { spec in
+            Self.startAgain(spec, in: cluster) {
+                // The drill finds processes by the pids there.
+                if FileManager.default.fileExists(atPath: descriptionPath) {
+                    try? cluster.describe(name: "local (\(directory))").write(to: descriptionPath)
+                }
+            }
+        }
         try cluster.startBoth()
         let ca = cluster.certificates + "/ca.pem"
         let primary = cluster.primary.apiAddress, standby = cluster.standby.apiAddress, monitor = cluster.monitor!.apiAddress
@@ -41,7 +53,6 @@ struct Up: AsyncParsableCommand {
         // A tenant and its first user, made as the cluster operator (a new password each run).
         // For operators' tools on this cluster (`apiary drill zone-loss`): where everything
         // listens, which process is in which zone. Removed when the cluster stops.
-        let descriptionPath = directory + "/cluster.json"
         try cluster.describe(name: "local (\(directory))").write(to: descriptionPath)
         defer { try? FileManager.default.removeItem(atPath: descriptionPath) }
         let accounts = try AccountsClient(certificatesDirectory: cluster.certificates, host: writerSpec.host, port: writerSpec.apiPort)
@@ -111,6 +122,29 @@ struct Up: AsyncParsableCommand {
 }
 
 extension Up {
+    /// Starts `spec` again after it ended by itself: after 1 s (systemd's RestartSec=1 in
+    /// deploy/), then, while it cannot start, after twice as long each time, at most 30 s.
+    /// Stops trying once the cluster stops. `started` runs before "running again" is printed.
+    static func startAgain(_ spec: LocalCluster.NodeSpec, in cluster: LocalCluster, then started: () -> Void) {
+        var delaySeconds = 1.0
+        while !cluster.isStopping {
+            print("\(spec.name) exited by itself; starting it again in \(Int(delaySeconds)) s, as systemd would (its log: \(cluster.directory)/logs/\(spec.name).log)")
+            fflush(stdout)
+            Thread.sleep(forTimeInterval: delaySeconds) // a backoff, as systemd's: nothing waits on it
+            do {
+                try cluster.start(spec)
+                started()
+                print("\(spec.name) is running again")
+                fflush(stdout)
+                return
+            } catch {
+                if cluster.isStopping { return }
+                print("\(spec.name) did not start: \(error)")
+                delaySeconds = min(delaySeconds * 2, 30)
+            }
+        }
+    }
+
     /// The node the monitor names as the writer, once it takes writes (bounded wait).
     static func writer(monitor: Address, certificates: String) async throws -> String {
         let credentials = try ClusterCredentials(directory: certificates, name: "operator")
