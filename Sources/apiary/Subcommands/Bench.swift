@@ -27,7 +27,7 @@ struct Inserts: AsyncParsableCommand {
     @Option(help: "Working directory (removed afterwards unless --keep).") var dir: String?
     @Flag(help: "Keep the working directory.") var keep = false
     @Option(help: "API base port for the benchmark clusters.") var basePort = 24001
-    @Option(help: "Event loop threads driving the clients (pgbench in bench/ uses up to 2).") var clientThreads = 1
+    @Option(help: "Event loop threads driving the clients: 2 by default, as bench/'s pgbench runs (-j min(clients, 2)); one thread made the load generator the bottleneck at 8 clients (docs/benchmarks.md).") var clientThreads = 2
     @Option(help: "inserts (one INSERT per request) or reads (one SELECT by primary key per request, level weak).") var workload = "inserts"
     @Option(help: "Give the gateway this CPU of its own, and every other process of the run (nodes, monitor, load) the other CPUs: a gateway tier on hosts of its own, on a machine with few cores.") var gatewayCPU: Int?
     @Option(help: "The gateway's event loop threads (apiary gateway --event-loops).") var gatewayEventLoops: Int?
