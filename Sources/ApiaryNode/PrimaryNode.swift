@@ -307,8 +307,8 @@ final class PrimaryNode: @unchecked Sendable, ConnectionEvents, CommitSink {
                 // Opened again only when the drop surely never committed anywhere: after an
                 // unknown outcome (now or in an earlier try) the standby may hold it, and a
                 // promoted standby deletes the tenant with whatever it took meanwhile.
-                let unknown = (error as? APIError)?.kind == .outcomeUnknown
-                if unknown || { if case .undecided = found { true } else { false } }() {
+                let wasUndecided = if case .undecided = found { true } else { false }
+                if wasUndecided || (error as? APIError)?.kind == .outcomeUnknown {
                     tenantsLock.withLock { _ = undecidedDrops.insert(id) }
                     logger.warning("tenant drop of unknown outcome: the tenant serves nothing until it is dropped again",
                                    metadata: ["tenant": "\(id)"])

@@ -23,6 +23,15 @@ final class UpTests: XCTestCase {
             return String(output[range])
         }
 
+        /// What it prints next, up to `text`. The test waits on the line itself; the deadline
+        /// only bounds a broken `up`, which is then killed, ending its output and the read.
+        func read(until text: String, boundSeconds: Int = 180) -> String {
+            let watchdog = DispatchWorkItem { [pid = process.processIdentifier] in kill(pid, SIGKILL) }
+            DispatchQueue.global().asyncAfter(deadline: .now() + .seconds(boundSeconds), execute: watchdog)
+            defer { watchdog.cancel() }
+            return ChaosCleanupTests.read(pipe, until: text)
+        }
+
         /// Ctrl-C, and its exit status once every process stopped.
         func interrupt() -> Int32 {
             kill(process.processIdentifier, SIGINT)
@@ -42,13 +51,9 @@ final class UpTests: XCTestCase {
         process.standardOutput = pipe
         process.standardError = pipe
         try process.run()
-        // A bound, not a wait: an `up` that never prints its banner is killed, which ends its
-        // output and the read (the test waits on the banner itself).
-        let watchdog = DispatchWorkItem { kill(process.processIdentifier, SIGKILL) }
-        DispatchQueue.global().asyncAfter(deadline: .now() + 180, execute: watchdog)
-        let output = ChaosCleanupTests.read(pipe, until: "Press Ctrl-C to stop the cluster.")
-        watchdog.cancel()
-        return Up(process: process, pipe: pipe, directory: directory, output: output)
+        var up = Up(process: process, pipe: pipe, directory: directory, output: "")
+        up.output = up.read(until: "Press Ctrl-C to stop the cluster.")
+        return up
     }
 
     /// The banner's curl commands, run as printed: a write and a read through the endpoint
@@ -63,8 +68,8 @@ final class UpTests: XCTestCase {
         let wrote = try curl(["-H", "Content-Type: application/json", "https://\(endpoint)/db/execute", "-d",
                               #"["CREATE TABLE IF NOT EXISTS hello (id INTEGER PRIMARY KEY, msg TEXT)", ["INSERT INTO hello(msg) VALUES(?)", "hello"]]"#])
         XCTAssertTrue(wrote.contains("\"last_insert_id\":\(rows)"), wrote)
-        let read = try curl(["-G", "https://\(endpoint)/db/query", "--data-urlencode", "q=SELECT count(*) FROM hello"])
-        XCTAssertTrue(read.contains("[[\(rows)]]"), read)
+        let read = try curl(["-G", "https://\(endpoint)/db/query", "--data-urlencode", "q=SELECT count(*), max(msg) FROM hello"])
+        XCTAssertTrue(read.contains(#"[[\#(rows),"hello"]]"#), read)
     }
 
     func testUpOnLoopbackServesTheEndpointItPrintsAndStopsOnCtrlC() throws {
@@ -79,10 +84,7 @@ final class UpTests: XCTestCase {
         let before = try ClusterDescription.load(up.directory + "/cluster.json")
         let killed = try XCTUnwrap(before.members.first { $0.name == "node-a" }?.pid)
         kill(killed, SIGKILL)
-        let watchdog = DispatchWorkItem { kill(up.process.processIdentifier, SIGKILL) } // a bound, not a wait
-        DispatchQueue.global().asyncAfter(deadline: .now() + 120, execute: watchdog)
-        let more = ChaosCleanupTests.read(up.pipe, until: "node-a is running again")
-        watchdog.cancel()
+        let more = up.read(until: "node-a is running again")
         XCTAssertTrue(more.contains("node-a exited by itself; starting it again"), more)
         XCTAssertTrue(more.contains("node-a is running again"), more)
         let after = try ClusterDescription.load(up.directory + "/cluster.json")

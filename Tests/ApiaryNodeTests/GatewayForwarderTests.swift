@@ -59,35 +59,45 @@ final class GatewayGarbageNodeTests: XCTestCase {
         }
     }
 
+    /// A TLS server on loopback with `credentials`, each connection ending in `handler()`.
+    static func tlsServer(credentials: ClusterCredentials, _ handler: @escaping @Sendable () -> any ChannelHandler) async throws -> any Channel {
+        let serverTLS = try NIOSSLContext(configuration: credentials.clusterServer())
+        return try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: serverTLS))
+                    try channel.pipeline.syncOperations.addHandler(handler())
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+    }
+
+    /// A gateway's forwarding whose topology names node-a, at `port`, the ready writer.
+    static func forwarder(toNodeAt port: Int, holdMs: Int64, credentials: ClusterCredentials) throws -> GatewayForwarder {
+        var config = GatewayConfig()
+        config.holdMs = holdMs
+        var core = GatewayCore(config: config)
+        core.onTopology(GatewayTopology(version: 1, epoch: Epoch(1), writer: "node-a", writerReady: true))
+        let pool = try NodePool(node: "node-a", host: "127.0.0.1", port: port, tls: credentials.clusterClient(), group: MultiThreadedEventLoopGroup.singleton)
+        return GatewayForwarder(name: "gateway-test", state: GatewayState(core: core), pools: ["node-a": pool], bodyBytesMax: 1 << 20,
+                                limits: RequestLimits(perAddress: .init(perSecond: 1_000, burst: 1_000)), logger: Logger(label: "test"))
+    }
+
+    static func answer(_ request: APIRequest, by forwarder: GatewayForwarder) async -> APIResponse {
+        await withCheckedContinuation { continuation in forwarder.respond(to: request) { make in continuation.resume(returning: make()) } }
+    }
+
     func testANodeAnsweringGarbageIsNoAnswerAndTheGatewayGoesOn() async throws {
         let directory = NSTemporaryDirectory() + "apiary-garbage-" + UUID().uuidString
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let ca = try CertificateAuthority.create(in: directory)
         try ca.issue(PeerIdentity(role: .node, name: "node-a"), into: directory)
         try ca.issue(PeerIdentity(role: .gateway, name: "gateway"), into: directory)
-        let serverTLS = try NIOSSLContext(configuration: ClusterCredentials(directory: directory, name: "node-a").clusterServer())
-        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: serverTLS))
-                    try channel.pipeline.syncOperations.addHandler(Garbage())
-                }
-            }
-            .bind(host: "127.0.0.1", port: 0).get()
+        let server = try await Self.tlsServer(credentials: ClusterCredentials(directory: directory, name: "node-a")) { Garbage() }
         defer { server.close(promise: nil) }
-        let port = try XCTUnwrap(server.localAddress?.port)
-
-        var config = GatewayConfig()
-        config.holdMs = 500
-        var core = GatewayCore(config: config)
-        core.onTopology(GatewayTopology(version: 1, epoch: Epoch(1), writer: "node-a", writerReady: true))
-        let pool = try NodePool(node: "node-a", host: "127.0.0.1", port: port,
-                            tls: try ClusterCredentials(directory: directory, name: "gateway").clusterClient(), group: MultiThreadedEventLoopGroup.singleton)
-        let forwarder = GatewayForwarder(name: "gateway-test", state: GatewayState(core: core), pools: ["node-a": pool], bodyBytesMax: 1 << 20,
-                                         limits: RequestLimits(perAddress: .init(perSecond: 1_000, burst: 1_000)), logger: Logger(label: "test"))
-        func answer(_ request: APIRequest) async -> APIResponse {
-            await withCheckedContinuation { continuation in forwarder.respond(to: request) { make in continuation.resume(returning: make()) } }
-        }
+        let forwarder = try Self.forwarder(toNodeAt: try XCTUnwrap(server.localAddress?.port), holdMs: 500,
+                                           credentials: ClusterCredentials(directory: directory, name: "gateway"))
+        func answer(_ request: APIRequest) async -> APIResponse { await Self.answer(request, by: forwarder) }
 
         // A write without a key reached the node and got no answer: its outcome is unknown.
         let write = await answer(APIRequest(method: .POST, uri: "/db/execute", headers: ["Authorization": "Basic YTpi"], body: Array(#"["INSERT INTO t VALUES (1)"]"#.utf8)))
@@ -121,32 +131,13 @@ final class GatewayGarbageNodeTests: XCTestCase {
         try ca.issue(PeerIdentity(role: .gateway, name: "gateway"), into: directory + "/cluster")
         let other = try CertificateAuthority.create(in: directory + "/other")
         try other.issue(PeerIdentity(role: .node, name: "node-a"), into: directory + "/other") // the right name, the wrong CA
-        let serverTLS = try NIOSSLContext(configuration: ClusterCredentials(directory: directory + "/other", name: "node-a").clusterServer())
         let impostor = Impostor()
-        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: serverTLS))
-                    try channel.pipeline.syncOperations.addHandler(impostor)
-                }
-            }
-            .bind(host: "127.0.0.1", port: 0).get()
+        let server = try await Self.tlsServer(credentials: ClusterCredentials(directory: directory + "/other", name: "node-a")) { impostor }
         defer { server.close(promise: nil) }
-        let port = try XCTUnwrap(server.localAddress?.port)
-
-        var config = GatewayConfig()
-        config.holdMs = 300
-        var core = GatewayCore(config: config)
-        core.onTopology(GatewayTopology(version: 1, epoch: Epoch(1), writer: "node-a", writerReady: true))
-        let pool = try NodePool(node: "node-a", host: "127.0.0.1", port: port,
-                                tls: try ClusterCredentials(directory: directory + "/cluster", name: "gateway").clusterClient(),
-                                group: MultiThreadedEventLoopGroup.singleton)
-        let forwarder = GatewayForwarder(name: "gateway-test", state: GatewayState(core: core), pools: ["node-a": pool], bodyBytesMax: 1 << 20,
-                                         limits: RequestLimits(perAddress: .init(perSecond: 1_000, burst: 1_000)), logger: Logger(label: "test"))
-        let write = await withCheckedContinuation { continuation in
-            forwarder.respond(to: APIRequest(method: .POST, uri: "/db/execute", headers: ["Authorization": "Basic YTpi"],
-                                             body: Array(#"["INSERT INTO t VALUES (1)"]"#.utf8))) { make in continuation.resume(returning: make()) }
-        }
+        let forwarder = try Self.forwarder(toNodeAt: try XCTUnwrap(server.localAddress?.port), holdMs: 300,
+                                           credentials: ClusterCredentials(directory: directory + "/cluster", name: "gateway"))
+        let write = await Self.answer(APIRequest(method: .POST, uri: "/db/execute", headers: ["Authorization": "Basic YTpi"],
+                                                 body: Array(#"["INSERT INTO t VALUES (1)"]"#.utf8)), by: forwarder)
         XCTAssertEqual(write.status, .serviceUnavailable, String(decoding: write.body, as: UTF8.self))
         XCTAssertFalse(write.outcomeUnknown, "never sent: nothing can have run")
         XCTAssertTrue(String(decoding: write.body, as: UTF8.self).contains("not_executed"))
@@ -164,20 +155,14 @@ final class GatewayGarbageNodeTests: XCTestCase {
         try ca.issue(PeerIdentity(role: .gateway, name: "gateway"), into: directory + "/cluster")
         let other = try CertificateAuthority.create(in: directory + "/other")
         try other.issue(PeerIdentity(role: .monitor, name: "monitor"), into: directory + "/other")
-        let serverTLS = try NIOSSLContext(configuration: ClusterCredentials(directory: directory + "/other", name: "monitor").clusterServer())
         let impostor = Impostor()
         let tries = expectation(description: "the watch connected twice: it tried, failed, and tried again")
         tries.expectedFulfillmentCount = 2
         tries.assertForOverFulfill = false
-        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .childChannelInitializer { channel in
-                tries.fulfill()
-                return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: serverTLS))
-                    try channel.pipeline.syncOperations.addHandler(impostor)
-                }
-            }
-            .bind(host: "127.0.0.1", port: 0).get()
+        let server = try await Self.tlsServer(credentials: ClusterCredentials(directory: directory + "/other", name: "monitor")) {
+            tries.fulfill()
+            return impostor
+        }
         defer { server.close(promise: nil) }
         let state = GatewayState(core: GatewayCore(config: GatewayConfig()))
         let watch = TopologyWatch(host: "127.0.0.1", port: try XCTUnwrap(server.localAddress?.port),

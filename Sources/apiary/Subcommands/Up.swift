@@ -123,11 +123,12 @@ struct Up: AsyncParsableCommand {
 
 extension Up {
     /// Starts `spec` again after it ended by itself: after 1 s (systemd's RestartSec=1 in
-    /// deploy/), then, while it cannot start, after twice as long each time, at most 30 s.
-    /// Stops trying once the cluster stops. `started` runs before "running again" is printed.
-    static func startAgain(_ spec: LocalCluster.NodeSpec, in cluster: LocalCluster, then started: () -> Void) {
+    /// deploy/), then, while it cannot start, after twice as long each time, at most 30 s, and
+    /// at most `attemptsMax` times in a row (then it stays down, and says so). Stops trying
+    /// once the cluster stops. `started` runs before "running again" is printed.
+    static func startAgain(_ spec: LocalCluster.NodeSpec, in cluster: LocalCluster, attemptsMax: Int = 10, then started: () -> Void) {
         var delaySeconds = 1.0
-        while !cluster.isStopping {
+        for _ in 0..<attemptsMax where !cluster.isStopping {
             print("\(spec.name) exited by itself; starting it again in \(Int(delaySeconds)) s, as systemd would (its log: \(cluster.directory)/logs/\(spec.name).log)")
             fflush(stdout)
             Thread.sleep(forTimeInterval: delaySeconds) // a backoff, as systemd's: nothing waits on it
@@ -142,6 +143,10 @@ extension Up {
                 print("\(spec.name) did not start: \(error)")
                 delaySeconds = min(delaySeconds * 2, 30)
             }
+        }
+        if !cluster.isStopping {
+            print("\(spec.name) did not start in \(attemptsMax) tries; it stays down (its log: \(cluster.directory)/logs/\(spec.name).log)")
+            fflush(stdout)
         }
     }
 
